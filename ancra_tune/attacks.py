@@ -1,0 +1,114 @@
+"""L-inf attacks as functions of tensors.
+
+Threat model: ``S(x) = {x' : ||x' - x||_inf <= eps, 0 <= x' <= 1}``. An attack step is
+``x' <- Proj_S(x' + s * step_size * sign(grad))`` with ``s = +1`` to raise the objective
+(untargeted) and ``s = -1`` to lower CE toward a target class (targeted, eq. 5).
+Nothing is kept between calls; the BatchNorm mode and the RA gate are explicit arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .models import ModelOutput
+
+BNMode = Literal["eval", "train"]
+Init = Literal["gaussian", "uniform", "none"]
+
+
+def final_logits(out: ModelOutput) -> Tensor:
+    """The head most attacks target: the final prediction P'."""
+    return out.logits
+
+
+def project(x_adv: Tensor, x_nat: Tensor, eps: float) -> Tensor:
+    """Closest point of ``S(x_nat)`` in L-inf: clip to the eps-ball, then to [0, 1]."""
+    return torch.clamp(torch.minimum(torch.maximum(x_adv, x_nat - eps), x_nat + eps), 0.0, 1.0)
+
+
+def random_start(x: Tensor, *, eps: float, init: Init, init_std: float = 0.001,
+                 generator: torch.Generator | None = None) -> Tensor:
+    """``uniform``: x + U(-eps, eps) (Madry et al.); ``gaussian``: x + init_std * N(0, 1)
+    (the released ANCRA/TRADES code); ``none``: x. Always projected onto S(x)."""
+    if init == "none":
+        return x.clone()
+    dev = generator.device if generator is not None else x.device
+    if init == "uniform":
+        noise = (torch.rand(x.shape, generator=generator, device=dev) * 2 - 1) * eps
+    elif init == "gaussian":
+        noise = torch.randn(x.shape, generator=generator, device=dev) * init_std
+    else:
+        raise ValueError(f"unknown init {init!r}; allowed: gaussian, uniform, none")
+    return project(x + noise.to(x.device, x.dtype), x, eps)
+
+
+@contextmanager
+def bn_mode(model: nn.Module, mode: BNMode) -> Iterator[nn.Module]:
+    """Run ``model`` with BatchNorm in ``mode`` ("eval": running statistics; "train": batch
+    statistics, which also updates the running averages), restoring the previous mode."""
+    if mode not in ("eval", "train"):
+        raise ValueError(f"bn_mode must be 'eval' or 'train', got {mode!r}")
+    was_training = model.training
+    model.train(mode == "train")
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def pgd(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    eps: float,
+    step_size: float,
+    steps: int,
+    bn: BNMode,
+    targeted: bool | Tensor = False,
+    objective: Literal["ce", "kl"] = "ce",
+    ref_probs: Tensor | None = None,
+    gate_labels: Tensor | None = None,
+    head: Callable[[ModelOutput], Tensor] = final_logits,
+    init: Init = "uniform",
+    init_std: float = 0.001,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Projected gradient descent in the L-inf ball, batched over examples.
+
+    x: (N, C, H, W) in [0, 1]; y: (N,) the true label (untargeted rows) or the target class
+    (targeted rows). ``targeted`` is a bool for the whole batch or a (N,) bool mask, so
+    untargeted AEs and targeted OEs are crafted together in one forward/backward per step.
+    ``objective``: untargeted rows raise CE(head(x'), y), or with "kl" the TRADES
+    KL(ref_probs || softmax(head(x'))); targeted rows always lower CE toward y.
+    ``gate_labels``: the RA gate class per row; None gates by the model's own prediction.
+    Returns x' in S(x), detached.
+    """
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    if objective == "kl" and ref_probs is None:
+        raise ValueError("objective='kl' needs ref_probs, the softmax of the natural logits")
+    mask = torch.as_tensor(targeted, device=x.device).expand(x.shape[0]).bool()
+    # +1 raises the objective (untargeted), -1 lowers CE toward the target (targeted).
+    sign = torch.where(mask, -1.0, 1.0).to(x.dtype)
+    x = x.detach()
+    x_adv = random_start(x, eps=eps, init=init, init_std=init_std, generator=generator)
+    with bn_mode(model, bn):
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            logits = head(model(x_adv, gate_labels))  # (N, K)
+            per_ex = F.cross_entropy(logits, y, reduction="none")  # (N,)
+            if objective == "kl":
+                kl = (ref_probs * (torch.log(ref_probs + 1e-12) - F.log_softmax(logits, 1))).sum(1)
+                per_ex = torch.where(mask, per_ex, kl)
+            # Ascend sum_i sign_i * loss_i: rows are independent in eval mode, so each row gets its
+            # own gradient (only its sign is used). Only d/dx is computed, not weight gradients.
+            (grad,) = torch.autograd.grad((sign * per_ex).sum(), x_adv)
+            x_adv = project(x_adv.detach() + step_size * grad.sign(), x, eps)
+    return x_adv.detach()

@@ -1,0 +1,376 @@
+"""Typed, frozen, validated configuration.
+
+Every section is a frozen dataclass checked at construction: a bad value raises
+:class:`ConfigError` naming the field and what is allowed. Dicts exist only at the
+boundary (YAML files, ``--set`` overrides, Ray Tune and MLflow): :meth:`TrainConfig.from_dict`
+reads them, :func:`flatten` writes a dict of scalars keyed ``section.field``.
+
+Defaults are the paper's settings (section IV-A): SGD lr 0.01, momentum 0.9,
+weight decay 2e-4, batch 128, 120 epochs with lr / 10 at epochs 75, 90 and 100,
+eps = 8/255, PGD-10 with step 0.007, alpha = 1, zeta = 3, gamma = 2, TRADES beta = 6.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DATASETS = ("cifar10", "cifar100", "tinyimagenet", "mnist", "npz", "digits")
+MODELS = ("small_cnn", "resnet18", "preact_resnet18", "wrn28_10", "wrn34_10")
+BASE_LOSSES = ("pgd_at", "trades", "mart")
+NEGATIVE_STRATEGIES = ("random", "soft", "hard")
+BN_MODES = ("eval", "train")
+ATTACK_INITS = ("gaussian", "uniform", "none")
+TRADES_ATTACK_LOSSES = ("ce", "kl")
+RA_GATES = ("predicted", "label")
+NEGATIVE_GATES = ("own_label", "anchor_label")
+AUX_REDUCTIONS = ("mean", "sum")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16")
+
+DEFAULT_BETA = {"trades": 6.0, "mart": 5.0}
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and what is allowed."""
+
+
+def _choice(section: str, name: str, value: Any, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        where = name if section == "config" else f"{section}.{name}"
+        raise ConfigError(f"{where}: unknown value {value!r}; allowed: {', '.join(allowed)}")
+
+
+def _check(cond: bool, section: str, name: str, value: Any, rule: str) -> None:
+    if not cond:
+        where = name if section == "config" else f"{section}.{name}"
+        raise ConfigError(f"{where} = {value!r} is invalid: must be {rule}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which data, how it is split and batched. Images are always fed in [0, 1]."""
+
+    dataset: str = "cifar10"
+    root: str = "./data"  # torchvision download folder, or the Tiny-ImageNet folder's parent
+    train_file: str | None = None  # npz dataset: training file (images uint8 NHWC, labels)
+    test_file: str | None = None  # npz dataset: optional test file
+    val_size: float = 0.1  # < 1: fraction of the training set held out; >= 1: number of examples
+    split_seed: int = 0  # fixed, independent of the training seed: all trials share one split
+    train_limit: int | None = None  # use only the first N training examples (after the split)
+    augment: bool | None = None  # None: random crop + flip for CIFAR/Tiny-ImageNet, none otherwise
+    normalize: bool = True  # per-channel mean/std inside the model (inputs stay in [0, 1])
+    batch_size: int = 128
+    eval_batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        s = "data"
+        _choice(s, "dataset", self.dataset, DATASETS)
+        if self.dataset == "npz":
+            _check(bool(self.train_file), s, "train_file", self.train_file, "set for dataset 'npz'")
+        _check(self.val_size >= 0, s, "val_size", self.val_size, ">= 0")
+        _check(self.batch_size >= 2, s, "batch_size", self.batch_size, ">= 2 (negatives need a batch)")
+        _check(self.eval_batch_size >= 1, s, "eval_batch_size", self.eval_batch_size, ">= 1")
+        if self.train_limit is not None:
+            _check(self.train_limit >= 2, s, "train_limit", self.train_limit, ">= 2 or null")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and reverse attention (RA, eq. 6)."""
+
+    name: str = "resnet18"
+    ra: bool = True  # RA in every block of the last stage
+    ra_feed_weighted: bool = True  # released code: each block's weighted output feeds the next block
+
+    def __post_init__(self) -> None:
+        _choice("model", "name", self.name, MODELS)
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """The L-inf PGD that crafts training AEs (untargeted) and OEs (targeted, eq. 5)."""
+
+    eps: float = 8 / 255
+    step_size: float = 0.007
+    steps: int = 10
+    init: str = "gaussian"  # released code: x + 0.001 * N(0, 1); "uniform": U(-eps, eps)
+    init_std: float = 0.001
+    bn_mode: str = "eval"  # released code crafts AEs/OEs with BatchNorm running statistics
+    ra_gate: str = "predicted"  # RA gate while attacking: argmax of the auxiliary prediction, or y
+
+    def __post_init__(self) -> None:
+        s = "attack"
+        _check(self.eps > 0, s, "eps", self.eps, "> 0")
+        _check(self.step_size > 0, s, "step_size", self.step_size, "> 0")
+        _check(self.steps >= 1, s, "steps", self.steps, ">= 1")
+        _choice(s, "init", self.init, ATTACK_INITS)
+        _check(self.init_std >= 0, s, "init_std", self.init_std, ">= 0")
+        _choice(s, "bn_mode", self.bn_mode, BN_MODES)
+        _choice(s, "ra_gate", self.ra_gate, RA_GATES)
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Base AT loss, ANC (eq. 3-5) and the RA auxiliary loss (Algorithm 1)."""
+
+    base_loss: str = "trades"
+    beta: float | None = None  # None: 6 for TRADES, 5 for MART; unused by PGD-AT
+    trades_attack_loss: str = "ce"  # paper footnote 2 maximises CE; "kl" is vanilla TRADES
+    anc: bool = True
+    alpha: float = 1.0
+    zeta: float = 3.0
+    negatives: str = "random"  # selection from the batch: random / soft (Soft-LS) / hard (Hard-LS)
+    targeted: bool = True  # then a targeted PGD toward the anchor's label (eq. 5); paper's "Targeted"
+    negatives_warmup_epochs: int = 10  # released code: soft/hard start after 10 epochs of random
+    gamma: float = 2.0  # weight of the auxiliary (RA block) losses; used only when model.ra
+    anc_on_aux: bool = True  # released code: ANC also on every auxiliary output
+    aux_reduction: str = "mean"  # over RA blocks: "mean" (released code) or "sum" (Algorithm 1 literally)
+    negative_gate: str = "own_label"  # RA gate of x^o in the loss: its own label, or the anchor's
+    joint_forward: bool = True  # x, x^a, x^o in one forward pass (one BatchNorm batch)
+
+    def __post_init__(self) -> None:
+        s = "method"
+        _choice(s, "base_loss", self.base_loss, BASE_LOSSES)
+        if self.beta is None and self.base_loss in DEFAULT_BETA:
+            object.__setattr__(self, "beta", DEFAULT_BETA[self.base_loss])
+        if self.beta is not None:
+            _check(self.beta >= 0, s, "beta", self.beta, ">= 0")
+        _choice(s, "trades_attack_loss", self.trades_attack_loss, TRADES_ATTACK_LOSSES)
+        _check(0.0 <= self.alpha <= 1.0, s, "alpha", self.alpha, "in [0, 1]")
+        _check(self.zeta >= 0, s, "zeta", self.zeta, ">= 0")
+        _choice(s, "negatives", self.negatives, NEGATIVE_STRATEGIES)
+        _check(self.negatives_warmup_epochs >= 0, s, "negatives_warmup_epochs",
+               self.negatives_warmup_epochs, ">= 0")
+        _check(self.gamma >= 0, s, "gamma", self.gamma, ">= 0")
+        _choice(s, "aux_reduction", self.aux_reduction, AUX_REDUCTIONS)
+        _choice(s, "negative_gate", self.negative_gate, NEGATIVE_GATES)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """SGD with the paper's step schedule, scaled to the number of epochs."""
+
+    epochs: int = 120
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 2e-4
+    milestones: tuple[float, ...] = (75 / 120, 90 / 120, 100 / 120)  # fractions of `epochs`
+    lr_decay: float = 0.1
+
+    def __post_init__(self) -> None:
+        s = "optim"
+        object.__setattr__(self, "milestones", tuple(float(m) for m in self.milestones))
+        _check(self.epochs >= 1, s, "epochs", self.epochs, ">= 1")
+        _check(self.lr > 0, s, "lr", self.lr, "> 0")
+        _check(0 <= self.momentum < 1, s, "momentum", self.momentum, "in [0, 1)")
+        _check(self.weight_decay >= 0, s, "weight_decay", self.weight_decay, ">= 0")
+        _check(all(0 < m <= 1 for m in self.milestones), s, "milestones", self.milestones,
+               "fractions in (0, 1]")
+        _check(0 < self.lr_decay <= 1, s, "lr_decay", self.lr_decay, "in (0, 1]")
+
+    def milestone_epochs(self) -> list[int]:
+        """Epoch indices (0-based boundaries) where lr is divided: 75, 90, 100 for 120 epochs."""
+        return sorted({max(1, round(m * self.epochs)) for m in self.milestones})
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Per-epoch validation: clean accuracy and PGD accuracy, each naming what it attacked."""
+
+    pgd_steps: int = 10
+    pgd_step_size: float = 2 / 255
+    max_examples: int = 1000  # validation examples attacked each epoch (clean acc uses all)
+
+    def __post_init__(self) -> None:
+        _check(self.pgd_steps >= 0, "eval", "pgd_steps", self.pgd_steps, ">= 0 (0 disables PGD)")
+        _check(self.pgd_step_size > 0, "eval", "pgd_step_size", self.pgd_step_size, "> 0")
+        _check(self.max_examples >= 1, "eval", "max_examples", self.max_examples, ">= 1")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+    device: str = "auto"  # auto: CUDA when available
+    precision: str = "fp32"  # bf16: autocast on CUDA (attacks and loss); ignored on CPU
+    channels_last: bool = False  # memory format for convolutions on CUDA
+    out_dir: str = "runs/train"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _choice("config", "device", self.device, DEVICES)
+        _choice("config", "precision", self.precision, PRECISIONS)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None = None) -> TrainConfig:
+        """Build from a nested dict (YAML) and/or dotted keys ``{"method.alpha": 0.5}``."""
+        return _build(cls, _nest(d or {}), "")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
+        return cls.from_dict(load_yaml_with_overrides(path, overrides))
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_builtin(dataclasses.asdict(self))
+
+    def replace(self, **dotted: Any) -> TrainConfig:
+        """A copy with dotted-key changes: ``cfg.replace(**{"method.alpha": 0.5})``."""
+        return TrainConfig.from_dict(_merge(self.to_dict(), _nest(dotted)))
+
+
+def flatten(cfg: TrainConfig) -> dict[str, Any]:
+    """``{"method.alpha": 1.0, ...}``: scalars only (tuples become lists' string form)."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, obj: Any) -> None:
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        elif isinstance(obj, list):
+            out[prefix] = ",".join(str(x) for x in obj)
+        else:
+            out[prefix] = obj
+
+    walk("", cfg.to_dict())
+    return out
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"method.alpha=0.5"`` -> ``("method.alpha", 0.5)``; the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value, e.g. method.alpha=0.5")
+    key, raw = item.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_yaml_with_overrides(path: str | Path | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    base: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping, got {type(loaded).__name__}")
+        base = _nest(loaded)
+    for item in overrides:
+        k, v = parse_override(item)
+        base = _merge(base, _nest({k: v}))
+    return base
+
+
+# --------------------------------------------------------------------------- internals
+
+_FRACTION = re.compile(r"^\s*([0-9.eE+-]+)\s*/\s*([0-9.eE+-]+)\s*$")
+
+
+def _nest(d: Mapping[str, Any]) -> dict[str, Any]:
+    """Expand dotted keys into nested dicts and merge them with nested ones."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, Mapping):
+            value = _nest(value)
+        parts = str(key).split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"key {key!r} goes inside {p!r}, which is not a section")
+        leaf = parts[-1]
+        if isinstance(value, dict) and isinstance(node.get(leaf), dict):
+            node[leaf] = _merge(node[leaf], value)
+        else:
+            node[leaf] = value
+    return out
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _to_builtin(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _to_builtin(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_builtin(v) for v in obj]
+    return obj
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML/CLI value to the annotated type; ``"8/255"`` is accepted for floats."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} = {value!r} is invalid: must be a list")
+        return tuple(_coerce(v, args[0], where) for v in value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} = {value!r} is invalid: must be true or false")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ConfigError(f"{where} = {value!r} is invalid: must be an integer")
+        return int(value)
+    if tp is float:
+        if isinstance(value, str) and (m := _FRACTION.match(value)):
+            return float(m.group(1)) / float(m.group(2))
+        if isinstance(value, str):
+            try:  # "1e-3" (YAML 1.1 reads it as a string) or a flattened list item
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} = {value!r} is invalid: must be a number (or a fraction like 8/255)")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} = {value!r} is invalid: must be a string")
+        return value
+    return value
+
+
+def _build(cls: type, d: Mapping[str, Any], prefix: str) -> Any:
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {d!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        where = prefix or "config"
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(fields)}"
+        )
+    kwargs: dict[str, Any] = {}
+    for name, value in d.items():
+        tp = hints[name]
+        key = f"{prefix}.{name}" if prefix else name
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, key)
+        else:
+            kwargs[name] = _coerce(value, tp, key)
+    return cls(**kwargs)

@@ -1,0 +1,329 @@
+"""The ANCRA trainer in pure PyTorch: one step (:func:`ancra_step`) and the epoch loop
+(:class:`Trainer`) with validation, checkpoints that resume exactly, and callbacks.
+
+Distributed training wraps this (see ``trainables/``): the step takes the possibly
+DDP-wrapped model for the loss and crafts AEs/OEs on the bare module; the loader
+shards batches by rank; metrics and checkpoints leave through :class:`Callback`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import Tensor, nn
+
+from .attacks import bn_mode, pgd
+from .checkpoint import build_model, data_info_to_dict, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .data import BatchLoader, DataSplits, epoch_generator, load_dataset
+from .evaluate import clean_accuracy, pgd_accuracy
+from .losses import ancra_loss
+from .models import ModelOutput, unwrap
+from .negatives import select_negatives
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.jsonl"
+
+
+class DivergedError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+    def __init__(self, epoch: int, step: int, value: float) -> None:
+        super().__init__(f"training diverged at epoch {epoch}, step {step}: loss = {value}")
+        self.epoch, self.step, self.value = epoch, step, value
+
+
+class Callback:
+    """Hooks the trainer calls; override what you need (Ray reporting, MLflow logging)."""
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None:
+        """After validation of ``epoch`` (0-based); ``metrics`` are that epoch's numbers."""
+
+    def on_checkpoint(self, trainer: Trainer, epoch: int, path: Path) -> None:
+        """After the checkpoint of ``epoch`` is written to ``path``."""
+
+    def on_train_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        """After the last epoch."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda was asked for, but CUDA is not available here; use device=cpu or auto")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def lr_at(cfg: TrainConfig, epoch: int) -> float:
+    """The paper's step schedule: lr / 10 at 75, 90, 100 of 120 epochs, scaled to ``optim.epochs``."""
+    o = cfg.optim
+    return o.lr * o.lr_decay ** sum(epoch >= m for m in o.milestone_epochs())
+
+
+def _autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    if cfg.precision == "bf16" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _split(out: ModelOutput, n: int) -> Iterator[ModelOutput]:
+    """Cut a joint forward over [x; x^a; x^o] back into per-part outputs of n rows."""
+    logits = out.logits.split(n)
+    aux = [a.split(n) for a in out.aux_logits]
+    feats = out.features.split(n)
+    for i in range(len(logits)):
+        yield ModelOutput(logits=logits[i], aux_logits=tuple(a[i] for a in aux), features=feats[i])
+
+
+def ancra_step(model: nn.Module, x: Tensor, y: Tensor, *, cfg: TrainConfig, epoch: int,
+               generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+    """Craft AEs (untargeted) and OEs (negatives, targeted toward y: eq. 5) and return the
+    ANCRA loss of the batch and its detached parts. The caller backpropagates.
+
+    ``model`` may be DDP-wrapped: it computes the loss; the attack runs on the bare module.
+    x: (N, C, H, W) in [0, 1]; y: (N,).
+    """
+    m, a = cfg.method, cfg.attack
+    core = unwrap(model)
+    n = x.shape[0]
+    metrics: dict[str, Tensor] = {}
+    amp = _autocast(cfg, x.device)
+
+    # 1. Negatives (OEs): a partner of another label for every anchor.
+    x_neg = y_neg = anc_weight = None
+    if m.anc:
+        strategy = m.negatives if epoch >= m.negatives_warmup_epochs else "random"
+        preds = None
+        if strategy != "random":  # soft/hard need the batch's predicted classes
+            with torch.no_grad(), bn_mode(core, a.bn_mode), amp:
+                preds = core(x).logits.argmax(1)
+        sel = select_negatives(y, strategy=strategy, preds=preds, generator=generator)
+        x_neg, y_neg = x[sel.index], y[sel.index]
+        anc_weight = sel.valid.to(x.dtype)
+        metrics["neg_fallback_rate"] = sel.fallback_rate
+
+    # 2. One batched PGD for the untargeted AEs and the targeted OEs (one pass per step for both).
+    kl = m.base_loss == "trades" and m.trades_attack_loss == "kl"
+    ref_probs = None
+    if kl:  # vanilla TRADES attacks KL(P(x) || P(x')) with P(x) fixed
+        with torch.no_grad(), bn_mode(core, a.bn_mode), amp:
+            ref_probs = F.softmax(core(x).logits.float(), 1)
+    attack_kw = dict(eps=a.eps, step_size=a.step_size, steps=a.steps, bn=a.bn_mode, init=a.init,
+                     init_std=a.init_std, generator=generator)
+    with amp:
+        if x_neg is not None and m.targeted:
+            assert y_neg is not None
+            xs = torch.cat([x, x_neg])
+            mask = torch.arange(2 * n, device=x.device) >= n  # rows n.. are OEs, targeted toward y
+            gate = torch.cat([y, y_neg]) if a.ra_gate == "label" else None
+            ref = torch.cat([ref_probs, ref_probs]) if ref_probs is not None else None
+            adv = pgd(core, xs, torch.cat([y, y]), targeted=mask, objective="kl" if kl else "ce",
+                      ref_probs=ref, gate_labels=gate, **attack_kw)
+            x_adv, x_neg = adv[:n], adv[n:]
+        else:
+            gate = y if a.ra_gate == "label" else None
+            x_adv = pgd(core, x, y, objective="kl" if kl else "ce", ref_probs=ref_probs, gate_labels=gate,
+                        **attack_kw)
+
+    # 3. The loss, in train mode; each example gated by its own label (x^o optionally by y).
+    model.train()
+    need_nat = m.base_loss != "pgd_at" or x_neg is not None
+    parts, gates = [x_adv], [y]
+    if need_nat:
+        parts.insert(0, x), gates.insert(0, y)
+    if x_neg is not None:
+        assert y_neg is not None
+        parts.append(x_neg), gates.append(y_neg if m.negative_gate == "own_label" else y)
+    with amp:
+        if m.joint_forward:
+            outs = list(_split(model(torch.cat(parts), torch.cat(gates)), n))
+        else:
+            outs = [model(p, g) for p, g in zip(parts, gates, strict=True)]
+    # PGD-AT without ANC never reads the natural output: outs[0] is then x^a itself.
+    out_nat, out_adv = outs[0], outs[1] if need_nat else outs[0]
+    out_neg = outs[2] if x_neg is not None else None
+    lp = ancra_loss(out_nat, out_adv, out_neg, y, base_loss=m.base_loss, beta=m.beta, alpha=m.alpha,
+                    zeta=m.zeta, gamma=m.gamma if core.ra else 0.0, anc_on_aux=m.anc_on_aux,
+                    aux_reduction=m.aux_reduction, anc_weight=anc_weight)
+    metrics.update(loss=lp.total.detach(), loss_at=lp.at, loss_anc=lp.anc, loss_aux_at=lp.aux_at,
+                   loss_aux_anc=lp.aux_anc,
+                   train_adv_acc=(out_adv.logits.detach().argmax(1) == y).float().mean())
+    return lp.total, metrics
+
+
+class Trainer:
+    """Trains one configuration; ``fit`` runs the remaining epochs and returns the last metrics.
+
+    Files in ``out_dir`` (rank 0): ``config.yaml`` (resolved), ``metrics.jsonl`` (one line per
+    epoch, appended as it ends) and ``checkpoint.pt`` (written after every epoch, atomically).
+    """
+
+    def __init__(self, cfg: TrainConfig, *, splits: DataSplits | None = None,
+                 callbacks: Sequence[Callback] = (), device: torch.device | str | None = None,
+                 rank: int = 0, world_size: int = 1, out_dir: str | Path | None = None,
+                 wrap_model: Any = None) -> None:
+        self.cfg = cfg
+        self.device = torch.device(device) if device is not None else resolve_device(cfg.device)
+        self.rank, self.world_size = rank, world_size
+        self.out_dir = Path(out_dir if out_dir is not None else cfg.out_dir)
+        self.callbacks = list(callbacks)
+        self.splits = splits if splits is not None else load_dataset(cfg.data)
+        seed_everything(cfg.seed)  # weights depend on the seed only
+        self.model = build_model(cfg, self.splits.info).to(self.device)
+        if cfg.channels_last and self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        # The seam for DDP: the loss runs through the wrapper, attacks on the bare model.
+        self.train_model: nn.Module = wrap_model(self.model) if wrap_model is not None else self.model
+        o = cfg.optim
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=o.lr, momentum=o.momentum,
+                                         weight_decay=o.weight_decay)
+        self.start_epoch = 0
+        self.history: list[dict[str, float]] = []
+
+    # ----------------------------------------------------------------- state
+
+    def state_dict(self, epoch: int) -> dict[str, Any]:
+        return {"epoch": epoch, "config": self.cfg.to_dict(), "data_info": data_info_to_dict(self.splits.info),
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "history": self.history}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.history = list(state.get("history", []))
+        self.start_epoch = int(state["epoch"]) + 1
+
+    def resume(self, path: str | Path | None = None) -> bool:
+        """Load ``path`` (default: ``out_dir/checkpoint.pt``) if it exists; True if loaded."""
+        p = Path(path) if path is not None else self.out_dir / CHECKPOINT_NAME
+        if not p.is_file():
+            return False
+        state = load_checkpoint(p, map_location=self.device)
+        saved = TrainConfig.from_dict(state["config"])
+        if saved.model != self.cfg.model or saved.method != self.cfg.method or saved.data != self.cfg.data:
+            raise ValueError(f"{p} was written by a different configuration; refusing to resume from it")
+        self.load_state_dict(state)
+        log.info("resumed from %s at epoch %d", p, self.start_epoch)
+        return True
+
+    # ----------------------------------------------------------------- loop
+
+    def _loader(self) -> BatchLoader:
+        return BatchLoader(self.splits.train, batch_size=self.cfg.data.batch_size, shuffle=True,
+                           augment=self.splits.augment, drop_last=True, seed=self.cfg.seed,
+                           rank=self.rank, world_size=self.world_size, device=self.device)
+
+    def train_epoch(self, epoch: int, loader: BatchLoader | None = None) -> dict[str, float]:
+        loader = loader or self._loader()
+        loader.set_epoch(epoch)
+        lr = lr_at(self.cfg, epoch)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        gen = epoch_generator(self.cfg.seed, epoch, stream=2)  # negatives and attack starts
+        sums: dict[str, Tensor] = {}
+        steps, images = 0, 0
+        t0 = time.perf_counter()
+        bar = self._progress(loader, epoch)
+        for step, (x, y) in enumerate(bar):
+            loss, parts = ancra_step(self.train_model, x, y, cfg=self.cfg, epoch=epoch, generator=gen)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            for k, v in parts.items():
+                sums[k] = sums[k] + v if k in sums else v.clone()
+            steps += 1
+            images += x.shape[0]
+            if step % 10 == 0:  # a host sync: only every few steps
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise DivergedError(epoch, step, value)
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.2g}")
+        elapsed = time.perf_counter() - t0
+        means = {k: v.item() / max(1, steps) for k, v in sums.items()}
+        if not math.isfinite(means.get("loss", 0.0)):
+            raise DivergedError(epoch, steps - 1, means["loss"])
+        means.update(lr=lr, epoch_time_s=elapsed, train_images_per_s=images * self.world_size / elapsed)
+        return means
+
+    def validate(self) -> dict[str, float]:
+        """Clean accuracy on the validation split and PGD accuracy of P' under attacks on P'
+        and (with RA) on the auxiliary P: each metric names the head it attacked."""
+        c, model = self.cfg, self.model
+        val = self.splits.val
+        if len(val) == 0:
+            return {}
+        kw = dict(batch_size=c.data.eval_batch_size, device=self.device)
+        out = {"val_clean_acc": clean_accuracy(model, val, **kw)}
+        if c.eval.pgd_steps > 0:
+            sub = val.subset(torch.arange(min(len(val), c.eval.max_examples)))
+            heads = ["final", "aux"] if model.ra else ["final"]
+            for head in heads:
+                out[f"val_pgd_acc_{head}"] = pgd_accuracy(
+                    model, sub, head=head, eps=c.attack.eps, step_size=c.eval.pgd_step_size,
+                    steps=c.eval.pgd_steps, seed=c.seed, **kw)
+        return out
+
+    def fit(self, *, resume: bool = False) -> dict[str, float]:
+        """Train from ``start_epoch`` (after ``resume``) to ``optim.epochs``; return the last metrics."""
+        if resume:
+            self.resume()
+        if self.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        loader = self._loader()
+        metrics: dict[str, float] = self.history[-1] if self.history else {}
+        for epoch in range(self.start_epoch, self.cfg.optim.epochs):
+            metrics = {"epoch": float(epoch), **self.train_epoch(epoch, loader)}
+            if self.rank == 0:
+                metrics.update(self.validate())
+                self.history.append(metrics)
+                with open(self.out_dir / METRICS_NAME, "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+                path = save_checkpoint(self.out_dir / CHECKPOINT_NAME, self.state_dict(epoch))
+                for cb in self.callbacks:
+                    cb.on_epoch_end(self, epoch, metrics)
+                for cb in self.callbacks:
+                    cb.on_checkpoint(self, epoch, path)
+                self._log_epoch(epoch, metrics)
+        for cb in self.callbacks:
+            cb.on_train_end(self, metrics)
+        return metrics
+
+    # ----------------------------------------------------------------- display
+
+    def _progress(self, loader: BatchLoader, epoch: int) -> Any:
+        if not self.cfg.progress or self.rank != 0:
+            return loader
+        from tqdm.auto import tqdm
+
+        return tqdm(loader, desc=f"epoch {epoch + 1}/{self.cfg.optim.epochs}", leave=False, dynamic_ncols=True)
+
+    def _log_epoch(self, epoch: int, m: dict[str, float]) -> None:
+        keys = ("loss", "val_clean_acc", "val_pgd_acc_final", "val_pgd_acc_aux", "neg_fallback_rate",
+                "epoch_time_s")
+        text = "  ".join(f"{k}={m[k]:.4g}" for k in keys if k in m)
+        msg = f"epoch {epoch + 1}/{self.cfg.optim.epochs}  {text}"
+        if self.cfg.progress:
+            print(msg, flush=True)
+        log.info(msg)
