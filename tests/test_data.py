@@ -62,7 +62,8 @@ def test_augmentation_is_crop_and_flip() -> None:
     assert torch.equal(same, x)  # crop at the centre of the padding, no flip: identity
     flipped = augment_batch(x, torch.full((3,), pad), torch.full((3,), pad), torch.ones(3, dtype=torch.bool))
     assert torch.equal(flipped, x.flip(3))
-    shifted = augment_batch(x, torch.tensor([pad + 1] * 3), torch.tensor([pad - 2] * 3), torch.zeros(3, dtype=torch.bool))
+    no_flip = torch.zeros(3, dtype=torch.bool)
+    shifted = augment_batch(x, torch.tensor([pad + 1] * 3), torch.tensor([pad - 2] * 3), no_flip)
     # Moving the window down 1 and left 2: row i of the crop is row i+1 of x, column j is column j-2.
     assert torch.equal(shifted[:, :, :5, 2:], x[:, :, 1:, :4])
     assert shifted[:, :, 5, :].abs().sum() == 0 and shifted[:, :, :, :2].abs().sum() == 0

@@ -79,7 +79,7 @@ def test_ra_gate_uses_label_in_training_and_prediction_otherwise(name: str) -> N
         ref_pred, aux_pred = _manual_ra_forward(model, x, lambda p: p.argmax(1))
     torch.testing.assert_close(by_label.logits, ref_label)
     torch.testing.assert_close(by_pred.logits, ref_pred)
-    for a, b in zip(by_pred.aux_logits, aux_pred):
+    for a, b in zip(by_pred.aux_logits, aux_pred, strict=True):
         torch.testing.assert_close(a, b)
     # The first block's P reads the unweighted feature: it does not depend on the gate.
     torch.testing.assert_close(by_label.aux_logits[0], by_pred.aux_logits[0])

@@ -7,7 +7,7 @@ from ancra_tune.negatives import select_negatives
 @pytest.mark.parametrize("strategy", ["random", "soft", "hard"])
 def test_negatives_never_share_the_anchor_label(strategy) -> None:
     gen = torch.Generator().manual_seed(0)
-    for trial in range(20):
+    for _ in range(20):
         labels = torch.randint(0, 10, (128,), generator=gen)
         preds = torch.randint(0, 10, (128,), generator=gen)
         sel = select_negatives(labels, strategy=strategy, preds=preds, generator=gen)
