@@ -99,6 +99,7 @@ def pgd(
     sign = torch.where(mask, -1.0, 1.0).to(x.dtype)
     x = x.detach()
     x_adv = random_start(x, eps=eps, init=init, init_std=init_std, generator=generator)
+    lo, hi = (x - eps).clamp_(min=0.0), (x + eps).clamp_(max=1.0)  # S(x) as a box: one clamp per step
     with bn_mode(model, bn):
         for _ in range(steps):
             x_adv.requires_grad_(True)
@@ -110,5 +111,5 @@ def pgd(
             # Ascend sum_i sign_i * loss_i: rows are independent in eval mode, so each row gets its
             # own gradient (only its sign is used). Only d/dx is computed, not weight gradients.
             (grad,) = torch.autograd.grad((sign * per_ex).sum(), x_adv)
-            x_adv = project(x_adv.detach() + step_size * grad.sign(), x, eps)
+            x_adv = torch.clamp(x_adv.detach() + step_size * grad.sign(), lo, hi)
     return x_adv.detach()
