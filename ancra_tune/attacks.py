@@ -27,6 +27,20 @@ def final_logits(out: ModelOutput) -> Tensor:
     return out.logits
 
 
+def cw_margin(logits: Tensor, y: Tensor) -> Tensor:
+    """C&W margin per example: ``max_{j != y} z_j - z_y`` (> 0 means misclassified). (N,)"""
+    z_y = logits.gather(1, y[:, None]).squeeze(1)
+    others = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf"))
+    return others.max(1).values - z_y
+
+
+def fgsm(model: nn.Module, x: Tensor, y: Tensor, *, eps: float,
+         head: Callable[[ModelOutput], Tensor] = final_logits, gate_labels: Tensor | None = None) -> Tensor:
+    """FGSM (Goodfellow et al.): one signed-gradient step of size eps on CE, from x, eval mode."""
+    return pgd(model, x, y, eps=eps, step_size=eps, steps=1, bn="eval", init="none", head=head,
+               gate_labels=gate_labels)
+
+
 def project(x_adv: Tensor, x_nat: Tensor, eps: float) -> Tensor:
     """Closest point of ``S(x_nat)`` in L-inf: clip to the eps-ball, then to [0, 1]."""
     return torch.clamp(torch.minimum(torch.maximum(x_adv, x_nat - eps), x_nat + eps), 0.0, 1.0)
@@ -72,12 +86,14 @@ def pgd(
     steps: int,
     bn: BNMode,
     targeted: bool | Tensor = False,
-    objective: Literal["ce", "kl"] = "ce",
+    objective: Literal["ce", "kl", "cw"] = "ce",
     ref_probs: Tensor | None = None,
     gate_labels: Tensor | None = None,
     head: Callable[[ModelOutput], Tensor] = final_logits,
+    loss_fn: Callable[[ModelOutput, Tensor], Tensor] | None = None,
     init: Init = "uniform",
     init_std: float = 0.001,
+    momentum: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Projected gradient descent in the L-inf ball, batched over examples.
@@ -86,12 +102,17 @@ def pgd(
     (targeted rows). ``targeted`` is a bool for the whole batch or a (N,) bool mask, so
     untargeted AEs and targeted OEs are crafted together in one forward/backward per step.
     ``objective``: untargeted rows raise CE(head(x'), y), or with "kl" the TRADES
-    KL(ref_probs || softmax(head(x'))); targeted rows always lower CE toward y.
+    KL(ref_probs || softmax(head(x'))), or with "cw" the C&W margin max_{j != y} z_j - z_y;
+    targeted rows always lower CE toward y. ``loss_fn(output, y) -> (N,)`` replaces the
+    objective of untargeted rows (adaptive attacks on several heads at once).
+    ``momentum`` > 0 is MIM (Dong et al.): steps follow the sign of g <- mu g + grad / ||grad||_1.
     ``gate_labels``: the RA gate class per row; None gates by the model's own prediction.
     Returns x' in S(x), detached.
     """
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
+    if objective not in ("ce", "kl", "cw"):
+        raise ValueError(f"unknown objective {objective!r}; allowed: ce, kl, cw")
     if objective == "kl" and ref_probs is None:
         raise ValueError("objective='kl' needs ref_probs, the softmax of the natural logits")
     mask = torch.as_tensor(targeted, device=x.device).expand(x.shape[0]).bool()
@@ -100,16 +121,26 @@ def pgd(
     x = x.detach()
     x_adv = random_start(x, eps=eps, init=init, init_std=init_std, generator=generator)
     lo, hi = (x - eps).clamp_(min=0.0), (x + eps).clamp_(max=1.0)  # S(x) as a box: one clamp per step
+    velocity = torch.zeros_like(x) if momentum else None
     with bn_mode(model, bn):
         for _ in range(steps):
             x_adv.requires_grad_(True)
-            logits = head(model(x_adv, gate_labels))  # (N, K)
+            out = model(x_adv, gate_labels)
+            logits = head(out)  # (N, K)
             per_ex = F.cross_entropy(logits, y, reduction="none")  # (N,)
-            if objective == "kl":
+            if loss_fn is not None:
+                per_ex = torch.where(mask, per_ex, loss_fn(out, y))
+            elif objective == "kl":
                 kl = (ref_probs * (torch.log(ref_probs + 1e-12) - F.log_softmax(logits, 1))).sum(1)
                 per_ex = torch.where(mask, per_ex, kl)
+            elif objective == "cw":
+                per_ex = torch.where(mask, per_ex, cw_margin(logits, y))
             # Ascend sum_i sign_i * loss_i: rows are independent in eval mode, so each row gets its
             # own gradient (only its sign is used). Only d/dx is computed, not weight gradients.
             (grad,) = torch.autograd.grad((sign * per_ex).sum(), x_adv)
+            if momentum:
+                l1 = grad.abs().flatten(1).mean(1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
+                velocity = momentum * velocity + grad / l1
+                grad = velocity
             x_adv = torch.clamp(x_adv.detach() + step_size * grad.sign(), lo, hi)
     return x_adv.detach()

@@ -58,6 +58,42 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .robustness import SuiteConfig, evaluate_checkpoint, format_report
+
+    overrides = {k: v for k, v in (("n_examples", args.n), ("eps", args.eps), ("batch_size", args.batch_size),
+                                   ("seed", args.seed)) if v is not None}
+    if args.no_autoattack:
+        overrides["autoattack"] = None
+    if args.eps is None:  # default: the budget the model was trained for
+        from .checkpoint import load_checkpoint
+
+        overrides["eps"] = float(load_checkpoint(args.checkpoint)["config"]["attack"]["eps"])
+    cfg = SuiteConfig.preset_config("quick" if args.quick else "full", **overrides)
+    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / f"eval_{args.split}"
+    device = args.device if args.device != "auto" else ("cuda" if _cuda() else "cpu")
+    report = evaluate_checkpoint(args.checkpoint, cfg, split=args.split, source=args.source,
+                                 deploy_ra=args.deploy_ra, out_dir=out, device=device,
+                                 data_root=args.data_root, progress=not args.quiet)
+    if report.get("deployment"):
+        for name in ("standard", "deployment_ra"):
+            print(f"== {name} ==\n{format_report(report[name])}\n")
+    else:
+        print(format_report(report))
+    print(f"report: {out / 'report.json'}")
+    if args.json:
+        print(json.dumps({k: v for k, v in report.items() if k != "per_example"}, indent=1))
+    return 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ancra-tune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,6 +108,26 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from the output folder's checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     t.set_defaults(func=_train)
+
+    e = sub.add_parser("eval", help="robustness report of a checkpoint: attacks, AutoAttack, masking checks")
+    e.add_argument("checkpoint", help="a checkpoint.pt written by `ancra-tune train`")
+    e.add_argument("--quick", action="store_true", help="few hundred examples, fewer steps (for sweeps)")
+    e.add_argument("--split", choices=("val", "test"), default="val",
+                   help="val: the split held out from training (default); test only when asked")
+    e.add_argument("--n", type=int, help="number of examples (a fixed seeded subset)")
+    e.add_argument("--eps", type=float, help="L-inf budget (default: the one the model was trained with)")
+    e.add_argument("--source", help="checkpoint to craft transfer attacks on (PGD and MIM)")
+    e.add_argument("--deploy-ra", action="store_true",
+                   help="standard checkpoint: evaluate with RA off and switched on (paper Fig. 7)")
+    e.add_argument("--no-autoattack", action="store_true")
+    e.add_argument("--batch-size", type=int)
+    e.add_argument("--seed", type=int)
+    e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    e.add_argument("--data-root")
+    e.add_argument("--out", help="output folder (default: eval_<split> beside the checkpoint)")
+    e.add_argument("--json", action="store_true", help="also print the report (without per-example data)")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=_eval)
     return parser
 
 
@@ -80,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))
-    except (ConfigError, DatasetUnavailableError, FileNotFoundError) as e:
+    except (ConfigError, DatasetUnavailableError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -20,7 +20,8 @@ def digits_splits():
 
 @cache
 def trained_digits_model(ra: bool = False, adversarial: bool = True) -> RANet:
-    """A small CNN trained on digits for a few epochs (PGD-AT at eps 0.1 when adversarial)."""
+    """A small CNN trained on digits for a few epochs (PGD-AT at eps 0.1 when adversarial; with RA,
+    AEs are crafted with the label gate and every auxiliary head gets its CE)."""
     s = digits_splits()
     torch.manual_seed(0)
     model = create_model("small_cnn", num_classes=10, in_channels=1, mean=s.info.mean, std=s.info.std, ra=ra)
@@ -34,7 +35,9 @@ def trained_digits_model(ra: bool = False, adversarial: bool = True) -> RANet:
                 x = pgd(model, x, y, eps=0.1, step_size=0.03, steps=3, bn="eval", gate_labels=y if ra else None,
                         generator=gen)
             model.train()
-            loss = F.cross_entropy(model(x, y).logits, y)
+            out = model(x, y)
+            # RA: the auxiliary heads pick the gate at test time, so they are trained too (gamma = 1).
+            loss = F.cross_entropy(out.logits, y) + sum(F.cross_entropy(a, y) for a in out.aux_logits)
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -41,12 +42,16 @@ def reverse_attention(features: Tensor, weight: Tensor, classes: Tensor) -> Tens
             f"reverse_attention: features have {features.shape[1]} channels, "
             f"weight has shape {tuple(weight.shape)}; need weight of shape (K, {features.shape[1]})"
         )
-    w = weight[classes]  # (N, C)
+    return _scale_channels(features, weight[classes])
+
+
+def _scale_channels(features: Tensor, rows: Tensor) -> Tensor:
+    """features (N, C) or (N, C, H, W) times one row (N, C) per example, channel-wise."""
     if features.dim() == 4:
-        w = w[:, :, None, None]  # broadcast over H, W
+        rows = rows[:, :, None, None]  # broadcast over H, W
     elif features.dim() != 2:
         raise ValueError(f"reverse_attention: features must be (N, C) or (N, C, H, W), got {features.shape}")
-    return features * w
+    return features * rows
 
 
 class Normalize(nn.Module):
@@ -80,8 +85,13 @@ class RANet(nn.Module):
         """(N, C, H, W) -> (N, C): what the classifier sees."""
         return torch.flatten(nn.functional.adaptive_avg_pool2d(self.post(z), 1), 1)
 
-    def forward(self, x: Tensor, labels: Tensor | None = None) -> ModelOutput:
-        """x in [0, 1], (N, C_in, H, W). ``labels`` gate RA (training); None gates by argmax P."""
+    def forward(self, x: Tensor, labels: Tensor | None = None, *, soft_gate: float | None = None) -> ModelOutput:
+        """x in [0, 1], (N, C_in, H, W). ``labels`` gate RA (training); None gates by argmax P.
+
+        ``soft_gate`` (a temperature T; evaluation only) keeps the argmax gate's forward values
+        but backpropagates through ``softmax(P / T) @ W`` instead (BPDA, straight-through), so
+        an adaptive attack sees how the gate would move. Without RA it changes nothing.
+        """
         z = self.stem(self.normalize(x))
         if not self.ra:
             for block in self.last_stage:
@@ -100,10 +110,13 @@ class RANet(nn.Module):
             aux.append(p)
             # Gate class: the label when given, else this block's own prediction. The argmax
             # has no gradient: an attack on P' alone learns nothing about the gate (masking).
-            gate = labels if labels is not None else p.argmax(dim=1)
+            rows = weight[labels if labels is not None else p.argmax(dim=1)]  # (N, C)
+            if labels is None and soft_gate is not None:
+                soft = F.softmax(p / soft_gate, dim=1) @ weight  # (N, C), differentiable in p
+                rows = rows + soft - soft.detach()  # forward: the hard rows; backward: the soft ones
             if i < last:
                 if self.ra_feed_weighted:
-                    z = reverse_attention(z, weight, gate)
+                    z = _scale_channels(z, rows)
             else:
-                feat = reverse_attention(feat, weight, gate)
+                feat = _scale_channels(feat, rows)
         return ModelOutput(logits=self.fc(feat), aux_logits=tuple(aux), features=feat)

@@ -1,0 +1,204 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ancra_tune.attacks import project
+from ancra_tune.models import SmallCNN
+from ancra_tune.robustness import (
+    AttackSpec, BatchResult, SuiteConfig, build_report, evaluate_model, feature_pairs, plan_attacks, run_attack,
+)
+from helpers import digits_splits, trained_digits_model
+
+EPS = 0.15
+
+
+@pytest.fixture(scope="module")
+def batch():
+    s = digits_splits()
+    return s.val.images[:128].float() / 255, s.val.labels[:128]
+
+
+def _acc(model, x, y) -> float:
+    with torch.no_grad():
+        return (model(x).logits.argmax(1) == y).float().mean().item()
+
+
+def _specs(ra: bool):
+    cfg = SuiteConfig(eps=EPS, pgd_steps=10, cw_steps=10, mim_steps=10, adaptive_steps=10, square_queries=300,
+                      autoattack=None, transfer_steps=10, sweep_eps=(EPS,))
+    return cfg, [s for s in plan_attacks(cfg, ra=ra, has_source=True) if s.kind != "sweep"]
+
+
+@pytest.mark.parametrize("ra", [False, True])
+def test_every_attack_stays_in_the_ball_and_beats_noise(batch, ra) -> None:
+    model = trained_digits_model(ra=ra)
+    source = trained_digits_model(adversarial=False)
+    x, y = batch
+    noise = project(x + torch.randint(0, 2, x.shape, generator=torch.Generator().manual_seed(0)) * 2 * EPS - EPS,
+                    x, EPS)
+    noise_acc = _acc(model, noise, y)
+    cfg, specs = _specs(ra)
+    kinds = {s.kind for s in specs}
+    assert {"fgsm", "pgd", "cw", "mim", "square", "transfer_pgd", "transfer_mim"} <= kinds
+    assert ra == any(s.target == "bpda" for s in specs)
+    for i, spec in enumerate(specs):
+        x_adv = run_attack(spec, i, model, x, y, cfg=cfg, batch_idx=0, source=source)
+        assert (x_adv - x).abs().max() <= EPS + 1e-6, spec.name
+        assert x_adv.min() >= 0 and x_adv.max() <= 1, spec.name
+        assert _acc(model, x_adv, y) < noise_acc - 0.05, (spec.name, _acc(model, x_adv, y), noise_acc)
+
+
+def test_autoattack_on_cpu_is_never_weaker_than_pgd(batch) -> None:
+    model = trained_digits_model()
+    x, y = batch[0][:64], batch[1][:64]
+    cfg = SuiteConfig(eps=0.1, autoattack="standard")
+    flags: list[str] = []
+    aa = run_attack(AttackSpec("aa", "autoattack", "final", 0, 0.1), 0, model, x, y, cfg=cfg, batch_idx=0,
+                    flags=flags)
+    pgd = run_attack(AttackSpec("pgd", "pgd", "final", 40, 0.1), 1, model, x, y, cfg=cfg, batch_idx=0)
+    assert (aa - x).abs().max() <= 0.1 + 1e-6
+    assert _acc(model, aa, y) <= _acc(model, pgd, y)
+    assert _acc(model, aa, y) < _acc(model, x, y)
+
+
+class QuantizedCNN(SmallCNN):
+    """A deliberately masked model: inputs are rounded to 4 levels, so input gradients are zero."""
+
+    def forward(self, x, labels=None, *, soft_gate=None):
+        return super().forward(torch.round(x * 3) / 3, labels, soft_gate=soft_gate)
+
+
+def _report(model, x, y, cfg, source=None):
+    return build_report(evaluate_model(model, x, y, cfg, source=source, progress=False), cfg, ra=model.ra,
+                        n_classes=10, has_source=source is not None)
+
+
+QUICK = dict(n_examples=None, autoattack=None, square_queries=300, batch_size=200)
+
+
+def test_checks_flag_a_masked_model_and_pass_a_pgd_at_model() -> None:
+    s = digits_splits()
+    x, y = s.val.images.float() / 255, s.val.labels  # all 360 validation digits
+    honest = trained_digits_model()
+    cfg = SuiteConfig.preset_config("quick", eps=0.1, **QUICK)
+    good = _report(honest, x, y, cfg, source=trained_digits_model(adversarial=False))
+    verdicts = {c["name"]: c["passed"] for c in good["checks"]}
+    assert all(verdicts.values()), good["checks"]
+    assert good["checks_passed"]
+
+    masked = QuantizedCNN(num_classes=10, in_channels=1, mean=s.info.mean, std=s.info.std, ra=False)
+    masked.load_state_dict(trained_digits_model(adversarial=False).state_dict())
+    masked.eval()
+    bad = _report(masked, x, y, cfg)
+    verdicts = {c["name"]: c["passed"] for c in bad["checks"]}
+    assert not bad["checks_passed"]
+    assert verdicts["no_zero_gradients"] is False
+    assert verdicts["eps_to_chance"] is False
+    assert verdicts["whitebox_beats_square"] is False
+    assert f"pgd{cfg.pgd_steps}_final" in bad["masked_metrics"]
+
+
+def test_ra_attacked_only_through_final_output_is_flagged(tmp_path: Path) -> None:
+    """A trained TRADES-ANCRA model: the adaptive attacks beat PGD on P' (the gate masks it)."""
+    from ancra_tune.config import TrainConfig
+    from ancra_tune.trainer import Trainer
+
+    cfg = TrainConfig.from_dict({"data.dataset": "digits", "data.batch_size": 64, "data.val_size": 0.15,
+                                 "model.name": "small_cnn", "attack.eps": 0.3, "attack.step_size": 0.05,
+                                 "eval.pgd_steps": 0, "optim.epochs": 6, "optim.lr": 0.05, "progress": False,
+                                 "out_dir": str(tmp_path)})
+    trainer = Trainer(cfg)
+    trainer.fit()
+    x, y = trainer.splits.val.images.float() / 255, trainer.splits.val.labels
+    suite = SuiteConfig.preset_config("quick", eps=0.3, **QUICK)
+    report = _report(trainer.model.eval(), x, y, suite)
+    verdicts = {c["name"]: c for c in report["checks"]}
+    check = verdicts["final_output_not_masked"]
+    assert check["passed"] is False, check
+    assert "pgd10_final" in report["masked_metrics"]
+    assert report["robust_acc_worst"] < min(a["accuracy"] for a in report["attacks"] if a["in_worst_case"])
+
+
+def _fake(batch_idx, clean, **correct):
+    t = lambda v: torch.tensor(v, dtype=torch.bool)  # noqa: E731
+    return BatchResult(batch_idx=batch_idx, clean=t(clean), correct={k: t(v) for k, v in correct.items()},
+                       zero_grad=torch.zeros(len(clean), dtype=torch.bool))
+
+
+def test_worst_case_is_per_example() -> None:
+    cfg = SuiteConfig(eps=0.1, pgd_steps=1, cw_steps=1, mim_steps=1, square_queries=0, autoattack=None,
+                      sweep_eps=(0.1,), features=False)
+    names = [s.name for s in plan_attacks(cfg, ra=False, has_source=False)]
+    # Every attack leaves 3 of 4 examples correct, but each misses a different one.
+    results = []
+    for b in range(2):
+        correct = {}
+        for i, n in enumerate(names):
+            v = [True] * 4
+            v[i % 4] = False
+            correct[n] = v
+        results.append(_fake(b, [True, True, True, True], **correct))
+    report = build_report(results, cfg, ra=False, n_classes=10, has_source=False)
+    main = [a for a in report["attacks"] if a["in_worst_case"]]
+    assert all(a["accuracy"] == 0.75 for a in main)
+    assert report["robust_acc_worst"] == 0.0  # 4 distinct failing examples in 4 attacks
+    assert report["per_example"]["worst"] == [False] * 8
+
+
+def test_feature_statistics_by_hand() -> None:
+    nat = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 4.0]])
+    adv = torch.tensor([[1.0, 1.0], [0.0, 2.0], [3.0, 0.0]])
+    labels = torch.tensor([0, 1, 1])
+    pairs = feature_pairs(nat, adv, labels, seed=0)
+    torch.testing.assert_close(pairs["pp_cos"], torch.tensor([2 ** -0.5, 1.0, 0.6]))
+    torch.testing.assert_close(pairs["pp_l2"], torch.tensor([1.0, 0.0, 4.0]))
+    # Example 0 (label 0) has partners 1 or 2; examples 1 and 2 (label 1) can only pair with 0.
+    torch.testing.assert_close(pairs["np_cos"][1:], torch.tensor([0.0, 0.6]))
+    torch.testing.assert_close(pairs["np_l2"][1:], torch.tensor([5 ** 0.5, (4 + 16) ** 0.5]))
+
+
+def test_batches_run_separately_merge_to_the_same_report(batch) -> None:
+    model = trained_digits_model(ra=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = batch
+    cfg = SuiteConfig(eps=0.1, pgd_steps=3, cw_steps=3, mim_steps=3, adaptive_steps=3, sweep_steps=3,
+                      square_queries=30, autoattack=None, batch_size=64, features=True)
+    whole = build_report(evaluate_model(model, x, y, cfg, progress=False), cfg, ra=True, n_classes=10,
+                         has_source=False)
+    parts = evaluate_model(model, x, y, cfg, progress=False, batches=[1]) + \
+        evaluate_model(model, x, y, cfg, progress=False, batches=[0])
+    merged = build_report(parts, cfg, ra=True, n_classes=10, has_source=False)
+    # Evaluation changes nothing in the model (BatchNorm statistics included).
+    assert not model.training
+    for k, v in trained_digits_model(ra=True).state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert merged["per_example"] == whole["per_example"]
+    assert merged["features"] == whole["features"]
+
+
+def test_cli_eval_writes_report_and_pngs(tmp_path: Path, capsys) -> None:
+    from ancra_tune.cli import main
+
+    ckpt = tmp_path / "std"
+    assert main(["train", "quickstart", "--set", "optim.epochs=1", "--set", "model.ra=false", "--set",
+                 "method.anc=false", "--out", str(ckpt), "--quiet"]) == 0
+    out = tmp_path / "eval"
+    rc = main(["eval", str(ckpt / "checkpoint.pt"), "--quick", "--n", "64", "--no-autoattack", "--deploy-ra",
+               "--out", str(out), "--quiet"])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["deployment"] and not report["standard"]["ra"] and report["deployment_ra"]["ra"]
+    assert report["standard"]["n_examples"] == 64 and report["standard"]["split"] == "val"
+    assert any(a["target"] == "bpda" for a in report["deployment_ra"]["attacks"])
+    for variant in ("standard", "deployment_ra"):
+        assert (out / variant / "features_hist.png").stat().st_size > 1000
+        assert (out / variant / "embedding.png").stat().st_size > 1000
+    text = capsys.readouterr().out
+    assert "deployment_ra" in text and "gradient-masking checks" in text
+    # The RA model's quickstart checkpoint cannot be "deployed": it already has RA.
+    ra_ckpt = tmp_path / "ra"
+    assert main(["train", "quickstart", "--set", "optim.epochs=1", "--out", str(ra_ckpt), "--quiet"]) == 0
+    assert main(["eval", str(ra_ckpt / "checkpoint.pt"), "--deploy-ra", "--quiet"]) == 2
+    assert "trained with RA" in capsys.readouterr().err
