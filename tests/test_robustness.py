@@ -3,13 +3,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import digits_splits, trained_digits_model
 
 from ancra_tune.attacks import project
 from ancra_tune.models import SmallCNN
 from ancra_tune.robustness import (
-    AttackSpec, BatchResult, SuiteConfig, build_report, evaluate_model, feature_pairs, plan_attacks, run_attack,
+    AttackSpec,
+    BatchResult,
+    SuiteConfig,
+    build_report,
+    evaluate_model,
+    feature_pairs,
+    plan_attacks,
+    run_attack,
 )
-from helpers import digits_splits, trained_digits_model
 
 EPS = 0.15
 
