@@ -88,6 +88,46 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study(args: argparse.Namespace, kind: str) -> int:
+    import json
+
+    from trainables.study import load_study  # Ray loads only for these commands
+    from trainables.tuner import InfeasibleResourcesError, run_study
+
+    study = load_study(args.file)
+    if study.kind != kind:
+        print(f"error: {args.file} is a {study.kind} study; run it with `ancra-tune "
+              f"{'sweep' if study.kind == 'sweep' else 'ablate'}`", file=sys.stderr)
+        return 2
+    try:
+        summary = run_study(study, address=args.address, storage=args.storage, resume=args.resume,
+                            smoke_test=args.smoke_test, num_cpus=args.num_cpus)
+    except InfeasibleResourcesError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_summary(summary))
+    if args.json:
+        print(json.dumps(summary, indent=1, default=str))
+    return 0
+
+
+def format_summary(summary: dict) -> str:
+    obj = ", ".join(f"{k} ({v})" for k, v in summary["objective"].items())
+    lines = [f"study {summary['study']} ({summary['kind']}): {summary['n_trials']} trials "
+             f"{summary['status_counts']}; wall {summary['wall_time_s']:.0f} s, training "
+             f"{summary['trial_train_time_s']:.0f} s; objective {obj}"]
+    for t in summary["trials"]:
+        metric = next(iter(summary["objective"]))
+        val = t.get(metric)
+        shown = f"{val:.4f}" if isinstance(val, float) else "-"
+        extra = f" (epoch {t['diverged_epoch']})" if t["status"] == "diverged" else ""
+        lines.append(f"  {t['trial_id']:<24} {t['status']:<9}{extra} {metric}={shown} {t['params']}")
+    for b in summary["best"]:
+        lines.append(f"best: {b['trial_id']} {b['params']}\n  checkpoint: {b['checkpoint']}")
+    lines.append(f"results: {summary['study_dir']}")
+    return "\n".join(lines)
+
+
 def _cuda() -> bool:
     import torch
 
@@ -128,6 +168,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="also print the report (without per-example data)")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_eval)
+
+    for name, kind, text in (("sweep", "sweep", "search hyperparameters with Ray Tune + Optuna + ASHA"),
+                             ("ablate", "ablation", "run a component grid x seeds and write a summary table")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("file", help="a study file, e.g. search_spaces/quickstart.yaml")
+        p.add_argument("--address", help="join a running Ray cluster (e.g. auto); default: start Ray locally")
+        p.add_argument("--storage", help="Tune/Train storage path or URI (shared storage on a cluster); "
+                                         "default: runs/studies")
+        p.add_argument("--resume", action="store_true", help="continue an interrupted study (unfinished trials only)")
+        p.add_argument("--smoke-test", action="store_true", help="one epoch on a few batches, at most two trials")
+        p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
+        p.add_argument("--json", action="store_true", help="also print the summary as JSON")
+        p.set_defaults(func=lambda a, k=kind: _study(a, k))
     return parser
 
 

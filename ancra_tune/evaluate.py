@@ -6,8 +6,6 @@ These are the per-epoch validation metrics of the trainer. The full evaluation s
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor, nn
 
@@ -23,9 +21,6 @@ def last_aux_logits(out: ModelOutput) -> Tensor:
     return out.aux_logits[-1]
 
 
-HEADS: dict[str, Callable[[ModelOutput], Tensor]] = {"final": final_logits, "aux": last_aux_logits}
-
-
 @torch.no_grad()
 def clean_accuracy(model: nn.Module, data: ArrayData, *, batch_size: int, device: torch.device) -> float:
     """Share of ``data`` the final prediction P' gets right, in eval mode (RA gated by P)."""
@@ -36,16 +31,41 @@ def clean_accuracy(model: nn.Module, data: ArrayData, *, batch_size: int, device
     return correct.item() / max(1, len(data))
 
 
-def pgd_accuracy(model: nn.Module, data: ArrayData, *, head: str, eps: float, step_size: float,
-                 steps: int, batch_size: int, device: torch.device, seed: int = 0) -> float:
-    """Accuracy of P' on PGD AEs that maximise CE on ``head`` ("final" P' or "aux" P)."""
-    attack_head = HEADS[head]
+class SoftGate(nn.Module):
+    """The model with the BPDA surrogate of the RA gate: forward values unchanged, backward
+    through softmax(P / T) @ W (see ``RANet.forward``)."""
+
+    def __init__(self, model: nn.Module, temperature: float = 1.0) -> None:
+        super().__init__()
+        self.model, self.temperature = model, temperature
+        self.train(model.training)  # a wrapper must not flip the model's BatchNorm mode
+
+    def forward(self, x: Tensor, labels: Tensor | None = None) -> ModelOutput:
+        return self.model(x, labels, soft_gate=self.temperature)
+
+
+def pgd_correct(model: nn.Module, data: ArrayData, *, target: str, eps: float, step_size: float,
+                steps: int, batch_size: int, device: torch.device, seed: int = 0) -> Tensor:
+    """(N,) bool: P' right on PGD AEs that maximise CE on ``target``: "final" (P'), "aux" (the
+    last block's P) or "bpda" (P' through the soft gate)."""
+    if target not in ("final", "aux", "bpda"):
+        raise ValueError(f"unknown PGD target {target!r}; known: final, aux, bpda")
+    attacked = SoftGate(model) if target == "bpda" else model
+    head = last_aux_logits if target == "aux" else final_logits
     gen = torch.Generator().manual_seed(seed)  # the same start every epoch: comparable numbers
-    correct = torch.zeros((), dtype=torch.long, device=device)
     model.eval()
+    out = []
     for x, y in BatchLoader(data, batch_size=batch_size, shuffle=False, device=device):
-        x_adv = pgd(model, x, y, eps=eps, step_size=step_size, steps=steps, bn="eval", head=attack_head,
+        x_adv = pgd(attacked, x, y, eps=eps, step_size=step_size, steps=steps, bn="eval", head=head,
                     init="uniform", generator=gen)
         with torch.no_grad():
-            correct += (model(x_adv).logits.argmax(1) == y).sum()
-    return correct.item() / max(1, len(data))
+            out.append(model(x_adv).logits.argmax(1) == y)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool, device=device)
+
+
+def pgd_accuracy(model: nn.Module, data: ArrayData, *, head: str, eps: float, step_size: float,
+                 steps: int, batch_size: int, device: torch.device, seed: int = 0) -> float:
+    """Accuracy of P' on PGD AEs that maximise CE on ``head`` (see :func:`pgd_correct`)."""
+    correct = pgd_correct(model, data, target=head, eps=eps, step_size=step_size, steps=steps,
+                          batch_size=batch_size, device=device, seed=seed)
+    return correct.float().mean().item() if correct.numel() else 0.0

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attacks import pgd
+from .evaluate import SoftGate
 from .models import ModelOutput, RANet
 from .negatives import select_negatives
 
@@ -105,18 +106,6 @@ PRESETS: dict[str, SuiteConfig] = {
 
 
 # --------------------------------------------------------------------------- attack plan
-
-
-class SoftGate(nn.Module):
-    """The model with the BPDA surrogate of the RA gate (forward values unchanged)."""
-
-    def __init__(self, model: RANet, temperature: float) -> None:
-        super().__init__()
-        self.model, self.temperature = model, temperature
-        self.train(model.training)  # a wrapper must not flip the model's BatchNorm mode
-
-    def forward(self, x: Tensor, labels: Tensor | None = None) -> ModelOutput:
-        return self.model(x, labels, soft_gate=self.temperature)
 
 
 class LogitsOnly(nn.Module):

@@ -28,7 +28,8 @@ from .attacks import bn_mode, pgd
 from .checkpoint import build_model, data_info_to_dict, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import BatchLoader, DataSplits, epoch_generator, load_dataset
-from .evaluate import clean_accuracy, pgd_accuracy
+from .distributed import all_true
+from .evaluate import clean_accuracy, pgd_correct
 from .losses import ancra_loss
 from .models import ModelOutput, unwrap
 from .negatives import select_negatives
@@ -48,13 +49,12 @@ class DivergedError(RuntimeError):
 
 
 class Callback:
-    """Hooks the trainer calls; override what you need (Ray reporting, MLflow logging)."""
+    """Hooks the trainer calls on every worker; override what you need (Ray, MLflow)."""
 
-    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None:
-        """After validation of ``epoch`` (0-based); ``metrics`` are that epoch's numbers."""
-
-    def on_checkpoint(self, trainer: Trainer, epoch: int, path: Path) -> None:
-        """After the checkpoint of ``epoch`` is written to ``path``."""
+    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float],
+                     checkpoint: Path | None) -> None:
+        """After ``epoch`` (0-based). On rank 0, ``metrics`` include validation and ``checkpoint``
+        is the file just written; on other ranks they hold the worker's training numbers only."""
 
     def on_train_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         """After the last epoch."""
@@ -255,20 +255,22 @@ class Trainer:
             images += x.shape[0]
             if step % 10 == 0:  # a host sync: only every few steps
                 value = loss.item()
-                if not math.isfinite(value):
+                # Collective: every worker stops at the same step, or none does (no DDP hang).
+                if not all_true(math.isfinite(value), self.device):
                     raise DivergedError(epoch, step, value)
                 if hasattr(bar, "set_postfix"):
                     bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.2g}")
         elapsed = time.perf_counter() - t0
         means = {k: v.item() / max(1, steps) for k, v in sums.items()}
-        if not math.isfinite(means.get("loss", 0.0)):
-            raise DivergedError(epoch, steps - 1, means["loss"])
+        if not all_true(math.isfinite(means.get("loss", 0.0)), self.device):
+            raise DivergedError(epoch, steps - 1, means.get("loss", float("nan")))
         means.update(lr=lr, epoch_time_s=elapsed, train_images_per_s=images * self.world_size / elapsed)
         return means
 
     def validate(self) -> dict[str, float]:
         """Clean accuracy on the validation split and PGD accuracy of P' under attacks on P'
-        and (with RA) on the auxiliary P: each metric names the head it attacked."""
+        and, with RA, on the auxiliary P and through the soft (BPDA) gate: each metric names
+        what it attacked. ``val_robust_acc`` counts examples that survive all of them."""
         c, model = self.cfg, self.model
         val = self.splits.val
         if len(val) == 0:
@@ -277,11 +279,14 @@ class Trainer:
         out = {"val_clean_acc": clean_accuracy(model, val, **kw)}
         if c.eval.pgd_steps > 0:
             sub = val.subset(torch.arange(min(len(val), c.eval.max_examples)))
-            heads = ["final", "aux"] if model.ra else ["final"]
-            for head in heads:
-                out[f"val_pgd_acc_{head}"] = pgd_accuracy(
-                    model, sub, head=head, eps=c.attack.eps, step_size=c.eval.pgd_step_size,
-                    steps=c.eval.pgd_steps, seed=c.seed, **kw)
+            worst = None
+            for target in (["final", "aux", "bpda"] if model.ra else ["final"]):
+                correct = pgd_correct(model, sub, target=target, eps=c.attack.eps, step_size=c.eval.pgd_step_size,
+                                      steps=c.eval.pgd_steps, seed=c.seed, **kw)
+                out[f"val_pgd_acc_{target}"] = correct.float().mean().item()
+                worst = correct if worst is None else worst & correct
+            assert worst is not None
+            out["val_robust_acc"] = worst.float().mean().item()
         return out
 
     def fit(self, *, resume: bool = False) -> dict[str, float]:
@@ -295,17 +300,16 @@ class Trainer:
         metrics: dict[str, float] = self.history[-1] if self.history else {}
         for epoch in range(self.start_epoch, self.cfg.optim.epochs):
             metrics = {"epoch": float(epoch), **self.train_epoch(epoch, loader)}
+            path = None
             if self.rank == 0:
                 metrics.update(self.validate())
                 self.history.append(metrics)
                 with open(self.out_dir / METRICS_NAME, "a") as f:
                     f.write(json.dumps(metrics) + "\n")
                 path = save_checkpoint(self.out_dir / CHECKPOINT_NAME, self.state_dict(epoch))
-                for cb in self.callbacks:
-                    cb.on_epoch_end(self, epoch, metrics)
-                for cb in self.callbacks:
-                    cb.on_checkpoint(self, epoch, path)
                 self._log_epoch(epoch, metrics)
+            for cb in self.callbacks:
+                cb.on_epoch_end(self, epoch, metrics, path)
         for cb in self.callbacks:
             cb.on_train_end(self, metrics)
         return metrics
@@ -320,7 +324,7 @@ class Trainer:
         return tqdm(loader, desc=f"epoch {epoch + 1}/{self.cfg.optim.epochs}", leave=False, dynamic_ncols=True)
 
     def _log_epoch(self, epoch: int, m: dict[str, float]) -> None:
-        keys = ("loss", "val_clean_acc", "val_pgd_acc_final", "val_pgd_acc_aux", "neg_fallback_rate",
+        keys = ("loss", "val_clean_acc", "val_pgd_acc_final", "val_robust_acc", "neg_fallback_rate",
                 "epoch_time_s")
         text = "  ".join(f"{k}={m[k]:.4g}" for k in keys if k in m)
         msg = f"epoch {epoch + 1}/{self.cfg.optim.epochs}  {text}"

@@ -39,7 +39,8 @@ def test_real_training_lowers_loss_and_raises_robust_accuracy(shared_data: Path,
     seen: list[dict] = []
 
     class Record(Callback):
-        def on_epoch_end(self, trainer, epoch, metrics):
+        def on_epoch_end(self, trainer, epoch, metrics, checkpoint):
+            assert checkpoint is not None and checkpoint.is_file()
             seen.append(metrics)
 
     trainer.callbacks.append(Record())
@@ -65,8 +66,8 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path: Path) -
     straight.fit()
     # Killed after its second epoch's checkpoint, then a new trainer resumes for the last one.
     class Kill(Callback):
-        def on_checkpoint(self, trainer, epoch, path):
-            if epoch == 1:
+        def on_epoch_end(self, trainer, epoch, metrics, checkpoint):
+            if epoch == 1 and checkpoint is not None and checkpoint.is_file():
                 raise KeyboardInterrupt
 
     first = Trainer(_cfg(tmp_path / "b", **{"optim.epochs": 3}), splits=splits, callbacks=[Kill()])

@@ -1,0 +1,357 @@
+"""Study files (``search_spaces/*.yaml``): what a sweep or an ablation runs.
+
+A study states only what differs from the paper defaults. Every section is validated when
+the file is read; a mistake names the file, the key and what is allowed::
+
+    name: quickstart
+    kind: sweep                 # sweep (Optuna + ASHA) or ablation (a full grid x seeds)
+    base: quickstart            # optional: a train preset or YAML file to start from
+    train: {model.name: small_cnn, optim.epochs: 4}    # overrides of that config
+    resources: {workers: 2, cpus_per_worker: 0.5, gpus_per_worker: 0, trial_cpus: 0.5}
+    objective: {metric: robust_acc_worst, mode: max}   # or metrics: [...], modes: [...]
+    eval: {preset: quick, n_examples: 200, autoattack: null}   # end-of-trial evaluation
+    search:
+      sampler: tpe              # tpe, nsga2 (multi-objective), random
+      num_samples: 8
+      max_concurrent: auto
+      defaults_first: true      # evaluate the paper's defaults as the first trial
+      space:
+        method.anc: [true, false]                              # categorical
+        method.alpha: {low: 0.0, high: 1.0, when: method.anc}  # only when ANC is on
+        method.zeta: {low: 0.5, high: 6.0, log: true, when: method.anc}
+    scheduler: {type: asha, metric: val_robust_acc, grace_period: 1, reduction_factor: 2}
+    seeds: [0]
+    ablation: {grid: {method.anc: [false, true], model.ra: [false, true]}}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ancra_tune.cli import resolve_config_path
+from ancra_tune.config import ConfigError, TrainConfig, flatten, load_yaml_with_overrides
+
+KINDS = ("sweep", "ablation")
+SAMPLERS = ("tpe", "nsga2", "random")
+SCHEDULERS = ("asha", "none")
+MODES = ("max", "min")
+TOP_KEYS = ("name", "kind", "base", "train", "resources", "objective", "eval", "search", "scheduler", "seeds",
+            "ablation", "max_failures", "description")
+
+
+class StudyError(ConfigError):
+    """A study file is invalid; the message names the file, the key and what is allowed."""
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one trial occupies: the Tune trial itself (the Train driver) and its workers."""
+
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0  # fractions share a GPU between small trials
+    trial_cpus: float = 0.5  # the function trainable that drives the Train run (must be > 0)
+    sync_batchnorm: bool = True  # global BatchNorm statistics across workers (see ancra_tune.distributed)
+
+    @property
+    def trial_total(self) -> dict[str, float]:
+        return {"CPU": self.trial_cpus + self.workers * self.cpus_per_worker,
+                "GPU": self.workers * self.gpus_per_worker}
+
+
+@dataclass(frozen=True)
+class Param:
+    """One dimension of the search space."""
+
+    name: str  # dotted TrainConfig key
+    choices: tuple[Any, ...] | None = None
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    integer: bool = False
+    when: dict[str, Any] = field(default_factory=dict)  # active only when these keys have these values
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    kind: str
+    path: Path
+    base_train: dict[str, Any]  # the study's training config as a nested dict (validated)
+    resources: Resources
+    metrics: tuple[str, ...]
+    modes: tuple[str, ...]
+    eval: dict[str, Any]
+    sampler: str
+    num_samples: int
+    max_concurrent: int | None
+    defaults_first: bool
+    space: tuple[Param, ...]
+    scheduler: dict[str, Any]
+    seeds: tuple[int, ...]
+    grid: dict[str, tuple[Any, ...]]
+    max_failures: int
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.metrics) > 1
+
+    def train_config(self, params: Mapping[str, Any], seed: int) -> TrainConfig:
+        """The trial's TrainConfig: the study's base with the sampled ``params`` and ``seed``."""
+        return TrainConfig.from_dict({**flatten(TrainConfig.from_dict(self.base_train)), **params, "seed": seed})
+
+    def default_point(self) -> dict[str, Any]:
+        """The paper's defaults (the base config's values) for every active parameter."""
+        base = flatten(TrainConfig.from_dict(self.base_train))
+        point: dict[str, Any] = {}
+        for p in self.space:
+            if _active(p, point, base):
+                point[p.name] = base[p.name]
+        return point
+
+    def sample(self, trial: Any) -> dict[str, Any]:
+        """Optuna define-by-run: suggest each parameter whose condition holds (conditional space)."""
+        base = flatten(TrainConfig.from_dict(self.base_train))
+        point: dict[str, Any] = {}
+        for p in self.space:
+            if not _active(p, point, base):
+                continue
+            if p.choices is not None:
+                point[p.name] = trial.suggest_categorical(p.name, list(p.choices))
+            elif p.integer:
+                point[p.name] = trial.suggest_int(p.name, int(p.low), int(p.high), log=p.log)  # type: ignore[arg-type]
+            else:
+                point[p.name] = trial.suggest_float(p.name, p.low, p.high, log=p.log)  # type: ignore[arg-type]
+        return point
+
+    def is_valid_point(self, point: Mapping[str, Any]) -> bool:
+        """True if ``point`` holds exactly the active parameters, each within its range."""
+        base = flatten(TrainConfig.from_dict(self.base_train))
+        seen: dict[str, Any] = {}
+        for p in self.space:
+            active = _active(p, seen, base)
+            if active != (p.name in point):
+                return False
+            if not active:
+                continue
+            v = point[p.name]
+            if p.choices is not None and v not in p.choices:
+                return False
+            if p.choices is None and not (p.low <= v <= p.high):  # type: ignore[operator]
+                return False
+            seen[p.name] = v
+        return set(point) <= {p.name for p in self.space}
+
+    def grid_points(self) -> list[dict[str, Any]]:
+        """Every combination of the ablation grid (the seeds are a separate axis)."""
+        keys = list(self.grid)
+        return [dict(zip(keys, values, strict=True)) for values in itertools.product(*self.grid.values())]
+
+
+def _active(p: Param, point: Mapping[str, Any], base: Mapping[str, Any]) -> bool:
+    return all(point.get(k, base.get(k)) == v for k, v in p.when.items())
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _err(path: Path, key: str, msg: str) -> StudyError:
+    return StudyError(f"{path}: {key}: {msg}")
+
+
+def _section(path: Path, raw: Mapping[str, Any], key: str, allowed: tuple[str, ...]) -> dict[str, Any]:
+    value = raw.get(key) or {}
+    if not isinstance(value, Mapping):
+        raise _err(path, key, f"must be a mapping, got {value!r}")
+    unknown = sorted(set(value) - set(allowed))
+    if unknown:
+        raise _err(path, key, f"unknown key(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+    return dict(value)
+
+
+def _param(path: Path, name: str, spec: Any, flat_base: Mapping[str, Any]) -> Param:
+    where = f"search.space.{name}"
+    if name not in flat_base:
+        raise _err(path, where, f"not a training config key; known: {', '.join(sorted(flat_base))}")
+    if isinstance(spec, list):
+        spec = {"choices": spec}
+    if not isinstance(spec, Mapping):
+        raise _err(path, where, "must be a list of choices or a mapping with choices or low/high")
+    allowed = ("choices", "low", "high", "log", "int", "when")
+    unknown = sorted(set(spec) - set(allowed))
+    if unknown:
+        raise _err(path, where, f"unknown key(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+    when = spec.get("when") or {}
+    if isinstance(when, str):
+        when = {when: True}
+    if not isinstance(when, Mapping) or any(k not in flat_base for k in when):
+        raise _err(path, f"{where}.when", f"must name training config keys (e.g. method.anc), got {when!r}")
+    if "choices" in spec:
+        choices = spec["choices"]
+        if not isinstance(choices, list) or not choices:
+            raise _err(path, f"{where}.choices", "must be a non-empty list")
+        return Param(name=name, choices=tuple(choices), when=dict(when))
+    if "low" not in spec or "high" not in spec:
+        raise _err(path, where, "needs choices, or low and high")
+    low, high = spec["low"], spec["high"]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) or low >= high:
+        raise _err(path, where, f"low and high must be numbers with low < high, got {low!r}, {high!r}")
+    if spec.get("log") and low <= 0:
+        raise _err(path, where, "log scale needs low > 0")
+    return Param(name=name, low=float(low), high=float(high), log=bool(spec.get("log", False)),
+                 integer=bool(spec.get("int", False)), when=dict(when))
+
+
+def load_study(path: str | Path) -> Study:
+    """Read and validate a study file."""
+    p = Path(path)
+    if not p.is_file():
+        raise StudyError(f"study file {str(p)!r} does not exist")
+    raw = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(raw, Mapping):
+        raise StudyError(f"{p}: the top level must be a mapping")
+    unknown = sorted(set(raw) - set(TOP_KEYS))
+    if unknown:
+        raise _err(p, "top level", f"unknown key(s) {', '.join(unknown)}; allowed: {', '.join(TOP_KEYS)}")
+    kind = raw.get("kind", "sweep")
+    if kind not in KINDS:
+        raise _err(p, "kind", f"unknown value {kind!r}; allowed: {', '.join(KINDS)}")
+
+    # The training config: a preset/file, then the study's overrides, validated now.
+    train_over = raw.get("train") or {}
+    if not isinstance(train_over, Mapping):
+        raise _err(p, "train", "must be a mapping of training config keys")
+    try:
+        base_path = resolve_config_path(raw["base"]) if raw.get("base") else None
+        base_dict = load_yaml_with_overrides(base_path)
+        # Keys given in `train` (nested or dotted) win over the base's.
+        merged = TrainConfig.from_dict({**flatten(TrainConfig.from_dict(base_dict)), **_flat_keys(train_over)})
+    except ConfigError as e:
+        raise StudyError(f"{p}: train: {e}") from None
+    flat_base = flatten(merged)
+
+    r = _section(p, raw, "resources", tuple(f.name for f in dataclasses.fields(Resources)))
+    try:
+        resources = Resources(**r)
+    except TypeError as e:
+        raise _err(p, "resources", str(e)) from None
+    if resources.workers < 1:
+        raise _err(p, "resources.workers", f"must be >= 1, got {resources.workers}")
+    if resources.trial_cpus <= 0:
+        raise _err(p, "resources.trial_cpus", f"must be > 0 (Ray refuses a trial of 0 CPUs), got {resources.trial_cpus}")
+    if resources.cpus_per_worker < 0 or resources.gpus_per_worker < 0:
+        raise _err(p, "resources", "cpus_per_worker and gpus_per_worker must be >= 0")
+    if merged.data.batch_size % resources.workers:
+        raise _err(p, "resources.workers", f"data.batch_size {merged.data.batch_size} must be divisible by "
+                   f"{resources.workers} workers")
+
+    o = _section(p, raw, "objective", ("metric", "mode", "metrics", "modes"))
+    if "metrics" in o:
+        metrics = tuple(o["metrics"])
+        modes = tuple(o.get("modes", ["max"] * len(metrics)))
+    else:
+        metrics = (o.get("metric", "robust_acc_worst"),)
+        modes = (o.get("mode", "max"),)
+    if len(metrics) != len(modes) or not metrics:
+        raise _err(p, "objective", "metrics and modes must have the same, non-zero length")
+    for m in modes:
+        if m not in MODES:
+            raise _err(p, "objective.mode", f"unknown value {m!r}; allowed: {', '.join(MODES)}")
+
+    from ancra_tune.robustness import PRESETS, SuiteConfig
+
+    ev = dict(raw.get("eval") or {})
+    preset = ev.pop("preset", "quick")
+    if preset not in PRESETS:
+        raise _err(p, "eval.preset", f"unknown value {preset!r}; allowed: {', '.join(PRESETS)}")
+    fields = {f.name for f in dataclasses.fields(SuiteConfig)} - {"preset"}
+    bad = sorted(set(ev) - fields)
+    if bad:
+        raise _err(p, "eval", f"unknown key(s) {', '.join(bad)}; allowed: preset, {', '.join(sorted(fields))}")
+    ev["preset"] = preset
+
+    s = _section(p, raw, "search", ("sampler", "num_samples", "max_concurrent", "defaults_first", "space"))
+    sampler = s.get("sampler", "nsga2" if len(metrics) > 1 else "tpe")
+    if sampler not in SAMPLERS:
+        raise _err(p, "search.sampler", f"unknown value {sampler!r}; allowed: {', '.join(SAMPLERS)}")
+    if len(metrics) > 1 and sampler == "tpe":
+        sampler = "nsga2"
+    space_raw = s.get("space") or {}
+    if not isinstance(space_raw, Mapping):
+        raise _err(p, "search.space", "must be a mapping of training config keys")
+    space = tuple(_param(p, k, v, flat_base) for k, v in space_raw.items())
+    for prm in space:
+        for k in prm.when:
+            if k not in {q.name for q in space} and k not in flat_base:
+                raise _err(p, f"search.space.{prm.name}.when", f"unknown key {k}")
+    mc = s.get("max_concurrent", "auto")
+    if mc != "auto" and (not isinstance(mc, int) or mc < 1):
+        raise _err(p, "search.max_concurrent", f"must be 'auto' or an integer >= 1, got {mc!r}")
+    num_samples = s.get("num_samples", 8)
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise _err(p, "search.num_samples", f"must be an integer >= 1, got {num_samples!r}")
+
+    sch = _section(p, raw, "scheduler", ("type", "metric", "mode", "grace_period", "reduction_factor"))
+    sch.setdefault("type", "asha" if len(metrics) == 1 and kind == "sweep" else "none")
+    if sch["type"] not in SCHEDULERS:
+        raise _err(p, "scheduler.type", f"unknown value {sch['type']!r}; allowed: {', '.join(SCHEDULERS)}")
+    if sch["type"] == "asha" and len(metrics) > 1:
+        raise _err(p, "scheduler.type", "ASHA needs a single objective; use type: none for multi-objective")
+    sch.setdefault("metric", "val_robust_acc")
+    sch.setdefault("mode", "max")
+    sch.setdefault("grace_period", 1)
+    sch.setdefault("reduction_factor", 2)
+
+    seeds = raw.get("seeds", [0])
+    if isinstance(seeds, int):
+        seeds = list(range(seeds))
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) for x in seeds):
+        raise _err(p, "seeds", f"must be a list of integers or a count, got {seeds!r}")
+
+    a = _section(p, raw, "ablation", ("grid",))
+    grid_raw = a.get("grid") or {}
+    grid: dict[str, tuple[Any, ...]] = {}
+    for k, v in grid_raw.items():
+        if k not in flat_base:
+            raise _err(p, f"ablation.grid.{k}", f"not a training config key; known: {', '.join(sorted(flat_base))}")
+        if not isinstance(v, list) or not v:
+            raise _err(p, f"ablation.grid.{k}", "must be a non-empty list of values")
+        grid[k] = tuple(v)
+    if kind == "ablation" and not grid:
+        raise _err(p, "ablation.grid", "an ablation needs a grid of components")
+
+    study = Study(name=str(raw.get("name", p.stem)), kind=kind, path=p, base_train=merged.to_dict(),
+                  resources=resources, metrics=metrics, modes=modes, eval=ev, sampler=sampler,
+                  num_samples=num_samples, max_concurrent=None if mc == "auto" else mc,
+                  defaults_first=bool(s.get("defaults_first", True)), space=space, scheduler=sch,
+                  seeds=tuple(seeds), grid=grid, max_failures=int(raw.get("max_failures", 2)))
+    # Every grid point and the default point must make a valid training config.
+    for point in ([study.default_point()] + study.grid_points()):
+        try:
+            study.train_config(point, seed=study.seeds[0])
+        except ConfigError as e:
+            raise StudyError(f"{p}: {point}: {e}") from None
+    return study
+
+
+def _flat_keys(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, Mapping):
+            out.update(_flat_keys(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)

@@ -1,0 +1,352 @@
+"""Ray Tune over Ray Train: studies, resources, resume, and their summaries.
+
+Each Tune trial is a function trainable that builds and fits a ``TorchTrainer`` (the pattern
+Ray 2.60 supports) and forwards its reports with ``TuneReportCallback``. Sweeps search with
+Optuna (define-by-run conditional spaces, the paper's defaults first) and stop bad trials
+with ASHA; ablations run a full grid x seeds and write a summary table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .study import Study
+from .worker import DIVERGED, train_loop_per_worker, worker_env
+
+log = logging.getLogger(__name__)
+
+SEED_KEY = "seed"
+
+
+class InfeasibleResourcesError(RuntimeError):
+    """The cluster can never give a trial what the study asks for."""
+
+
+# --------------------------------------------------------------------------- Ray session
+
+
+def init_ray(address: str | None, *, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
+    """Join ``address`` (e.g. "auto" or "ray://..."), or start a local Ray (never a stale one)."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        return
+    runtime_env = {"env_vars": worker_env()}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+    else:
+        # "local" always starts a fresh instance: a stale ray_current_cluster file cannot stall it.
+        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, runtime_env=runtime_env,
+                 include_dashboard=True, log_to_driver=False)
+
+
+def check_resources(study: Study, nodes: Sequence[dict[str, float]]) -> int:
+    """Fail fast when no placement can ever satisfy a trial; return how many trials fit at once.
+
+    ``nodes``: the resources of each alive node (``{"CPU": 16, "GPU": 1}``).
+    """
+    r = study.resources
+    asked = (f"{r.workers} worker(s) x ({r.cpus_per_worker:g} CPU, {r.gpus_per_worker:g} GPU) "
+             f"+ {r.trial_cpus:g} CPU for the trial")
+    have = ", ".join(f"node {i}: {n.get('CPU', 0):g} CPU, {n.get('GPU', 0):g} GPU" for i, n in enumerate(nodes))
+    fits_one = [n for n in nodes if n.get("CPU", 0) >= r.cpus_per_worker and n.get("GPU", 0) >= r.gpus_per_worker]
+    total_cpu = sum(n.get("CPU", 0) for n in nodes)
+    total_gpu = sum(n.get("GPU", 0) for n in nodes)
+    need = r.trial_total
+    if not fits_one or need["CPU"] > total_cpu + 1e-9 or need["GPU"] > total_gpu + 1e-9 or \
+            not any(n.get("CPU", 0) >= r.trial_cpus for n in nodes):
+        raise InfeasibleResourcesError(
+            f"study {study.name!r} asks per trial for {asked} = {need['CPU']:g} CPU and {need['GPU']:g} GPU, "
+            f"but the cluster has {total_cpu:g} CPU and {total_gpu:g} GPU ({have}). "
+            f"Lower resources.* in {study.path} or add nodes.")
+    # Workers may spread over nodes; count how many whole trials fit by total resources.
+    by_cpu = math.floor(total_cpu / need["CPU"] + 1e-9) if need["CPU"] > 0 else 10**6
+    by_gpu = math.floor(total_gpu / need["GPU"] + 1e-9) if need["GPU"] > 0 else 10**6
+    return max(1, min(by_cpu, by_gpu))
+
+
+def alive_nodes() -> list[dict[str, float]]:
+    import ray
+
+    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+
+
+# --------------------------------------------------------------------------- the trial
+
+
+def _join(storage: str, *parts: str) -> str:
+    """A path under ``storage``, local or a URI (s3://...)."""
+    if "://" in storage:
+        return "/".join([storage.rstrip("/"), *parts])
+    return str(Path(storage, *parts))
+
+
+def run_trial(params: dict[str, Any], *, study: Study, storage: str) -> None:
+    """Tune function trainable: build and fit the trial's Ray Train run."""
+    import ray.train
+    import ray.tune
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    params = dict(params)
+    seed = int(params.pop(SEED_KEY, study.seeds[0]))
+    cfg = study.train_config(params, seed)
+    r = study.resources
+    bad = {m: (0.0 if mode == "max" else float("inf")) for m, mode in zip(study.metrics, study.modes, strict=True)}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": cfg.to_dict(), "eval": study.eval, "cpus_per_worker": r.cpus_per_worker,
+                           "sync_batchnorm": r.sync_batchnorm, "objective_defaults": bad},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=r.workers, use_gpu=r.gpus_per_worker > 0,
+            resources_per_worker={"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker}
+                                                                if r.gpus_per_worker > 0 else {})}),
+        run_config=ray.train.RunConfig(
+            # The same name across trial restarts: the Train run resumes from its last checkpoint.
+            name=f"train-{ray.tune.get_context().get_trial_id()}",
+            storage_path=_join(storage, study.name, "train_runs"),
+            failure_config=ray.train.FailureConfig(max_failures=study.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    trainer.fit()
+
+
+# --------------------------------------------------------------------------- studies
+
+
+def _searcher(study: Study) -> Any:
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    seed = study.seeds[0]
+    sampler = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed),
+               "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
+               "random": lambda: optuna.samplers.RandomSampler(seed=seed)}[study.sampler]()
+    metric: Any = list(study.metrics) if study.multi_objective else study.metrics[0]
+    mode: Any = list(study.modes) if study.multi_objective else study.modes[0]
+    points = [study.default_point()] if study.defaults_first and study.space else None
+    return OptunaSearch(space=lambda trial: _define_by_run(study, trial), metric=metric, mode=mode,
+                        sampler=sampler, points_to_evaluate=points)
+
+
+def _define_by_run(study: Study, trial: Any) -> None:
+    study.sample(trial)  # suggestions are recorded on the Optuna trial; Tune turns them into config
+
+
+def _scheduler(study: Study) -> Any:
+    if study.scheduler["type"] != "asha":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    epochs = study.train_config({}, study.seeds[0]).optim.epochs
+    # stop_last_trials=False: a trial that reaches the last epoch must still run its final evaluation.
+    return ASHAScheduler(metric=study.scheduler["metric"], mode=study.scheduler["mode"], time_attr="epoch",
+                         max_t=epochs, grace_period=study.scheduler["grace_period"],
+                         reduction_factor=study.scheduler["reduction_factor"], stop_last_trials=False)
+
+
+def build_tuner(study: Study, *, storage: str, smoke_test: bool = False, resume: bool = False,
+                max_concurrent: int) -> Any:
+    from ray import tune
+
+    if smoke_test:
+        study = _smoke(study)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, study=study, storage=storage),
+                                    {"CPU": study.resources.trial_cpus})
+    name = study.name
+    path = _join(storage, name)
+    if resume:
+        if not tune.Tuner.can_restore(path):
+            raise FileNotFoundError(f"no study to resume at {path}; run it first without --resume")
+        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                  restart_errored=False)
+    run_config = tune.RunConfig(name=name, storage_path=storage, verbose=1,
+                                failure_config=tune.FailureConfig(max_failures=study.max_failures))
+    if study.kind == "ablation":
+        param_space = {**{k: tune.grid_search(list(v)) for k, v in study.grid.items()},
+                       SEED_KEY: tune.grid_search(list(study.seeds))}
+        tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=max_concurrent)
+    else:
+        param_space = {SEED_KEY: study.seeds[0]}
+        tune_config = tune.TuneConfig(search_alg=_searcher(study), scheduler=_scheduler(study),
+                                      num_samples=study.num_samples, max_concurrent_trials=max_concurrent)
+    return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
+
+
+def _smoke(study: Study) -> Study:
+    """One epoch on a few batches, two trials: checks a study file end to end in a minute."""
+    from dataclasses import replace
+
+    base = dict(study.base_train)
+    base["optim"] = {**base["optim"], "epochs": 1}
+    base["data"] = {**base["data"], "train_limit": 4 * base["data"]["batch_size"]}
+    base["eval"] = {**base["eval"], "max_examples": 64}
+    ev = {**study.eval, "n_examples": 64, "autoattack": None, "square_queries": 20}
+    return replace(study, base_train=base, num_samples=min(2, study.num_samples), eval=ev,
+                   seeds=study.seeds[:1] if study.kind == "sweep" else study.seeds[:1])
+
+
+def run_study(study: Study, *, address: str | None = None, storage: str | None = None, resume: bool = False,
+              smoke_test: bool = False, num_cpus: int | None = None) -> dict[str, Any]:
+    """Run a sweep or an ablation to the end; return its summary (also written as JSON)."""
+    storage = storage or str(Path("runs/studies").resolve())
+    if "://" not in storage:
+        Path(storage).mkdir(parents=True, exist_ok=True)
+        storage = str(Path(storage).resolve())
+    init_ray(address, num_cpus=num_cpus)
+    fits = check_resources(study, alive_nodes())
+    max_concurrent = min(fits, study.max_concurrent) if study.max_concurrent else fits
+    t0 = time.perf_counter()
+    tuner = build_tuner(study, storage=storage, smoke_test=smoke_test, resume=resume, max_concurrent=max_concurrent)
+    results = tuner.fit()
+    wall = time.perf_counter() - t0
+    summary = summarize(study, results, wall_s=wall, storage=storage)
+    out = Path(summary["study_dir"]) if "://" not in storage else Path("runs/studies") / study.name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    if study.kind == "ablation":
+        write_ablation_tables(summary["trials"], study, out)
+    return summary
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+def _trial_rows(results: Any, study: Study) -> list[dict[str, Any]]:
+    rows = []
+    for res in results:
+        metrics = dict(res.metrics or {})
+        cfg = dict(res.config or {})
+        final = [m for m in (res.metrics_dataframe.to_dict("records") if res.metrics_dataframe is not None else [])]
+        epochs = [m for m in final if m.get("epoch_time_s") is not None and not _nan(m.get("epoch_time_s"))]
+        last_final = next((m for m in reversed(final) if m.get("final") == 1), None)
+        status = "error" if res.error else ("diverged" if metrics.get(DIVERGED) == 1 else
+                                             "finished" if last_final is not None else "stopped")
+        row = {"trial_id": metrics.get("trial_id") or Path(res.path).name, "status": status,
+               "params": {k: v for k, v in cfg.items()},
+               "checkpoint": metrics.get("checkpoint_path") or _last(final, "checkpoint_path"),
+               "epochs_run": len(epochs),
+               "train_time_s": sum(m["epoch_time_s"] for m in epochs),
+               "time_per_epoch_s": (sum(m["epoch_time_s"] for m in epochs) / len(epochs)) if epochs else None,
+               "trial_dir": res.path}
+        if status == "diverged":
+            row["diverged_epoch"] = metrics.get("diverged_epoch")
+        if last_final is not None:
+            for k, v in last_final.items():
+                if k in ("clean_acc", "robust_acc_worst", "autoattack_acc", "masked_metrics") or \
+                        k.startswith("acc_") or k.startswith("check_"):
+                    row[k] = v
+        last_epoch = epochs[-1] if epochs else {}
+        for k in ("val_clean_acc", "val_robust_acc", "val_pgd_acc_final"):
+            if k in last_epoch:
+                row[k] = last_epoch[k]
+        rows.append(row)
+    return rows
+
+
+def _nan(v: Any) -> bool:
+    return isinstance(v, float) and math.isnan(v)
+
+
+def _last(records: list[dict[str, Any]], key: str) -> Any:
+    for m in reversed(records):
+        v = m.get(key)
+        if v is not None and not _nan(v):
+            return v
+    return None
+
+
+def summarize(study: Study, results: Any, *, wall_s: float, storage: str) -> dict[str, Any]:
+    rows = _trial_rows(results, study)
+    metric, mode = study.metrics[0], study.modes[0]
+    scored = [r for r in rows if r["status"] == "finished" and r.get(metric) is not None]
+    best: list[dict[str, Any]] = []
+    if study.multi_objective:
+        best = pareto_front(scored, study.metrics, study.modes)
+    elif scored:
+        best = [max(scored, key=lambda r: r[metric] if mode == "max" else -r[metric])]
+    train_total = sum(r["train_time_s"] for r in rows)
+    return {"study": study.name, "kind": study.kind, "study_file": str(study.path),
+            "study_dir": str(Path(storage) / study.name), "objective": dict(zip(study.metrics, study.modes,
+                                                                                 strict=True)),
+            "wall_time_s": wall_s, "trial_train_time_s": train_total,
+            "overhead_share": (1 - train_total / wall_s) if wall_s > 0 else None,
+            "n_trials": len(rows), "status_counts": {s: sum(r["status"] == s for r in rows)
+                                                      for s in ("finished", "stopped", "diverged", "error")},
+            "best": best, "trials": rows}
+
+
+def pareto_front(rows: list[dict[str, Any]], metrics: Sequence[str], modes: Sequence[str]) -> list[dict[str, Any]]:
+    """Rows that no other row dominates (at least as good everywhere, better somewhere)."""
+    def key(r: dict[str, Any]) -> list[float]:
+        return [r[m] if mode == "max" else -r[m] for m, mode in zip(metrics, modes, strict=True)]
+
+    front = []
+    for r in rows:
+        kr = key(r)
+        dominated = any(all(a >= b for a, b in zip(key(o), kr, strict=True)) and key(o) != kr for o in rows)
+        if not dominated:
+            front.append(r)
+    return front
+
+
+TABLE_COLUMNS = ("clean_acc", "robust_acc_worst", "autoattack_acc", "time_per_epoch_s")
+
+
+def ablation_table(rows: list[dict[str, Any]], study: Study) -> list[dict[str, Any]]:
+    """One row per configuration: mean and std over seeds of clean, robust, AutoAttack accuracy and
+    time per epoch (paper Tables VIII and IX)."""
+    keys = list(study.grid)
+    table = []
+    for point in study.grid_points():
+        group = [r for r in rows if all(r["params"].get(k) == v for k, v in point.items())]
+        row: dict[str, Any] = dict(point)
+        row["seeds"] = len(group)
+        row["finished"] = sum(r["status"] == "finished" for r in group)
+        for col in TABLE_COLUMNS:
+            vals = [r[col] for r in group if isinstance(r.get(col), (int, float)) and not _nan(r.get(col))]
+            row[f"{col}_mean"] = statistics.fmean(vals) if vals else None
+            row[f"{col}_std"] = statistics.stdev(vals) if len(vals) > 1 else (0.0 if vals else None)
+        table.append(row)
+    assert all(set(keys) <= set(r) for r in table)
+    return table
+
+
+def write_ablation_tables(rows: list[dict[str, Any]], study: Study, out: Path) -> tuple[Path, Path]:
+    table = ablation_table(rows, study)
+    keys = list(study.grid)
+    header = keys + ["seeds"] + [f"{c}_{s}" for c in TABLE_COLUMNS for s in ("mean", "std")]
+    csv_path, md_path = out / "ablation.csv", out / "ablation.md"
+    with open(csv_path, "w") as f:
+        f.write(",".join(header) + "\n")
+        for r in table:
+            f.write(",".join("" if r.get(h) is None else str(r[h]) for h in header) + "\n")
+
+    def fmt(r: dict[str, Any], col: str) -> str:
+        m, s = r.get(f"{col}_mean"), r.get(f"{col}_std")
+        if m is None:
+            return "n/a"
+        if col.endswith("acc"):
+            return f"{100 * m:.2f} ± {100 * (s or 0):.2f}"
+        return f"{m:.2f} ± {s or 0:.2f}"
+
+    names = {"clean_acc": "Clean (%)", "robust_acc_worst": "Robust, worst case (%)",
+             "autoattack_acc": "AutoAttack (%)", "time_per_epoch_s": "Time/epoch (s)"}
+    lines = ["| " + " | ".join(keys + ["seeds"] + [names[c] for c in TABLE_COLUMNS]) + " |",
+             "|" + "---|" * (len(keys) + 1 + len(TABLE_COLUMNS))]
+    for r in table:
+        lines.append("| " + " | ".join([str(r[k]) for k in keys] + [str(r["seeds"])] +
+                                       [fmt(r, c) for c in TABLE_COLUMNS]) + " |")
+    md_path.write_text(f"# {study.name}: mean ± std over seeds {list(study.seeds)}\n\n" + "\n".join(lines) + "\n")
+    return csv_path, md_path

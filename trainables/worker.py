@@ -1,0 +1,130 @@
+"""The Ray Train worker loop: the core Trainer under DDP, with Ray touch points marked.
+
+Each worker builds the same model (same seed), wraps it in DDP (gloo on CPU, NCCL on GPU),
+reads its shard of every global batch, and reports per-epoch metrics through
+``ray.train.report``; rank 0 attaches the epoch's checkpoint. A restarted worker group
+resumes from the latest reported checkpoint. After the last epoch rank 0 runs the quick
+robustness evaluation on the validation split and reports it as the trial's final result.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ancra_tune.config import TrainConfig
+from ancra_tune.distributed import convert_sync_batchnorm
+from ancra_tune.trainer import CHECKPOINT_NAME, Callback, DivergedError, Trainer
+
+DIVERGED = "diverged"
+
+
+class RayReport(Callback):
+    """Ray touch point: every worker reports each epoch; rank 0 attaches its checkpoint."""
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float],
+                     checkpoint: Path | None) -> None:
+        import ray.train
+
+        m = {**metrics, "epoch": epoch + 1, DIVERGED: 0}
+        if checkpoint is None:
+            ray.train.report(m)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            shutil.copy2(checkpoint, Path(d) / CHECKPOINT_NAME)
+            ray.train.report(m, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _threads(cpus_per_worker: float) -> int:
+    # One intra-op thread per CPU the worker was given: several workers share the cores.
+    return max(1, int(math.floor(cpus_per_worker)))
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point. ``config``: {"train": TrainConfig dict, "eval": SuiteConfig overrides,
+    "cpus_per_worker": float, "sync_batchnorm": bool, "objective_defaults": {metric: value}}."""
+    import ray.train
+    import ray.train.torch
+
+    torch.set_num_threads(_threads(config.get("cpus_per_worker", 1.0)))
+    cfg = TrainConfig.from_dict(config["train"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()  # the worker's GPU, or CPU
+
+    def wrap(model: torch.nn.Module) -> torch.nn.Module:
+        if world == 1:
+            return model
+        if config.get("sync_batchnorm", True):
+            # In place: the trainer's model and the DDP module are one object, so checkpoints,
+            # attacks and validation all see the synchronised layers.
+            convert_sync_batchnorm(model)
+        ids = [device.index] if device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    out_dir = Path(tempfile.mkdtemp(prefix=f"ancra-rank{rank}-"))
+    cfg = cfg.replace(progress=False)
+    trainer = Trainer(cfg, device=device, rank=rank, world_size=world, out_dir=out_dir, wrap_model=wrap,
+                      callbacks=[RayReport()])
+    checkpoint = ray.train.get_checkpoint()  # set when the worker group restarts after a failure
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            trainer.resume(Path(d) / CHECKPOINT_NAME)
+    try:
+        trainer.fit()
+    except DivergedError as e:
+        # Every worker raises at the same step (a collective check): report and end cleanly, so
+        # the trial ends as `diverged` instead of being retried.
+        ray.train.report({DIVERGED: 1, "diverged_epoch": e.epoch + 1, "diverged_step": e.step,
+                          **config.get("objective_defaults", {})})
+        return
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+    final: dict[str, Any] = {}
+    if rank == 0:
+        final = evaluate_trial(trainer, config.get("eval", {}))
+    ray.train.report({**final, DIVERGED: 0, "final": 1})
+
+
+def evaluate_trial(trainer: Trainer, eval_overrides: dict[str, Any]) -> dict[str, float]:
+    """The quick robustness suite on the validation split: the numbers trials are compared by."""
+    from ancra_tune.robustness import SuiteConfig, build_report, evaluate_model, seeded_subset, summary_metrics
+
+    ev = dict(eval_overrides)
+    preset = ev.pop("preset", "quick")
+    ev.setdefault("eps", trainer.cfg.attack.eps)
+    ev.setdefault("features", False)
+    suite = SuiteConfig.preset_config(preset, **ev)
+    val = trainer.splits.val
+    idx = seeded_subset(len(val), suite.n_examples, suite.seed)
+    x, y = val.images[idx].float().div(255.0), val.labels[idx]
+    model = trainer.model.eval()
+    results = evaluate_model(model, x, y, suite, progress=False)
+    report = build_report(results, suite, ra=model.ra, n_classes=trainer.splits.info.num_classes,
+                          has_source=False)
+    out = summary_metrics(report)
+    if report["autoattack_acc"] is not None:
+        out["autoattack_acc"] = report["autoattack_acc"]
+    out["masked_metrics"] = ",".join(report["masked_metrics"])  # type: ignore[assignment]
+    out["eval_n_examples"] = float(report["n_examples"])
+    for c in report["checks"]:
+        if c["passed"] is not None:
+            out[f"check_{c['name']}"] = float(c["passed"])
+    mean_epoch = [h["epoch_time_s"] for h in trainer.history if "epoch_time_s" in h]
+    if mean_epoch:
+        out["epoch_time_s_mean"] = sum(mean_epoch) / len(mean_epoch)
+    out["train_time_s"] = float(sum(mean_epoch))
+    return out
+
+
+def worker_env() -> dict[str, str]:
+    """Environment for Ray workers: no telemetry, no network."""
+    return {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
