@@ -28,7 +28,7 @@ from .attacks import bn_mode, pgd
 from .checkpoint import build_model, data_info_to_dict, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import BatchLoader, DataSplits, epoch_generator, load_dataset
-from .distributed import all_true
+from .distributed import all_true, is_distributed
 from .evaluate import clean_accuracy, pgd_correct
 from .losses import ancra_loss
 from .models import ModelOutput, unwrap
@@ -261,6 +261,11 @@ class Trainer:
                 if hasattr(bar, "set_postfix"):
                     bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.2g}")
         elapsed = time.perf_counter() - t0
+        if is_distributed() and sums:  # report the global batch's numbers, not one shard's
+            keys = sorted(sums)
+            stacked = torch.stack([sums[k].float() for k in keys])
+            torch.distributed.all_reduce(stacked)
+            sums = dict(zip(keys, stacked / self.world_size, strict=True))
         means = {k: v.item() / max(1, steps) for k, v in sums.items()}
         if not all_true(math.isfinite(means.get("loss", 0.0)), self.device):
             raise DivergedError(epoch, steps - 1, means.get("loss", float("nan")))

@@ -246,7 +246,8 @@ def load_study(path: str | Path) -> Study:
     if resources.workers < 1:
         raise _err(p, "resources.workers", f"must be >= 1, got {resources.workers}")
     if resources.trial_cpus <= 0:
-        raise _err(p, "resources.trial_cpus", f"must be > 0 (Ray refuses a trial of 0 CPUs), got {resources.trial_cpus}")
+        raise _err(p, "resources.trial_cpus",
+                   f"must be > 0 (Ray refuses a trial of 0 CPUs), got {resources.trial_cpus}")
     if resources.cpus_per_worker < 0 or resources.gpus_per_worker < 0:
         raise _err(p, "resources", "cpus_per_worker and gpus_per_worker must be >= 0")
     if merged.data.batch_size % resources.workers:

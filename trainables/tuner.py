@@ -8,6 +8,7 @@ with ASHA; ablations run a full grid x seeds and write a summary table.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -17,6 +18,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from ray.tune.search.optuna import OptunaSearch
 
 from .study import Study
 from .worker import DIVERGED, train_loop_per_worker, worker_env
@@ -38,6 +41,9 @@ def init_ray(address: str | None, *, num_cpus: int | None = None, num_gpus: int 
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Per-epoch results carry the scheduler's metric; the searcher's objective arrives with the
+    # trial's final evaluation, so Tune must not insist on it in every result.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     if ray.is_initialized():
         return
     runtime_env = {"env_vars": worker_env()}
@@ -125,9 +131,18 @@ def run_trial(params: dict[str, Any], *, study: Study, storage: str) -> None:
 # --------------------------------------------------------------------------- studies
 
 
+class FinalObjectiveOptunaSearch(OptunaSearch):
+    """OptunaSearch that tells Optuna the objective once, from the trial's final evaluation;
+    per-epoch results (without it) are for the scheduler only."""
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+        if all(m in result for m in metrics):
+            super().on_trial_result(trial_id, result)
+
+
 def _searcher(study: Study) -> Any:
     import optuna
-    from ray.tune.search.optuna import OptunaSearch
 
     seed = study.seeds[0]
     sampler = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed),
@@ -136,11 +151,12 @@ def _searcher(study: Study) -> Any:
     metric: Any = list(study.metrics) if study.multi_objective else study.metrics[0]
     mode: Any = list(study.modes) if study.multi_objective else study.modes[0]
     points = [study.default_point()] if study.defaults_first and study.space else None
-    return OptunaSearch(space=lambda trial: _define_by_run(study, trial), metric=metric, mode=mode,
+    # A partial (not a lambda): Tune pickles the searcher with the study state.
+    return FinalObjectiveOptunaSearch(space=functools.partial(_define_by_run, study), metric=metric, mode=mode,
                         sampler=sampler, points_to_evaluate=points)
 
 
-def _define_by_run(study: Study, trial: Any) -> None:
+def _define_by_run(study: Study, trial: Any) -> None:  # noqa: D401
     study.sample(trial)  # suggestions are recorded on the Optuna trial; Tune turns them into config
 
 

@@ -87,9 +87,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
 
+    if config.get("eval") is None:  # no end-of-trial evaluation asked for
+        return
     final: dict[str, Any] = {}
     if rank == 0:
-        final = evaluate_trial(trainer, config.get("eval", {}))
+        final = evaluate_trial(trainer, config["eval"])
     ray.train.report({**final, DIVERGED: 0, "final": 1})
 
 

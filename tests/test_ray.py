@@ -1,0 +1,209 @@
+"""Ray Train and Ray Tune for real: a local multi-process Ray instance with 2 CPUs.
+
+Marked ``ray``; CI runs these on its CPUs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.ray
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "search_spaces" / "quickstart.yaml"
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    from trainables.tuner import init_ray
+
+    init_ray(None, num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+def _study_file(tmp_path: Path, text: str, name: str = "study.yaml") -> Path:
+    f = tmp_path / name
+    f.write_text(text)
+    return f
+
+
+def _results(trial_dir: str | Path) -> list[dict]:
+    p = Path(trial_dir) / "result.json"
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
+
+
+def test_quickstart_study_end_to_end(ray_local, tmp_path: Path) -> None:
+    """>= 3 trials of 2 Train workers; ASHA stops one; every sample respects the conditional space."""
+    from trainables.study import load_study
+    from trainables.tuner import run_study
+
+    study = load_study(QUICKSTART)
+    assert study.resources.workers == 2 and study.num_samples >= 3
+    summary = run_study(study, storage=str(tmp_path / "studies"))
+    trials = summary["trials"]
+    assert len(trials) == study.num_samples
+    assert summary["status_counts"]["stopped"] >= 1, summary["status_counts"]
+    assert summary["status_counts"]["finished"] >= 1
+    first = min(trials, key=lambda t: t["trial_dir"])
+    for t in trials:
+        params = {k: v for k, v in t["params"].items() if k != "seed"}
+        assert study.is_valid_point(params), params
+        results = _results(t["trial_dir"])
+        epochs = [r["epoch"] for r in results if r.get("epoch") is not None and "final" not in r]
+        assert epochs == list(range(1, len(epochs) + 1))  # each epoch reported once, in order
+        if t["status"] == "finished":
+            assert len(epochs) == 4 and sum(r.get("final") == 1 for r in results) == 1
+            assert 0 <= t["robust_acc_worst"] <= t["clean_acc"] <= 1
+            assert Path(t["checkpoint"], "checkpoint.pt").is_file()
+        else:
+            assert len(epochs) < 4
+    # The paper's defaults went first.
+    assert {k: v for k, v in first["params"].items() if k != "seed"} == study.default_point()
+    best = summary["best"][0]
+    assert best["status"] == "finished"
+    assert best["robust_acc_worst"] == max(t["robust_acc_worst"] for t in trials if t["status"] == "finished")
+    assert Path(summary["study_dir"], "summary.json").is_file()
+
+
+def test_two_workers_reproduce_one_workers_first_step(ray_local, tmp_path: Path) -> None:
+    """DDP with half the batch each (and synchronised BatchNorm) = one worker with the whole batch."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from ancra_tune.checkpoint import load_checkpoint
+    from ancra_tune.config import TrainConfig
+    from ancra_tune.trainer import Trainer
+    from trainables.worker import train_loop_per_worker
+
+    cfg = TrainConfig.from_dict({
+        "data.dataset": "digits", "data.batch_size": 64, "data.train_limit": 64, "data.val_size": 0.1,
+        "model.name": "small_cnn", "method.anc": False, "attack.init": "none", "attack.eps": 0.2,
+        "attack.step_size": 0.05, "attack.steps": 3, "eval.pgd_steps": 0, "optim.epochs": 1, "optim.lr": 0.05,
+        "progress": False, "out_dir": str(tmp_path / "single")})
+    single = Trainer(cfg)
+    init = {k: v.clone() for k, v in single.model.state_dict().items()}
+    single_metrics = single.fit()
+
+    results = {}
+    for workers in (1, 2):
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"train": cfg.to_dict(), "eval": None, "cpus_per_worker": 0.5, "sync_batchnorm": True},
+            scaling_config=ray.train.ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 0.5}),
+            run_config=ray.train.RunConfig(name=f"ddp{workers}", storage_path=str(tmp_path / "ray")))
+        res = trainer.fit()
+        with res.checkpoint.as_directory() as d:
+            results[workers] = (res.metrics, load_checkpoint(Path(d) / "checkpoint.pt")["model"])
+    for workers, (metrics, weights) in results.items():
+        assert metrics["loss"] == pytest.approx(single_metrics["loss"], rel=1e-5), workers
+        for k, v in single.model.state_dict().items():
+            torch.testing.assert_close(weights[k], v, rtol=1e-4, atol=1e-5, msg=f"{workers} workers: {k}")
+    # And one step really moved the weights.
+    assert not torch.equal(init["fc.weight"], results[2][1]["fc.weight"])
+
+
+def test_infeasible_request_fails_fast(ray_local, tmp_path: Path) -> None:
+    from trainables.study import load_study
+    from trainables.tuner import InfeasibleResourcesError, run_study
+
+    f = _study_file(tmp_path, "base: quickstart\nresources: {workers: 2, cpus_per_worker: 4, trial_cpus: 1}\n")
+    t = time.perf_counter()
+    with pytest.raises(InfeasibleResourcesError) as e:
+        run_study(load_study(f), storage=str(tmp_path / "s"))
+    assert time.perf_counter() - t < 10
+    assert "9 CPU" in str(e.value) and "2 CPU" in str(e.value)
+
+
+ABLATION = """
+name: lr_ablation
+kind: ablation
+base: quickstart
+train: {optim.epochs: 2, data.train_limit: 256, attack.steps: 3, eval.pgd_steps: 3, eval.max_examples: 64,
+        model.ra: false}
+resources: {workers: 1, cpus_per_worker: 0.5, trial_cpus: 0.5}
+eval: {preset: quick, n_examples: 64, autoattack: null, square_queries: 20}
+ablation:
+  grid:
+    optim.lr: [0.05, 1.0e+12]
+seeds: [0, 1]
+"""
+
+
+def test_ablation_table_and_a_diverging_trial(ray_local, tmp_path: Path) -> None:
+    """lr = 1e12 diverges: reported as such with its epoch, while the other trials finish."""
+    from trainables.study import load_study
+    from trainables.tuner import run_study
+
+    study = load_study(_study_file(tmp_path, ABLATION))
+    summary = run_study(study, storage=str(tmp_path / "studies"))
+    trials = summary["trials"]
+    assert len(trials) == 4
+    for t in trials:
+        if t["params"]["optim.lr"] > 1:
+            assert t["status"] == "diverged" and t["diverged_epoch"] == 1
+        else:
+            assert t["status"] == "finished" and t["robust_acc_worst"] is not None
+    out = Path(summary["study_dir"])
+    csv = (out / "ablation.csv").read_text().splitlines()
+    assert csv[0].split(",")[:2] == ["optim.lr", "seeds"]
+    assert "clean_acc_mean" in csv[0] and "robust_acc_worst_std" in csv[0] and "autoattack_acc_mean" in csv[0]
+    assert "time_per_epoch_s_mean" in csv[0]
+    assert len(csv) == 1 + 2  # header + one row per configuration
+    md = (out / "ablation.md").read_text()
+    assert "| optim.lr | seeds | Clean (%) | Robust, worst case (%) | AutoAttack (%) | Time/epoch (s) |" in md
+    assert md.count("\n| ") == 3
+
+
+def test_interrupted_study_resumes_each_trial_once(ray_local, tmp_path: Path) -> None:
+    """Interrupt a study (SIGINT) after its first trial ends; --resume finishes the rest only."""
+    import ray
+
+    ray.shutdown()  # the CLI process starts its own Ray
+    try:
+        f = _study_file(tmp_path, ABLATION.replace("lr_ablation", "resume_me")
+                        .replace("[0.05, 1.0e+12]", "[0.05, 0.02]").replace("seeds: [0, 1]", "seeds: [0]"))
+        storage = tmp_path / "studies"
+        cmd = [sys.executable, "-m", "ancra_tune.cli", "ablate", str(f), "--storage", str(storage),
+               "--num-cpus", "1"]  # one trial at a time
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        study_dir = storage / "resume_me"
+        deadline = time.time() + 400
+        done_before: dict[str, float] = {}
+        while time.time() < deadline and not done_before:
+            time.sleep(2)
+            for td in study_dir.glob("run_trial_*"):
+                if any(r.get("final") == 1 for r in _results(td)):
+                    done_before[td.name] = (td / "result.json").stat().st_mtime
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        assert done_before, "no trial finished in time"
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=120)
+        out = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        trial_dirs = sorted(study_dir.glob("run_trial_*"))
+        assert len(trial_dirs) == 2
+        for td in trial_dirs:
+            finals = [r for r in _results(td) if r.get("final") == 1]
+            assert len(finals) == 1, td.name  # each trial ran to its end exactly once
+        for name, mtime in done_before.items():  # finished trials were not run again
+            assert (study_dir / name / "result.json").stat().st_mtime == mtime
+        summary = json.loads((study_dir / "summary.json").read_text())
+        assert summary["status_counts"]["finished"] == 2
+    finally:
+        from trainables.tuner import init_ray
+
+        init_ray(None, num_cpus=2)

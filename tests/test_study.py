@@ -1,0 +1,131 @@
+"""Study files: validation, the conditional space, resources, summaries (no Ray needed)."""
+
+from pathlib import Path
+
+import optuna
+import pytest
+
+from trainables.study import StudyError, load_study
+from trainables.tuner import InfeasibleResourcesError, ablation_table, check_resources, pareto_front
+
+ROOT = Path(__file__).resolve().parents[1]
+SPACES = ROOT / "search_spaces"
+
+
+@pytest.mark.parametrize("name", ["quickstart", "paper_cifar10_resnet18", "hparams", "negatives", "components"])
+def test_shipped_studies_load(name: str) -> None:
+    s = load_study(SPACES / f"{name}.yaml")
+    assert s.name == name
+    if s.kind == "ablation":
+        assert s.grid_points() and len(s.seeds) >= 3
+
+
+def test_components_and_negatives_are_the_papers_tables() -> None:
+    comp = load_study(SPACES / "components.yaml")
+    assert len(comp.grid_points()) == 3 * 2 * 2  # base loss x ANC x RA (Table VIII)
+    neg = load_study(SPACES / "negatives.yaml")
+    assert {p["method.negatives"] for p in neg.grid_points()} == {"random", "soft", "hard"}
+    assert {p["method.targeted"] for p in neg.grid_points()} == {False, True}  # Table IX
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    f = tmp_path / "study.yaml"
+    f.write_text(text)
+    return f
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ("kind: sweeep\n", ["kind", "sweeep", "sweep, ablation"]),
+    ("resourcez: {}\n", ["top level", "resourcez", "resources"]),
+    ("resources: {gpus: 1}\n", ["resources", "gpus", "gpus_per_worker"]),
+    ("resources: {trial_cpus: 0}\n", ["resources.trial_cpus", "> 0"]),
+    ("train: {method.alpha: 2}\n", ["train", "method.alpha", "[0, 1]"]),
+    ("search: {space: {method.alhpa: {low: 0, high: 1}}}\n", ["search.space.method.alhpa", "method.alpha"]),
+    ("search: {space: {method.zeta: {low: 2, high: 1}}}\n", ["search.space.method.zeta", "low < high"]),
+    ("search: {sampler: cmaes}\n", ["search.sampler", "tpe, nsga2, random"]),
+    ("objective: {metric: a, mode: maximize}\n", ["objective.mode", "max, min"]),
+    ("kind: ablation\n", ["ablation.grid"]),
+    ("kind: ablation\nablation: {grid: {method.negatives: [random, nearest]}}\n", ["method.negatives", "nearest"]),
+    ("resources: {workers: 3}\ntrain: {data.batch_size: 128}\n", ["resources.workers", "divisible"]),
+])
+def test_bad_study_names_file_key_and_allowed(tmp_path: Path, text: str, words: list[str]) -> None:
+    f = _write(tmp_path, text)
+    with pytest.raises(StudyError) as e:
+        load_study(f)
+    assert str(f) in str(e.value)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
+def test_conditional_space_define_by_run() -> None:
+    s = load_study(SPACES / "quickstart.yaml")
+    assert s.default_point() == {"method.anc": True, "method.alpha": 1.0, "method.zeta": 3.0, "model.ra": True,
+                                 "method.gamma": 2.0}
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen_anc = set()
+    for _ in range(40):
+        trial = study.ask()
+        point = s.sample(trial)
+        assert point == trial.params
+        assert s.is_valid_point(point)
+        assert ("method.alpha" in point) == point["method.anc"] == ("method.zeta" in point)
+        assert ("method.gamma" in point) == point["model.ra"]
+        seen_anc.add(point["method.anc"])
+        study.tell(trial, 0.0)
+    assert seen_anc == {True, False}
+    assert not s.is_valid_point({"method.anc": False, "method.alpha": 0.5, "model.ra": False})
+    cfg = s.train_config({"method.anc": False, "model.ra": False}, seed=3)
+    assert (cfg.method.anc, cfg.model.ra, cfg.seed, cfg.data.dataset) == (False, False, 3, "digits")
+
+
+def test_infeasible_resources_fail_with_what_was_asked(tmp_path: Path) -> None:
+    s = load_study(_write(tmp_path, "resources: {workers: 2, cpus_per_worker: 4, trial_cpus: 1}\n"
+                                    "train: {data.batch_size: 64}\n"))
+    with pytest.raises(InfeasibleResourcesError) as e:
+        check_resources(s, [{"CPU": 2.0}])
+    msg = str(e.value)
+    assert "2 worker(s) x (4 CPU, 0 GPU)" in msg and "9 CPU" in msg and "node 0: 2 CPU" in msg
+    gpu = load_study(_write(tmp_path, "resources: {workers: 1, cpus_per_worker: 1, gpus_per_worker: 1}\n"))
+    with pytest.raises(InfeasibleResourcesError, match="0 GPU"):
+        check_resources(gpu, [{"CPU": 16.0}])
+    # A 2-CPU laptop runs 1.5-CPU trials one at a time; a GPU cluster fits one trial per GPU.
+    assert check_resources(load_study(SPACES / "quickstart.yaml"), [{"CPU": 2.0}]) == 1
+    assert check_resources(load_study(SPACES / "negatives.yaml"), [{"CPU": 8, "GPU": 1}] * 4) == 4
+    assert check_resources(load_study(SPACES / "hparams.yaml"), [{"CPU": 48, "GPU": 4}]) == 8
+
+
+def test_ablation_table_rows_are_configurations() -> None:
+    s = load_study(SPACES / "components.yaml")
+    rows = []
+    for i, point in enumerate(s.grid_points()):
+        for seed in s.seeds:
+            rows.append({"params": {**point, "seed": seed}, "status": "finished", "clean_acc": 0.5 + 0.01 * seed,
+                         "robust_acc_worst": 0.2 + 0.01 * i, "autoattack_acc": None, "time_per_epoch_s": 10.0})
+    table = ablation_table(rows, s)
+    assert len(table) == 12
+    r = table[0]
+    assert r["seeds"] == 3 and r["clean_acc_mean"] == pytest.approx(0.51) and r["clean_acc_std"] == pytest.approx(0.01)
+    assert r["robust_acc_worst_std"] == 0.0 and r["autoattack_acc_mean"] is None
+    assert {"method.base_loss", "method.anc", "model.ra", "time_per_epoch_s_mean"} <= set(r)
+
+
+def test_pareto_front() -> None:
+    rows = [{"a": 0.9, "b": 0.1}, {"a": 0.5, "b": 0.5}, {"a": 0.4, "b": 0.4}, {"a": 0.1, "b": 0.9}]
+    front = pareto_front(rows, ["a", "b"], ["max", "max"])
+    assert front == [rows[0], rows[1], rows[3]]
+
+
+def test_multi_objective_uses_nsga2_and_no_asha(tmp_path: Path) -> None:
+    from trainables.tuner import FinalObjectiveOptunaSearch, _scheduler, _searcher
+
+    f = _write(tmp_path, "base: quickstart\nobjective: {metrics: [clean_acc, robust_acc_worst], modes: [max, max]}\n"
+                         "search: {space: {method.zeta: {low: 1, high: 4}}}\n")
+    s = load_study(f)
+    assert s.multi_objective and s.sampler == "nsga2" and s.scheduler["type"] == "none"
+    searcher = _searcher(s)
+    assert isinstance(searcher, FinalObjectiveOptunaSearch)
+    assert searcher.metric == ["clean_acc", "robust_acc_worst"]
+    assert isinstance(searcher._sampler, optuna.samplers.NSGAIISampler)
+    assert _scheduler(s) is None
+    with pytest.raises(StudyError, match="ASHA needs a single objective"):
+        load_study(_write(tmp_path, "objective: {metrics: [a, b]}\nscheduler: {type: asha}\n"))
