@@ -249,6 +249,11 @@ def flatten(cfg: TrainConfig) -> dict[str, Any]:
     return out
 
 
+def merge_config(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``overrides`` (nested or dotted keys) laid over ``base``: a nested dict for ``from_dict``."""
+    return _merge(_nest(base), _nest(overrides))
+
+
 def parse_override(item: str) -> tuple[str, Any]:
     """``"method.alpha=0.5"`` -> ``("method.alpha", 0.5)``; the value is parsed as YAML."""
     if "=" not in item:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +36,7 @@ from typing import Any
 import yaml
 
 from ancra_tune.cli import resolve_config_path
-from ancra_tune.config import ConfigError, TrainConfig, flatten, load_yaml_with_overrides
+from ancra_tune.config import ConfigError, TrainConfig, flatten, load_yaml_with_overrides, merge_config
 
 KINDS = ("sweep", "ablation")
 SAMPLERS = ("tpe", "nsga2", "random")
@@ -233,7 +232,7 @@ def load_study(path: str | Path) -> Study:
         base_path = resolve_config_path(raw["base"]) if raw.get("base") else None
         base_dict = load_yaml_with_overrides(base_path)
         # Keys given in `train` (nested or dotted) win over the base's.
-        merged = TrainConfig.from_dict({**flatten(TrainConfig.from_dict(base_dict)), **_flat_keys(train_over)})
+        merged = TrainConfig.from_dict(merge_config(base_dict, train_over))
     except ConfigError as e:
         raise StudyError(f"{p}: train: {e}") from None
     flat_base = flatten(merged)
@@ -341,18 +340,3 @@ def load_study(path: str | Path) -> Study:
         except ConfigError as e:
             raise StudyError(f"{p}: {point}: {e}") from None
     return study
-
-
-def _flat_keys(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, Mapping):
-            out.update(_flat_keys(v, key))
-        else:
-            out[key] = v
-    return out
-
-
-def finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
