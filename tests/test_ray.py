@@ -57,7 +57,8 @@ def test_quickstart_study_end_to_end(ray_local, tmp_path: Path) -> None:
     assert len(trials) == study.num_samples
     assert summary["status_counts"]["stopped"] >= 1, summary["status_counts"]
     assert summary["status_counts"]["finished"] >= 1
-    first = min(trials, key=lambda t: t["trial_dir"])
+    # Tune names trial folders run_trial_<id>_<counter>_...: the counter is the creation order.
+    first = min(trials, key=lambda t: int(Path(t["trial_dir"]).name.split("_")[3]))
     for t in trials:
         params = {k: v for k, v in t["params"].items() if k != "seed"}
         assert study.is_valid_point(params), params
@@ -182,16 +183,18 @@ def test_interrupted_study_resumes_each_trial_once(ray_local, tmp_path: Path) ->
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         study_dir = storage / "resume_me"
         deadline = time.time() + 400
-        done_before: dict[str, float] = {}
-        while time.time() < deadline and not done_before:
+        finished = False
+        while time.time() < deadline and not finished:
             time.sleep(2)
-            for td in study_dir.glob("run_trial_*"):
-                if any(r.get("final") == 1 for r in _results(td)):
-                    done_before[td.name] = (td / "result.json").stat().st_mtime
+            finished = any(any(r.get("final") == 1 for r in _results(td)) for td in study_dir.glob("run_trial_*"))
             assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-        assert done_before, "no trial finished in time"
+        assert finished, "no trial finished in time"
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=120)
+        # What the interrupted study left: the finished trials' complete result files.
+        done_before = {td.name: (td / "result.json").read_text() for td in study_dir.glob("run_trial_*")
+                       if any(r.get("final") == 1 for r in _results(td))}
+        assert 1 <= len(done_before) < 2
         out = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         trial_dirs = sorted(study_dir.glob("run_trial_*"))
@@ -199,8 +202,8 @@ def test_interrupted_study_resumes_each_trial_once(ray_local, tmp_path: Path) ->
         for td in trial_dirs:
             finals = [r for r in _results(td) if r.get("final") == 1]
             assert len(finals) == 1, td.name  # each trial ran to its end exactly once
-        for name, mtime in done_before.items():  # finished trials were not run again
-            assert (study_dir / name / "result.json").stat().st_mtime == mtime
+        for name, text in done_before.items():  # finished trials were not run again
+            assert (study_dir / name / "result.json").read_text() == text
         summary = json.loads((study_dir / "summary.json").read_text())
         assert summary["status_counts"]["finished"] == 2
     finally:

@@ -9,6 +9,7 @@ robustness evaluation on the validation split and reports it as the trial's fina
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -23,6 +24,7 @@ from ancra_tune.distributed import convert_sync_batchnorm
 from ancra_tune.trainer import CHECKPOINT_NAME, Callback, DivergedError, Trainer
 
 DIVERGED = "diverged"
+FINAL_NAME = "final.json"
 
 
 class RayReport(Callback):
@@ -72,27 +74,41 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = cfg.replace(progress=False)
     trainer = Trainer(cfg, device=device, rank=rank, world_size=world, out_dir=out_dir, wrap_model=wrap,
                       callbacks=[RayReport()])
-    checkpoint = ray.train.get_checkpoint()  # set when the worker group restarts after a failure
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            trainer.resume(Path(d) / CHECKPOINT_NAME)
     try:
-        trainer.fit()
-    except DivergedError as e:
-        # Every worker raises at the same step (a collective check): report and end cleanly, so
-        # the trial ends as `diverged` instead of being retried.
-        ray.train.report({DIVERGED: 1, "diverged_epoch": e.epoch + 1, "diverged_step": e.step,
-                          **config.get("objective_defaults", {})})
-        return
+        checkpoint = ray.train.get_checkpoint()  # set when the worker group restarts after a failure
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                if (Path(d) / FINAL_NAME).is_file():
+                    # The run had finished and reported its evaluation before an interruption:
+                    # a restored study must not train or report it again.
+                    return
+                trainer.resume(Path(d) / CHECKPOINT_NAME)
+        try:
+            trainer.fit()
+        except DivergedError as e:
+            # Every worker raises at the same step (a collective check): report and end cleanly,
+            # so the trial ends as `diverged` instead of being retried.
+            ray.train.report({DIVERGED: 1, "diverged_epoch": e.epoch + 1, "diverged_step": e.step,
+                              **config.get("objective_defaults", {})})
+            return
+        if config.get("eval") is not None:  # the end-of-trial evaluation, unless none is asked for
+            _report_final(trainer, config["eval"], rank)
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
 
-    if config.get("eval") is None:  # no end-of-trial evaluation asked for
+
+def _report_final(trainer: Trainer, eval_overrides: dict[str, Any], rank: int) -> None:
+    import ray.train
+
+    if rank != 0:
+        ray.train.report({DIVERGED: 0, "final": 1})
         return
-    final: dict[str, Any] = {}
-    if rank == 0:
-        final = evaluate_trial(trainer, config["eval"])
-    ray.train.report({**final, DIVERGED: 0, "final": 1})
+    final = {**evaluate_trial(trainer, eval_overrides), DIVERGED: 0, "final": 1}
+    # The evaluation travels with the last checkpoint: its presence marks the run as complete.
+    with tempfile.TemporaryDirectory() as d:
+        shutil.copy2(trainer.out_dir / CHECKPOINT_NAME, Path(d) / CHECKPOINT_NAME)
+        (Path(d) / FINAL_NAME).write_text(json.dumps(final))
+        ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
 def evaluate_trial(trainer: Trainer, eval_overrides: dict[str, Any]) -> dict[str, float]:
