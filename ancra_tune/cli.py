@@ -6,25 +6,10 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
-from importlib import resources
 from pathlib import Path
 
-from .config import ConfigError, TrainConfig, load_yaml_with_overrides
+from .config import PRESETS, ConfigError, TrainConfig, load_yaml_with_overrides, resolve_config_path
 from .data import DatasetUnavailableError
-
-PRESETS = ("quickstart", "paper_cifar10_resnet18", "mnist_small_cnn")
-
-
-def resolve_config_path(name: str | None) -> Path | None:
-    """A YAML path, or the name of a preset shipped with the package."""
-    if name is None:
-        return None
-    p = Path(name)
-    if p.is_file():
-        return p
-    if name in PRESETS:
-        return Path(str(resources.files("ancra_tune") / "presets" / f"{name}.yaml"))
-    raise ConfigError(f"config {name!r} is neither a file nor a preset; presets: {', '.join(PRESETS)}")
 
 
 def _train(args: argparse.Namespace) -> int:

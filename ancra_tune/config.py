@@ -18,6 +18,7 @@ import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -252,6 +253,21 @@ def flatten(cfg: TrainConfig) -> dict[str, Any]:
 def merge_config(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """``overrides`` (nested or dotted keys) laid over ``base``: a nested dict for ``from_dict``."""
     return _merge(_nest(base), _nest(overrides))
+
+
+PRESETS = ("quickstart", "paper_cifar10_resnet18", "mnist_small_cnn")
+
+
+def resolve_config_path(name: str | None) -> Path | None:
+    """A YAML path, or the name of a preset shipped with the package (``ancra_tune/presets``)."""
+    if name is None:
+        return None
+    p = Path(name)
+    if p.is_file():
+        return p
+    if name in PRESETS:
+        return Path(str(resources.files("ancra_tune") / "presets" / f"{name}.yaml"))
+    raise ConfigError(f"config {name!r} is neither a file nor a preset; presets: {', '.join(PRESETS)}")
 
 
 def parse_override(item: str) -> tuple[str, Any]:

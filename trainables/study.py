@@ -35,8 +35,14 @@ from typing import Any
 
 import yaml
 
-from ancra_tune.cli import resolve_config_path
-from ancra_tune.config import ConfigError, TrainConfig, flatten, load_yaml_with_overrides, merge_config
+from ancra_tune.config import (
+    ConfigError,
+    TrainConfig,
+    flatten,
+    load_yaml_with_overrides,
+    merge_config,
+    resolve_config_path,
+)
 
 KINDS = ("sweep", "ablation")
 SAMPLERS = ("tpe", "nsga2", "random")

@@ -107,11 +107,12 @@ def run_trial(params: dict[str, Any], *, study: Study, storage: str) -> None:
     seed = int(params.pop(SEED_KEY, study.seeds[0]))
     cfg = study.train_config(params, seed)
     r = study.resources
-    bad = {m: (0.0 if mode == "max" else float("inf")) for m, mode in zip(study.metrics, study.modes, strict=True)}
+    # What a diverged trial scores: the worst value, so Optuna learns to avoid its region.
+    worst = {m: (0.0 if mode == "max" else float("inf")) for m, mode in zip(study.metrics, study.modes, strict=True)}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": cfg.to_dict(), "eval": study.eval, "cpus_per_worker": r.cpus_per_worker,
-                           "sync_batchnorm": r.sync_batchnorm, "objective_defaults": bad},
+                           "sync_batchnorm": r.sync_batchnorm, "objective_defaults": worst},
         scaling_config=ray.train.ScalingConfig(
             num_workers=r.workers, use_gpu=r.gpus_per_worker > 0,
             resources_per_worker={"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker}
@@ -209,8 +210,7 @@ def _smoke(study: Study) -> Study:
     base["data"] = {**base["data"], "train_limit": 4 * base["data"]["batch_size"]}
     base["eval"] = {**base["eval"], "max_examples": 64}
     ev = {**study.eval, "n_examples": 64, "autoattack": None, "square_queries": 20}
-    return replace(study, base_train=base, num_samples=min(2, study.num_samples), eval=ev,
-                   seeds=study.seeds[:1] if study.kind == "sweep" else study.seeds[:1])
+    return replace(study, base_train=base, num_samples=min(2, study.num_samples), eval=ev, seeds=study.seeds[:1])
 
 
 def run_study(study: Study, *, address: str | None = None, storage: str | None = None, resume: bool = False,
