@@ -210,3 +210,55 @@ def test_interrupted_study_resumes_each_trial_once(ray_local, tmp_path: Path) ->
         from trainables.tuner import init_ray
 
         init_ray(None, num_cpus=2)
+
+
+def _crash_once_loop(config: dict) -> None:
+    """The real worker loop, with one injected crash right after the first epoch's checkpoint."""
+    from trainables import worker
+
+    marker = Path(config["marker"])
+    original = worker.RayReport.on_epoch_end
+
+    def crashing(self, trainer, epoch, metrics, checkpoint):
+        original(self, trainer, epoch, metrics, checkpoint)
+        if epoch == 0 and not marker.exists():
+            marker.touch()
+            raise RuntimeError("injected worker crash")
+
+    worker.RayReport.on_epoch_end = crashing
+    worker.train_loop_per_worker(config)
+
+
+def test_crashed_worker_restarts_from_its_checkpoint(ray_local, tmp_path: Path) -> None:
+    """FailureConfig restarts the worker group from the last checkpoint; the weights equal an
+    uninterrupted run's."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from ancra_tune.checkpoint import load_checkpoint
+    from ancra_tune.config import TrainConfig
+    from ancra_tune.trainer import Trainer
+
+    # Ray workers cannot import this test module: ship the loop by value.
+    _crash_once_loop.__module__ = "__main__"
+    cfg = TrainConfig.from_dict({
+        "data.dataset": "digits", "data.batch_size": 64, "data.train_limit": 128, "data.val_size": 0.1,
+        "model.name": "small_cnn", "attack.steps": 2, "attack.eps": 0.2, "attack.step_size": 0.1,
+        "eval.pgd_steps": 0, "optim.epochs": 2, "optim.lr": 0.05, "progress": False,
+        "out_dir": str(tmp_path / "single")})
+    reference = Trainer(cfg)
+    reference.fit()
+    trainer = TorchTrainer(
+        _crash_once_loop,
+        train_loop_config={"train": cfg.to_dict(), "eval": None, "cpus_per_worker": 1.0,
+                           "marker": str(tmp_path / "crashed")},
+        scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1.0}),
+        run_config=ray.train.RunConfig(name="crash", storage_path=str(tmp_path / "ray"),
+                                       failure_config=ray.train.FailureConfig(max_failures=1)))
+    result = trainer.fit()
+    assert (tmp_path / "crashed").exists()  # the crash happened
+    assert result.metrics["epoch"] == 2
+    with result.checkpoint.as_directory() as d:
+        weights = load_checkpoint(Path(d) / "checkpoint.pt")["model"]
+    for k, v in reference.model.state_dict().items():
+        torch.testing.assert_close(weights[k], v, rtol=0, atol=1e-6, msg=k)
