@@ -86,7 +86,8 @@ def _study(args: argparse.Namespace, kind: str) -> int:
         return 2
     try:
         summary = run_study(study, address=args.address, storage=args.storage, resume=args.resume,
-                            smoke_test=args.smoke_test, num_cpus=args.num_cpus)
+                            smoke_test=args.smoke_test, num_cpus=args.num_cpus,
+                            wait_for_resources=args.wait_for_resources)
     except InfeasibleResourcesError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -164,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--resume", action="store_true", help="continue an interrupted study (unfinished trials only)")
         p.add_argument("--smoke-test", action="store_true", help="one epoch on a few batches, at most two trials")
         p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
+        p.add_argument("--wait-for-resources", action="store_true",
+                       help="on an autoscaling cluster: wait for nodes instead of failing when the "
+                            "resources a trial asks for do not exist yet")
         p.add_argument("--json", action="store_true", help="also print the summary as JSON")
         p.set_defaults(func=lambda a, k=kind: _study(a, k))
     return parser

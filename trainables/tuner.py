@@ -214,14 +214,24 @@ def _smoke(study: Study) -> Study:
 
 
 def run_study(study: Study, *, address: str | None = None, storage: str | None = None, resume: bool = False,
-              smoke_test: bool = False, num_cpus: int | None = None) -> dict[str, Any]:
+              smoke_test: bool = False, num_cpus: int | None = None,
+              wait_for_resources: bool = False) -> dict[str, Any]:
     """Run a sweep or an ablation to the end; return its summary (also written as JSON)."""
     storage = storage or str(Path("runs/studies").resolve())
     if "://" not in storage:
         Path(storage).mkdir(parents=True, exist_ok=True)
         storage = str(Path(storage).resolve())
     init_ray(address, num_cpus=num_cpus)
-    fits = check_resources(study, alive_nodes())
+    try:
+        fits = check_resources(study, alive_nodes())
+    except InfeasibleResourcesError as e:
+        if not wait_for_resources:
+            hint = (" If this cluster autoscales (ray up cluster.yaml), pass --wait-for-resources."
+                    if address else "")
+            raise InfeasibleResourcesError(f"{e}{hint}") from None
+        # An autoscaling cluster adds nodes when trials ask for them: let Tune wait.
+        log.warning("%s Waiting for the autoscaler to add nodes.", e)
+        fits = 1
     max_concurrent = min(fits, study.max_concurrent) if study.max_concurrent else fits
     t0 = time.perf_counter()
     tuner = build_tuner(study, storage=storage, smoke_test=smoke_test, resume=resume, max_concurrent=max_concurrent)
