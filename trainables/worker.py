@@ -79,8 +79,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if checkpoint is not None:
             with checkpoint.as_directory() as d:
                 if (Path(d) / FINAL_NAME).is_file():
-                    # The run had finished and reported its evaluation before an interruption:
-                    # a restored study must not train or report it again.
+                    # The run had finished before an interruption: never train or evaluate it
+                    # again, only repeat its evaluation (Tune may not have recorded it in time).
+                    final = json.loads((Path(d) / FINAL_NAME).read_text()) if rank == 0 else {}
+                    ray.train.report({**final, DIVERGED: 0, "final": 1})
                     return
                 trainer.resume(Path(d) / CHECKPOINT_NAME)
         try:
