@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attacks import pgd
+from .attacks import fgsm, pgd
 from .evaluate import SoftGate
 from .models import ModelOutput, RANet
 from .negatives import select_negatives
@@ -182,7 +182,7 @@ def run_attack(spec: AttackSpec, attack_idx: int, model: RANet, x: Tensor, y: Te
     step = cfg.step if spec.eps == cfg.eps else spec.eps / 4
     common = dict(eps=spec.eps, step_size=step, steps=spec.steps, bn="eval", init="uniform", generator=gen)
     if spec.kind == "fgsm":
-        return pgd(model, x, y, eps=spec.eps, step_size=spec.eps, steps=1, bn="eval", init="none")
+        return fgsm(model, x, y, eps=spec.eps)
     if spec.kind in ("pgd", "sweep"):
         if spec.target == "final":
             return pgd(model, x, y, **common)
