@@ -33,14 +33,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ancra_tune.config import (
     ConfigError,
     TrainConfig,
     flatten,
     load_yaml_with_overrides,
     merge_config,
+    read_yaml_mapping,
     resolve_config_path,
 )
 
@@ -218,11 +217,10 @@ def _param(path: Path, name: str, spec: Any, flat_base: Mapping[str, Any]) -> Pa
 def load_study(path: str | Path) -> Study:
     """Read and validate a study file."""
     p = Path(path)
-    if not p.is_file():
-        raise StudyError(f"study file {str(p)!r} does not exist")
-    raw = yaml.safe_load(p.read_text()) or {}
-    if not isinstance(raw, Mapping):
-        raise StudyError(f"{p}: the top level must be a mapping")
+    try:
+        raw = read_yaml_mapping(p, "study file")
+    except ConfigError as e:
+        raise StudyError(str(e)) from None
     unknown = sorted(set(raw) - set(TOP_KEYS))
     if unknown:
         raise _err(p, "top level", f"unknown key(s) {', '.join(unknown)}; allowed: {', '.join(TOP_KEYS)}")
