@@ -174,8 +174,8 @@ def test_interrupted_study_resumes_each_trial_once(ray_local, tmp_path: Path) ->
 
     ray.shutdown()  # the CLI process starts its own Ray
     try:
-        f = _study_file(tmp_path, ABLATION.replace("lr_ablation", "resume_me")
-                        .replace("[0.05, 1.0e+12]", "[0.05, 0.02]").replace("seeds: [0, 1]", "seeds: [0]"))
+        text = ABLATION.replace("lr_ablation", "resume_me").replace("optim.epochs: 2", "optim.epochs: 5")
+        f = _study_file(tmp_path, text.replace("[0.05, 1.0e+12]", "[0.05, 0.02]").replace("seeds: [0, 1]", "seeds: [0]"))
         storage = tmp_path / "studies"
         cmd = [sys.executable, "-m", "ancra_tune.cli", "ablate", str(f), "--storage", str(storage),
                "--num-cpus", "1"]  # one trial at a time
@@ -183,17 +183,21 @@ def test_interrupted_study_resumes_each_trial_once(ray_local, tmp_path: Path) ->
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         study_dir = storage / "resume_me"
         deadline = time.time() + 400
-        finished = False
-        while time.time() < deadline and not finished:
-            time.sleep(2)
-            finished = any(any(r.get("final") == 1 for r in _results(td)) for td in study_dir.glob("run_trial_*"))
+        # Interrupt once one trial has finished and the next one is running: with one CPU the
+        # next trial starts only after Tune has terminated the first, so the first is complete.
+        finished_names: list[str] = []
+        while time.time() < deadline and not finished_names:
+            time.sleep(0.3)
+            dirs = list(study_dir.glob("run_trial_*"))
+            done = [td.name for td in dirs if any(r.get("final") == 1 for r in _results(td))]
+            running = [td for td in dirs if td.name not in done and any("epoch" in r for r in _results(td))]
+            if done and running:
+                finished_names = done
             assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-        assert finished, "no trial finished in time"
+        assert finished_names, "no trial finished while another ran, in time"
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=120)
-        # What the interrupted study left: the finished trials' complete result files.
-        done_before = {td.name: (td / "result.json").read_text() for td in study_dir.glob("run_trial_*")
-                       if any(r.get("final") == 1 for r in _results(td))}
+        done_before = {name: (study_dir / name / "result.json").read_text() for name in finished_names}
         assert 1 <= len(done_before) < 2
         out = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -207,7 +211,8 @@ def test_interrupted_study_resumes_each_trial_once(ray_local, tmp_path: Path) ->
             epochs = [r["epoch"] for r in rows if "epoch" in r and "final" not in r]
             assert epochs == sorted(set(epochs)), (td.name, epochs)  # no epoch twice
             finals = [r for r in rows if r.get("final") == 1]
-            assert finals and all(f["robust_acc_worst"] == finals[0]["robust_acc_worst"] for f in finals)
+            assert finals, (td.name, rows, out.stdout[-4000:])
+            assert all(f["robust_acc_worst"] == finals[0]["robust_acc_worst"] for f in finals)
         for name, text in done_before.items():  # finished trials were not run again
             assert (study_dir / name / "result.json").read_text() == text
         summary = json.loads((study_dir / "summary.json").read_text())

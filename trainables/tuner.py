@@ -126,7 +126,13 @@ def run_trial(params: dict[str, Any], *, study: Study, storage: str) -> None:
             callbacks=[TuneReportCallback()],
         ),
     )
-    trainer.fit()
+    started = time.time()
+    result = trainer.fit()
+    final = dict(result.metrics or {})
+    if final.get("final") == 1 and final.get("reported_at", started) < started:
+        # Train restored a run that had already finished (the study was interrupted between the
+        # run's end and the trial's): its evaluation never reached this trial, so forward it.
+        ray.tune.report(final)
 
 
 # --------------------------------------------------------------------------- studies

@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     # The run had finished before an interruption: never train or evaluate it
                     # again, only repeat its evaluation (Tune may not have recorded it in time).
                     final = json.loads((Path(d) / FINAL_NAME).read_text()) if rank == 0 else {}
-                    ray.train.report({**final, DIVERGED: 0, "final": 1})
+                    ray.train.report({**final, DIVERGED: 0, "final": 1, "reported_at": time.time()})
                     return
                 trainer.resume(Path(d) / CHECKPOINT_NAME)
         try:
@@ -105,7 +106,7 @@ def _report_final(trainer: Trainer, eval_overrides: dict[str, Any], rank: int) -
     if rank != 0:
         ray.train.report({DIVERGED: 0, "final": 1})
         return
-    final = {**evaluate_trial(trainer, eval_overrides), DIVERGED: 0, "final": 1}
+    final = {**evaluate_trial(trainer, eval_overrides), DIVERGED: 0, "final": 1, "reported_at": time.time()}
     # The evaluation travels with the last checkpoint: its presence marks the run as complete.
     with tempfile.TemporaryDirectory() as d:
         shutil.copy2(trainer.out_dir / CHECKPOINT_NAME, Path(d) / CHECKPOINT_NAME)
