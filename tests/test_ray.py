@@ -175,7 +175,8 @@ def test_interrupted_study_resumes_each_trial_once(ray_local, tmp_path: Path) ->
     ray.shutdown()  # the CLI process starts its own Ray
     try:
         text = ABLATION.replace("lr_ablation", "resume_me").replace("optim.epochs: 2", "optim.epochs: 5")
-        f = _study_file(tmp_path, text.replace("[0.05, 1.0e+12]", "[0.05, 0.02]").replace("seeds: [0, 1]", "seeds: [0]"))
+        text = text.replace("[0.05, 1.0e+12]", "[0.05, 0.02]").replace("seeds: [0, 1]", "seeds: [0]")
+        f = _study_file(tmp_path, text)
         storage = tmp_path / "studies"
         cmd = [sys.executable, "-m", "ancra_tune.cli", "ablate", str(f), "--storage", str(storage),
                "--num-cpus", "1"]  # one trial at a time
