@@ -61,11 +61,3 @@ def pgd_correct(model: nn.Module, data: ArrayData, *, target: str, eps: float, s
         with torch.no_grad():
             out.append(model(x_adv).logits.argmax(1) == y)
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool, device=device)
-
-
-def pgd_accuracy(model: nn.Module, data: ArrayData, *, head: str, eps: float, step_size: float,
-                 steps: int, batch_size: int, device: torch.device, seed: int = 0) -> float:
-    """Accuracy of P' on PGD AEs that maximise CE on ``head`` (see :func:`pgd_correct`)."""
-    correct = pgd_correct(model, data, target=head, eps=eps, step_size=step_size, steps=steps,
-                          batch_size=batch_size, device=device, seed=seed)
-    return correct.float().mean().item() if correct.numel() else 0.0

@@ -260,14 +260,14 @@ def _trial_rows(results: Any, study: Study) -> list[dict[str, Any]]:
     for res in results:
         metrics = dict(res.metrics or {})
         cfg = dict(res.config or {})
-        final = [m for m in (res.metrics_dataframe.to_dict("records") if res.metrics_dataframe is not None else [])]
-        epochs = [m for m in final if m.get("epoch_time_s") is not None and not _nan(m.get("epoch_time_s"))]
-        last_final = next((m for m in reversed(final) if m.get("final") == 1), None)
+        records = res.metrics_dataframe.to_dict("records") if res.metrics_dataframe is not None else []
+        epochs = [m for m in records if m.get("epoch_time_s") is not None and not _nan(m.get("epoch_time_s"))]
+        last_final = next((m for m in reversed(records) if m.get("final") == 1), None)
         status = "error" if res.error else ("diverged" if metrics.get(DIVERGED) == 1 else
                                              "finished" if last_final is not None else "stopped")
         row = {"trial_id": metrics.get("trial_id") or Path(res.path).name, "status": status,
-               "params": {k: v for k, v in cfg.items()},
-               "checkpoint": metrics.get("checkpoint_path") or _last(final, "checkpoint_path"),
+               "params": cfg,
+               "checkpoint": metrics.get("checkpoint_path") or _last(records, "checkpoint_path"),
                "epochs_run": len(epochs),
                "train_time_s": sum(m["epoch_time_s"] for m in epochs),
                "time_per_epoch_s": (sum(m["epoch_time_s"] for m in epochs) / len(epochs)) if epochs else None,
