@@ -77,6 +77,7 @@ def _study(args: argparse.Namespace, kind: str) -> int:
     import json
 
     from trainables.study import load_study  # Ray loads only for these commands
+    from trainables.tracking import TrackingError
     from trainables.tuner import InfeasibleResourcesError, run_study
 
     study = load_study(args.file)
@@ -87,8 +88,9 @@ def _study(args: argparse.Namespace, kind: str) -> int:
     try:
         summary = run_study(study, address=args.address, storage=args.storage, resume=args.resume,
                             smoke_test=args.smoke_test, num_cpus=args.num_cpus,
-                            wait_for_resources=args.wait_for_resources)
-    except InfeasibleResourcesError as e:
+                            wait_for_resources=args.wait_for_resources, tracking_uri=args.tracking_uri,
+                            track=not args.no_mlflow)
+    except (InfeasibleResourcesError, TrackingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_summary(summary))
@@ -111,7 +113,69 @@ def format_summary(summary: dict) -> str:
     for b in summary["best"]:
         lines.append(f"best: {b['trial_id']} {b['params']}\n  checkpoint: {b['checkpoint']}")
     lines.append(f"results: {summary['study_dir']}")
+    if summary.get("interrupted"):
+        lines.append("interrupted: run the same command with --resume to finish the unfinished trials")
+    if summary.get("mlflow"):
+        m = summary["mlflow"]
+        ui = "ancra-tune ui" if m["tracking_uri"].startswith("sqlite:") else m["tracking_uri"]
+        lines.append(f"MLflow: study run {m['study_run_id']} (experiment {summary['study']}) in "
+                     f"{m['tracking_uri']}; browse it with `{ui}`, register the best model with "
+                     f"`ancra-tune best {summary['study']}`")
     return "\n".join(lines)
+
+
+def _best(args: argparse.Namespace) -> int:
+    from trainables.tracking import TrackingError, register_best, resolve_tracking_uri
+
+    try:
+        uri = resolve_tracking_uri(args.tracking_uri)
+        out = register_best(uri, args.study, metric=args.metric, mode=args.mode, model_name=args.model_name,
+                            force=args.force)
+    except TrackingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"best trial of {args.study} by {out['metric']} ({args.mode}): {out['trial_id']} = {out['value']:.4f}\n"
+          f"registered {out['name']} version {out['version']} with alias @{out['alias']} (run {out['run_id']})\n"
+          f"load it with mlflow.pytorch.load_model({out['load_uri']!r}) (images in [0, 1] -> logits of P')")
+    return 0
+
+
+def _ui(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from trainables.tracking import TrackingError, is_local, resolve_tracking_uri, ui_command, wait_for_server
+
+    try:
+        uri = resolve_tracking_uri(args.tracking_uri)
+    except TrackingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not is_local(uri):
+        print(f"{uri} is a tracking server: open it in a browser (through port-forwarding on a cluster)")
+        return 0
+    db = Path(uri[len("sqlite:///"):])
+    if not db.is_file():
+        print(f"error: no MLflow store at {db}; run a study here first (or pass --tracking-uri)", file=sys.stderr)
+        return 2
+    cmd, env = ui_command(uri, port=args.port)
+    proc = subprocess.Popen(cmd, env=env)
+    url = f"http://127.0.0.1:{args.port}"
+    try:
+        wait_for_server(url, proc=proc)
+        print(f"MLflow UI for {db}: {url}  (Ctrl+C stops it)", flush=True)
+        return proc.wait()
+    except TrackingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 def _cuda() -> bool:
@@ -168,8 +232,26 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--wait-for-resources", action="store_true",
                        help="on an autoscaling cluster: wait for nodes instead of failing when the "
                             "resources a trial asks for do not exist yet")
+        p.add_argument("--tracking-uri", help="MLflow tracking server (http://HOST:PORT) or sqlite:///PATH; default: "
+                                              "$MLFLOW_TRACKING_URI, else mlflow.db in this folder")
+        p.add_argument("--no-mlflow", action="store_true", help="log nothing to MLflow")
         p.add_argument("--json", action="store_true", help="also print the summary as JSON")
         p.set_defaults(func=lambda a, k=kind: _study(a, k))
+
+    b = sub.add_parser("best", help="register a study's best trial model in MLflow with the alias `champion`")
+    b.add_argument("study", help="the study's name (its MLflow experiment)")
+    b.add_argument("--metric", default="robust_acc_worst",
+                   help="trial metric to rank by (default: robust_acc_worst, the worst case over all attacks)")
+    b.add_argument("--mode", choices=("max", "min"), default="max")
+    b.add_argument("--force", action="store_true", help="accept a metric that the masking checks flag")
+    b.add_argument("--model-name", help="registered model name (default: ancra-<study>)")
+    b.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else mlflow.db in this folder")
+    b.set_defaults(func=_best)
+
+    u = sub.add_parser("ui", help="the MLflow UI of the local store, on http://127.0.0.1:PORT")
+    u.add_argument("--port", type=int, default=5000)
+    u.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else mlflow.db in this folder")
+    u.set_defaults(func=_ui)
     return parser
 
 

@@ -22,6 +22,7 @@ from typing import Any
 from ray.tune.search.optuna import OptunaSearch
 
 from .study import Study
+from .tracking import StudyTracking, check_tracking, end_study_run, resolve_tracking_uri, start_study_run, trial_run
 from .worker import DIVERGED, train_loop_per_worker, worker_env
 
 log = logging.getLogger(__name__)
@@ -96,30 +97,41 @@ def _join(storage: str, *parts: str) -> str:
     return str(Path(storage, *parts))
 
 
-def run_trial(params: dict[str, Any], *, study: Study, storage: str) -> None:
+def run_trial(params: dict[str, Any], *, study: Study, storage: str,
+              tracking: StudyTracking | None = None) -> None:
     """Tune function trainable: build and fit the trial's Ray Train run."""
     import ray.train
     import ray.tune
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from ancra_tune.config import flatten
+
     params = dict(params)
     seed = int(params.pop(SEED_KEY, study.seeds[0]))
     cfg = study.train_config(params, seed)
     r = study.resources
+    trial_id = ray.tune.get_context().get_trial_id()
+    mlflow_run = None
+    if tracking is not None:
+        # Found again when this trial restarts or its study resumes: one MLflow run per trial.
+        run_id = trial_run(tracking, trial_id, name=trial_name(trial_id, params, seed),
+                           params={**flatten(cfg), "trial_id": trial_id})
+        mlflow_run = {"uri": tracking.uri, "run_id": run_id}
     # What a diverged trial scores: the worst value, so Optuna learns to avoid its region.
     worst = {m: (0.0 if mode == "max" else float("inf")) for m, mode in zip(study.metrics, study.modes, strict=True)}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": cfg.to_dict(), "eval": study.eval, "cpus_per_worker": r.cpus_per_worker,
-                           "sync_batchnorm": r.sync_batchnorm, "objective_defaults": worst},
+                           "sync_batchnorm": r.sync_batchnorm, "objective_defaults": worst,
+                           "mlflow": mlflow_run},
         scaling_config=ray.train.ScalingConfig(
             num_workers=r.workers, use_gpu=r.gpus_per_worker > 0,
             resources_per_worker={"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker}
                                                                 if r.gpus_per_worker > 0 else {})}),
         run_config=ray.train.RunConfig(
             # The same name across trial restarts: the Train run resumes from its last checkpoint.
-            name=f"train-{ray.tune.get_context().get_trial_id()}",
+            name=f"train-{trial_id}",
             storage_path=_join(storage, study.name, "train_runs"),
             failure_config=ray.train.FailureConfig(max_failures=study.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
@@ -133,6 +145,15 @@ def run_trial(params: dict[str, Any], *, study: Study, storage: str) -> None:
         # Train restored a run that had already finished (the study was interrupted between the
         # run's end and the trial's): its evaluation never reached this trial, so forward it.
         ray.tune.report(final)
+
+
+def trial_name(trial_id: str, params: dict[str, Any], seed: int) -> str:
+    """A readable MLflow run name: the trial number and what it searched (short keys)."""
+    def short(v: Any) -> str:
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    shown = " ".join(f"{k.rsplit('.', 1)[-1]}={short(v)}" for k, v in sorted(params.items()))
+    return f"trial {trial_id.rsplit('_', 1)[-1]} {shown} seed={seed}".strip()
 
 
 # --------------------------------------------------------------------------- studies
@@ -180,12 +201,12 @@ def _scheduler(study: Study) -> Any:
 
 
 def build_tuner(study: Study, *, storage: str, smoke_test: bool = False, resume: bool = False,
-                max_concurrent: int) -> Any:
+                max_concurrent: int, tracking: StudyTracking | None = None) -> Any:
     from ray import tune
 
     if smoke_test:
         study = _smoke(study)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, study=study, storage=storage),
+    trainable = tune.with_resources(tune.with_parameters(run_trial, study=study, storage=storage, tracking=tracking),
                                     {"CPU": study.resources.trial_cpus})
     name = study.name
     path = _join(storage, name)
@@ -220,13 +241,21 @@ def _smoke(study: Study) -> Study:
 
 
 def run_study(study: Study, *, address: str | None = None, storage: str | None = None, resume: bool = False,
-              smoke_test: bool = False, num_cpus: int | None = None,
-              wait_for_resources: bool = False) -> dict[str, Any]:
-    """Run a sweep or an ablation to the end; return its summary (also written as JSON)."""
+              smoke_test: bool = False, num_cpus: int | None = None, wait_for_resources: bool = False,
+              tracking_uri: str | None = None, track: bool = True) -> dict[str, Any]:
+    """Run a sweep or an ablation to the end; return its summary (also written as JSON).
+
+    ``tracking_uri``: the MLflow store (default: ``MLFLOW_TRACKING_URI``, else ``mlflow.db`` in
+    the working directory); ``track=False`` logs nothing to MLflow.
+    """
     storage = storage or str(Path("runs/studies").resolve())
     if "://" not in storage:
         Path(storage).mkdir(parents=True, exist_ok=True)
         storage = str(Path(storage).resolve())
+    uri = None
+    if track:  # before Ray starts: an unreachable tracking server fails in seconds
+        uri = resolve_tracking_uri(tracking_uri)
+        check_tracking(uri)
     init_ray(address, num_cpus=num_cpus)
     try:
         fits = check_resources(study, alive_nodes())
@@ -239,17 +268,56 @@ def run_study(study: Study, *, address: str | None = None, storage: str | None =
         log.warning("%s Waiting for the autoscaler to add nodes.", e)
         fits = 1
     max_concurrent = min(fits, study.max_concurrent) if study.max_concurrent else fits
+    tracked = _smoke(study) if smoke_test else study
+    tracking = None
+    if uri is not None:
+        tracking = start_study_run(uri, tracked, study_path=_join(storage, study.name), resume=resume,
+                                   params=_study_params(tracked, storage, smoke_test),
+                                   train_config=tracked.train_config({}, tracked.seeds[0]).to_dict())
+        log.info("MLflow: study run %s in %s", tracking.parent_run_id, uri)
     t0 = time.perf_counter()
-    tuner = build_tuner(study, storage=storage, smoke_test=smoke_test, resume=resume, max_concurrent=max_concurrent)
-    results = tuner.fit()
+    try:
+        tuner = build_tuner(study, storage=storage, smoke_test=smoke_test, resume=resume,
+                            max_concurrent=max_concurrent, tracking=tracking)
+        results = tuner.fit()
+    except BaseException:
+        if tracking is not None:
+            end_study_run(tracking, None, status="FAILED")
+        raise
     wall = time.perf_counter() - t0
     summary = summarize(study, results, wall_s=wall, storage=storage)
+    # Tune returns early on Ctrl+C, with unfinished trials left for --resume.
+    summary["interrupted"] = results.num_terminated + results.num_errors < len(results)
     out = Path(summary["study_dir"]) if "://" not in storage else Path("runs/studies") / study.name
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    files = [out / "summary.json"]
+    files[0].write_text(json.dumps(summary, indent=1, default=str))
     if study.kind == "ablation":
-        write_ablation_tables(summary["trials"], study, out)
+        files += list(write_ablation_tables(summary["trials"], study, out))
+    if tracking is not None:
+        summary["mlflow"] = {"tracking_uri": tracking.uri, "experiment_id": tracking.experiment_id,
+                             "study_run_id": tracking.parent_run_id}
+        end_study_run(tracking, summary, status="KILLED" if summary["interrupted"] else "FINISHED",
+                      files=files[1:])
     return summary
+
+
+def _study_params(study: Study, storage: str, smoke_test: bool) -> dict[str, Any]:
+    r = study.resources
+    out: dict[str, Any] = {"study.kind": study.kind, "study.objective": ",".join(study.metrics),
+                           "study.mode": ",".join(study.modes), "study.seeds": ",".join(map(str, study.seeds)),
+                           "study.storage": storage, "study.smoke_test": smoke_test,
+                           "resources.workers": r.workers, "resources.cpus_per_worker": r.cpus_per_worker,
+                           "resources.gpus_per_worker": r.gpus_per_worker, "resources.trial_cpus": r.trial_cpus}
+    if study.kind == "sweep":
+        out.update({"study.sampler": study.sampler, "study.num_samples": study.num_samples,
+                    "study.space": ",".join(p.name for p in study.space)})
+    else:
+        out["study.grid"] = json.dumps({k: list(v) for k, v in study.grid.items()})
+    from ancra_tune.config import flatten
+
+    out.update({f"base.{k}": v for k, v in flatten(study.train_config({}, study.seeds[0])).items()})
+    return out
 
 
 # --------------------------------------------------------------------------- summaries

@@ -10,6 +10,7 @@ robustness evaluation on the validation split and reports it as the trial's fina
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -26,6 +27,22 @@ from ancra_tune.trainer import CHECKPOINT_NAME, Callback, DivergedError, Trainer
 
 DIVERGED = "diverged"
 FINAL_NAME = "final.json"
+REPORT_NAME = "report.json"
+log = logging.getLogger(__name__)
+
+
+class MlflowEpochs(Callback):
+    """MLflow touch point: rank 0 logs each epoch's metrics to the trial's run (step = epoch)."""
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        from .tracking import EpochLogger
+
+        self.logger = EpochLogger(uri, run_id)
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float],
+                     checkpoint: Path | None) -> None:
+        if trainer.rank == 0:
+            self.logger.sync(trainer.history)
 
 
 class RayReport(Callback):
@@ -73,16 +90,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     out_dir = Path(tempfile.mkdtemp(prefix=f"ancra-rank{rank}-"))
     cfg = cfg.replace(progress=False)
+    tracking = config.get("mlflow")  # {"uri", "run_id"} of the trial's MLflow run, or None
+    # MLflow first: an epoch is in the run before the report that may let ASHA stop the trial.
+    callbacks = ([MlflowEpochs(tracking["uri"], tracking["run_id"])] if tracking else []) + [RayReport()]
     trainer = Trainer(cfg, device=device, rank=rank, world_size=world, out_dir=out_dir, wrap_model=wrap,
-                      callbacks=[RayReport()])
+                      callbacks=callbacks)
     try:
         checkpoint = ray.train.get_checkpoint()  # set when the worker group restarts after a failure
         if checkpoint is not None:
             with checkpoint.as_directory() as d:
                 if (Path(d) / FINAL_NAME).is_file():
                     # The run had finished before an interruption: never train or evaluate it
-                    # again, only repeat its evaluation (Tune may not have recorded it in time).
+                    # again, only repeat its evaluation (Tune may not have recorded it in time)
+                    # and make sure MLflow has it.
                     final = json.loads((Path(d) / FINAL_NAME).read_text()) if rank == 0 else {}
+                    if rank == 0 and tracking:
+                        report = json.loads((Path(d) / REPORT_NAME).read_text())
+                        _track_final(tracking, final, report, Path(d), epochs=cfg.optim.epochs)
                     ray.train.report({**final, DIVERGED: 0, "final": 1, "reported_at": time.time()})
                     return
                 trainer.resume(Path(d) / CHECKPOINT_NAME)
@@ -95,33 +119,58 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                               **config.get("objective_defaults", {})})
             return
         if config.get("eval") is not None:  # the end-of-trial evaluation, unless none is asked for
-            _report_final(trainer, config["eval"], rank)
+            _report_final(trainer, config["eval"], rank, tracking)
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
 
 
-def _report_final(trainer: Trainer, eval_overrides: dict[str, Any], rank: int) -> None:
+def _report_final(trainer: Trainer, eval_overrides: dict[str, Any], rank: int,
+                  tracking: dict[str, str] | None) -> None:
     import ray.train
 
     if rank != 0:
         ray.train.report({DIVERGED: 0, "final": 1})
         return
-    final = {**evaluate_trial(trainer, eval_overrides), DIVERGED: 0, "final": 1, "reported_at": time.time()}
-    # The evaluation travels with the last checkpoint: its presence marks the run as complete.
     with tempfile.TemporaryDirectory() as d:
+        # The evaluation travels with the last checkpoint: its presence marks the run as complete.
         shutil.copy2(trainer.out_dir / CHECKPOINT_NAME, Path(d) / CHECKPOINT_NAME)
+        metrics, report = evaluate_trial(trainer, eval_overrides, plots_dir=Path(d) if tracking else None)
+        final = {**metrics, DIVERGED: 0, "final": 1, "reported_at": time.time()}
         (Path(d) / FINAL_NAME).write_text(json.dumps(final))
+        (Path(d) / REPORT_NAME).write_text(json.dumps(report))
+        if tracking:
+            _track_final(tracking, final, report, Path(d), epochs=trainer.cfg.optim.epochs)
         ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
-def evaluate_trial(trainer: Trainer, eval_overrides: dict[str, Any]) -> dict[str, float]:
-    """The quick robustness suite on the validation split: the numbers trials are compared by."""
+def _track_final(tracking: dict[str, str], final: dict[str, Any], report: dict[str, Any], folder: Path,
+                 *, epochs: int) -> None:
+    """Log the evaluation and the model to the trial's MLflow run (at most once; never fatal)."""
+    from ancra_tune.checkpoint import load_model
+
+    from .tracking import log_trial_result
+
+    try:
+        model, _, info = load_model(folder / CHECKPOINT_NAME)  # plain BatchNorm, on CPU
+        metrics = {k: v for k, v in final.items() if k not in (DIVERGED, "final", "reported_at")}
+        log_trial_result(tracking["uri"], tracking["run_id"], metrics=metrics, report=report,
+                         files=sorted(folder.glob("*.png")), model=model,
+                         input_shape=(info.in_channels, info.image_size, info.image_size),
+                         checkpoint=folder / CHECKPOINT_NAME, step=epochs)
+    except Exception as e:  # noqa: BLE001 (the trial's result stays in Tune and its checkpoint)
+        log.warning("logging the evaluation to MLflow run %s failed: %s", tracking["run_id"], e)
+
+
+def evaluate_trial(trainer: Trainer, eval_overrides: dict[str, Any], *,
+                   plots_dir: Path | None = None) -> tuple[dict[str, float], dict[str, Any]]:
+    """The quick robustness suite on the validation split: the numbers trials are compared by,
+    and the report. With ``plots_dir`` the feature histograms and embedding are drawn there."""
     from ancra_tune.robustness import SuiteConfig, build_report, evaluate_model, seeded_subset, summary_metrics
 
     ev = dict(eval_overrides)
     preset = ev.pop("preset", "quick")
     ev.setdefault("eps", trainer.cfg.attack.eps)
-    ev.setdefault("features", False)
+    ev.setdefault("features", plots_dir is not None)
     suite = SuiteConfig.preset_config(preset, **ev)
     val = trainer.splits.val
     idx = seeded_subset(len(val), suite.n_examples, suite.seed)
@@ -129,7 +178,7 @@ def evaluate_trial(trainer: Trainer, eval_overrides: dict[str, Any]) -> dict[str
     model = trainer.model.eval()
     results = evaluate_model(model, x, y, suite, progress=False)
     report = build_report(results, suite, ra=model.ra, n_classes=trainer.splits.info.num_classes,
-                          has_source=False)
+                          has_source=False, out_dir=plots_dir)
     out = summary_metrics(report)
     if report["autoattack_acc"] is not None:
         out["autoattack_acc"] = report["autoattack_acc"]
@@ -142,10 +191,16 @@ def evaluate_trial(trainer: Trainer, eval_overrides: dict[str, Any]) -> dict[str
     if mean_epoch:
         out["epoch_time_s_mean"] = sum(mean_epoch) / len(mean_epoch)
     out["train_time_s"] = float(sum(mean_epoch))
-    return out
+    return out, report
+
+
+FORWARDED_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+                 "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH")
 
 
 def worker_env() -> dict[str, str]:
-    """Environment for Ray workers: no telemetry, no network."""
-    return {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    """Environment for Ray workers: no telemetry; the driver's MLflow credentials, if any."""
+    env = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env.update({k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
+    return env

@@ -1,0 +1,485 @@
+"""MLflow tracking on the client API: one parent run per study, one nested run per trial.
+
+Ray's ``MLflowLoggerCallback`` does not nest runs and can duplicate them, so the platform
+tracks on its own:
+
+- the study driver creates (or, on ``--resume``, finds again) the parent run, with the study
+  file, the resolved configuration and the Git commit;
+- each Tune trial looks its child run up by ``ancra.trial_id`` under the parent before creating
+  it, so a restarted trial or a resumed study never adds a second run;
+- rank 0 of the Ray Train worker group logs each epoch's metrics with the epoch as the step,
+  only for epochs the run does not have yet, and at the end the evaluation (metrics, check
+  tags, report and plots) and the model, each at most once;
+- the driver closes every child run with the trial's outcome (finished, stopped by ASHA,
+  diverged, error) and logs the study summary to the parent.
+
+With no settings, tracking goes to ``sqlite:///<cwd>/mlflow.db`` with artifacts in
+``<cwd>/mlartifacts``; ``--tracking-uri`` or ``MLFLOW_TRACKING_URI`` selects a real server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DB = "mlflow.db"
+DEFAULT_ARTIFACTS = "mlartifacts"
+ROLE, STUDY_PATH, TRIAL_ID = "ancra.role", "ancra.study_path", "ancra.trial_id"
+STATUS, MODEL_URI, FINAL_LOGGED = "ancra.status", "ancra.model_uri", "ancra.final_logged"
+MASKED = "ancra.masked_metrics"
+PARENT = "mlflow.parentRunId"
+DEFAULT_METRIC = "robust_acc_worst"
+CHAMPION = "champion"
+_MAX_BATCH = 100  # params per log_batch call (MLflow's limit); metrics allow 1000
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used (unreachable server, unwritable folder, no such study)."""
+
+
+# --------------------------------------------------------------------------- where runs go
+
+
+def default_tracking_uri(cwd: str | Path | None = None) -> str:
+    return f"sqlite:///{Path(cwd or os.getcwd()).resolve() / DEFAULT_DB}"
+
+
+def resolve_tracking_uri(uri: str | None = None, cwd: str | Path | None = None) -> str:
+    """``uri``, else ``MLFLOW_TRACKING_URI``, else the local sqlite store in ``cwd``. Relative
+    sqlite paths become absolute: Ray workers do not share the driver's working directory."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(cwd)
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{Path(cwd or os.getcwd()).resolve() / uri[len('sqlite:///'):]}"
+    elif "://" not in uri:
+        raise TrackingError(f"tracking URI {uri!r} is not supported: use http(s)://HOST:PORT for an MLflow "
+                            f"server or sqlite:///PATH for a local store (the default is {default_tracking_uri(cwd)})")
+    return uri
+
+
+def is_local(uri: str) -> bool:
+    return uri.startswith("sqlite:")
+
+
+def local_artifact_root(uri: str) -> str:
+    """Artifacts of a local sqlite store: ``mlartifacts`` beside the database file."""
+    db = Path(uri[len("sqlite:///"):])
+    return (db.parent / DEFAULT_ARTIFACTS).resolve().as_uri()
+
+
+def check_tracking(uri: str, *, timeout: float = 5.0) -> None:
+    """Fail fast, before any trial starts, when the store cannot be reached or written."""
+    if uri.startswith(("http://", "https://")):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 (http(s) only)
+                body = r.read(64).decode(errors="replace").strip()
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise TrackingError(
+                f"the MLflow tracking server {uri} is unreachable ({reason}). Start it (e.g. `mlflow server "
+                f"--host 127.0.0.1 --port 5000`), check --tracking-uri / MLFLOW_TRACKING_URI, or leave both "
+                f"unset to track into {DEFAULT_DB} in this folder.") from None
+        if body != "OK":
+            raise TrackingError(f"{url} answered {body!r}, not an MLflow tracking server's 'OK'")
+    elif is_local(uri):
+        db = Path(uri[len("sqlite:///"):])
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+            probe = db.parent / f".ancra-write-probe-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+        except OSError as e:
+            raise TrackingError(f"cannot write the MLflow store {db}: {e}") from None
+    client(uri).search_experiments(max_results=1)  # creates a new sqlite store's tables
+
+
+def client(uri: str) -> Any:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def ensure_experiment(mc: Any, name: str, uri: str) -> str:
+    exp = mc.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            raise TrackingError(f"MLflow experiment {name!r} is deleted; restore it or rename the study")
+        return exp.experiment_id
+    location = f"{local_artifact_root(uri)}/{name}" if is_local(uri) else None
+    return mc.create_experiment(name, artifact_location=location)
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def _chunks(items: list[Any], n: int) -> Iterable[list[Any]]:
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
+
+
+def log_params(mc: Any, run_id: str, params: Mapping[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
+    for chunk in _chunks(items, _MAX_BATCH):
+        mc.log_batch(run_id, params=chunk)
+
+
+def log_metrics(mc: Any, run_id: str, metrics: Mapping[str, Any], step: int) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step) for k, v in sorted(metrics.items()) if _number(v)]
+    for chunk in _chunks(items, 1000):
+        mc.log_batch(run_id, metrics=chunk)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float))  # bools too (as 0/1); strings and None are not metrics
+
+
+def git_commit(path: str | Path) -> tuple[str, bool] | None:
+    """(commit, dirty) of the repository holding ``path``, or None outside Git."""
+    d = Path(path).resolve()
+    d = d if d.is_dir() else d.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=d, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=d,
+                               capture_output=True, text=True, timeout=10)
+        return head.stdout.strip(), bool(dirty.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _quote(v: str) -> str:
+    return v.replace("'", "\\'")
+
+
+# --------------------------------------------------------------------------- the study run
+
+
+@dataclass(frozen=True)
+class StudyTracking:
+    """What a trial needs to find its parent: travels to Tune trials with the trainable."""
+
+    uri: str
+    experiment_id: str
+    parent_run_id: str
+
+
+def start_study_run(uri: str, study: Any, *, study_path: str, resume: bool,
+                    params: Mapping[str, Any], train_config: Mapping[str, Any]) -> StudyTracking:
+    """Create the study's parent run, or on resume find the one this study path used before."""
+    mc = client(uri)
+    exp_id = ensure_experiment(mc, study.name, uri)
+    if resume:
+        found = mc.search_runs([exp_id], filter_string=f"tags.`{ROLE}` = 'study' and "
+                               f"tags.`{STUDY_PATH}` = '{_quote(study_path)}'",
+                               order_by=["attributes.start_time DESC"], max_results=1)
+        if found:
+            run_id = found[0].info.run_id
+            mc.update_run(run_id, status="RUNNING")
+            mc.set_tag(run_id, STATUS, "running")
+            return StudyTracking(uri, exp_id, run_id)
+        log.warning("no MLflow run of study %s at %s: starting a new parent run", study.name, study_path)
+    tags = {ROLE: "study", STUDY_PATH: study_path, "ancra.study_kind": study.kind, STATUS: "running",
+            "mlflow.runName": study.name, "mlflow.source.name": str(study.path), "mlflow.source.type": "LOCAL"}
+    commit = git_commit(study.path)
+    if commit is not None:
+        tags["mlflow.source.git.commit"] = commit[0]
+        tags["ancra.git_dirty"] = str(commit[1]).lower()
+    run = mc.create_run(exp_id, tags=tags, run_name=study.name)
+    run_id = run.info.run_id
+    log_params(mc, run_id, {**params, "git_commit": commit[0] if commit else "unknown"})
+    with tempfile.TemporaryDirectory() as d:
+        import yaml
+
+        Path(d, "train_config.yaml").write_text(yaml.safe_dump(dict(train_config), sort_keys=False))
+        mc.log_artifact(run_id, str(study.path), artifact_path="study")
+        mc.log_artifact(run_id, str(Path(d, "train_config.yaml")), artifact_path="study")
+    return StudyTracking(uri, exp_id, run_id)
+
+
+def end_study_run(tracking: StudyTracking, summary: Mapping[str, Any] | None, *, status: str,
+                  files: Iterable[Path] = ()) -> None:
+    """Close the parent run: the summary's best values and table files, and each child's outcome."""
+    mc = client(tracking.uri)
+    rid = tracking.parent_run_id
+    if summary is not None:
+        for row in summary["trials"]:
+            child = find_trial_run(mc, tracking, str(row["trial_id"]))
+            if child is None:
+                continue
+            outcome = row["status"]
+            mc.set_tag(child.info.run_id, STATUS, outcome)
+            if row.get("diverged_epoch") is not None:
+                mc.set_tag(child.info.run_id, "ancra.diverged_epoch", str(row["diverged_epoch"]))
+            mlflow_status = {"finished": "FINISHED", "stopped": "KILLED"}.get(outcome, "FAILED")
+            mc.set_terminated(child.info.run_id, status=mlflow_status)
+        counts = summary["status_counts"]
+        metrics = {f"trials_{k}": v for k, v in counts.items()}
+        metrics["wall_time_s"] = summary["wall_time_s"]
+        if summary["best"]:
+            best = summary["best"][0]
+            for m in summary["objective"]:
+                if best.get(m) is not None:
+                    metrics[f"best_{m}"] = best[m]
+            mc.set_tag(rid, "ancra.best_trial_id", str(best["trial_id"]))
+        log_metrics(mc, rid, metrics, step=0)
+        with tempfile.TemporaryDirectory() as d:
+            p = Path(d, "summary.json")
+            p.write_text(json.dumps(summary, indent=1, default=str))
+            mc.log_artifact(rid, str(p))
+    for f in files:
+        mc.log_artifact(rid, str(f))
+    mc.set_tag(rid, STATUS, status.lower())
+    mc.set_terminated(rid, status=status)
+
+
+# --------------------------------------------------------------------------- trial runs
+
+
+def find_trial_run(mc: Any, tracking: StudyTracking, trial_id: str) -> Any:
+    runs = mc.search_runs([tracking.experiment_id],
+                          filter_string=f"tags.`{PARENT}` = '{tracking.parent_run_id}' and "
+                                        f"tags.`{TRIAL_ID}` = '{_quote(trial_id)}'",
+                          max_results=2)
+    if len(runs) > 1:
+        log.warning("trial %s has %d MLflow runs; using the first", trial_id, len(runs))
+    return runs[0] if runs else None
+
+
+def trial_run(tracking: StudyTracking, trial_id: str, *, name: str, params: Mapping[str, Any]) -> str:
+    """The trial's child run: found again when the trial restarts, created exactly once otherwise."""
+    mc = client(tracking.uri)
+    found = find_trial_run(mc, tracking, trial_id)
+    if found is not None:
+        if found.info.status != "RUNNING":
+            mc.update_run(found.info.run_id, status="RUNNING")
+        return found.info.run_id
+    run = mc.create_run(tracking.experiment_id, run_name=name,
+                        tags={PARENT: tracking.parent_run_id, TRIAL_ID: trial_id, ROLE: "trial",
+                              STATUS: "running", "mlflow.runName": name})
+    log_params(mc, run.info.run_id, params)
+    return run.info.run_id
+
+
+class EpochLogger:
+    """Rank 0's per-epoch metrics: every history entry the run lacks, with the epoch as step.
+
+    Backfills epochs a crash left unlogged and never logs an epoch twice (a restarted worker
+    group re-runs only epochs after its checkpoint, but its history holds the earlier ones).
+    A tracking outage warns and is retried at the next epoch; training goes on.
+    """
+
+    KEY = "epoch_time_s"  # every epoch has it: its steps say which epochs the run has
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        self.uri, self.run_id = uri, run_id
+        self._logged: set[int] | None = None
+
+    def sync(self, history: list[Mapping[str, Any]]) -> None:
+        try:
+            mc = client(self.uri)
+            if self._logged is None:
+                self._logged = {int(m.step) for m in mc.get_metric_history(self.run_id, self.KEY)}
+            for entry in history:
+                step = int(entry["epoch"]) + 1
+                if step in self._logged:
+                    continue
+                log_metrics(mc, self.run_id, {k: v for k, v in entry.items() if k != "epoch"}, step=step)
+                self._logged.add(step)
+        except Exception as e:  # noqa: BLE001 (tracking must never stop training)
+            log.warning("MLflow logging failed (%s); retrying at the next epoch", e)
+
+
+def log_trial_result(uri: str, run_id: str, *, metrics: Mapping[str, Any], report: Mapping[str, Any],
+                     files: Iterable[Path], model: Any, input_shape: tuple[int, ...], checkpoint: Path,
+                     step: int) -> None:
+    """The trial's evaluation and model, once: metrics, check tags, report and plots, the
+    checkpoint and an MLflow PyTorch (pt2) model of the final prediction P'."""
+    mc = client(uri)
+    run = mc.get_run(run_id)
+    if run.data.tags.get(FINAL_LOGGED) == "true":
+        return
+    log_metrics(mc, run_id, metrics, step=step)
+    tags = {MASKED: ",".join(report.get("masked_metrics", [])) or "none",
+            "ancra.checks_passed": str(bool(report.get("checks_passed"))).lower()}
+    for c in report.get("checks", []):
+        tags[f"check.{c['name']}"] = {True: "pass", False: "fail", None: "n/a"}[c["passed"]]
+    for a in report.get("attacks", []):
+        tags[f"attack.{a['name']}"] = f"{a['kind']} on {a['target']}"
+    for k, v in tags.items():
+        mc.set_tag(run_id, k, v)
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d, "report.json")
+        p.write_text(json.dumps({k: v for k, v in report.items()}, indent=1, default=str))
+        mc.log_artifact(run_id, str(p), artifact_path="evaluation")
+    for f in files:
+        mc.log_artifact(run_id, str(f), artifact_path="evaluation")
+    mc.log_artifact(run_id, str(checkpoint), artifact_path="checkpoint")
+    if MODEL_URI not in run.data.tags:
+        uri_model = log_model(uri, run_id, model, input_shape)
+        mc.set_tag(run_id, MODEL_URI, uri_model)
+    mc.set_tag(run_id, FINAL_LOGGED, "true")
+
+
+def log_model(uri: str, run_id: str, model: Any, input_shape: tuple[int, ...]) -> str:
+    """Log P' as a torch.export (pt2) program with a dynamic batch dimension; returns its URI."""
+    import copy
+
+    import mlflow
+    import mlflow.pytorch
+    import numpy as np
+    import torch
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    from ancra_tune.robustness import LogitsOnly
+
+    core = copy.deepcopy(model).cpu().eval()
+    wrapped = LogitsOnly(core).eval()  # ModelOutput is a dataclass: export the logits only
+    example = np.random.default_rng(0).random((2, *input_shape), dtype=np.float32)  # batch > 1: dynamic
+    with torch.no_grad():
+        n_classes = int(wrapped(torch.from_numpy(example)).shape[1])
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *input_shape), "images")]),
+                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, n_classes), "logits")]))
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    with mlflow.start_run(run_id=run_id, nested=True, log_system_metrics=False):
+        info = mlflow.pytorch.log_model(wrapped, name="model", signature=signature, input_example=example,
+                                        serialization_format="pt2", pip_requirements=_requirements())
+    return info.model_uri
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"torch=={version('torch')}", f"mlflow=={version('mlflow')}"]
+
+
+# --------------------------------------------------------------------------- choosing the best
+
+
+def study_runs(uri: str, study: str) -> tuple[Any, Any, list[Any]]:
+    """(experiment, the latest parent run of ``study``, its child runs)."""
+    mc = client(uri)
+    exp = mc.get_experiment_by_name(study)
+    if exp is None:
+        raise TrackingError(f"no MLflow experiment {study!r} in {uri}; run the study first (or pass --tracking-uri)")
+    parents = mc.search_runs([exp.experiment_id], filter_string=f"tags.`{ROLE}` = 'study'",
+                             order_by=["attributes.start_time DESC"], max_results=1)
+    if not parents:
+        raise TrackingError(f"experiment {study!r} has no study run")
+    children = mc.search_runs([exp.experiment_id],
+                              filter_string=f"tags.`{PARENT}` = '{parents[0].info.run_id}'", max_results=5000)
+    return exp, parents[0], children
+
+
+def masked_for(run: Any, metric: str) -> bool:
+    """Whether the run's checks flag ``metric`` as overestimating robustness: another attack
+    beats that attack, or the metric attacks P' alone while adaptive attacks show P' masked."""
+    masked = [m for m in run.data.tags.get(MASKED, "").split(",") if m and m != "none"]
+    if metric in masked or metric.removeprefix("acc_") in masked:
+        return True
+    final_only = metric.endswith("_final") and (metric.startswith("acc_") or metric.startswith("val_pgd_acc"))
+    return final_only and run.data.tags.get("check.final_output_not_masked") == "fail"
+
+
+def pick_best(children: list[Any], metric: str, *, mode: str = "max", force: bool = False) -> Any:
+    """The finished child run with the best ``metric``; refuses a masked winner unless ``force``."""
+    scored = [r for r in children if r.data.tags.get(STATUS) == "finished" and metric in r.data.metrics
+              and MODEL_URI in r.data.tags]
+    if not scored:
+        known = sorted({k for r in children for k in r.data.metrics})
+        raise TrackingError(f"no finished trial with a model has metric {metric!r}; metrics: {', '.join(known)}")
+    sign = 1 if mode == "max" else -1
+    # Ties: the higher clean accuracy, then the earlier trial (the paper's defaults run first).
+    best = max(scored, key=lambda r: (sign * r.data.metrics[metric], r.data.metrics.get("clean_acc", 0.0),
+                                      -r.info.start_time))
+    if masked_for(best, metric) and not force:
+        raise TrackingError(
+            f"the best trial by {metric} ({best.data.tags.get(TRIAL_ID)}, {best.data.metrics[metric]:.4f}) has "
+            f"{metric} flagged as masked by its gradient-masking checks (another attack beats it): it "
+            f"overestimates robustness. Choose --metric {DEFAULT_METRIC} (the worst case) or pass --force.")
+    return best
+
+
+def register_best(uri: str, study: str, *, metric: str = DEFAULT_METRIC, mode: str = "max",
+                  model_name: str | None = None, force: bool = False, alias: str = CHAMPION) -> dict[str, Any]:
+    """Register the best trial's model and point ``alias`` at the new version."""
+    mc = client(uri)
+    _, parent, children = study_runs(uri, study)
+    best = pick_best(children, metric, mode=mode, force=force)
+    name = model_name or f"ancra-{study}"
+    model_uri = best.data.tags[MODEL_URI]
+    try:
+        mc.get_registered_model(name)
+    except Exception:  # noqa: BLE001 (MLflow raises RESOURCE_DOES_NOT_EXIST)
+        mc.create_registered_model(name, description=f"ANCRA models chosen from study {study}")
+    version = mc.create_model_version(name, model_uri, run_id=best.info.run_id,
+                                      tags={"study": study, "trial_id": best.data.tags.get(TRIAL_ID, ""),
+                                            "metric": metric, metric: str(best.data.metrics[metric])})
+    _wait_ready(mc, name, version.version)
+    mc.set_registered_model_alias(name, alias, version.version)
+    return {"name": name, "version": int(version.version), "alias": alias, "run_id": best.info.run_id,
+            "trial_id": best.data.tags.get(TRIAL_ID), "metric": metric, "value": best.data.metrics[metric],
+            "model_uri": model_uri, "study_run_id": parent.info.run_id,
+            "load_uri": f"models:/{name}@{alias}"}
+
+
+def _wait_ready(mc: Any, name: str, version: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = mc.get_model_version(name, version).status
+        if status == "READY":
+            return
+        if status == "FAILED_REGISTRATION":
+            raise TrackingError(f"registering {name} version {version} failed")
+        time.sleep(0.5)
+    raise TrackingError(f"{name} version {version} was not ready after {timeout:.0f} s")
+
+
+# --------------------------------------------------------------------------- the UI
+
+
+def ui_command(uri: str, *, port: int = 5000, host: str = "127.0.0.1") -> tuple[list[str], dict[str, str]]:
+    """The ``mlflow server`` command line for the UI on ``uri``: one worker, no job runner."""
+    import sys
+
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host,
+           "--port", str(port), "--workers", "1"]
+    if is_local(uri):
+        cmd += ["--artifacts-destination", local_artifact_root(uri)]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    return cmd, env
+
+
+def wait_for_server(url: str, timeout: float = 60.0, proc: Any = None) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise TrackingError(f"the MLflow server exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=2) as r:  # noqa: S310
+                if r.read(8).decode().strip() == "OK":
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.3)
+    raise TrackingError(f"the MLflow server at {url} did not answer within {timeout:.0f} s")
