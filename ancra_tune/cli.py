@@ -125,13 +125,16 @@ def format_summary(summary: dict) -> str:
 
 
 def _best(args: argparse.Namespace) -> int:
-    from trainables.tracking import TrackingError, register_best, resolve_tracking_uri
+    from mlflow.exceptions import MlflowException
+
+    from trainables.tracking import TrackingError, check_tracking, register_best, resolve_tracking_uri
 
     try:
         uri = resolve_tracking_uri(args.tracking_uri)
+        check_tracking(uri)
         out = register_best(uri, args.study, metric=args.metric, mode=args.mode, model_name=args.model_name,
                             force=args.force)
-    except TrackingError as e:
+    except (TrackingError, MlflowException) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"best trial of {args.study} by {out['metric']} ({args.mode}): {out['trial_id']} = {out['value']:.4f}\n"

@@ -45,14 +45,15 @@ def _results(trial_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
 
 
-def test_quickstart_study_end_to_end(ray_local, tmp_path: Path) -> None:
-    """>= 3 trials of 2 Train workers; ASHA stops one; every sample respects the conditional space."""
+def test_quickstart_study_end_to_end(ray_local, tmp_path: Path, mlflow_server: str) -> None:
+    """>= 3 trials of 2 Train workers; ASHA stops one; every sample respects the conditional space;
+    MLflow (a real server) gets one parent and one child per trial; `best` registers the winner."""
     from trainables.study import load_study
     from trainables.tuner import run_study
 
     study = load_study(QUICKSTART)
     assert study.resources.workers == 2 and study.num_samples >= 3
-    summary = run_study(study, storage=str(tmp_path / "studies"))
+    summary = run_study(study, storage=str(tmp_path / "studies"), tracking_uri=mlflow_server)
     trials = summary["trials"]
     assert len(trials) == study.num_samples
     assert summary["status_counts"]["stopped"] >= 1, summary["status_counts"]
@@ -77,6 +78,117 @@ def test_quickstart_study_end_to_end(ray_local, tmp_path: Path) -> None:
     assert best["status"] == "finished"
     assert best["robust_acc_worst"] == max(t["robust_acc_worst"] for t in trials if t["status"] == "finished")
     assert Path(summary["study_dir"], "summary.json").is_file()
+    _check_tracked_study(mlflow_server, study, summary)
+    _check_best_is_registered(mlflow_server, summary, tmp_path)
+
+
+def _mlflow_runs(uri: str, experiment: str) -> tuple[object, list]:
+    from trainables.tracking import client
+
+    mc = client(uri)
+    exp = mc.get_experiment_by_name(experiment)
+    assert exp is not None
+    runs = mc.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("ancra.role") == "study"]
+    assert len(parents) == 1, [r.info.run_name for r in parents]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(children) + 1 == len(runs)  # nothing else: no duplicate, no orphan
+    return parents[0], children
+
+
+def _check_tracked_study(uri: str, study, summary: dict) -> None:
+    from ancra_tune.config import flatten
+    from trainables.tracking import client
+
+    mc = client(uri)
+    parent, children = _mlflow_runs(uri, study.name)
+    assert parent.info.run_id == summary["mlflow"]["study_run_id"] and parent.info.status == "FINISHED"
+    assert parent.data.tags["ancra.study_kind"] == "sweep"
+    assert len(parent.data.tags["mlflow.source.git.commit"]) == 40
+    assert parent.data.params["study.objective"] == "robust_acc_worst"
+    assert {a.path for a in mc.list_artifacts(parent.info.run_id, "study")} == {
+        "study/quickstart.yaml", "study/train_config.yaml"}
+    assert parent.data.metrics["trials_finished"] == summary["status_counts"]["finished"]
+    by_trial = {r.data.tags["ancra.trial_id"]: r for r in children}
+    assert sorted(by_trial) == sorted(str(t["trial_id"]) for t in summary["trials"])
+    for t in summary["trials"]:
+        run = by_trial[str(t["trial_id"])]
+        params = dict(t["params"])
+        seed = params.pop("seed")
+        expected = {k: str(v) for k, v in flatten(study.train_config(params, seed)).items()}
+        got = {k: v for k, v in run.data.params.items() if k != "trial_id"}
+        assert got == expected  # the whole flattened trial configuration
+        for k, v in params.items():  # the sampled values themselves
+            assert run.data.params[k] == str(v)
+        assert run.data.tags["ancra.status"] == t["status"]
+        assert run.info.status == {"finished": "FINISHED", "stopped": "KILLED"}[t["status"]]
+        # One value per epoch trained, step = epoch, for every per-epoch metric. A trial that ASHA
+        # stops may finish one more epoch before Tune kills it: MLflow has it, Tune drops its report.
+        trained = len(mc.get_metric_history(run.info.run_id, "epoch_time_s"))
+        assert trained == t["epochs_run"] if t["status"] == "finished" else t["epochs_run"] <= trained < 4
+        for key in ("loss", "loss_at", "loss_aux_at", "val_clean_acc", "val_robust_acc", "val_pgd_acc_final",
+                    "epoch_time_s", "train_images_per_s", "lr"):
+            hist = mc.get_metric_history(run.info.run_id, key)
+            assert sorted(m.step for m in hist) == list(range(1, trained + 1)), (key, t["status"])
+        if params.get("method.anc"):
+            assert len(mc.get_metric_history(run.info.run_id, "neg_fallback_rate")) == trained
+        results = {r["epoch"]: r for r in _results(t["trial_dir"]) if "epoch" in r and "final" not in r}
+        assert len(results) == t["epochs_run"]
+        for m in mc.get_metric_history(run.info.run_id, "val_robust_acc"):
+            if m.step in results:
+                assert m.value == pytest.approx(results[m.step]["val_robust_acc"])
+        if t["status"] == "finished":
+            assert run.data.metrics["robust_acc_worst"] == pytest.approx(t["robust_acc_worst"])
+            assert run.data.metrics["clean_acc"] == pytest.approx(t["clean_acc"])
+            assert run.data.tags["check.robust_le_clean"] in ("pass", "fail")
+            assert run.data.tags["attack.pgd10_aux"] == "pgd on aux" or params.get("model.ra") is False
+            assert run.data.tags["ancra.model_uri"].startswith("models:/")
+            arts = {a.path for a in mc.list_artifacts(run.info.run_id, "evaluation")}
+            assert arts == {"evaluation/report.json", "evaluation/features_hist.png", "evaluation/embedding.png"}
+            assert [a.path for a in mc.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/checkpoint.pt"]
+            local = mc.download_artifacts(run.info.run_id, "evaluation/report.json", str(t["trial_dir"]))
+            report = json.loads(Path(local).read_text())
+            assert report["robust_acc_worst"] == pytest.approx(t["robust_acc_worst"])
+        else:
+            assert "robust_acc_worst" not in run.data.metrics and "ancra.model_uri" not in run.data.tags
+
+
+def _check_best_is_registered(uri: str, summary: dict, tmp_path: Path) -> None:
+    """`ancra-tune best` registers the best trial's model under @champion; it loads and predicts
+    exactly as the trial's checkpoint does."""
+    import mlflow
+    import mlflow.pytorch
+
+    from ancra_tune.checkpoint import load_model
+    from ancra_tune.robustness import load_eval_data
+    from trainables.tracking import client
+
+    out = subprocess.run([sys.executable, "-m", "ancra_tune.cli", "best", "quickstart", "--tracking-uri", uri],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    finished = [t for t in summary["trials"] if t["status"] == "finished"]
+    top = max(t["robust_acc_worst"] for t in finished)
+    candidates = {str(t["trial_id"]) for t in finished if t["robust_acc_worst"] == top}
+    mc = client(uri)
+    version = mc.get_model_version_by_alias("ancra-quickstart", "champion")
+    run = mc.get_run(version.run_id)
+    assert run.data.tags["ancra.trial_id"] in candidates
+    assert f"ancra-quickstart version {version.version} with alias @champion" in out.stdout
+    mlflow.set_tracking_uri(uri)
+    loaded = mlflow.pytorch.load_model("models:/ancra-quickstart@champion")
+    trial = next(t for t in finished if str(t["trial_id"]) == run.data.tags["ancra.trial_id"])
+    model, cfg, _ = load_model(Path(trial["checkpoint"], "checkpoint.pt"))
+    x, y = load_eval_data(cfg, "val")
+    with torch.no_grad():
+        pred = loaded(x[:100])
+        torch.testing.assert_close(pred, model(x[:100]).logits, rtol=1e-4, atol=1e-4)
+    # Evaluated: its clean accuracy on the trial's evaluation examples is the logged one.
+    from ancra_tune.robustness import seeded_subset
+
+    idx = seeded_subset(x.shape[0], int(run.data.metrics["eval_n_examples"]), 0)
+    with torch.no_grad():
+        acc = (loaded(x[idx]).argmax(1) == y[idx]).float().mean().item()
+    assert acc == pytest.approx(run.data.metrics["clean_acc"], abs=1e-6)
 
 
 def test_two_workers_reproduce_one_workers_first_step(ray_local, tmp_path: Path) -> None:
@@ -143,11 +255,14 @@ seeds: [0, 1]
 """
 
 
-def test_ablation_table_and_a_diverging_trial(ray_local, tmp_path: Path) -> None:
-    """lr = 1e12 diverges: reported as such with its epoch, while the other trials finish."""
+def test_ablation_table_and_a_diverging_trial(ray_local, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """lr = 1e12 diverges: reported as such with its epoch, while the other trials finish.
+    With no tracking settings, MLflow runs land in mlflow.db in the working directory."""
     from trainables.study import load_study
     from trainables.tuner import run_study
 
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
     study = load_study(_study_file(tmp_path, ABLATION))
     summary = run_study(study, storage=str(tmp_path / "studies"))
     trials = summary["trials"]
@@ -166,10 +281,32 @@ def test_ablation_table_and_a_diverging_trial(ray_local, tmp_path: Path) -> None
     md = (out / "ablation.md").read_text()
     assert "| optim.lr | seeds | Clean (%) | Robust, worst case (%) | AutoAttack (%) | Time/epoch (s) |" in md
     assert md.count("\n| ") == 3
+    # The embedded default: a sqlite store and an artifact folder in the working directory.
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert summary["mlflow"]["tracking_uri"] == uri and (tmp_path / "mlflow.db").is_file()
+    from trainables.tracking import client
+
+    mc = client(uri)
+    parent, children = _mlflow_runs(uri, "lr_ablation")
+    assert parent.data.tags["ancra.study_kind"] == "ablation"
+    assert {a.path for a in mc.list_artifacts(parent.info.run_id)} >= {"ablation.csv", "ablation.md",
+                                                                       "summary.json", "study"}
+    assert (tmp_path / "mlartifacts" / "lr_ablation").is_dir()
+    assert len(children) == 4
+    for run in children:
+        lr, seed = float(run.data.params["optim.lr"]), int(run.data.params["seed"])
+        assert seed in (0, 1)
+        if lr > 1:
+            assert run.info.status == "FAILED" and run.data.tags["ancra.status"] == "diverged"
+            assert run.data.tags["ancra.diverged_epoch"] == "1"
+        else:
+            assert run.info.status == "FINISHED" and run.data.tags["ancra.status"] == "finished"
+            assert "robust_acc_worst" in run.data.metrics and "ancra.model_uri" in run.data.tags
 
 
-def test_interrupted_study_resumes_each_trial_once(ray_local, tmp_path: Path) -> None:
-    """Interrupt a study (SIGINT) after its first trial ends; --resume finishes the rest only."""
+def test_interrupted_study_resumes_each_trial_once(ray_local, tmp_path: Path, mlflow_server: str) -> None:
+    """Interrupt a study (SIGINT) after its first trial ends; --resume finishes the rest only,
+    and MLflow ends with one parent run and one run per trial, each epoch logged once."""
     import ray
 
     ray.shutdown()  # the CLI process starts its own Ray
@@ -179,7 +316,7 @@ def test_interrupted_study_resumes_each_trial_once(ray_local, tmp_path: Path) ->
         f = _study_file(tmp_path, text)
         storage = tmp_path / "studies"
         cmd = [sys.executable, "-m", "ancra_tune.cli", "ablate", str(f), "--storage", str(storage),
-               "--num-cpus", "1"]  # one trial at a time
+               "--num-cpus", "1", "--tracking-uri", mlflow_server]  # one trial at a time
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         study_dir = storage / "resume_me"
@@ -218,6 +355,16 @@ def test_interrupted_study_resumes_each_trial_once(ray_local, tmp_path: Path) ->
             assert (study_dir / name / "result.json").read_text() == text
         summary = json.loads((study_dir / "summary.json").read_text())
         assert summary["status_counts"]["finished"] == 2
+        from trainables.tracking import client
+
+        mc = client(mlflow_server)
+        parent, children = _mlflow_runs(mlflow_server, "resume_me")
+        assert parent.info.status == "FINISHED" and len(children) == 2
+        for run in children:
+            steps = [m.step for m in mc.get_metric_history(run.info.run_id, "epoch_time_s")]
+            assert sorted(steps) == [1, 2, 3, 4, 5], steps  # every epoch once, across the interruption
+            assert run.info.status == "FINISHED" and run.data.tags["ancra.final_logged"] == "true"
+            assert len(mc.get_metric_history(run.info.run_id, "robust_acc_worst")) == 1
     finally:
         from trainables.tuner import init_ray
 

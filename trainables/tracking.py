@@ -312,30 +312,38 @@ def log_trial_result(uri: str, run_id: str, *, metrics: Mapping[str, Any], repor
                      files: Iterable[Path], model: Any, input_shape: tuple[int, ...], checkpoint: Path,
                      step: int) -> None:
     """The trial's evaluation and model, once: metrics, check tags, report and plots, the
-    checkpoint and an MLflow PyTorch (pt2) model of the final prediction P'."""
+    checkpoint and an MLflow PyTorch (pt2) model of the final prediction P'.
+
+    Every part is idempotent, so a run interrupted in the middle of it completes on restart
+    without a second value or a second model."""
     mc = client(uri)
     run = mc.get_run(run_id)
     if run.data.tags.get(FINAL_LOGGED) == "true":
         return
-    log_metrics(mc, run_id, metrics, step=step)
+    have = set(run.data.metrics)
+    log_metrics(mc, run_id, {k: v for k, v in metrics.items() if k not in have}, step=step)
     tags = {MASKED: ",".join(report.get("masked_metrics", [])) or "none",
             "ancra.checks_passed": str(bool(report.get("checks_passed"))).lower()}
     for c in report.get("checks", []):
         tags[f"check.{c['name']}"] = {True: "pass", False: "fail", None: "n/a"}[c["passed"]]
     for a in report.get("attacks", []):
         tags[f"attack.{a['name']}"] = f"{a['kind']} on {a['target']}"
-    for k, v in tags.items():
-        mc.set_tag(run_id, k, v)
-    with tempfile.TemporaryDirectory() as d:
+    from mlflow.entities import RunTag
+
+    mc.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    with tempfile.TemporaryDirectory() as d:  # artifacts overwrite themselves: idempotent
         p = Path(d, "report.json")
-        p.write_text(json.dumps({k: v for k, v in report.items()}, indent=1, default=str))
+        p.write_text(json.dumps(dict(report), indent=1, default=str))
         mc.log_artifact(run_id, str(p), artifact_path="evaluation")
     for f in files:
         mc.log_artifact(run_id, str(f), artifact_path="evaluation")
     mc.log_artifact(run_id, str(checkpoint), artifact_path="checkpoint")
     if MODEL_URI not in run.data.tags:
-        uri_model = log_model(uri, run_id, model, input_shape)
-        mc.set_tag(run_id, MODEL_URI, uri_model)
+        ready = [m for m in mc.search_logged_models([run.info.experiment_id],
+                                                    filter_string=f"source_run_id = '{run_id}'")
+                 if str(m.status) == "READY"]
+        model_uri = ready[0].model_uri if ready else log_model(uri, run_id, model, input_shape)
+        mc.set_tag(run_id, MODEL_URI, model_uri)
     mc.set_tag(run_id, FINAL_LOGGED, "true")
 
 
@@ -428,14 +436,17 @@ def register_best(uri: str, study: str, *, metric: str = DEFAULT_METRIC, mode: s
     best = pick_best(children, metric, mode=mode, force=force)
     name = model_name or f"ancra-{study}"
     model_uri = best.data.tags[MODEL_URI]
-    try:
-        mc.get_registered_model(name)
-    except Exception:  # noqa: BLE001 (MLflow raises RESOURCE_DOES_NOT_EXIST)
-        mc.create_registered_model(name, description=f"ANCRA models chosen from study {study}")
-    version = mc.create_model_version(name, model_uri, run_id=best.info.run_id,
-                                      tags={"study": study, "trial_id": best.data.tags.get(TRIAL_ID, ""),
-                                            "metric": metric, metric: str(best.data.metrics[metric])})
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    # mlflow.register_model resolves a LoggedModel URI (models:/m-...) for every kind of store.
+    version = mlflow.register_model(model_uri, name, await_registration_for=300,
+                                    tags={"study": study, "trial_id": best.data.tags.get(TRIAL_ID, ""),
+                                          "metric": metric, metric: str(best.data.metrics[metric])})
     _wait_ready(mc, name, version.version)
+    if not mc.get_registered_model(name).description:
+        mc.update_registered_model(name, description=f"ANCRA models chosen from study {study} (P' logits)")
     mc.set_registered_model_alias(name, alias, version.version)
     return {"name": name, "version": int(version.version), "alias": alias, "run_id": best.info.run_id,
             "trial_id": best.data.tags.get(TRIAL_ID), "metric": metric, "value": best.data.metrics[metric],

@@ -110,6 +110,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     ray.train.report({**final, DIVERGED: 0, "final": 1, "reported_at": time.time()})
                     return
                 trainer.resume(Path(d) / CHECKPOINT_NAME)
+                # The last epoch's state is the run's checkpoint until another epoch ends (also when
+                # none is left: the run stopped between its last epoch and its evaluation).
+                shutil.copy2(Path(d) / CHECKPOINT_NAME, out_dir / CHECKPOINT_NAME)
         try:
             trainer.fit()
         except DivergedError as e:

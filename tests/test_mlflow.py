@@ -1,0 +1,183 @@
+"""MLflow tracking against a real `mlflow server` process and the embedded sqlite store.
+
+The study-level tests (a quickstart study, a resumed study, the sqlite default) run through
+Ray in ``test_ray.py``; these check the tracking layer's own promises directly.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from trainables import tracking as tr
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens once the socket is closed
+
+
+def test_default_store_is_sqlite_in_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert tr.resolve_tracking_uri() == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    # Relative sqlite paths become absolute: Ray workers run elsewhere.
+    assert tr.resolve_tracking_uri("sqlite:///sub/x.db") == f"sqlite:///{tmp_path.resolve() / 'sub' / 'x.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1234")
+    assert tr.resolve_tracking_uri() == "http://127.0.0.1:1234"
+    assert tr.resolve_tracking_uri("http://h:1") == "http://h:1"  # the flag wins over the variable
+    with pytest.raises(tr.TrackingError, match="not supported"):
+        tr.resolve_tracking_uri("mlruns")
+
+
+def test_unreachable_server_fails_fast_before_ray_starts(tmp_path: Path) -> None:
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    t = time.perf_counter()
+    with pytest.raises(tr.TrackingError, match="unreachable"):
+        tr.check_tracking(uri)
+    assert time.perf_counter() - t < 10
+    # Through the command line: exit code 2, a clear message, no study folder, no Ray.
+    storage = tmp_path / "studies"
+    t = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "ancra_tune.cli", "sweep", str(ROOT / "search_spaces/quickstart.yaml"),
+                          "--storage", str(storage), "--tracking-uri", uri], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert f"the MLflow tracking server {uri} is unreachable" in out.stderr
+    assert time.perf_counter() - t < 60
+    assert not (storage / "quickstart").exists()
+    assert "Started a local Ray instance" not in out.stdout + out.stderr
+
+
+def test_epoch_logger_logs_each_epoch_once_across_restarts(mlflow_server: str) -> None:
+    mc = tr.client(mlflow_server)
+    exp = tr.ensure_experiment(mc, "epoch_logger", mlflow_server)
+    run_id = mc.create_run(exp).info.run_id
+    history = [{"epoch": 0.0, "loss": 2.0, "epoch_time_s": 1.0, "val_robust_acc": 0.1}]
+    logger = tr.EpochLogger(mlflow_server, run_id)
+    logger.sync(history)
+    history.append({"epoch": 1.0, "loss": 1.5, "epoch_time_s": 1.1, "val_robust_acc": 0.2})
+    logger.sync(history)
+    logger.sync(history)  # nothing new
+    # A restarted worker group: a new logger, the history from the checkpoint plus a new epoch.
+    history.append({"epoch": 2.0, "loss": 1.2, "epoch_time_s": 0.9, "val_robust_acc": 0.3})
+    tr.EpochLogger(mlflow_server, run_id).sync(history)
+    for key, values in (("loss", [2.0, 1.5, 1.2]), ("val_robust_acc", [0.1, 0.2, 0.3])):
+        hist = sorted(mc.get_metric_history(run_id, key), key=lambda m: m.step)
+        assert [(m.step, m.value) for m in hist] == list(zip([1, 2, 3], values, strict=True))
+    assert "epoch" not in mc.get_run(run_id).data.metrics
+
+
+def test_trial_run_is_created_once_per_trial(mlflow_server: str) -> None:
+    mc = tr.client(mlflow_server)
+    exp = tr.ensure_experiment(mc, "trial_runs", mlflow_server)
+    parent = mc.create_run(exp, tags={tr.ROLE: "study"}).info.run_id
+    tracking = tr.StudyTracking(mlflow_server, exp, parent)
+    a = tr.trial_run(tracking, "t1", name="trial 1", params={"method.alpha": 0.5})
+    mc.set_terminated(a, status="KILLED")
+    assert tr.trial_run(tracking, "t1", name="trial 1", params={"method.alpha": 0.5}) == a
+    assert mc.get_run(a).info.status == "RUNNING"  # a restarted trial reopens its run
+    b = tr.trial_run(tracking, "t2", name="trial 2", params={"method.alpha": 0.7})
+    assert b != a
+    children = mc.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+    assert sorted(r.info.run_id for r in children) == sorted([a, b])
+    assert mc.get_run(b).data.params == {"method.alpha": "0.7"}
+
+
+def test_logged_model_has_a_dynamic_batch_and_matches_the_final_output(mlflow_server: str) -> None:
+    import mlflow.pytorch
+
+    from ancra_tune.models import create_model
+
+    model = create_model("small_cnn", num_classes=10, in_channels=1, mean=(0.5,), std=(0.25,), ra=True).eval()
+    mc = tr.client(mlflow_server)
+    exp = tr.ensure_experiment(mc, "models", mlflow_server)
+    run_id = mc.create_run(exp).info.run_id
+    uri = tr.log_model(mlflow_server, run_id, model, (1, 8, 8))
+    assert uri.startswith("models:/")
+    mlflow.set_tracking_uri(mlflow_server)
+    loaded = mlflow.pytorch.load_model(uri)
+    for n in (1, 5, 33):  # exported with a dynamic batch dimension
+        x = torch.rand(n, 1, 8, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), model(x).logits, rtol=1e-5, atol=1e-5)
+    info = mlflow.models.get_model_info(uri)
+    assert info.signature.inputs.inputs[0].shape == (-1, 1, 8, 8)
+    assert np.dtype(info.signature.inputs.inputs[0].type) == np.float32
+
+
+def _child(mc, exp: str, parent: str, trial: str, metrics: dict, tags: dict) -> str:
+    run_id = mc.create_run(exp, tags={tr.PARENT: parent, tr.TRIAL_ID: trial, tr.STATUS: "finished",
+                                      tr.MODEL_URI: f"models:/m-{trial}", **tags}).info.run_id
+    tr.log_metrics(mc, run_id, metrics, step=1)
+    return run_id
+
+
+def test_best_refuses_a_metric_that_the_checks_flag(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    tr.check_tracking(uri)
+    mc = tr.client(uri)
+    exp = tr.ensure_experiment(mc, "picky", uri)
+    parent = mc.create_run(exp, tags={tr.ROLE: "study"}).info.run_id
+    # Trial a looks best under PGD on P' alone, but adaptive attacks beat it: masked.
+    _child(mc, exp, parent, "a", {"acc_pgd10_final": 0.9, "robust_acc_worst": 0.3, "clean_acc": 0.9},
+           {tr.MASKED: "pgd10_final", "check.final_output_not_masked": "fail"})
+    _child(mc, exp, parent, "b", {"acc_pgd10_final": 0.6, "robust_acc_worst": 0.5, "clean_acc": 0.8},
+           {tr.MASKED: "none", "check.final_output_not_masked": "pass"})
+    _child(mc, exp, parent, "c", {"acc_pgd10_final": 0.95, "robust_acc_worst": 0.6, "clean_acc": 0.9},
+           {tr.MASKED: "none", tr.STATUS: "stopped"})  # ASHA stopped it: never a candidate
+    _, _, children = tr.study_runs(uri, "picky")
+    assert tr.pick_best(children, "robust_acc_worst").data.tags[tr.TRIAL_ID] == "b"
+    with pytest.raises(tr.TrackingError, match="masked"):
+        tr.pick_best(children, "acc_pgd10_final")
+    assert tr.pick_best(children, "acc_pgd10_final", force=True).data.tags[tr.TRIAL_ID] == "a"
+    assert tr.pick_best(children, "robust_acc_worst", mode="min").data.tags[tr.TRIAL_ID] == "a"
+    with pytest.raises(tr.TrackingError, match="no finished trial"):
+        tr.pick_best(children, "nonexistent")
+    with pytest.raises(tr.TrackingError, match="no MLflow experiment"):
+        tr.study_runs(uri, "nope")
+
+
+def test_trial_result_is_logged_once_even_when_interrupted_midway(mlflow_server: str, tmp_path: Path) -> None:
+    """A worker stopped after logging the model but before marking the run complete repeats the
+    logging on restart: still one value per metric and one model."""
+    from ancra_tune.models import create_model
+
+    model = create_model("small_cnn", num_classes=10, in_channels=1, mean=(0.5,), std=(0.25,), ra=False).eval()
+    mc = tr.client(mlflow_server)
+    exp = tr.ensure_experiment(mc, "once", mlflow_server)
+    run_id = mc.create_run(exp).info.run_id
+    ckpt = tmp_path / "checkpoint.pt"
+    ckpt.write_bytes(b"weights")
+    png = tmp_path / "features_hist.png"
+    png.write_bytes(b"png")
+    report = {"masked_metrics": ["pgd10_final"], "checks_passed": False,
+              "checks": [{"name": "final_output_not_masked", "passed": False},
+                         {"name": "whitebox_beats_transfer", "passed": None}],
+              "attacks": [{"name": "pgd10_aux", "kind": "pgd", "target": "aux"}]}
+    kw = dict(metrics={"clean_acc": 0.9, "robust_acc_worst": 0.4}, report=report, files=[png], model=model,
+              input_shape=(1, 8, 8), checkpoint=ckpt, step=3)
+    tr.log_trial_result(mlflow_server, run_id, **kw)
+    first = mc.get_run(run_id).data.tags[tr.MODEL_URI]
+    mc.delete_tag(run_id, tr.FINAL_LOGGED)  # as if the worker died before its last call
+    mc.delete_tag(run_id, tr.MODEL_URI)
+    tr.log_trial_result(mlflow_server, run_id, **kw)
+    tags = mc.get_run(run_id).data.tags
+    assert tags[tr.MODEL_URI] == first and tags[tr.FINAL_LOGGED] == "true"
+    assert len(mc.search_logged_models([exp], filter_string=f"source_run_id = '{run_id}'")) == 1
+    assert [(m.step, m.value) for m in mc.get_metric_history(run_id, "robust_acc_worst")] == [(3, 0.4)]
+    assert tags["check.final_output_not_masked"] == "fail" and tags["check.whitebox_beats_transfer"] == "n/a"
+    assert tags[tr.MASKED] == "pgd10_final" and tags["attack.pgd10_aux"] == "pgd on aux"
+    assert {a.path for a in mc.list_artifacts(run_id, "evaluation")} == {"evaluation/report.json",
+                                                                        "evaluation/features_hist.png"}
