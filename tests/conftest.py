@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +18,12 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     run_slow = os.environ.get("ANCRA_RUN_SLOW") == "1"
     has_cuda = torch.cuda.is_available()
+    has_browser = bool(shutil.which("chromedriver")) and any(shutil.which(n) for n in ("chromium", "chromium-browser",
+                                                                                      "google-chrome"))
     for item in items:
+        if "browser" in item.keywords and not has_browser:
+            item.add_marker(pytest.mark.skip(reason="needs chromium and chromedriver (apt-get install chromium "
+                                                    "chromium-driver)"))
         if "slow" in item.keywords and not run_slow:
             item.add_marker(pytest.mark.skip(reason="slow: set ANCRA_RUN_SLOW=1 to run"))
         if "gpu" in item.keywords and not has_cuda:

@@ -112,14 +112,22 @@ def client(uri: str) -> Any:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+EXPERIMENT_KIND = "mlflow.experimentKind"  # the UI opens model-training experiments on their runs table
+
+
 def ensure_experiment(mc: Any, name: str, uri: str) -> str:
     exp = mc.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             raise TrackingError(f"MLflow experiment {name!r} is deleted; restore it or rename the study")
+        if EXPERIMENT_KIND not in exp.tags:
+            mc.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, "custom_model_development")
         return exp.experiment_id
     location = f"{local_artifact_root(uri)}/{name}" if is_local(uri) else None
-    return mc.create_experiment(name, artifact_location=location)
+    return mc.create_experiment(name, artifact_location=location,
+                                tags={EXPERIMENT_KIND: "custom_model_development",
+                                      "mlflow.note.content": f"ancra-tune study {name}: one parent run per study "
+                                                             "run, one nested run per trial."})
 
 
 # --------------------------------------------------------------------------- small helpers

@@ -1,0 +1,155 @@
+"""Screenshot the MLflow UI as a user sees it: a study's runs list with its nested trials and
+their robust-accuracy columns, taken with headless Chromium.
+
+    python scripts/ui_screenshot.py --experiment quickstart --out ui.png
+
+Tracks into the same store as ``ancra-tune`` (``--tracking-uri``, else ``MLFLOW_TRACKING_URI``,
+else ``mlflow.db`` here). For a local store it starts the UI (``mlflow server`` on 127.0.0.1, as
+``ancra-tune ui`` does) and stops it afterwards. Needs Chromium and its driver (Debian:
+``apt-get install chromium chromium-driver``) and ``pip install selenium``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+METRICS = ("robust_acc_worst", "clean_acc", "acc_pgd10_final", "acc_pgd10_sum", "val_robust_acc")
+PARAMS = ("method.anc", "model.ra", "method.gamma")
+TAGS = ("ancra.status", "check.final_output_not_masked")
+HIDDEN = ("Dataset", "Source")
+
+
+def find_browser() -> tuple[str, str] | None:
+    """(chromium, chromedriver) paths, or None when either is missing."""
+    browser = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)),
+                   None)
+    driver = shutil.which("chromedriver")
+    return (browser, driver) if browser and driver else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def screenshot(url: str, experiment_id: str, out: Path, *, width: int = 1900, height: int = 1000,
+               metrics: tuple[str, ...] = METRICS, params: tuple[str, ...] = PARAMS,
+               tags: tuple[str, ...] = TAGS) -> dict[str, Any]:
+    """Open the experiment's runs table, expand the study runs, show the columns, save a PNG.
+    Returns what the page showed: the column headers and the run names in the table."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    found = find_browser()
+    if found is None:
+        raise RuntimeError("Chromium and chromedriver are needed (Debian: apt-get install chromium chromium-driver)")
+    options = Options()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                f"--window-size={width},{height}", "--hide-scrollbars"):
+        options.add_argument(arg)
+    options.binary_location = found[0]
+    driver = webdriver.Chrome(service=Service(found[1]), options=options)
+    wait = WebDriverWait(driver, 60)
+    try:
+        driver.get(f"{url}/#/experiments/{experiment_id}/runs")
+        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "[data-testid='column-selection-dropdown']")))
+        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "[role='gridcell'] a")))
+        time.sleep(1)
+        for close in driver.find_elements(By.CSS_SELECTOR, "button[aria-label='Close']"):  # assistant panel
+            if close.is_displayed():
+                close.click()
+        # Expand every parent (study) row: its trials appear nested beneath it.
+        for _ in range(3):
+            expanders = [b for b in driver.find_elements(By.CSS_SELECTOR, "[role='gridcell'] button")
+                         if "btn-link" in (b.get_attribute("class") or "") and b.is_displayed()]
+            if not expanders:
+                break
+            for b in expanders:
+                if b.get_attribute("aria-expanded") != "true":
+                    b.click()
+                    time.sleep(0.5)
+            break
+        # Columns: hide two attributes, show the robust metrics, the searched params, the verdicts.
+        driver.find_element(By.XPATH, "//button[@data-testid='column-selection-dropdown'][.//*[text()='Columns'] "
+                                      "or contains(., 'Columns')]").click()
+        box = wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, "input[placeholder='Search columns']")))
+        for name in (*HIDDEN, *metrics, *params, *tags):
+            box.send_keys(Keys.CONTROL, "a")
+            box.send_keys(Keys.DELETE)
+            box.send_keys(name)
+            time.sleep(0.4)
+            # The filter highlights the typed text inside longer names (val_clean_acc): take only
+            # an item whose whole label is the name.
+            items = driver.find_elements(By.XPATH, f"//*[normalize-space(text())='{name}']")
+            items = [i for i in items if i.is_displayed() and
+                     i.find_element(By.XPATH, "..").text.strip() == name]
+            if items:
+                items[-1].click()
+                time.sleep(0.3)
+        box.send_keys(Keys.ESCAPE)
+        driver.find_element(By.TAG_NAME, "body").click()
+        time.sleep(1.5)
+        headers = list(dict.fromkeys(h.text.strip() for h in driver.find_elements(By.CSS_SELECTOR,
+                                                                                  "[role='columnheader']")
+                                     if h.text.strip()))
+        rows = [a.text.strip() for a in driver.find_elements(By.CSS_SELECTOR, "[role='gridcell'] a")
+                if a.text.strip()]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(out))
+        return {"headers": headers, "links": rows, "screenshot": str(out)}
+    finally:
+        driver.quit()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from trainables.tracking import client, is_local, resolve_tracking_uri, ui_command, wait_for_server
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--experiment", default="quickstart", help="the study's name (its MLflow experiment)")
+    p.add_argument("--tracking-uri")
+    p.add_argument("--out", default="mlflow_ui.png")
+    p.add_argument("--port", type=int, default=0, help="UI port for a local store (default: a free one)")
+    args = p.parse_args(argv)
+    uri = resolve_tracking_uri(args.tracking_uri)
+    exp = client(uri).get_experiment_by_name(args.experiment)
+    if exp is None:
+        print(f"error: no experiment {args.experiment!r} in {uri}; run `ancra-tune sweep "
+              f"search_spaces/{args.experiment}.yaml` first", file=sys.stderr)
+        return 2
+    proc = None
+    url = uri.rstrip("/")
+    if is_local(uri):
+        port = args.port or _free_port()
+        cmd, env = ui_command(uri, port=port)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_server(url, proc=proc)
+        seen = screenshot(url, exp.experiment_id, Path(args.out))
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=20)
+    print(json.dumps(seen, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
