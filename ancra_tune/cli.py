@@ -48,6 +48,18 @@ def _eval(args: argparse.Namespace) -> int:
 
     from .robustness import SuiteConfig, evaluate_checkpoint, format_report
 
+    if args.checkpoint.startswith("models:/"):  # a registered model: evaluate its training checkpoint
+        from trainables.tracking import TrackingError, download_checkpoint, resolve_tracking_uri
+
+        try:
+            uri = resolve_tracking_uri(args.tracking_uri)
+            path, label = download_checkpoint(uri, args.checkpoint, Path(args.out or "eval_registered") / "model")
+        except TrackingError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"evaluating {label} ({args.checkpoint}) from its checkpoint {path}", flush=True)
+        args.checkpoint = str(path)
+        args.out = args.out or "eval_registered"
     overrides = {k: v for k, v in (("n_examples", args.n), ("eps", args.eps), ("batch_size", args.batch_size),
                                    ("seed", args.seed)) if v is not None}
     if args.no_autoattack:
@@ -203,7 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="robustness report of a checkpoint: attacks, AutoAttack, masking checks")
-    e.add_argument("checkpoint", help="a checkpoint.pt written by `ancra-tune train`")
+    e.add_argument("checkpoint", help="a checkpoint.pt written by `ancra-tune train`, or a registered model "
+                                      "(models:/NAME@champion) whose training checkpoint MLflow holds")
+    e.add_argument("--tracking-uri", help="for models:/ URIs; default: $MLFLOW_TRACKING_URI, else ./mlflow.db")
     e.add_argument("--quick", action="store_true", help="few hundred examples, fewer steps (for sweeps)")
     e.add_argument("--split", choices=("val", "test"), default="val",
                    help="val: the split held out from training (default); test only when asked")

@@ -182,6 +182,12 @@ def _check_best_is_registered(uri: str, summary: dict, tmp_path: Path) -> None:
     with torch.no_grad():
         pred = loaded(x[:100])
         torch.testing.assert_close(pred, model(x[:100]).logits, rtol=1e-4, atol=1e-4)
+    # `ancra-tune eval models:/...` evaluates the registered model's own training checkpoint.
+    from trainables.tracking import download_checkpoint
+
+    path, label = download_checkpoint(uri, "models:/ancra-quickstart@champion", tmp_path / "registered")
+    assert label == f"ancra-quickstart v{version.version}"
+    assert path.read_bytes() == Path(trial["checkpoint"], "checkpoint.pt").read_bytes()
     # Evaluated: its clean accuracy on the trial's evaluation examples is the logged one.
     from ancra_tune.robustness import seeded_subset
 

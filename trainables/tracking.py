@@ -474,6 +474,27 @@ def _wait_ready(mc: Any, name: str, version: str, timeout: float = 120) -> None:
     raise TrackingError(f"{name} version {version} was not ready after {timeout:.0f} s")
 
 
+def download_checkpoint(uri: str, model_uri: str, dst: str | Path) -> tuple[Path, str]:
+    """The training checkpoint behind a registered model (``models:/NAME@ALIAS`` or
+    ``models:/NAME/VERSION``), for the full evaluation; returns (path, "NAME vVERSION")."""
+    mc = client(uri)
+    ref = model_uri[len("models:/"):]
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            version = mc.get_model_version_by_alias(name, alias)
+        else:
+            name, number = ref.rsplit("/", 1)
+            version = mc.get_model_version(name, number)
+    except Exception as e:  # noqa: BLE001 (MLflow's own error names the problem)
+        raise TrackingError(f"cannot resolve {model_uri} in {uri}: {e}") from None
+    if not version.run_id:
+        raise TrackingError(f"{model_uri} has no source run: its training checkpoint is unknown")
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    local = mc.download_artifacts(version.run_id, "checkpoint/checkpoint.pt", str(dst))
+    return Path(local), f"{name} v{version.version}"
+
+
 # --------------------------------------------------------------------------- the UI
 
 
