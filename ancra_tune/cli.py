@@ -71,9 +71,16 @@ def _eval(args: argparse.Namespace) -> int:
     cfg = SuiteConfig.preset_config("quick" if args.quick else "full", **overrides)
     out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / f"eval_{args.split}"
     device = args.device if args.device != "auto" else ("cuda" if _cuda() else "cpu")
-    report = evaluate_checkpoint(args.checkpoint, cfg, split=args.split, source=args.source,
-                                 deploy_ra=args.deploy_ra, out_dir=out, device=device,
-                                 data_root=args.data_root, progress=not args.quiet)
+    kwargs = dict(split=args.split, source=args.source, deploy_ra=args.deploy_ra, out_dir=out, device=device,
+                  data_root=args.data_root, progress=not args.quiet)
+    if args.workers:  # shard the batches over Ray workers (a local Ray, or --address)
+        from trainables.distributed_eval import evaluate_checkpoint_distributed
+
+        report = evaluate_checkpoint_distributed(
+            args.checkpoint, cfg, workers=args.workers, address=args.address, cpus_per_worker=args.cpus_per_worker,
+            gpus_per_worker=1.0 if device == "cuda" else 0.0, **{**kwargs, "device": "cpu"})
+    else:
+        report = evaluate_checkpoint(args.checkpoint, cfg, **kwargs)
     if report.get("deployment"):
         for name in ("standard", "deployment_ra"):
             print(f"== {name} ==\n{format_report(report[name])}\n")
@@ -232,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     e.add_argument("--data-root")
     e.add_argument("--out", help="output folder (default: eval_<split> beside the checkpoint)")
+    e.add_argument("--workers", type=int, help="shard the evaluation (AutoAttack included) over N Ray workers; "
+                                               "the merged report equals a single-process run")
+    e.add_argument("--address", help="with --workers: a running Ray cluster (e.g. auto); default: a local Ray")
+    e.add_argument("--cpus-per-worker", type=float, default=1.0, help="with --workers (default 1)")
     e.add_argument("--json", action="store_true", help="also print the report (without per-example data)")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_eval)

@@ -586,8 +586,13 @@ def load_eval_data(train_cfg: Any, split: str, data_root: str | None = None) -> 
 
 def evaluate_checkpoint(path: str | Path, cfg: SuiteConfig, *, split: str = "val", source: str | Path | None = None,
                         deploy_ra: bool = False, out_dir: str | Path | None = None, device: str = "cpu",
-                        data_root: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """Evaluate a checkpoint; with ``deploy_ra`` a standard model with RA off and on, side by side."""
+                        data_root: str | None = None, progress: bool = True,
+                        evaluate: Callable[..., list[BatchResult]] | None = None) -> dict[str, Any]:
+    """Evaluate a checkpoint; with ``deploy_ra`` a standard model with RA off and on, side by side.
+
+    ``evaluate``: runs the attacks, with :func:`evaluate_model`'s signature (default: this
+    process); ``trainables.distributed_eval`` passes one that shards batches over Ray workers.
+    """
     import json
 
     from .checkpoint import load_model
@@ -609,7 +614,7 @@ def evaluate_checkpoint(path: str | Path, cfg: SuiteConfig, *, split: str = "val
     reports = {}
     for name, m in variants:
         sub = (out / name) if (out is not None and deploy_ra) else out
-        results = evaluate_model(m, x, y, cfg, source=src, progress=progress)
+        results = (evaluate or evaluate_model)(m, x, y, cfg, source=src, progress=progress)
         reports[name] = build_report(results, cfg, ra=m.ra, n_classes=info.num_classes, has_source=src is not None,
                                      out_dir=sub, meta={**meta, "variant": name})
     report = reports["standard"] if not deploy_ra else {"deployment": True, **reports}
