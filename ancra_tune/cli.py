@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("file", help="a study file, e.g. search_spaces/quickstart.yaml")
         p.add_argument("--address", help="join a running Ray cluster (e.g. auto); default: start Ray locally")
         p.add_argument("--storage", help="Tune/Train storage path or URI (shared storage on a cluster); "
-                                         "default: runs/studies")
+                                         "default: $ANCRA_STORAGE, else runs/studies")
         p.add_argument("--resume", action="store_true", help="continue an interrupted study (unfinished trials only)")
         p.add_argument("--smoke-test", action="store_true", help="one epoch on a few batches, at most two trials")
         p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")

@@ -26,3 +26,6 @@ def test_cluster_yaml_passes_ray_validation() -> None:
     start = " ".join(config["head_start_ray_commands"])
     assert "mlflow server" in start and "0.0.0.0" not in start
     assert "ray[default,tune,train]==" in " ".join(config["setup_commands"])
+    # Studies on the cluster use shared storage (an S3 placeholder) and the head's MLflow server.
+    assert "export ANCRA_STORAGE=s3://" in start and "export MLFLOW_TRACKING_URI=http://" in start
+    assert "--dashboard-host=127.0.0.1" in start

@@ -100,6 +100,7 @@ def _join(storage: str, *parts: str) -> str:
 def run_trial(params: dict[str, Any], *, study: Study, storage: str,
               tracking: StudyTracking | None = None) -> None:
     """Tune function trainable: build and fit the trial's Ray Train run."""
+    import ray
     import ray.train
     import ray.tune
     from ray.train.torch import TorchTrainer
@@ -118,6 +119,9 @@ def run_trial(params: dict[str, Any], *, study: Study, storage: str,
         run_id = trial_run(tracking, trial_id, name=trial_name(trial_id, params, seed),
                            params={**flatten(cfg), "trial_id": trial_id})
         mlflow_run = {"uri": tracking.uri, "run_id": run_id}
+        from .tracking import client
+
+        client(tracking.uri).set_tag(run_id, "ray.node.trial", ray.get_runtime_context().get_node_id())
     # What a diverged trial scores: the worst value, so Optuna learns to avoid its region.
     worst = {m: (0.0 if mode == "max" else float("inf")) for m, mode in zip(study.metrics, study.modes, strict=True)}
     trainer = TorchTrainer(
@@ -248,7 +252,8 @@ def run_study(study: Study, *, address: str | None = None, storage: str | None =
     ``tracking_uri``: the MLflow store (default: ``MLFLOW_TRACKING_URI``, else ``mlflow.db`` in
     the working directory); ``track=False`` logs nothing to MLflow.
     """
-    storage = storage or str(Path("runs/studies").resolve())
+    # On a cluster, cluster.yaml exports ANCRA_STORAGE (shared storage every node reaches).
+    storage = storage or os.environ.get("ANCRA_STORAGE") or str(Path("runs/studies").resolve())
     if "://" not in storage:
         Path(storage).mkdir(parents=True, exist_ok=True)
         storage = str(Path(storage).resolve())
