@@ -44,7 +44,7 @@ def _node_ports() -> list[str]:
 
 
 @pytest.fixture
-def two_node_cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict]:
+def two_node_cluster() -> Iterator[dict]:
     ray_bin = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN": secrets.token_hex(32)}
@@ -60,28 +60,25 @@ def two_node_cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict]:
         for cmd in (head, worker):
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
             assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-        for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
-            monkeypatch.setenv(k, env[k])
         yield {"address": address, "env": env}
     finally:
         subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def _nodes(address: str) -> dict[str, dict]:
-    import ray
-
-    ray.init(address=address, log_to_driver=False)
-    try:
-        return {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
-    finally:
-        ray.shutdown()
+def _nodes(address: str, env: dict[str, str]) -> dict[str, dict]:
+    """The alive nodes' resources, asked by a separate driver (Ray reads its auth mode at import)."""
+    code = (f"import json, ray; ray.init(address={address!r}, log_to_driver=False); "
+            "print(json.dumps({n['NodeID']: n['Resources'] for n in ray.nodes() if n['Alive']}))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def test_study_spreads_over_two_nodes_with_shared_storage_and_mlflow(two_node_cluster: dict, tmp_path: Path,
                                                                       mlflow_server: str) -> None:
     address, env = two_node_cluster["address"], two_node_cluster["env"]
-    nodes = _nodes(address)
+    nodes = _nodes(address, env)
     assert len(nodes) == 2
     head_id = next(i for i, r in nodes.items() if "head_node" in r)
     worker_id = next(i for i, r in nodes.items() if "worker_node" in r)

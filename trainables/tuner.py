@@ -45,6 +45,8 @@ def init_ray(address: str | None, *, num_cpus: int | None = None, num_gpus: int 
     # Per-epoch results carry the scheduler's metric; the searcher's objective arrives with the
     # trial's final evaluation, so Tune must not insist on it in every result.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    for k, v in worker_env().items():  # the trial actors read Train's settings from their environment
+        os.environ.setdefault(k, v)
     if ray.is_initialized():
         return
     runtime_env = {"env_vars": worker_env()}

@@ -220,4 +220,8 @@ def worker_env() -> dict[str, str]:
     env = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     env.update({k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
+    # Train's default of 60 s to start a worker group is shorter than a busy laptop takes to import
+    # torch in two new processes, or an autoscaler to add a GPU node; a timed-out attempt can
+    # leave its placement group reserved and starve the retry. Give startup ten minutes.
+    env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
     return env
