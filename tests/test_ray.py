@@ -82,17 +82,21 @@ def test_quickstart_study_end_to_end(ray_local, tmp_path: Path, mlflow_server: s
     _check_best_is_registered(mlflow_server, summary, tmp_path)
 
 
-def _mlflow_runs(uri: str, experiment: str) -> tuple[object, list]:
+def _mlflow_runs(uri: str, experiment: str, study_path: Path) -> tuple[object, list]:
+    """The one parent run of the study at ``study_path`` and its children; no trial run elsewhere."""
     from trainables.tracking import client
 
     mc = client(uri)
     exp = mc.get_experiment_by_name(experiment)
     assert exp is not None
     runs = mc.search_runs([exp.experiment_id], max_results=1000)
-    parents = [r for r in runs if r.data.tags.get("ancra.role") == "study"]
+    studies = [r for r in runs if r.data.tags.get("ancra.role") == "study"]
+    parents = [r for r in studies if r.data.tags.get("ancra.study_path") == str(study_path)]
     assert len(parents) == 1, [r.info.run_name for r in parents]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert len(children) + 1 == len(runs)  # nothing else: no duplicate, no orphan
+    orphans = [r for r in runs if r.data.tags.get("ancra.role") == "trial" and
+               r.data.tags.get("mlflow.parentRunId") not in {p.info.run_id for p in studies}]
+    assert not orphans
     return parents[0], children
 
 
@@ -101,7 +105,7 @@ def _check_tracked_study(uri: str, study, summary: dict) -> None:
     from trainables.tracking import client
 
     mc = client(uri)
-    parent, children = _mlflow_runs(uri, study.name)
+    parent, children = _mlflow_runs(uri, study.name, Path(summary["study_dir"]))
     assert parent.info.run_id == summary["mlflow"]["study_run_id"] and parent.info.status == "FINISHED"
     assert parent.data.tags["ancra.study_kind"] == "sweep"
     assert len(parent.data.tags["mlflow.source.git.commit"]) == 40
@@ -293,7 +297,7 @@ def test_ablation_table_and_a_diverging_trial(ray_local, tmp_path: Path, monkeyp
     from trainables.tracking import client
 
     mc = client(uri)
-    parent, children = _mlflow_runs(uri, "lr_ablation")
+    parent, children = _mlflow_runs(uri, "lr_ablation", tmp_path / "studies" / "lr_ablation")
     assert parent.data.tags["ancra.study_kind"] == "ablation"
     assert {a.path for a in mc.list_artifacts(parent.info.run_id)} >= {"ablation.csv", "ablation.md",
                                                                        "summary.json", "study"}
@@ -364,7 +368,7 @@ def test_interrupted_study_resumes_each_trial_once(ray_local, tmp_path: Path, ml
         from trainables.tracking import client
 
         mc = client(mlflow_server)
-        parent, children = _mlflow_runs(mlflow_server, "resume_me")
+        parent, children = _mlflow_runs(mlflow_server, "resume_me", study_dir)
         assert parent.info.status == "FINISHED" and len(children) == 2
         for run in children:
             steps = [m.step for m in mc.get_metric_history(run.info.run_id, "epoch_time_s")]
