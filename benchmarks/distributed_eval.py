@@ -29,6 +29,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--n", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--mnist", help="train the small CNN on this MNIST npz (e.g. ../shared/data/mnist/train60000.npz) "
+                                   "instead of digits: a validation split large enough for --n in the thousands")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as d:
         ckpt = args.checkpoint
@@ -36,7 +38,9 @@ def main() -> None:
             from ancra_tune.config import TrainConfig
             from ancra_tune.trainer import Trainer
 
-            cfg = TrainConfig.from_dict({"data.dataset": "digits", "data.batch_size": 64, "model.name": "small_cnn",
+            data = ({"data.dataset": "npz", "data.train_file": str(Path(args.mnist).resolve()), "data.train_limit": 4000,
+                     "data.val_size": 0.5} if args.mnist else {"data.dataset": "digits"})
+            cfg = TrainConfig.from_dict({**data, "data.batch_size": 64, "model.name": "small_cnn",
                                          "attack.steps": 3, "attack.eps": 0.3, "attack.step_size": 0.1,
                                          "eval.pgd_steps": 0, "optim.epochs": 2, "optim.lr": 0.05,
                                          "progress": False, "out_dir": f"{d}/train"})
