@@ -181,3 +181,34 @@ def test_trial_result_is_logged_once_even_when_interrupted_midway(mlflow_server:
     assert tags[tr.MASKED] == "pgd10_final" and tags["attack.pgd10_aux"] == "pgd on aux"
     assert {a.path for a in mc.list_artifacts(run_id, "evaluation")} == {"evaluation/report.json",
                                                                         "evaluation/features_hist.png"}
+
+
+def test_ui_serves_the_local_store_on_loopback_only(tmp_path: Path) -> None:
+    import signal
+    import urllib.request
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    empty = subprocess.run([sys.executable, "-m", "ancra_tune.cli", "ui"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert empty.returncode == 2 and "no MLflow store" in empty.stderr
+    uri = tr.default_tracking_uri(tmp_path)
+    tr.check_tracking(uri)
+    tr.ensure_experiment(tr.client(uri), "seen_in_ui", uri)
+    port = _closed_port()
+    proc = subprocess.Popen([sys.executable, "-m", "ancra_tune.cli", "ui", "--port", str(port)], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        tr.wait_for_server(f"http://127.0.0.1:{port}", timeout=120, proc=proc)
+        api = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=seen_in_ui"
+        with urllib.request.urlopen(api, timeout=10) as r:
+            assert b"seen_in_ui" in r.read()
+        host_ip = socket.gethostbyname(socket.gethostname())
+        if not host_ip.startswith("127."):  # bound to loopback: another interface is refused
+            with socket.socket() as s:
+                s.settimeout(3)
+                assert s.connect_ex((host_ip, port)) != 0
+    finally:
+        proc.send_signal(signal.SIGINT)  # Ctrl+C stops the UI and its server
+        proc.wait(timeout=30)
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0
