@@ -38,8 +38,8 @@ def main() -> None:
             from ancra_tune.config import TrainConfig
             from ancra_tune.trainer import Trainer
 
-            data = ({"data.dataset": "npz", "data.train_file": str(Path(args.mnist).resolve()), "data.train_limit": 4000,
-                     "data.val_size": 0.5} if args.mnist else {"data.dataset": "digits"})
+            data = ({"data.dataset": "npz", "data.train_file": str(Path(args.mnist).resolve()),
+                     "data.train_limit": 4000, "data.val_size": 0.5} if args.mnist else {"data.dataset": "digits"})
             cfg = TrainConfig.from_dict({**data, "data.batch_size": 64, "model.name": "small_cnn",
                                          "attack.steps": 3, "attack.eps": 0.3, "attack.step_size": 0.1,
                                          "eval.pgd_steps": 0, "optim.epochs": 2, "optim.lr": 0.05,
