@@ -163,9 +163,7 @@ def _best(args: argparse.Namespace) -> int:
 
 
 def _ui(args: argparse.Namespace) -> int:
-    import subprocess
-
-    from trainables.tracking import TrackingError, is_local, resolve_tracking_uri, ui_command, wait_for_server
+    from trainables.tracking import TrackingError, is_local, resolve_tracking_uri, serve_ui, sqlite_path
 
     try:
         uri = resolve_tracking_uri(args.tracking_uri)
@@ -175,29 +173,19 @@ def _ui(args: argparse.Namespace) -> int:
     if not is_local(uri):
         print(f"{uri} is a tracking server: open it in a browser (through port-forwarding on a cluster)")
         return 0
-    db = Path(uri[len("sqlite:///"):])
+    db = sqlite_path(uri)
     if not db.is_file():
         print(f"error: no MLflow store at {db}; run a study here first (or pass --tracking-uri)", file=sys.stderr)
         return 2
-    cmd, env = ui_command(uri, port=args.port)
-    proc = subprocess.Popen(cmd, env=env)
-    url = f"http://127.0.0.1:{args.port}"
     try:
-        wait_for_server(url, proc=proc)
-        print(f"MLflow UI for {db}: {url}  (Ctrl+C stops it)", flush=True)
-        return proc.wait()
+        with serve_ui(uri, port=args.port) as (url, proc):
+            print(f"MLflow UI for {db}: {url}  (Ctrl+C stops it)", flush=True)
+            return proc.wait()
     except TrackingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 0
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
 
 
 def _cuda() -> bool:

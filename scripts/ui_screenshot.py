@@ -15,7 +15,6 @@ import argparse
 import json
 import shutil
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -119,7 +118,7 @@ def screenshot(url: str, experiment_id: str, out: Path, *, width: int = 1900, he
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainables.tracking import client, is_local, resolve_tracking_uri, ui_command, wait_for_server
+    from trainables.tracking import client, is_local, resolve_tracking_uri, serve_ui, wait_for_server
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--experiment", default="quickstart", help="the study's name (its MLflow experiment)")
@@ -133,20 +132,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no experiment {args.experiment!r} in {uri}; run `ancra-tune sweep "
               f"search_spaces/{args.experiment}.yaml` first", file=sys.stderr)
         return 2
-    proc = None
-    url = uri.rstrip("/")
-    if is_local(uri):
-        port = args.port or _free_port()
-        cmd, env = ui_command(uri, port=port)
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_server(url, proc=proc)
-        seen = screenshot(url, exp.experiment_id, Path(args.out))
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(timeout=20)
+    if is_local(uri):  # the UI of the local store, for the time of the screenshot
+        with serve_ui(uri, port=args.port or _free_port()) as (url, _):
+            seen = screenshot(url, exp.experiment_id, Path(args.out))
+    else:
+        wait_for_server(uri)
+        seen = screenshot(uri.rstrip("/"), exp.experiment_id, Path(args.out))
     print(json.dumps(seen, indent=1))
     return 0
 

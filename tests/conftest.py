@@ -52,28 +52,12 @@ def _tracking_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real `mlflow server` on 127.0.0.1 (sqlite backend, local artifact folder), stopped after."""
     import socket
-    import subprocess
 
-    from trainables.tracking import ui_command, wait_for_server
+    from trainables.tracking import serve_ui
 
     root = tmp_path_factory.mktemp("mlflow_server")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd, env = ui_command(f"sqlite:///{root / 'mlflow.db'}", port=port)
-    log = open(root / "server.log", "w")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_server(url, timeout=120, proc=proc)
+    with serve_ui(f"sqlite:///{root / 'mlflow.db'}", port=port, timeout=120, log_file=root / "server.log") as (url, _):
         yield url
-    finally:
-        import os as _os
-        import signal
-
-        try:
-            _os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            _os.killpg(proc.pid, signal.SIGKILL)
-        log.close()

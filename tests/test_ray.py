@@ -164,8 +164,8 @@ def _check_best_is_registered(uri: str, summary: dict, tmp_path: Path) -> None:
     import mlflow.pytorch
 
     from ancra_tune.checkpoint import load_model
-    from ancra_tune.robustness import load_eval_data
-    from trainables.tracking import client
+    from ancra_tune.robustness import load_eval_data, seeded_subset
+    from trainables.tracking import client, download_checkpoint
 
     out = subprocess.run([sys.executable, "-m", "ancra_tune.cli", "best", "quickstart", "--tracking-uri", uri],
                          capture_output=True, text=True, timeout=300)
@@ -187,14 +187,10 @@ def _check_best_is_registered(uri: str, summary: dict, tmp_path: Path) -> None:
         pred = loaded(x[:100])
         torch.testing.assert_close(pred, model(x[:100]).logits, rtol=1e-4, atol=1e-4)
     # `ancra-tune eval models:/...` evaluates the registered model's own training checkpoint.
-    from trainables.tracking import download_checkpoint
-
     path, label = download_checkpoint(uri, "models:/ancra-quickstart@champion", tmp_path / "registered")
     assert label == f"ancra-quickstart v{version.version}"
     assert path.read_bytes() == Path(trial["checkpoint"], "checkpoint.pt").read_bytes()
     # Evaluated: its clean accuracy on the trial's evaluation examples is the logged one.
-    from ancra_tune.robustness import seeded_subset
-
     idx = seeded_subset(x.shape[0], int(run.data.metrics["eval_n_examples"]), 0)
     with torch.no_grad():
         acc = (loaded(x[idx]).argmax(1) == y[idx]).float().mean().item()

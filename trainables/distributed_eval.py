@@ -83,7 +83,7 @@ class RayEvaluator:
         return sorted(results, key=lambda r: r.batch_idx)
 
 
-def cluster_check(workers: int, cpus: float, gpus: float, nodes: list[dict[str, float]]) -> None:
+def cluster_check(cpus: float, gpus: float, nodes: list[dict[str, float]]) -> None:
     """Fail fast when not even one shard task fits any node."""
     if not any(n.get("CPU", 0) >= cpus and n.get("GPU", 0) >= gpus for n in nodes):
         have = ", ".join(f"{n.get('CPU', 0):g} CPU/{n.get('GPU', 0):g} GPU" for n in nodes)
@@ -100,6 +100,6 @@ def evaluate_checkpoint_distributed(path: str, cfg: SuiteConfig, *, workers: int
     from .tuner import alive_nodes, init_ray
 
     init_ray(address)
-    cluster_check(workers, cpus_per_worker, gpus_per_worker, alive_nodes())
+    cluster_check(cpus_per_worker, gpus_per_worker, alive_nodes())
     evaluator = RayEvaluator(workers, cpus=cpus_per_worker, gpus=gpus_per_worker)
     return evaluate_checkpoint(path, cfg, evaluate=evaluator, **kwargs)

@@ -19,6 +19,7 @@ With no settings, tracking goes to ``sqlite:///<cwd>/mlflow.db`` with artifacts 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,10 +73,14 @@ def is_local(uri: str) -> bool:
     return uri.startswith("sqlite:")
 
 
+def sqlite_path(uri: str) -> Path:
+    """The database file of a ``sqlite:///`` URI."""
+    return Path(uri[len("sqlite:///"):])
+
+
 def local_artifact_root(uri: str) -> str:
     """Artifacts of a local sqlite store: ``mlartifacts`` beside the database file."""
-    db = Path(uri[len("sqlite:///"):])
-    return (db.parent / DEFAULT_ARTIFACTS).resolve().as_uri()
+    return (sqlite_path(uri).parent / DEFAULT_ARTIFACTS).resolve().as_uri()
 
 
 def check_tracking(uri: str, *, timeout: float = 5.0) -> None:
@@ -94,7 +99,7 @@ def check_tracking(uri: str, *, timeout: float = 5.0) -> None:
         if body != "OK":
             raise TrackingError(f"{url} answered {body!r}, not an MLflow tracking server's 'OK'")
     elif is_local(uri):
-        db = Path(uri[len("sqlite:///"):])
+        db = sqlite_path(uri)
         try:
             db.parent.mkdir(parents=True, exist_ok=True)
             probe = db.parent / f".ancra-write-probe-{os.getpid()}"
@@ -150,13 +155,10 @@ def log_metrics(mc: Any, run_id: str, metrics: Mapping[str, Any], step: int) -> 
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    items = [Metric(k, float(v), now, step) for k, v in sorted(metrics.items()) if _number(v)]
+    # Numbers (bools as 0/1); strings and None are not metrics.
+    items = [Metric(k, float(v), now, step) for k, v in sorted(metrics.items()) if isinstance(v, (int, float))]
     for chunk in _chunks(items, 1000):
         mc.log_batch(run_id, metrics=chunk)
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float))  # bools too (as 0/1); strings and None are not metrics
 
 
 def git_commit(path: str | Path) -> tuple[str, bool] | None:
@@ -225,7 +227,8 @@ def start_study_run(uri: str, study: Any, *, study_path: str, resume: bool,
 
 def end_study_run(tracking: StudyTracking, summary: Mapping[str, Any] | None, *, status: str,
                   files: Iterable[Path] = ()) -> None:
-    """Close the parent run: the summary's best values and table files, and each child's outcome."""
+    """Close the parent run: each child's outcome, the summary's counts and best values, and
+    ``files`` (summary.json, ablation tables) as artifacts."""
     mc = client(tracking.uri)
     rid = tracking.parent_run_id
     if summary is not None:
@@ -249,10 +252,6 @@ def end_study_run(tracking: StudyTracking, summary: Mapping[str, Any] | None, *,
                     metrics[f"best_{m}"] = best[m]
             mc.set_tag(rid, "ancra.best_trial_id", str(best["trial_id"]))
         log_metrics(mc, rid, metrics, step=0)
-        with tempfile.TemporaryDirectory() as d:
-            p = Path(d, "summary.json")
-            p.write_text(json.dumps(summary, indent=1, default=str))
-            mc.log_artifact(rid, str(p))
     for f in files:
         mc.log_artifact(rid, str(f))
     mc.set_tag(rid, STATUS, status.lower())
@@ -285,6 +284,17 @@ def trial_run(tracking: StudyTracking, trial_id: str, *, name: str, params: Mapp
                               STATUS: "running", "mlflow.runName": name})
     log_params(mc, run.info.run_id, params)
     return run.info.run_id
+
+
+def tag_node(uri: str, run_id: str, key: str) -> None:
+    """Where the calling Ray process runs (its node id), as tag ``key`` of the trial's run:
+    which nodes did what. A tracking failure warns; it never stops training."""
+    import ray
+
+    try:
+        client(uri).set_tag(run_id, key, ray.get_runtime_context().get_node_id())
+    except Exception as e:  # noqa: BLE001
+        log.warning("MLflow tag %s failed: %s", key, e)
 
 
 class EpochLogger:
@@ -498,8 +508,12 @@ def download_checkpoint(uri: str, model_uri: str, dst: str | Path) -> tuple[Path
 # --------------------------------------------------------------------------- the UI
 
 
-def ui_command(uri: str, *, port: int = 5000, host: str = "127.0.0.1") -> tuple[list[str], dict[str, str]]:
-    """The ``mlflow server`` command line for the UI on ``uri``: one worker, no job runner."""
+@contextlib.contextmanager
+def serve_ui(uri: str, *, port: int = 5000, host: str = "127.0.0.1", timeout: float = 60.0,
+             log_file: Path | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Run ``mlflow server`` on ``uri`` (one worker, no job runner) until the block ends; yields
+    its URL once it answers, and the process. The server and its children are stopped as a group."""
+    import signal
     import sys
 
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host,
@@ -507,7 +521,22 @@ def ui_command(uri: str, *, port: int = 5000, host: str = "127.0.0.1") -> tuple[
     if is_local(uri):
         cmd += ["--artifacts-destination", local_artifact_root(uri)]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    return cmd, env
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(open(log_file, "w")) if log_file is not None else subprocess.DEVNULL  # noqa: SIM115
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        url = f"http://{host}:{port}"
+        try:
+            wait_for_server(url, timeout=timeout, proc=proc)
+            yield url, proc
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=20)
+            except ProcessLookupError:
+                pass
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
 
 def wait_for_server(url: str, timeout: float = 60.0, proc: Any = None) -> None:

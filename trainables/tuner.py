@@ -22,7 +22,15 @@ from typing import Any
 from ray.tune.search.optuna import OptunaSearch
 
 from .study import Study
-from .tracking import StudyTracking, check_tracking, end_study_run, resolve_tracking_uri, start_study_run, trial_run
+from .tracking import (
+    StudyTracking,
+    check_tracking,
+    end_study_run,
+    resolve_tracking_uri,
+    start_study_run,
+    tag_node,
+    trial_run,
+)
 from .worker import DIVERGED, train_loop_per_worker, worker_env
 
 log = logging.getLogger(__name__)
@@ -102,7 +110,6 @@ def _join(storage: str, *parts: str) -> str:
 def run_trial(params: dict[str, Any], *, study: Study, storage: str,
               tracking: StudyTracking | None = None) -> None:
     """Tune function trainable: build and fit the trial's Ray Train run."""
-    import ray
     import ray.train
     import ray.tune
     from ray.train.torch import TorchTrainer
@@ -121,9 +128,7 @@ def run_trial(params: dict[str, Any], *, study: Study, storage: str,
         run_id = trial_run(tracking, trial_id, name=trial_name(trial_id, params, seed),
                            params={**flatten(cfg), "trial_id": trial_id})
         mlflow_run = {"uri": tracking.uri, "run_id": run_id}
-        from .tracking import client
-
-        client(tracking.uri).set_tag(run_id, "ray.node.trial", ray.get_runtime_context().get_node_id())
+        tag_node(tracking.uri, run_id, "ray.node.trial")
     # What a diverged trial scores: the worst value, so Optuna learns to avoid its region.
     worst = {m: (0.0 if mode == "max" else float("inf")) for m, mode in zip(study.metrics, study.modes, strict=True)}
     trainer = TorchTrainer(
@@ -295,6 +300,9 @@ def run_study(study: Study, *, address: str | None = None, storage: str | None =
     summary = summarize(study, results, wall_s=wall, storage=storage)
     # Tune returns early on Ctrl+C, with unfinished trials left for --resume.
     summary["interrupted"] = results.num_terminated + results.num_errors < len(results)
+    if tracking is not None:
+        summary["mlflow"] = {"tracking_uri": tracking.uri, "experiment_id": tracking.experiment_id,
+                             "study_run_id": tracking.parent_run_id}
     out = Path(summary["study_dir"]) if "://" not in storage else Path("runs/studies") / study.name
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "summary.json"]
@@ -302,10 +310,7 @@ def run_study(study: Study, *, address: str | None = None, storage: str | None =
     if study.kind == "ablation":
         files += list(write_ablation_tables(summary["trials"], study, out))
     if tracking is not None:
-        summary["mlflow"] = {"tracking_uri": tracking.uri, "experiment_id": tracking.experiment_id,
-                             "study_run_id": tracking.parent_run_id}
-        end_study_run(tracking, summary, status="KILLED" if summary["interrupted"] else "FINISHED",
-                      files=files[1:])
+        end_study_run(tracking, summary, status="KILLED" if summary["interrupted"] else "FINISHED", files=files)
     return summary
 
 

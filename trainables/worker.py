@@ -92,7 +92,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = cfg.replace(progress=False)
     tracking = config.get("mlflow")  # {"uri", "run_id"} of the trial's MLflow run, or None
     if tracking:
-        _tag_node(tracking, f"ray.node.rank{rank}")
+        from .tracking import tag_node
+
+        tag_node(tracking["uri"], tracking["run_id"], f"ray.node.rank{rank}")
     # MLflow first: an epoch is in the run before the report that may let ASHA stop the trial.
     callbacks = ([MlflowEpochs(tracking["uri"], tracking["run_id"])] if tracking else []) + [RayReport()]
     trainer = Trainer(cfg, device=device, rank=rank, world_size=world, out_dir=out_dir, wrap_model=wrap,
@@ -127,18 +129,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             _report_final(trainer, config["eval"], rank, tracking)
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
-
-
-def _tag_node(tracking: dict[str, str], key: str) -> None:
-    """Where this process runs (Ray node id), as a tag on the trial's run: which nodes did what."""
-    import ray
-
-    from .tracking import client
-
-    try:
-        client(tracking["uri"]).set_tag(tracking["run_id"], key, ray.get_runtime_context().get_node_id())
-    except Exception as e:  # noqa: BLE001 (tracking never stops training)
-        log.warning("MLflow tag %s failed: %s", key, e)
 
 
 def _report_final(trainer: Trainer, eval_overrides: dict[str, Any], rank: int,
