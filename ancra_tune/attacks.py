@@ -48,18 +48,18 @@ def project(x_adv: Tensor, x_nat: Tensor, eps: float) -> Tensor:
 
 def random_start(x: Tensor, *, eps: float, init: Init, init_std: float = 0.001,
                  generator: torch.Generator | None = None) -> Tensor:
-    """``uniform``: x + U(-eps, eps) (Madry et al.); ``gaussian``: x + init_std * N(0, 1)
-    (the released ANCRA/TRADES code); ``none``: x. Always projected onto S(x)."""
+    """``uniform``: x + U(-eps, eps) (Madry et al.), projected onto S(x); ``gaussian``: x + init_std *
+    N(0, 1), not projected, exactly as the released ANCRA/TRADES code starts (the first step's
+    projection brings it into S(x)); ``none``: x."""
     if init == "none":
         return x.clone()
     dev = generator.device if generator is not None else x.device
     if init == "uniform":
         noise = (torch.rand(x.shape, generator=generator, device=dev) * 2 - 1) * eps
-    elif init == "gaussian":
-        noise = torch.randn(x.shape, generator=generator, device=dev) * init_std
-    else:
-        raise ValueError(f"unknown init {init!r}; allowed: gaussian, uniform, none")
-    return project(x + noise.to(x.device, x.dtype), x, eps)
+        return project(x + noise.to(x.device, x.dtype), x, eps)
+    if init == "gaussian":
+        return x + (torch.randn(x.shape, generator=generator, device=dev) * init_std).to(x.device, x.dtype)
+    raise ValueError(f"unknown init {init!r}; allowed: gaussian, uniform, none")
 
 
 @contextmanager
@@ -94,53 +94,66 @@ def pgd(
     init: Init = "uniform",
     init_std: float = 0.001,
     momentum: float = 0.0,
+    eot: int = 1,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Projected gradient descent in the L-inf ball, batched over examples.
 
     x: (N, C, H, W) in [0, 1]; y: (N,) the true label (untargeted rows) or the target class
     (targeted rows). ``targeted`` is a bool for the whole batch or a (N,) bool mask, so
-    untargeted AEs and targeted OEs are crafted together in one forward/backward per step.
+    untargeted AEs and targeted OEs can be crafted together in one forward/backward per step.
     ``objective``: untargeted rows raise CE(head(x'), y), or with "kl" the TRADES
     KL(ref_probs || softmax(head(x'))), or with "cw" the C&W margin max_{j != y} z_j - z_y;
-    targeted rows always lower CE toward y. ``loss_fn(output, y) -> (N,)`` replaces the
-    objective of untargeted rows (adaptive attacks on several heads at once).
-    ``momentum`` > 0 is MIM (Dong et al.): steps follow the sign of g <- mu g + grad / ||grad||_1.
+    targeted rows lower CE toward y. ``loss_fn(output, y) -> (N,)`` replaces the per-row
+    objective of every row (several heads at once: the released training attack, adaptive
+    attacks); targeted rows then descend it. ``momentum`` > 0 is MIM (Dong et al.): steps follow
+    the sign of g <- mu g + grad / ||grad||_1. ``eot`` > 1 averages the gradient over that many
+    forward/backward passes (expectation over transformation, for randomised models).
     ``gate_labels``: the RA gate class per row; None gates by the model's own prediction.
     Returns x' in S(x), detached.
     """
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
+    if eot < 1:
+        raise ValueError(f"eot must be >= 1, got {eot}")
     if objective not in ("ce", "kl", "cw"):
         raise ValueError(f"unknown objective {objective!r}; allowed: ce, kl, cw")
-    if objective == "kl" and ref_probs is None:
+    if objective == "kl" and ref_probs is None and loss_fn is None:
         raise ValueError("objective='kl' needs ref_probs, the softmax of the natural logits")
     mask = torch.as_tensor(targeted, device=x.device).expand(x.shape[0]).bool()
-    # +1 raises the objective (untargeted), -1 lowers CE toward the target (targeted).
+    # +1 raises the objective (untargeted), -1 lowers it toward the target (targeted).
     sign = torch.where(mask, -1.0, 1.0).to(x.dtype)
     x = x.detach()
     x_adv = random_start(x, eps=eps, init=init, init_std=init_std, generator=generator)
     lo, hi = (x - eps).clamp_(min=0.0), (x + eps).clamp_(max=1.0)  # S(x) as a box: one clamp per step
     velocity = torch.zeros_like(x) if momentum else None
+
+    def rows_loss(out: ModelOutput) -> Tensor:
+        if loss_fn is not None:
+            return loss_fn(out, y)
+        logits = head(out)  # (N, K)
+        per_ex = F.cross_entropy(logits, y, reduction="none")  # (N,)
+        if objective == "kl":
+            kl = (ref_probs * (torch.log(ref_probs + 1e-12) - F.log_softmax(logits, 1))).sum(1)
+            per_ex = torch.where(mask, per_ex, kl)
+        elif objective == "cw":
+            per_ex = torch.where(mask, per_ex, cw_margin(logits, y))
+        return per_ex
+
     with bn_mode(model, bn):
         for _ in range(steps):
             x_adv.requires_grad_(True)
-            out = model(x_adv, gate_labels)
-            logits = head(out)  # (N, K)
-            per_ex = F.cross_entropy(logits, y, reduction="none")  # (N,)
-            if loss_fn is not None:
-                per_ex = torch.where(mask, per_ex, loss_fn(out, y))
-            elif objective == "kl":
-                kl = (ref_probs * (torch.log(ref_probs + 1e-12) - F.log_softmax(logits, 1))).sum(1)
-                per_ex = torch.where(mask, per_ex, kl)
-            elif objective == "cw":
-                per_ex = torch.where(mask, per_ex, cw_margin(logits, y))
-            # Ascend sum_i sign_i * loss_i: rows are independent in eval mode, so each row gets its
-            # own gradient (only its sign is used). Only d/dx is computed, not weight gradients.
-            (grad,) = torch.autograd.grad((sign * per_ex).sum(), x_adv)
+            grad = torch.zeros_like(x)
+            for _ in range(eot):
+                # Ascend sum_i sign_i * loss_i: in eval mode rows are independent, so each row gets
+                # its own gradient (only its sign is used). Only d/dx is computed, not weight grads.
+                (g,) = torch.autograd.grad((sign * rows_loss(model(x_adv, gate_labels))).sum(), x_adv)
+                grad = grad + g
             if momentum:
                 l1 = grad.abs().flatten(1).mean(1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
                 velocity = momentum * velocity + grad / l1
                 grad = velocity
             x_adv = torch.clamp(x_adv.detach() + step_size * grad.sign(), lo, hi)
+    if steps == 0:
+        x_adv = torch.clamp(x_adv, lo, hi)
     return x_adv.detach()

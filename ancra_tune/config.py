@@ -27,8 +27,12 @@ import yaml
 DATASETS = ("cifar10", "cifar100", "tinyimagenet", "mnist", "npz", "digits")
 MODELS = ("small_cnn", "resnet18", "preact_resnet18", "wrn28_10", "wrn34_10")
 BASE_LOSSES = ("pgd_at", "trades", "mart")
-NEGATIVE_STRATEGIES = ("random", "soft", "hard")
+NEGATIVE_STRATEGIES = ("random", "soft", "hard", "easy")
+RANDOM_DRAWS = ("class", "example")
+CRITERION_PICKS = ("max_logit", "uniform")
 BN_MODES = ("eval", "train")
+ATTACK_OBJECTIVES = ("final_and_aux", "final")
+ATTACK_SCHEDULES = ("sequential", "batched")
 ATTACK_INITS = ("gaussian", "uniform", "none")
 TRADES_ATTACK_LOSSES = ("ce", "kl")
 RA_GATES = ("predicted", "label")
@@ -36,6 +40,8 @@ NEGATIVE_GATES = ("own_label", "anchor_label")
 AUX_REDUCTIONS = ("mean", "sum")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
+EVAL_SPLITS = ("val", "test")
+FINAL_SUITES = ("none", "quick", "full")
 
 DEFAULT_BETA = {"trades": 6.0, "mart": 5.0}
 
@@ -44,16 +50,25 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and what is allowed."""
 
 
-def _choice(section: str, name: str, value: Any, allowed: Sequence[str]) -> None:
+def _where(section: str, name: str) -> str:
+    return name if section in ("", "config") else f"{section}.{name}"
+
+
+def check_choice(section: str, name: str, value: Any, allowed: Sequence[str]) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is one of ``allowed``. Configs, study files and
+    evaluation suites all validate with these two helpers, so every error reads the same:
+    ``<section>.<name> = <value> is invalid: must be <rule>``."""
     if value not in allowed:
-        where = name if section == "config" else f"{section}.{name}"
-        raise ConfigError(f"{where}: unknown value {value!r}; allowed: {', '.join(allowed)}")
+        raise ConfigError(f"{_where(section, name)} = {value!r} is invalid: must be one of {', '.join(allowed)}")
 
 
-def _check(cond: bool, section: str, name: str, value: Any, rule: str) -> None:
+def check_field(cond: bool, section: str, name: str, value: Any, rule: str) -> None:
+    """Raise :class:`ConfigError` unless ``cond``; ``rule`` says what is allowed."""
     if not cond:
-        where = name if section == "config" else f"{section}.{name}"
-        raise ConfigError(f"{where} = {value!r} is invalid: must be {rule}")
+        raise ConfigError(f"{_where(section, name)} = {value!r} is invalid: must be {rule}")
+
+
+_choice, _check = check_choice, check_field
 
 
 @dataclass(frozen=True)
@@ -98,15 +113,24 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class AttackConfig:
-    """The L-inf PGD that crafts training AEs (untargeted) and OEs (targeted, eq. 5)."""
+    """The L-inf PGD that crafts training AEs (untargeted) and OEs (targeted, eq. 5).
+
+    Defaults are the released code's (``u_pgd``/``t_pgd`` in ``train_CIFAR10_ResNet.py``): the
+    model's forward with ``_eval=True`` switches the whole network to eval mode, so BatchNorm
+    uses its running statistics and RA gates by the prediction; the objective is
+    CE(P') + gamma * mean_b CE(P_b) over the RA blocks; OEs are crafted first, then AEs.
+    """
 
     eps: float = 8 / 255
     step_size: float = 0.007
     steps: int = 10
     init: str = "gaussian"  # released code: x + 0.001 * N(0, 1); "uniform": U(-eps, eps)
     init_std: float = 0.001
-    bn_mode: str = "eval"  # released code crafts AEs/OEs with BatchNorm running statistics
+    bn_mode: str = "eval"  # released: eval-mode BatchNorm while attacking; "train": batch statistics
     ra_gate: str = "predicted"  # RA gate while attacking: argmax of the auxiliary prediction, or y
+    objective: str = "final_and_aux"  # released: CE(P') + w * mean_b CE(P_b); "final": CE(P') only
+    aux_weight: float | None = None  # w above; None: method.gamma (the released AE attack fixes 2.0)
+    schedule: str = "sequential"  # released: the OE attack, then the AE attack; "batched": one 2B attack
 
     def __post_init__(self) -> None:
         s = "attack"
@@ -117,6 +141,10 @@ class AttackConfig:
         _check(self.init_std >= 0, s, "init_std", self.init_std, ">= 0")
         _choice(s, "bn_mode", self.bn_mode, BN_MODES)
         _choice(s, "ra_gate", self.ra_gate, RA_GATES)
+        _choice(s, "objective", self.objective, ATTACK_OBJECTIVES)
+        if self.aux_weight is not None:
+            _check(self.aux_weight >= 0, s, "aux_weight", self.aux_weight, ">= 0 or null")
+        _choice(s, "schedule", self.schedule, ATTACK_SCHEDULES)
 
 
 @dataclass(frozen=True)
@@ -124,36 +152,46 @@ class MethodConfig:
     """Base AT loss, ANC (eq. 3-5) and the RA auxiliary loss (Algorithm 1)."""
 
     base_loss: str = "trades"
-    beta: float | None = None  # None: 6 for TRADES, 5 for MART; unused by PGD-AT
+    # None: the base loss's own (6 for TRADES, 5 for MART; unused by PGD-AT). Kept None in the
+    # config, so changing base_loss later (a grid point, --set, replace) changes beta with it.
+    beta: float | None = None
     trades_attack_loss: str = "ce"  # paper footnote 2 maximises CE; "kl" is vanilla TRADES
     anc: bool = True
     alpha: float = 1.0
     zeta: float = 3.0
-    negatives: str = "random"  # selection from the batch: random / soft (Soft-LS) / hard (Hard-LS)
+    negatives: str = "random"  # from the batch: random / soft (Soft-LS) / hard (Hard-LS) / easy
+    random_draw: str = "class"  # released: another class uniformly, then one of its examples; "example"
+    criterion_pick: str = "max_logit"  # soft/hard/easy, released: the candidate with the largest logit
+    #                                    of the anchor's label; "uniform": any candidate
     targeted: bool = True  # then a targeted PGD toward the anchor's label (eq. 5); paper's "Targeted"
     negatives_warmup_epochs: int = 10  # released code: soft/hard start after 10 epochs of random
     gamma: float = 2.0  # weight of the auxiliary (RA block) losses; used only when model.ra
     anc_on_aux: bool = True  # released code: ANC also on every auxiliary output
     aux_reduction: str = "mean"  # over RA blocks: "mean" (released code) or "sum" (Algorithm 1 literally)
     negative_gate: str = "own_label"  # RA gate of x^o in the loss: its own label, or the anchor's
-    joint_forward: bool = True  # x, x^a, x^o in one forward pass (one BatchNorm batch)
+    joint_forward: bool = False  # released: x, x^a, x^o in three forwards (three BatchNorm batches)
 
     def __post_init__(self) -> None:
         s = "method"
         _choice(s, "base_loss", self.base_loss, BASE_LOSSES)
-        if self.beta is None and self.base_loss in DEFAULT_BETA:
-            object.__setattr__(self, "beta", DEFAULT_BETA[self.base_loss])
         if self.beta is not None:
-            _check(self.beta >= 0, s, "beta", self.beta, ">= 0")
+            _check(self.beta >= 0, s, "beta", self.beta, ">= 0 or null (the base loss's default)")
         _choice(s, "trades_attack_loss", self.trades_attack_loss, TRADES_ATTACK_LOSSES)
         _check(0.0 <= self.alpha <= 1.0, s, "alpha", self.alpha, "in [0, 1]")
         _check(self.zeta >= 0, s, "zeta", self.zeta, ">= 0")
         _choice(s, "negatives", self.negatives, NEGATIVE_STRATEGIES)
+        _choice(s, "random_draw", self.random_draw, RANDOM_DRAWS)
+        _choice(s, "criterion_pick", self.criterion_pick, CRITERION_PICKS)
         _check(self.negatives_warmup_epochs >= 0, s, "negatives_warmup_epochs",
                self.negatives_warmup_epochs, ">= 0")
         _check(self.gamma >= 0, s, "gamma", self.gamma, ">= 0")
         _choice(s, "aux_reduction", self.aux_reduction, AUX_REDUCTIONS)
         _choice(s, "negative_gate", self.negative_gate, NEGATIVE_GATES)
+
+    @property
+    def effective_beta(self) -> float | None:
+        """beta as trained: the one set, else the base loss's default (None for PGD-AT)."""
+        return self.beta if self.beta is not None else DEFAULT_BETA.get(self.base_loss)
 
 
 @dataclass(frozen=True)
@@ -179,22 +217,29 @@ class OptimConfig:
         _check(0 < self.lr_decay <= 1, s, "lr_decay", self.lr_decay, "in (0, 1]")
 
     def milestone_epochs(self) -> list[int]:
-        """Epoch indices (0-based boundaries) where lr is divided: 75, 90, 100 for 120 epochs."""
-        return sorted({max(1, round(m * self.epochs)) for m in self.milestones})
+        """Epochs counted from 1 (as the released code counts them) from which lr is divided:
+        75, 90, 100 for 120 epochs, i.e. 74/15/10/21 epochs at 1e-2/1e-3/1e-4/1e-5. The first
+        epoch always runs at the base lr."""
+        return sorted({max(2, round(m * self.epochs)) for m in self.milestones})
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Per-epoch validation: clean accuracy and PGD accuracy, each naming what it attacked."""
+    """Per-epoch validation (clean accuracy and PGD accuracy, each naming what it attacked) and
+    the evaluation ``ancra-tune train`` runs after the last epoch."""
 
     pgd_steps: int = 10
     pgd_step_size: float = 2 / 255
     max_examples: int = 1000  # validation examples attacked each epoch (clean acc uses all)
+    split: str = "val"  # per-epoch metrics on the held-out validation split (val_*), or test (test_*)
+    final_suite: str = "none"  # `ancra-tune train` ends with this robustness suite on `split`
 
     def __post_init__(self) -> None:
         _check(self.pgd_steps >= 0, "eval", "pgd_steps", self.pgd_steps, ">= 0 (0 disables PGD)")
         _check(self.pgd_step_size > 0, "eval", "pgd_step_size", self.pgd_step_size, "> 0")
         _check(self.max_examples >= 1, "eval", "max_examples", self.max_examples, ">= 1")
+        _choice("eval", "split", self.split, EVAL_SPLITS)
+        _choice("eval", "final_suite", self.final_suite, FINAL_SUITES)
 
 
 @dataclass(frozen=True)
@@ -219,7 +264,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None = None) -> TrainConfig:
         """Build from a nested dict (YAML) and/or dotted keys ``{"method.alpha": 0.5}``."""
-        return _build(cls, _nest(d or {}), "")
+        return build_dataclass(cls, _nest(d or {}), "")
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
@@ -233,8 +278,11 @@ class TrainConfig:
         return TrainConfig.from_dict(_merge(self.to_dict(), _nest(dotted)))
 
 
-def flatten(cfg: TrainConfig) -> dict[str, Any]:
-    """``{"method.alpha": 1.0, ...}``: scalars only (tuples become lists' string form)."""
+def flatten(cfg: TrainConfig, *, resolved: bool = False) -> dict[str, Any]:
+    """``{"method.alpha": 1.0, ...}``: scalars only (tuples become lists' string form).
+
+    ``resolved``: values as trained (``method.beta`` = the base loss's default where it is null),
+    for display and MLflow; without it the dict round-trips through :meth:`TrainConfig.from_dict`."""
     out: dict[str, Any] = {}
 
     def walk(prefix: str, obj: Any) -> None:
@@ -247,6 +295,33 @@ def flatten(cfg: TrainConfig) -> dict[str, Any]:
             out[prefix] = obj
 
     walk("", cfg.to_dict())
+    if resolved:
+        out["method.beta"] = cfg.method.effective_beta
+    return out
+
+
+def inactive_keys(cfg: TrainConfig) -> dict[str, str]:
+    """Settings that change nothing in this configuration, each with the reason (e.g. alpha and
+    zeta when ANC is off, gamma when RA is off): logged as inactive, never as if they were used."""
+    out: dict[str, str] = {}
+    m = cfg.method
+    if not m.anc:
+        for k in ("alpha", "zeta", "negatives", "random_draw", "criterion_pick", "targeted",
+                  "negatives_warmup_epochs", "anc_on_aux", "negative_gate"):
+            out[f"method.{k}"] = "ANC is off"
+    elif m.negatives == "random":
+        for k in ("criterion_pick", "negatives_warmup_epochs"):
+            out[f"method.{k}"] = "random negatives"
+    if not cfg.model.ra:
+        for k in ("method.gamma", "method.aux_reduction", "method.anc_on_aux", "model.ra_feed_weighted",
+                  "attack.ra_gate", "attack.objective", "attack.aux_weight"):
+            out[k] = "RA is off"
+    if m.base_loss == "pgd_at":
+        out["method.beta"] = "PGD-AT has no beta"
+    if m.base_loss != "trades":
+        out["method.trades_attack_loss"] = f"base loss is {m.base_loss}"
+    if cfg.attack.init != "gaussian":
+        out["attack.init_std"] = f"attack.init is {cfg.attack.init}"
     return out
 
 
@@ -380,7 +455,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def _build(cls: type, d: Mapping[str, Any], prefix: str) -> Any:
+def build_dataclass(cls: type, d: Mapping[str, Any], prefix: str) -> Any:
+    """An instance of the (frozen, validated) dataclass ``cls`` from a mapping: unknown keys are
+    refused with the allowed ones, values are coerced to the annotated types (``"8/255"`` for a
+    float), nested dataclasses are built recursively; ``prefix`` names the section in errors."""
     if not isinstance(d, Mapping):
         raise ConfigError(f"{prefix or 'config'} must be a mapping, got {d!r}")
     hints = typing.get_type_hints(cls)
@@ -396,7 +474,7 @@ def _build(cls: type, d: Mapping[str, Any], prefix: str) -> Any:
         tp = hints[name]
         key = f"{prefix}.{name}" if prefix else name
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, key)
+            kwargs[name] = build_dataclass(tp, value, key)
         else:
             kwargs[name] = _coerce(value, tp, key)
     return cls(**kwargs)

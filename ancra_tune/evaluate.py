@@ -31,26 +31,33 @@ def clean_accuracy(model: nn.Module, data: ArrayData, *, batch_size: int, device
     return correct.item() / max(1, len(data))
 
 
-class SoftGate(nn.Module):
-    """The model with the BPDA surrogate of the RA gate: forward values unchanged, backward
-    through softmax(P / T) @ W (see ``RANet.forward``)."""
+GATE_TARGETS = {"stgate": "straight_through", "softgate": "soft"}
+VALIDATION_TARGETS = ("final", "aux", "softgate")  # per-epoch validation of RA models
 
-    def __init__(self, model: nn.Module, temperature: float = 1.0) -> None:
+
+class SurrogateGate(nn.Module):
+    """The model with a differentiable surrogate of the RA gate, rows ``softmax(P / T) @ W``:
+    ``gate="straight_through"`` keeps the argmax gate's forward values and backpropagates through
+    the surrogate (BPDA); ``gate="soft"`` uses the surrogate in the forward pass too (a smooth
+    model whose gradient shows where the gate would move). See ``RANet.forward``."""
+
+    def __init__(self, model: nn.Module, temperature: float = 1.0, gate: str = "straight_through") -> None:
         super().__init__()
-        self.model, self.temperature = model, temperature
+        self.model, self.temperature, self.gate = model, temperature, gate
         self.train(model.training)  # a wrapper must not flip the model's BatchNorm mode
 
     def forward(self, x: Tensor, labels: Tensor | None = None) -> ModelOutput:
-        return self.model(x, labels, soft_gate=self.temperature)
+        return self.model(x, labels, soft_gate=self.temperature, gate=self.gate)
 
 
 def pgd_correct(model: nn.Module, data: ArrayData, *, target: str, eps: float, step_size: float,
                 steps: int, batch_size: int, device: torch.device, seed: int = 0) -> Tensor:
     """(N,) bool: P' right on PGD AEs that maximise CE on ``target``: "final" (P'), "aux" (the
-    last block's P) or "bpda" (P' through the soft gate)."""
-    if target not in ("final", "aux", "bpda"):
-        raise ValueError(f"unknown PGD target {target!r}; known: final, aux, bpda")
-    attacked = SoftGate(model) if target == "bpda" else model
+    last block's P), "stgate" or "softgate" (P' through the straight-through or soft surrogate of
+    the gate). Correctness is always that of the real model."""
+    if target not in ("final", "aux", *GATE_TARGETS):
+        raise ValueError(f"unknown PGD target {target!r}; known: final, aux, {', '.join(GATE_TARGETS)}")
+    attacked = SurrogateGate(model, gate=GATE_TARGETS[target]) if target in GATE_TARGETS else model
     head = last_aux_logits if target == "aux" else final_logits
     gen = torch.Generator().manual_seed(seed)  # the same start every epoch: comparable numbers
     model.eval()

@@ -9,12 +9,13 @@ shards batches by rank; metrics and checkpoints leave through :class:`Callback`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,10 @@ from torch import Tensor, nn
 
 from .attacks import bn_mode, pgd
 from .checkpoint import build_model, data_info_to_dict, load_checkpoint, save_checkpoint
-from .config import TrainConfig
-from .data import BatchLoader, DataSplits, epoch_generator, load_dataset
+from .config import MethodConfig, TrainConfig
+from .data import ArrayData, BatchLoader, DataSplits, epoch_generator, load_dataset
 from .distributed import all_true, is_distributed
-from .evaluate import clean_accuracy, pgd_correct
+from .evaluate import VALIDATION_TARGETS, clean_accuracy, pgd_correct
 from .losses import ancra_loss
 from .models import ModelOutput, unwrap
 from .negatives import select_negatives
@@ -75,9 +76,10 @@ def seed_everything(seed: int) -> None:
 
 
 def lr_at(cfg: TrainConfig, epoch: int) -> float:
-    """The paper's step schedule: lr / 10 at 75, 90, 100 of 120 epochs, scaled to ``optim.epochs``."""
+    """The released step schedule for 0-based ``epoch``: lr / 10 from epochs 75, 90 and 100 counted
+    from 1 (74/15/10/21 epochs at each lr over 120), scaled to ``optim.epochs``."""
     o = cfg.optim
-    return o.lr * o.lr_decay ** sum(epoch >= m for m in o.milestone_epochs())
+    return o.lr * o.lr_decay ** sum(epoch + 1 >= m for m in o.milestone_epochs())
 
 
 def _autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager[Any]:
@@ -95,11 +97,53 @@ def _split(out: ModelOutput, n: int) -> Iterator[ModelOutput]:
         yield ModelOutput(logits=logits[i], aux_logits=tuple(a[i] for a in aux), features=feats[i])
 
 
+def attack_loss(*, aux_weight: float, kl_ref: tuple[Tensor, ...] | None = None,
+                targeted: Tensor | None = None) -> Callable[[ModelOutput, Tensor], Tensor]:
+    """The training attack's per-row objective, as released (``u_pgd`` / ``t_pgd``):
+    ``CE(P', t) + aux_weight * mean_b CE(P_b, t)`` over the RA blocks' auxiliary outputs P_b
+    (just CE(P', t) without RA or with ``aux_weight`` 0). With ``kl_ref`` (the natural example's
+    probabilities of P' and of each P_b) the untargeted rows use the vanilla-TRADES objective
+    ``KL(P'(x) || P'(x')) + aux_weight * mean_b KL(P_b(x) || P_b(x'))`` (the released ``u_trades``);
+    ``targeted`` (N,) marks rows that keep the CE objective (OEs in a batched attack)."""
+
+    def ce(out: ModelOutput, t: Tensor) -> Tensor:
+        loss = F.cross_entropy(out.logits, t, reduction="none")  # (N,)
+        if out.aux_logits and aux_weight:
+            aux = torch.stack([F.cross_entropy(p, t, reduction="none") for p in out.aux_logits])
+            loss = loss + aux_weight * aux.mean(0)
+        return loss
+
+    def kl(out: ModelOutput) -> Tensor:
+        assert kl_ref is not None
+        heads = (out.logits, *out.aux_logits)
+
+        def one(ref: Tensor, logits: Tensor) -> Tensor:
+            return (ref * (torch.log(ref + 1e-12) - F.log_softmax(logits.float(), 1))).sum(1)
+
+        loss = one(kl_ref[0], heads[0])
+        if len(heads) > 1 and aux_weight:
+            loss = loss + aux_weight * torch.stack([one(r, h) for r, h in zip(kl_ref[1:], heads[1:],
+                                                                             strict=True)]).mean(0)
+        return loss
+
+    def fn(out: ModelOutput, t: Tensor) -> Tensor:
+        if kl_ref is None:
+            return ce(out, t)
+        if targeted is None:
+            return kl(out)
+        return torch.where(targeted, ce(out, t), kl(out))
+
+    return fn
+
+
 def ancra_step(model: nn.Module, x: Tensor, y: Tensor, *, cfg: TrainConfig, epoch: int,
                generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
-    """Craft AEs (untargeted) and OEs (negatives, targeted toward y: eq. 5) and return the
+    """Craft OEs (negatives, targeted toward y: eq. 5) and AEs (untargeted) and return the
     ANCRA loss of the batch and its detached parts. The caller backpropagates.
 
+    The defaults follow the released ``trades_train``: the negatives are picked, the OE attack
+    runs, then the AE attack, each with BatchNorm in eval mode and RA gated by the prediction;
+    the loss runs x, x^a and x^o through three train-mode forwards gated by their own labels.
     ``model`` may be DDP-wrapped: it computes the loss; the attack runs on the bare module.
     x: (N, C, H, W) in [0, 1]; y: (N,).
     """
@@ -113,37 +157,42 @@ def ancra_step(model: nn.Module, x: Tensor, y: Tensor, *, cfg: TrainConfig, epoc
     x_neg = y_neg = anc_weight = None
     if m.anc:
         strategy = m.negatives if epoch >= m.negatives_warmup_epochs else "random"
-        preds = None
-        if strategy != "random":  # soft/hard need the batch's predicted classes
+        logits = None
+        if strategy != "random":  # soft/hard/easy need the batch's predictions (eval mode, as released)
             with torch.no_grad(), bn_mode(core, a.bn_mode), amp:
-                preds = core(x).logits.argmax(1)
-        sel = select_negatives(y, strategy=strategy, preds=preds, generator=generator)
+                logits = core(x).logits.float()
+        sel = select_negatives(y, strategy=strategy, logits=logits, random_draw=m.random_draw,
+                               pick=m.criterion_pick, generator=generator)
         x_neg, y_neg = x[sel.index], y[sel.index]
         anc_weight = sel.valid.to(x.dtype)
         metrics["neg_fallback_rate"] = sel.fallback_rate
 
-    # 2. One batched PGD for the untargeted AEs and the targeted OEs (one pass per step for both).
-    kl = m.base_loss == "trades" and m.trades_attack_loss == "kl"
-    ref_probs = None
-    if kl:  # vanilla TRADES attacks KL(P(x) || P(x')) with P(x) fixed
+    # 2. The attacks: OEs (targeted toward the anchor's label y), then AEs; or both in one batch.
+    w = (a.aux_weight if a.aux_weight is not None else m.gamma) if a.objective == "final_and_aux" else 0.0
+    kl_ref = None
+    if m.base_loss == "trades" and m.trades_attack_loss == "kl":  # vanilla TRADES: KL to P(x), fixed
         with torch.no_grad(), bn_mode(core, a.bn_mode), amp:
-            ref_probs = F.softmax(core(x).logits.float(), 1)
-    attack_kw = dict(eps=a.eps, step_size=a.step_size, steps=a.steps, bn=a.bn_mode, init=a.init,
-                     init_std=a.init_std, generator=generator)
+            ref = core(x)
+        kl_ref = tuple(F.softmax(h.float(), 1) for h in (ref.logits, *ref.aux_logits))
+    kw = dict(eps=a.eps, step_size=a.step_size, steps=a.steps, bn=a.bn_mode, init=a.init, init_std=a.init_std,
+              generator=generator)
+    label_gate = a.ra_gate == "label"
     with amp:
-        if x_neg is not None and m.targeted:
+        if x_neg is not None and m.targeted and a.schedule == "batched":
             assert y_neg is not None
-            xs = torch.cat([x, x_neg])
             mask = torch.arange(2 * n, device=x.device) >= n  # rows n.. are OEs, targeted toward y
-            gate = torch.cat([y, y_neg]) if a.ra_gate == "label" else None
-            ref = torch.cat([ref_probs, ref_probs]) if ref_probs is not None else None
-            adv = pgd(core, xs, torch.cat([y, y]), targeted=mask, objective="kl" if kl else "ce",
-                      ref_probs=ref, gate_labels=gate, **attack_kw)
+            ref2 = tuple(torch.cat([r, r]) for r in kl_ref) if kl_ref is not None else None
+            adv = pgd(core, torch.cat([x, x_neg]), torch.cat([y, y]), targeted=mask,
+                      loss_fn=attack_loss(aux_weight=w, kl_ref=ref2, targeted=mask),
+                      gate_labels=torch.cat([y, y_neg]) if label_gate else None, **kw)
             x_adv, x_neg = adv[:n], adv[n:]
         else:
-            gate = y if a.ra_gate == "label" else None
-            x_adv = pgd(core, x, y, objective="kl" if kl else "ce", ref_probs=ref_probs, gate_labels=gate,
-                        **attack_kw)
+            if x_neg is not None and m.targeted:
+                assert y_neg is not None
+                x_neg = pgd(core, x_neg, y, targeted=True, loss_fn=attack_loss(aux_weight=w),
+                            gate_labels=y_neg if label_gate else None, **kw)
+            x_adv = pgd(core, x, y, loss_fn=attack_loss(aux_weight=w, kl_ref=kl_ref),
+                        gate_labels=y if label_gate else None, **kw)
 
     # 3. The loss, in train mode; each example gated by its own label (x^o optionally by y).
     model.train()
@@ -157,18 +206,33 @@ def ancra_step(model: nn.Module, x: Tensor, y: Tensor, *, cfg: TrainConfig, epoc
     with amp:
         if m.joint_forward:
             outs = list(_split(model(torch.cat(parts), torch.cat(gates)), n))
-        else:
+        else:  # released: one train-mode forward (one BatchNorm batch) per part
             outs = [model(p, g) for p, g in zip(parts, gates, strict=True)]
     # PGD-AT without ANC never reads the natural output: outs[0] is then x^a itself.
     out_nat, out_adv = outs[0], outs[1] if need_nat else outs[0]
     out_neg = outs[2] if x_neg is not None else None
-    lp = ancra_loss(out_nat, out_adv, out_neg, y, base_loss=m.base_loss, beta=m.beta, alpha=m.alpha,
+    lp = ancra_loss(out_nat, out_adv, out_neg, y, base_loss=m.base_loss, beta=m.effective_beta, alpha=m.alpha,
                     zeta=m.zeta, gamma=m.gamma if core.ra else 0.0, anc_on_aux=m.anc_on_aux,
                     aux_reduction=m.aux_reduction, anc_weight=anc_weight)
     metrics.update(loss=lp.total.detach(), loss_at=lp.at, loss_anc=lp.anc, loss_aux_at=lp.aux_at,
-                   loss_aux_anc=lp.aux_anc,
-                   train_adv_acc=(out_adv.logits.detach().argmax(1) == y).float().mean())
+                   loss_aux_anc=lp.aux_anc)
+    # Training accuracies as the released code logs them: the model as it predicts (eval-mode
+    # BatchNorm, RA gated by its own prediction) on x, x^a, and x^o against x^o's label. P' gated
+    # by the label, as in the loss, is ~1.0 by construction (the gate leaks the label): it is
+    # logged too, as train_adv_acc_label_gate, to show exactly that.
+    with torch.no_grad(), bn_mode(core, "eval"), amp:
+        seen = [x, x_adv] + ([x_neg] if x_neg is not None else [])
+        pred = core(torch.cat(seen)).logits.argmax(1).split(n)
+    metrics.update(train_nat_acc=(pred[0] == y).float().mean(), train_adv_acc=(pred[1] == y).float().mean(),
+                   train_adv_acc_label_gate=(out_adv.logits.detach().argmax(1) == y).float().mean())
+    if x_neg is not None:
+        metrics["train_neg_acc"] = (pred[2] == y_neg).float().mean()
     return lp.total, metrics
+
+
+def _resolved(m: MethodConfig) -> MethodConfig:
+    """The method with beta as trained (a checkpoint may store it explicitly or as null)."""
+    return dataclasses.replace(m, beta=m.effective_beta)
 
 
 class Trainer:
@@ -220,7 +284,8 @@ class Trainer:
             return False
         state = load_checkpoint(p, map_location=self.device)
         saved = TrainConfig.from_dict(state["config"])
-        if saved.model != self.cfg.model or saved.method != self.cfg.method or saved.data != self.cfg.data:
+        if saved.model != self.cfg.model or saved.data != self.cfg.data or \
+                _resolved(saved.method) != _resolved(self.cfg.method):
             raise ValueError(f"{p} was written by a different configuration; refusing to resume from it")
         self.load_state_dict(state)
         log.info("resumed from %s at epoch %d", p, self.start_epoch)
@@ -272,26 +337,35 @@ class Trainer:
         means.update(lr=lr, epoch_time_s=elapsed, train_images_per_s=images * self.world_size / elapsed)
         return means
 
+    def eval_split(self) -> tuple[str, ArrayData]:
+        """(metric prefix, data) of the per-epoch metrics: the held-out validation split, or the
+        test split when ``eval.split`` is test (the released code evaluates the test set)."""
+        if self.cfg.eval.split == "test":
+            if self.splits.test is None:
+                raise ValueError("eval.split = 'test' but the dataset as configured has no test split")
+            return "test", self.splits.test
+        return "val", self.splits.val
+
     def validate(self) -> dict[str, float]:
-        """Clean accuracy on the validation split and PGD accuracy of P' under attacks on P'
-        and, with RA, on the auxiliary P and through the soft (BPDA) gate: each metric names
-        what it attacked. ``val_robust_acc`` counts examples that survive all of them."""
+        """Clean accuracy and PGD accuracy of P' under attacks on P' and, with RA, on the auxiliary
+        P and through the soft surrogate of the gate: each metric names what it attacked.
+        ``<split>_robust_acc`` counts examples that survive all of them."""
         c, model = self.cfg, self.model
-        val = self.splits.val
-        if len(val) == 0:
+        prefix, data = self.eval_split()
+        if len(data) == 0:
             return {}
         kw = dict(batch_size=c.data.eval_batch_size, device=self.device)
-        out = {"val_clean_acc": clean_accuracy(model, val, **kw)}
+        out = {f"{prefix}_clean_acc": clean_accuracy(model, data, **kw)}
         if c.eval.pgd_steps > 0:
-            sub = val.subset(torch.arange(min(len(val), c.eval.max_examples)))
+            sub = data.subset(torch.arange(min(len(data), c.eval.max_examples)))
             worst = None
-            for target in (["final", "aux", "bpda"] if model.ra else ["final"]):
+            for target in (VALIDATION_TARGETS if model.ra else ("final",)):
                 correct = pgd_correct(model, sub, target=target, eps=c.attack.eps, step_size=c.eval.pgd_step_size,
                                       steps=c.eval.pgd_steps, seed=c.seed, **kw)
-                out[f"val_pgd_acc_{target}"] = correct.float().mean().item()
+                out[f"{prefix}_pgd_acc_{target}"] = correct.float().mean().item()
                 worst = correct if worst is None else worst & correct
             assert worst is not None
-            out["val_robust_acc"] = worst.float().mean().item()
+            out[f"{prefix}_robust_acc"] = worst.float().mean().item()
         return out
 
     def fit(self, *, resume: bool = False) -> dict[str, float]:
@@ -329,8 +403,9 @@ class Trainer:
         return tqdm(loader, desc=f"epoch {epoch + 1}/{self.cfg.optim.epochs}", leave=False, dynamic_ncols=True)
 
     def _log_epoch(self, epoch: int, m: dict[str, float]) -> None:
-        keys = ("loss", "val_clean_acc", "val_pgd_acc_final", "val_robust_acc", "neg_fallback_rate",
-                "epoch_time_s")
+        p = self.eval_split()[0]
+        keys = ("loss", "train_adv_acc", f"{p}_clean_acc", f"{p}_pgd_acc_final", f"{p}_robust_acc",
+                "neg_fallback_rate", "epoch_time_s")
         text = "  ".join(f"{k}={m[k]:.4g}" for k in keys if k in m)
         msg = f"epoch {epoch + 1}/{self.cfg.optim.epochs}  {text}"
         if self.cfg.progress:

@@ -25,11 +25,18 @@ def test_project_and_random_start_stay_in_the_ball() -> None:
     far = x + torch.randn_like(x) * 5
     p = project(far, x, 0.05)
     assert (p - x).abs().max() <= 0.05 + 1e-7 and p.min() >= 0 and p.max() <= 1
-    for init in ("uniform", "gaussian", "none"):
+    for init in ("uniform", "none"):
         r = random_start(x, eps=0.05, init=init, init_std=0.001, generator=torch.Generator().manual_seed(0))
         assert (r - x).abs().max() <= 0.05 + 1e-7 and r.min() >= 0 and r.max() <= 1
+    # As released: x + 0.001 * N(0, 1), not clipped before the first step (a pixel at 0 may start below 0).
     g = random_start(x, eps=0.05, init="gaussian", init_std=0.001, generator=torch.Generator().manual_seed(0))
-    assert 0 < (g - x).abs().max() < 0.01  # 0.001 * N(0, 1): tiny
+    assert 0 < (g - x).abs().max() < 0.01
+    torch.testing.assert_close(g - x, torch.randn(x.shape, generator=torch.Generator().manual_seed(0)) * 0.001)
+    # Every attack step projects: even one step lands in S(x).
+    model = trained_digits_model()
+    out = pgd(model, x.expand(-1, 1, 8, 8), torch.zeros(16, dtype=torch.long), eps=0.05, step_size=0.01, steps=1,
+              bn="eval", init="gaussian", generator=torch.Generator().manual_seed(0))
+    assert (out - x).abs().max() <= 0.05 + 1e-7 and out.min() >= 0 and out.max() <= 1
 
 
 @pytest.mark.parametrize("objective", ["ce", "kl"])
@@ -73,6 +80,32 @@ def test_joint_batched_attack_equals_two_separate_attacks(batch) -> None:
     both = pgd(model, torch.cat([x, x_neg]), torch.cat([y, y]), targeted=mask, **kw)
     torch.testing.assert_close(both[:32], ae)
     torch.testing.assert_close(both[32:], oe)
+
+
+def test_one_step_follows_the_released_attack_objective(batch) -> None:
+    """The released training attack ascends CE(P') + w * mean_b CE(P_b) (u_pgd) and descends the same
+    toward the target (t_pgd), eval-mode BatchNorm, predicted gate: one step by hand."""
+    from ancra_tune.trainer import attack_loss
+
+    model = trained_digits_model(ra=True).eval()
+    x, y = batch
+    x, y = x[:32], y[:32]
+    w = 2.0
+    xr = x.clone().requires_grad_(True)
+    out = model(xr)
+    obj = F.cross_entropy(out.logits, y, reduction="sum") + w * sum(
+        F.cross_entropy(a, y, reduction="sum") for a in out.aux_logits) / len(out.aux_logits)
+    (g,) = torch.autograd.grad(obj, xr)
+    g_final = torch.autograd.grad(F.cross_entropy(model(xr).logits, y, reduction="sum"), xr)[0]
+    assert (g.sign() != g_final.sign()).any()  # the auxiliary heads change the direction
+    kw = dict(eps=EPS, step_size=0.02, steps=1, bn="eval", init="none")
+    up = pgd(model, x, y, loss_fn=attack_loss(aux_weight=w), **kw)
+    torch.testing.assert_close(up, project(x + 0.02 * g.sign(), x, EPS))
+    down = pgd(model, x, y, targeted=True, loss_fn=attack_loss(aux_weight=w), **kw)
+    torch.testing.assert_close(down, project(x - 0.02 * g.sign(), x, EPS))
+    # The P'-only option ignores the auxiliary heads.
+    only = pgd(model, x, y, loss_fn=attack_loss(aux_weight=0.0), **kw)
+    torch.testing.assert_close(only, project(x + 0.02 * g_final.sign(), x, EPS))
 
 
 def test_bn_mode_is_explicit_and_restored(batch) -> None:

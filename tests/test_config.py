@@ -12,9 +12,16 @@ def test_defaults_are_the_papers() -> None:
     assert c.data.batch_size == 128
     assert c.attack.eps == pytest.approx(8 / 255) and c.attack.step_size == 0.007 and c.attack.steps == 10
     assert (c.method.alpha, c.method.zeta, c.method.gamma) == (1.0, 3.0, 2.0)
-    assert c.method.base_loss == "trades" and c.method.beta == 6.0
-    assert MethodConfig(base_loss="mart").beta == 5.0
+    assert c.method.base_loss == "trades" and c.method.effective_beta == 6.0
+    assert MethodConfig(base_loss="mart").effective_beta == 5.0
+    assert MethodConfig(base_loss="pgd_at").effective_beta is None
     assert c.method.negatives == "random" and c.method.targeted  # the paper's "Targeted"
+    # The released script's choices (train_CIFAR10_ResNet.py), each a named option.
+    assert c.method.random_draw == "class" and c.method.criterion_pick == "max_logit"
+    assert c.method.joint_forward is False  # x, x^a, x^o: three train-mode forwards
+    assert (c.attack.bn_mode, c.attack.ra_gate) == ("eval", "predicted")  # forward(_eval=True) calls eval()
+    assert (c.attack.objective, c.attack.aux_weight, c.attack.schedule) == ("final_and_aux", None, "sequential")
+    assert (c.attack.init, c.attack.init_std) == ("gaussian", 0.001)
 
 
 @pytest.mark.parametrize(
@@ -24,7 +31,10 @@ def test_defaults_are_the_papers() -> None:
         ({"method.alpha": -0.1}, ["method.alpha"]),
         ({"attack.eps": 0.0}, ["attack.eps", "> 0"]),
         ({"attack.eps": -1}, ["attack.eps"]),
-        ({"method.negatives": "nearest"}, ["method.negatives", "random", "soft", "hard"]),
+        ({"method.negatives": "nearest"}, ["method.negatives", "random", "soft", "hard", "easy"]),
+        ({"attack.schedule": "joint"}, ["attack.schedule", "sequential", "batched"]),
+        ({"attack.objective": "sum"}, ["attack.objective", "final_and_aux", "final"]),
+        ({"eval.split": "train"}, ["eval.split", "val", "test"]),
         ({"model.name": "vit"}, ["model.name", "resnet18", "small_cnn", "wrn34_10"]),
         ({"data.dataset": "imagenet"}, ["data.dataset", "cifar10", "npz", "digits"]),
         ({"method.base_loss": "awp"}, ["method.base_loss", "pgd_at", "trades", "mart"]),
@@ -80,4 +90,49 @@ def test_flatten_is_scalar_and_round_trips() -> None:
 
 
 def test_milestones_scale_with_epochs() -> None:
+    # Epochs counted from 1, as the released script counts them; the first always at the base lr.
     assert TrainConfig.from_dict({"optim.epochs": 12}).optim.milestone_epochs() == [8, 9, 10]
+    assert TrainConfig.from_dict({"optim.epochs": 1}).optim.milestone_epochs() == [2]
+
+
+def test_beta_follows_the_base_loss_unless_set(tmp_path: Path) -> None:
+    """MART trains with its own beta = 5 in every path a setting can take, unless beta was set."""
+    from trainables.study import load_study
+
+    def beta(cfg: TrainConfig) -> float | None:
+        return cfg.method.effective_beta
+
+    trades = TrainConfig()
+    assert beta(trades) == 6.0
+    assert beta(trades.replace(**{"method.base_loss": "mart"})) == 5.0  # replace keeps beta unset
+    assert beta(TrainConfig.from_dict(flatten(trades)).replace(**{"method.base_loss": "mart"})) == 5.0
+    assert beta(TrainConfig.from_dict(load_yaml_with_overrides(None, ["method.base_loss=mart"]))) == 5.0  # --set
+    from ancra_tune.config import resolve_config_path
+
+    preset = load_yaml_with_overrides(resolve_config_path("paper_cifar10_resnet18"), ["method.base_loss=mart"])
+    assert beta(TrainConfig.from_dict(preset)) == 5.0
+    # A user's explicit beta wins everywhere.
+    assert beta(trades.replace(**{"method.beta": 2.0, "method.base_loss": "mart"})) == 2.0
+    assert flatten(trades)["method.beta"] is None and flatten(trades, resolved=True)["method.beta"] == 6.0
+
+    f = tmp_path / "s.yaml"
+    f.write_text("kind: ablation\nbase: quickstart\ntrain: {method.base_loss: mart}\n"
+                 "ablation: {grid: {method.base_loss: [trades, mart], method.anc: [true]}}\n")
+    study = load_study(f)
+    assert beta(study.train) == 5.0  # the study's train overrides
+    by_loss = {p["method.base_loss"]: beta(study.train_config(p, seed=0)) for p in study.grid_points()}
+    assert by_loss == {"trades": 6.0, "mart": 5.0}  # grid points
+    f.write_text("base: quickstart\nsearch: {space: {method.base_loss: [trades, mart]}}\n")
+    sweep = load_study(f)
+    assert beta(sweep.train_config({"method.base_loss": "mart"}, seed=0)) == 5.0  # sampled parameters
+    f.write_text("base: quickstart\ntrain: {method.beta: 3.0}\nsearch: {space: {method.base_loss: [trades, mart]}}\n")
+    assert beta(load_study(f).train_config({"method.base_loss": "mart"}, seed=0)) == 3.0
+
+
+def test_inactive_settings_are_named() -> None:
+    from ancra_tune.config import inactive_keys
+
+    off = inactive_keys(TrainConfig.from_dict({"method.anc": False, "model.ra": False, "method.base_loss": "pgd_at"}))
+    assert {"method.alpha", "method.zeta", "method.gamma", "method.beta"} <= set(off)
+    assert off["method.alpha"] == "ANC is off" and off["method.gamma"] == "RA is off"
+    assert "method.alpha" not in inactive_keys(TrainConfig())

@@ -8,7 +8,9 @@ K = 10
 # Heavy models are checked on one tiny batch; the registry is covered in full.
 INPUTS = {"small_cnn": (3, 1, 28), "resnet18": (2, 3, 32), "preact_resnet18": (2, 3, 32),
           "wrn28_10": (2, 3, 32), "wrn34_10": (2, 3, 32)}
-N_RA_BLOCKS = {"small_cnn": 2, "resnet18": 2, "preact_resnet18": 2, "wrn28_10": 4, "wrn34_10": 5}
+# As released: RA in both blocks of ResNet-18's last stage, in the last two blocks of a WRN.
+N_RA_BLOCKS = {"small_cnn": 2, "resnet18": 2, "preact_resnet18": 2, "wrn28_10": 2, "wrn34_10": 2}
+FEATURES = {"small_cnn": 128, "resnet18": 512, "preact_resnet18": 2048, "wrn28_10": 640, "wrn34_10": 640}
 
 
 def test_reverse_attention_is_eq6_by_hand() -> None:
@@ -20,8 +22,19 @@ def test_reverse_attention_is_eq6_by_hand() -> None:
     out4 = reverse_attention(maps, weight, torch.tensor([0, 1]))
     assert torch.equal(out4[0], maps[0] * weight[0].view(3, 1, 1))
     assert torch.equal(out4[1], maps[1] * weight[1].view(3, 1, 1))
-    with pytest.raises(ValueError, match="channels"):
+    with pytest.raises(ValueError, match="do not match"):
         reverse_attention(feats, torch.ones(2, 4), torch.tensor([0, 1]))
+    # A 2 x 2 pooling grid (the released PreActResNet's 2048-d feature): D = C * 4 and each
+    # channel's quadrant is scaled by its own entry of the row.
+    w2 = torch.arange(2 * 12, dtype=torch.float32).view(2, 12)  # (K=2, C=3 x 4 cells)
+    maps = torch.ones(1, 3, 4, 4)
+    out = reverse_attention(maps, w2, torch.tensor([1]))[0]
+    for c in range(3):
+        cells = w2[1, 4 * c:4 * c + 4]  # top-left, top-right, bottom-left, bottom-right
+        assert torch.equal(out[c, :2, :2], torch.full((2, 2), cells[0].item()))
+        assert torch.equal(out[c, :2, 2:], torch.full((2, 2), cells[1].item()))
+        assert torch.equal(out[c, 2:, :2], torch.full((2, 2), cells[2].item()))
+        assert torch.equal(out[c, 2:, 2:], torch.full((2, 2), cells[3].item()))
 
 
 @pytest.mark.parametrize("name", list(MODEL_REGISTRY))
@@ -35,7 +48,7 @@ def test_registry_shapes_gradients(name: str, ra: bool) -> None:
     assert out.logits.shape == (n, K)
     assert len(out.aux_logits) == (N_RA_BLOCKS[name] if ra else 0)
     assert all(a.shape == (n, K) for a in out.aux_logits)
-    assert out.features.shape == (n, model.fc.in_features)
+    assert out.features.shape == (n, model.fc.in_features) and model.fc.in_features == FEATURES[name]
     loss = F.cross_entropy(out.logits, y) + sum(F.cross_entropy(a, y) for a in out.aux_logits)
     loss.backward()
     for pname, p in model.named_parameters():
@@ -48,25 +61,40 @@ def test_unknown_model_lists_known() -> None:
         create_model("vgg", num_classes=10)
 
 
+def _cells(rows, h, w, g):
+    """(N, C * g * g) rows -> (N, C, H, W): each channel's entry c * g * g + i * g + j fills cell (i, j)."""
+    n = rows.shape[0]
+    out = torch.zeros(n, rows.shape[1] // (g * g), h, w)
+    for i in range(g):
+        for j in range(g):
+            out[:, :, i * h // g:(i + 1) * h // g, j * w // g:(j + 1) * w // g] = rows[:, i * g + j::g * g, None, None]
+    return out
+
+
 def _manual_ra_forward(model, x, gate_fn):
-    """RA written out step by step from the model's pieces (eq. 6, Algorithm 1)."""
+    """RA written out step by step from the model's pieces (eq. 6, Algorithm 1), with the released
+    structure of pre-activation nets: their final BN-ReLU inside every RA block, fed forward."""
     z = model.stem(model.normalize(x))
     w = model.fc.weight
+    g = model.pool_grid
     aux = []
     for i, block in enumerate(model.last_stage):
         z = block(z)
-        pooled = model.readout(z)
+        if model.post_in_ra_blocks:
+            z = model.post(z)
+        pooled = torch.flatten(F.adaptive_avg_pool2d(z, g), 1)
         p = model.fc(pooled)
         aux.append(p)
         gate = gate_fn(p)
         if i < len(model.last_stage) - 1:
-            z = z * w[gate][:, :, None, None]
+            z = z * _cells(w[gate], z.shape[2], z.shape[3], g)
         else:
-            final = model.fc(pooled * w[gate])
+            weighted = z * _cells(w[gate], z.shape[2], z.shape[3], g)
+            final = model.fc(torch.flatten(F.adaptive_avg_pool2d(weighted, g), 1))
     return final, aux
 
 
-@pytest.mark.parametrize("name", ["small_cnn", "preact_resnet18"])
+@pytest.mark.parametrize("name", ["small_cnn", "preact_resnet18", "wrn28_10"])
 def test_ra_gate_uses_label_in_training_and_prediction_otherwise(name: str) -> None:
     torch.manual_seed(1)
     n, c, s = INPUTS[name]

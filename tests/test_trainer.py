@@ -1,8 +1,11 @@
+import copy
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ancra_tune.checkpoint import load_model
 from ancra_tune.cli import main
@@ -20,10 +23,129 @@ def _cfg(tmp_path: Path, **kw) -> TrainConfig:
     return TrainConfig.from_dict({**DIGITS, "out_dir": str(tmp_path), **kw})
 
 
-def test_lr_schedule_is_the_papers_scaled() -> None:
+def test_lr_schedule_is_the_released_one() -> None:
+    """The released script counts epochs from 1 and divides lr from epochs 75, 90 and 100:
+    74/15/10/21 epochs at 1e-2/1e-3/1e-4/1e-5 (0-based epochs 0-73, 74-88, 89-98, 99-119)."""
     c = TrainConfig()
-    assert [lr_at(c, e) for e in (0, 74, 75, 89, 90, 99, 100, 119)] == pytest.approx(
+    assert [lr_at(c, e) for e in (0, 73, 74, 88, 89, 98, 99, 119)] == pytest.approx(
         [0.01, 0.01, 1e-3, 1e-3, 1e-4, 1e-4, 1e-5, 1e-5])
+    counts = Counter(round(lr_at(c, e), 8) for e in range(120))
+    assert [counts[v] for v in (0.01, 1e-3, 1e-4, 1e-5)] == [74, 15, 10, 21]
+
+
+def _released_step_by_hand(model, x, y, x_neg, y_neg, noise_oe, noise_ae, *, eps, step, steps, beta, zeta, gamma,
+                           alpha):
+    """One step of the released trades_train (train_CIFAR10_ResNet.py), written out from its text:
+    the model's forward with _eval=True is eval mode with the predicted gate; _eval=False is train
+    mode with the label gate. The OE attack (t_pgd) runs first, then the AE attack (u_pgd)."""
+    def attack(x0, target, noise, sign):
+        x_adv = x0 + noise
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            model.eval()
+            out = model(x_adv)  # _eval=True: eval mode, RA gated by the prediction
+            loss = F.cross_entropy(out.logits, target) + gamma * sum(
+                F.cross_entropy(a, target) for a in out.aux_logits) / len(out.aux_logits)
+            (g,) = torch.autograd.grad(loss, x_adv)
+            x_adv = x_adv.detach() + sign * step * g.sign()
+            x_adv = torch.min(torch.max(x_adv, x0 - eps), x0 + eps).clamp(0, 1)
+        return x_adv
+
+    oe = attack(x_neg, y, noise_oe, -1.0)  # t_pgd: toward the anchor's label
+    ae = attack(x, y, noise_ae, 1.0)  # u_pgd
+    model.train()
+    n = x.shape[0]
+    nat, adv, neg = model(x, y), model(ae, y), model(oe, y_neg)  # three train-mode forwards, own labels
+
+    def kl_sum(logits_adv, logits_nat):
+        return F.kl_div(F.log_softmax(logits_adv, 1), F.softmax(logits_nat, 1), reduction="sum")
+
+    def anc(p_nat, p_neg):  # loss_fn_ori summed over rows where the predictions agree
+        v1, i1 = p_nat.max(-1)
+        v2, i2 = p_neg.max(-1)
+        return ((v1 * v2).sqrt() * (i1 == i2)).sum()
+
+    def anc_asym(p_nat, p_neg):
+        return alpha * anc(p_nat.detach(), p_neg) + (1 - alpha) * anc(p_neg.detach(), p_nat)
+
+    b = len(nat.aux_logits)
+    loss_natural = F.cross_entropy(nat.logits, y) + gamma * sum(F.cross_entropy(a, y) for a in nat.aux_logits) / b
+    loss_robust = kl_sum(adv.logits, nat.logits) / n + gamma * sum(
+        kl_sum(a, c) / n for a, c in zip(adv.aux_logits, nat.aux_logits, strict=True)) / b
+    sm = lambda t: F.softmax(t, 1)  # noqa: E731
+    loss_t = anc_asym(sm(nat.logits), sm(neg.logits)) / n + gamma * sum(
+        anc_asym(sm(a), sm(c)) / n for a, c in zip(nat.aux_logits, neg.aux_logits, strict=True)) / b
+    return loss_natural + beta * loss_robust + zeta * loss_t
+
+
+def test_one_step_equals_the_released_algorithm_by_hand(tmp_path: Path) -> None:
+    """The default TRADES-ANCRA step (random negatives + targeted OEs, RA, alpha = 0.7 to use both
+    halves of ANC) equals the released script's step written out by hand: the loss, every
+    parameter's gradient, and the BatchNorm running statistics afterwards."""
+    from ancra_tune.negatives import select_negatives
+    from ancra_tune.trainer import ancra_step
+
+    cfg = _cfg(tmp_path, **{"method.negatives": "random", "method.alpha": 0.7, "attack.steps": 3})
+    t = Trainer(cfg)
+    x, y = next(iter(t._loader()))
+    x, y = x[:16], y[:16]
+    ref_model = copy.deepcopy(t.model)
+    gen = torch.Generator().manual_seed(5)
+    replay = torch.Generator().set_state(gen.get_state())
+    sel = select_negatives(y, strategy="random", generator=replay)
+    noise_oe = torch.randn(x.shape, generator=replay) * 0.001
+    noise_ae = torch.randn(x.shape, generator=replay) * 0.001
+
+    t.model.train()
+    loss, parts = ancra_step(t.model, x, y, cfg=cfg, epoch=0, generator=gen)
+    loss.backward()
+    ref = _released_step_by_hand(ref_model, x, y, x[sel.index], y[sel.index], noise_oe, noise_ae,
+                                 eps=cfg.attack.eps, step=cfg.attack.step_size, steps=3, beta=6.0, zeta=3.0,
+                                 gamma=2.0, alpha=0.7)
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    for (name, p), q in zip(t.model.named_parameters(), ref_model.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+    for (name, b), c in zip(t.model.named_buffers(), ref_model.buffers(), strict=True):
+        torch.testing.assert_close(b, c, msg=name)  # 3 train-mode forwards; the attacks left them alone
+    assert int(t.model.stem[0][1].num_batches_tracked) == 3
+    # The label gate leaks the label into P' in the loss (the released method): P' gated by y on
+    # x^a is right far more often than the model as it predicts.
+    assert parts["train_adv_acc_label_gate"] >= parts["train_adv_acc"]
+
+
+def test_attack_options_batched_and_train_mode_batchnorm(tmp_path: Path) -> None:
+    """Eval-mode BatchNorm: the batched AE+OE attack equals the released sequential one. Train-mode
+    BatchNorm (an option) uses each attack batch's statistics and updates the running ones."""
+    from ancra_tune.trainer import ancra_step
+
+    base = {"method.negatives": "random", "attack.init": "none"}
+    losses = {}
+    for schedule in ("sequential", "batched"):
+        cfg = _cfg(tmp_path, **base, **{"attack.schedule": schedule})
+        t = Trainer(cfg)
+        x, y = next(iter(t._loader()))
+        losses[schedule] = ancra_step(t.model, x, y, cfg=cfg, epoch=0, generator=torch.Generator().manual_seed(1))[0]
+    assert losses["sequential"].item() == pytest.approx(losses["batched"].item(), rel=1e-5)
+    cfg = _cfg(tmp_path, **base, **{"attack.bn_mode": "train"})
+    t = Trainer(cfg)
+    x, y = next(iter(t._loader()))
+    ancra_step(t.model, x, y, cfg=cfg, epoch=0, generator=torch.Generator().manual_seed(1))
+    # 3 attack steps on the OEs + 3 on the AEs + 3 loss forwards
+    assert int(t.model.stem[0][1].num_batches_tracked) == 9
+
+
+def test_separate_forwards_differ_from_the_joint_one(tmp_path: Path) -> None:
+    from ancra_tune.trainer import ancra_step
+
+    out = {}
+    for joint in (False, True):
+        cfg = _cfg(tmp_path, **{"method.joint_forward": joint, "attack.init": "none", "method.negatives": "random"})
+        t = Trainer(cfg)
+        x, y = next(iter(t._loader()))
+        out[joint] = ancra_step(t.model, x, y, cfg=cfg, epoch=0, generator=torch.Generator().manual_seed(2))[0]
+        assert int(t.model.stem[0][1].num_batches_tracked) == (1 if joint else 3)
+    assert out[True].item() != pytest.approx(out[False].item(), rel=1e-4)  # one BN batch of 3B changes the loss
 
 
 def test_real_training_lowers_loss_and_raises_robust_accuracy(shared_data: Path, tmp_path: Path) -> None:
@@ -55,6 +177,8 @@ def test_real_training_lowers_loss_and_raises_robust_accuracy(shared_data: Path,
     assert after["val_clean_acc"] > 0.8 > before["val_clean_acc"] + 0.5
     assert after["val_pgd_acc_final"] > before["val_pgd_acc_final"] + 0.4
     assert after["val_pgd_acc_aux"] > before["val_pgd_acc_aux"] + 0.4
+    # The released training accuracy (the model as it predicts) vs P' gated by the label (the leak).
+    assert after["train_adv_acc_label_gate"] > 0.95 and after["train_adv_acc"] < after["train_adv_acc_label_gate"]
     assert after["loss_anc"] >= 0 and 0 <= after["neg_fallback_rate"] <= 1
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(ln)["epoch"] for ln in lines] == [0.0, 1.0]

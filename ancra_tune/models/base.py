@@ -33,25 +33,46 @@ class ModelOutput:
 
 
 def reverse_attention(features: Tensor, weight: Tensor, classes: Tensor) -> Tensor:
-    """Eq. 6: ``z'_i = z_i * w[c, i]`` for every channel i.
+    """Eq. 6: ``z'_i = z_i * w[c, i]`` for every feature i of the classifier's input.
 
-    features: (N, C) or (N, C, H, W); weight: classifier matrix (K, C); classes: (N,) gate class.
+    features: (N, D) pooled features, or a (N, C, H, W) map whose pooled readout has D = C * g * g
+    features (g x g average-pooling grid, g = 1 for global pooling): each row weight then scales
+    its channel's cell of the map. weight: the classifier matrix (K, D); classes: (N,) gate class.
     """
-    if weight.dim() != 2 or features.shape[1] != weight.shape[1]:
+    d = features.shape[1] if features.dim() == 2 else None
+    if features.dim() == 4:
+        c, h, w = features.shape[1:]
+        g = round((weight.shape[1] / c) ** 0.5) if weight.shape[1] % c == 0 else 0
+        d = c * g * g if g else None
+        if d is not None and (h % g or w % g):
+            raise ValueError(f"reverse_attention: a {h}x{w} map cannot be cut into a {g}x{g} grid")
+    if weight.dim() != 2 or d is None or d != weight.shape[1]:
         raise ValueError(
-            f"reverse_attention: features have {features.shape[1]} channels, "
-            f"weight has shape {tuple(weight.shape)}; need weight of shape (K, {features.shape[1]})"
+            f"reverse_attention: features of shape {tuple(features.shape)} do not match the classifier "
+            f"weight of shape {tuple(weight.shape)}; need weight of shape (K, C * g * g)"
         )
     return _scale_channels(features, weight[classes])
 
 
 def _scale_channels(features: Tensor, rows: Tensor) -> Tensor:
-    """features (N, C) or (N, C, H, W) times one row (N, C) per example, channel-wise."""
+    """features (N, D) or (N, C, H, W) times one row (N, D) per example.
+
+    For a map, D = C * g * g: row entry c * g * g + i * g + j scales cell (i, j) of channel c,
+    the cell that average-pools to that feature (the released PreActResNet's per-quadrant mask
+    for g = 2; a plain channel-wise scale for g = 1)."""
     if features.dim() == 4:
-        rows = rows[:, :, None, None]  # broadcast over H, W
-    elif features.dim() != 2:
-        raise ValueError(f"reverse_attention: features must be (N, C) or (N, C, H, W), got {features.shape}")
+        n, c, h, w = features.shape
+        g = round((rows.shape[1] // c) ** 0.5)
+        grid = rows.view(n, c, g, g)
+        if g > 1:
+            grid = grid.repeat_interleave(h // g, dim=2).repeat_interleave(w // g, dim=3)
+        return features * grid  # (N, C, 1, 1) broadcasts over H, W when g = 1
+    if features.dim() != 2:
+        raise ValueError(f"reverse_attention: features must be (N, D) or (N, C, H, W), got {features.shape}")
     return features * rows
+
+
+GATES = ("hard", "straight_through", "soft")
 
 
 class Normalize(nn.Module):
@@ -67,12 +88,24 @@ class Normalize(nn.Module):
 
 
 class RANet(nn.Module):
-    """Shared forward with switchable RA. Subclasses set ``stem``, ``last_stage``, ``post``, ``fc``."""
+    """Shared forward with switchable RA. Subclasses set ``stem``, ``last_stage``, ``post``, ``fc``.
+
+    Two class attributes describe where the released architectures differ:
+
+    - ``pool_grid``: the readout average-pools the last map to a g x g grid and flattens it, so
+      the classifier sees C * g * g features (1: global pooling; 2: the released PreActResNet-18's
+      2048-d feature of a 512-channel map);
+    - ``post_in_ra_blocks``: with RA on, ``post`` (the final BN-ReLU of a pre-activation net) runs
+      inside every RA block and its output is what is weighted and fed forward, as in the released
+      WRN and PreActResNet; without RA, ``post`` runs once before the readout.
+    """
 
     stem: nn.Module
     last_stage: nn.ModuleList
     post: nn.Module  # applied to a last-stage feature map before pooling (BN-ReLU or identity)
     fc: nn.Linear
+    pool_grid: int = 1
+    post_in_ra_blocks: bool = False
 
     def __init__(self, *, mean: tuple[float, ...], std: tuple[float, ...], ra: bool,
                  ra_feed_weighted: bool = True) -> None:
@@ -81,16 +114,22 @@ class RANet(nn.Module):
         self.ra = ra
         self.ra_feed_weighted = ra_feed_weighted
 
-    def readout(self, z: Tensor) -> Tensor:
-        """(N, C, H, W) -> (N, C): what the classifier sees."""
-        return torch.flatten(nn.functional.adaptive_avg_pool2d(self.post(z), 1), 1)
+    def pool(self, z: Tensor) -> Tensor:
+        """(N, C, H, W) -> (N, C * g * g): average over each cell of the g x g grid, flattened."""
+        return torch.flatten(F.adaptive_avg_pool2d(z, self.pool_grid), 1)
 
-    def forward(self, x: Tensor, labels: Tensor | None = None, *, soft_gate: float | None = None) -> ModelOutput:
+    def readout(self, z: Tensor) -> Tensor:
+        """(N, C, H, W) -> (N, D): what the classifier sees, from a last-stage block's output."""
+        return self.pool(self.post(z))
+
+    def forward(self, x: Tensor, labels: Tensor | None = None, *, soft_gate: float | None = None,
+                gate: str = "hard") -> ModelOutput:
         """x in [0, 1], (N, C_in, H, W). ``labels`` gate RA (training); None gates by argmax P.
 
-        ``soft_gate`` (a temperature T; evaluation only) keeps the argmax gate's forward values
-        but backpropagates through ``softmax(P / T) @ W`` instead (BPDA, straight-through), so
-        an adaptive attack sees how the gate would move. Without RA it changes nothing.
+        Evaluation only, for adaptive attacks on the argmax gate (without RA nothing changes):
+        ``soft_gate`` is a temperature T for the surrogate rows ``softmax(P / T) @ W``;
+        ``gate="straight_through"`` keeps the hard gate's forward values and backpropagates through
+        the surrogate (BPDA); ``gate="soft"`` uses the surrogate rows in the forward pass too.
         """
         z = self.stem(self.normalize(x))
         if not self.ra:
@@ -98,25 +137,34 @@ class RANet(nn.Module):
                 z = block(z)
             feat = self.readout(z)
             return ModelOutput(logits=self.fc(feat), aux_logits=(), features=feat)
+        if gate not in GATES:
+            raise ValueError(f"gate = {gate!r} is invalid: must be one of {', '.join(GATES)}")
+        if soft_gate is not None and gate == "hard":
+            gate = "straight_through"
 
-        weight = self.fc.weight  # (K, C): the rows RA weights by
+        weight = self.fc.weight  # (K, D): the rows RA weights by
         aux: list[Tensor] = []
         last = len(self.last_stage) - 1
         feat = z  # rebound below; the loop always runs at least once
         for i, block in enumerate(self.last_stage):
             z = block(z)
-            feat = self.readout(z)  # unweighted, (N, C)
+            if self.post_in_ra_blocks:
+                z = self.post(z)  # released WRN/PreActResNet: BN-ReLU inside the block, fed forward
+                feat = self.pool(z)
+            else:
+                feat = self.readout(z)  # unweighted, (N, D)
             p = self.fc(feat)  # auxiliary prediction P of this block
             aux.append(p)
             # Gate class: the label when given, else this block's own prediction. The argmax
             # has no gradient: an attack on P' alone learns nothing about the gate (masking).
-            rows = weight[labels if labels is not None else p.argmax(dim=1)]  # (N, C)
-            if labels is None and soft_gate is not None:
-                soft = F.softmax(p / soft_gate, dim=1) @ weight  # (N, C), differentiable in p
-                rows = rows + soft - soft.detach()  # forward: the hard rows; backward: the soft ones
+            rows = weight[labels if labels is not None else p.argmax(dim=1)]  # (N, D)
+            if labels is None and gate != "hard":
+                soft = F.softmax(p / (soft_gate or 1.0), dim=1) @ weight  # (N, D), differentiable in p
+                # straight-through: forward the hard rows, backward the soft ones; soft: both soft.
+                rows = rows + soft - soft.detach() if gate == "straight_through" else soft
             if i < last:
                 if self.ra_feed_weighted:
                     z = _scale_channels(z, rows)
             else:
-                feat = _scale_channels(feat, rows)
+                feat = feat * rows
         return ModelOutput(logits=self.fc(feat), aux_logits=tuple(aux), features=feat)

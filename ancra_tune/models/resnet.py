@@ -1,6 +1,7 @@
 """CIFAR-style ResNet-18 (He et al.) and PreActResNet-18, as used by the paper.
 
-RA sits in both blocks of the last stage (layer4), as in the authors' released code.
+Both follow the authors' released models (``TRADES-ANCRA/models/resnet.py`` and
+``preactresnet.py``); RA sits in both blocks of the last stage (layer4).
 """
 
 from __future__ import annotations
@@ -60,6 +61,11 @@ def _stage(block: type[nn.Module], in_planes: int, planes: int, n: int, stride: 
 
 
 class ResNet18(RANet):
+    """ResNet-18 as released (``ResNet18_RA``): stem conv-BN-ReLU, layer1-3 in the stem, layer4's two
+    BasicBlocks as the last stage. Each block's ReLU output z gives P = fc(avgpool(z)); with RA,
+    z is multiplied channel-wise by the gate's classifier row and fed to the next block; P' is
+    fc of the last block's pooled, weighted output (512-d)."""
+
     def __init__(self, *, num_classes: int, in_channels: int, mean, std, ra: bool,
                  ra_feed_weighted: bool = True) -> None:
         super().__init__(mean=mean, std=std, ra=ra, ra_feed_weighted=ra_feed_weighted)
@@ -75,6 +81,17 @@ class ResNet18(RANet):
 
 
 class PreActResNet18(RANet):
+    """PreActResNet-18 as released for Tiny-ImageNet (``PreActResNet18_RA``).
+
+    The readout is the final BN-ReLU, then a 2 x 2 average-pooling grid flattened: 512 channels x
+    4 cells = a 2048-d feature (the released ``avg_pool2d(out, 4)`` of the 8 x 8 map of 64 x 64
+    inputs), so the classifier is 2048 -> K. With RA the shared BN-ReLU runs inside each RA block
+    and its output is fed forward; RA weights each channel's quadrant by its own classifier entry
+    (the released mask repeats each of a channel's 4 weights over its 4 x 4 quadrant)."""
+
+    pool_grid = 2
+    post_in_ra_blocks = True
+
     def __init__(self, *, num_classes: int, in_channels: int, mean, std, ra: bool,
                  ra_feed_weighted: bool = True) -> None:
         super().__init__(mean=mean, std=std, ra=ra, ra_feed_weighted=ra_feed_weighted)
@@ -87,4 +104,4 @@ class PreActResNet18(RANet):
         self.last_stage = nn.ModuleList(_stage(PreActBlock, 256, 512, 2, 2))
         # Pre-activation nets end in BN-ReLU; the auxiliary P of a block reads its output through it.
         self.post = nn.Sequential(nn.BatchNorm2d(512), nn.ReLU())
-        self.fc = nn.Linear(512, num_classes)
+        self.fc = nn.Linear(512 * self.pool_grid ** 2, num_classes)

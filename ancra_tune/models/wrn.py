@@ -1,6 +1,5 @@
-"""WideResNet-28-10 and WRN-34-10 (Zagoruyko & Komodakis), the TRADES/MART variant.
-
-RA sits in every block of the last (640-channel) group.
+"""WideResNet-28-10 and WRN-34-10 (Zagoruyko & Komodakis), the TRADES/MART variant, with RA
+as in the authors' released ``WideResNet_ANCRA`` (``TRADES-ANCRA/models/wideresnet.py``).
 """
 
 from __future__ import annotations
@@ -29,6 +28,14 @@ class WideBlock(nn.Module):
 
 
 class WideResNet(RANet):
+    """WRN-depth-widen. RA sits on the last two blocks of the last (64 x widen channels) group only;
+    the group's earlier blocks belong to the stem. The network's final BN-ReLU (``post``) is shared:
+    with RA on it runs inside each of the two RA blocks, whose BN-ReLU output gives P and, weighted
+    by the gate's classifier row, feeds the next block; P' is fc of the last one's pooled weighted
+    output. Without RA, ``post`` runs once after the last block (the plain WRN)."""
+
+    post_in_ra_blocks = True
+
     def __init__(self, *, depth: int, widen: int, num_classes: int, in_channels: int, mean, std,
                  ra: bool, ra_feed_weighted: bool = True) -> None:
         super().__init__(mean=mean, std=std, ra=ra, ra_feed_weighted=ra_feed_weighted)
@@ -40,11 +47,13 @@ class WideResNet(RANet):
         def group(cin: int, cout: int, stride: int) -> list[nn.Module]:
             return [WideBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1) for i in range(n)]
 
+        last_group = group(widths[2], widths[3], 2)
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False),
             *group(widths[0], widths[1], 1),
             *group(widths[1], widths[2], 2),
+            *last_group[:-2],
         )
-        self.last_stage = nn.ModuleList(group(widths[2], widths[3], 2))
+        self.last_stage = nn.ModuleList(last_group[-2:])  # the released RA blocks
         self.post = nn.Sequential(nn.BatchNorm2d(widths[3]), nn.ReLU())
         self.fc = nn.Linear(widths[3], num_classes)
