@@ -38,15 +38,26 @@ def _train(args: argparse.Namespace) -> int:
     except DivergedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
-    shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith("val_") or k == "loss"}
-    print(f"done: {shown}\ncheckpoint: {trainer.out_dir / 'checkpoint.pt'}")
+    shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith(("val_", "test_")) or k == "loss"}
+    ckpt = trainer.out_dir / "checkpoint.pt"
+    print(f"done: {shown}\ncheckpoint: {ckpt}")
+    if cfg.eval.final_suite != "none":  # e.g. the paper preset: the full suite on the test split
+        from .robustness import SuiteConfig, evaluate_checkpoint, format_report
+
+        suite = SuiteConfig.preset_config(cfg.eval.final_suite, eps=cfg.attack.eps)
+        out = trainer.out_dir / f"eval_{cfg.eval.split}"
+        print(f"evaluating on the {cfg.eval.split} split ({cfg.eval.final_suite} suite)...", flush=True)
+        report = evaluate_checkpoint(ckpt, suite, split=cfg.eval.split, out_dir=out, device=str(trainer.device),
+                                     progress=cfg.progress)
+        print(format_report(report))
+        print(f"report: {out / 'report.json'}")
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
     import json
 
-    from .robustness import SuiteConfig, evaluate_checkpoint, format_report
+    from .robustness import SuiteConfig, evaluate_checkpoint, evaluate_deployment, format_report
 
     if args.checkpoint.startswith("models:/"):  # a registered model: evaluate its training checkpoint
         from trainables.tracking import TrackingError, download_checkpoint, resolve_tracking_uri
@@ -71,24 +82,26 @@ def _eval(args: argparse.Namespace) -> int:
     cfg = SuiteConfig.preset_config("quick" if args.quick else "full", **overrides)
     out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / f"eval_{args.split}"
     device = args.device if args.device != "auto" else ("cuda" if _cuda() else "cpu")
-    kwargs = dict(split=args.split, source=args.source, deploy_ra=args.deploy_ra, out_dir=out, device=device,
-                  data_root=args.data_root, progress=not args.quiet)
+    kwargs = dict(split=args.split, source=args.source, out_dir=out, device=device, data_root=args.data_root,
+                  progress=not args.quiet)
     if args.workers:  # shard the batches over Ray workers (a local Ray, or --address)
-        from trainables.distributed_eval import evaluate_checkpoint_distributed
+        from trainables.distributed_eval import ray_evaluator
 
-        report = evaluate_checkpoint_distributed(
-            args.checkpoint, cfg, workers=args.workers, address=args.address, cpus_per_worker=args.cpus_per_worker,
-            gpus_per_worker=1.0 if device == "cuda" else 0.0, **{**kwargs, "device": "cpu"})
+        kwargs["evaluate"] = ray_evaluator(args.workers, address=args.address, cpus_per_worker=args.cpus_per_worker,
+                                           gpus_per_worker=1.0 if device == "cuda" else 0.0)
+        kwargs["device"] = "cpu"  # the workers move the model to their own device
+    if args.deploy_ra:
+        reports = evaluate_deployment(args.checkpoint, cfg, **kwargs)
+        for name, r in reports.items():
+            print(f"== {name} ==\n{format_report(r)}\n")
+        shown = {k: r.to_dict(per_example=False) for k, r in reports.items()}
     else:
         report = evaluate_checkpoint(args.checkpoint, cfg, **kwargs)
-    if report.get("deployment"):
-        for name in ("standard", "deployment_ra"):
-            print(f"== {name} ==\n{format_report(report[name])}\n")
-    else:
         print(format_report(report))
+        shown = report.to_dict(per_example=False)
     print(f"report: {out / 'report.json'}")
     if args.json:
-        print(json.dumps({k: v for k, v in report.items() if k != "per_example"}, indent=1))
+        print(json.dumps(shown, indent=1))
     return 0
 
 
@@ -123,14 +136,18 @@ def format_summary(summary: dict) -> str:
     lines = [f"study {summary['study']} ({summary['kind']}): {summary['n_trials']} trials "
              f"{summary['status_counts']}; wall {summary['wall_time_s']:.0f} s, training "
              f"{summary['trial_train_time_s']:.0f} s; objective {obj}"]
+    metric = next(iter(summary["objective"]))
     for t in summary["trials"]:
-        metric = next(iter(summary["objective"]))
         val = t.get(metric)
         shown = f"{val:.4f}" if isinstance(val, float) else "-"
         extra = f" (epoch {t['diverged_epoch']})" if t["status"] == "diverged" else ""
-        lines.append(f"  {t['trial_id']:<24} {t['status']:<9}{extra} {metric}={shown} {t['params']}")
+        flag = "  FLAGGED: " + "; ".join(t["flags"][metric]) if t.get("flags", {}).get(metric) else ""
+        lines.append(f"  {t['trial_id']:<24} {t['status']:<9}{extra} {metric}={shown} {t['params']}{flag}")
     for b in summary["best"]:
         lines.append(f"best: {b['trial_id']} {b['params']}\n  checkpoint: {b['checkpoint']}")
+        if b.get("flags"):
+            lines.append(f"  warning: every finished trial is flagged; this one's {metric} is not credible: "
+                         f"{'; '.join(b['flags'].get(metric, []))}")
     lines.append(f"results: {summary['study_dir']}")
     if summary.get("interrupted"):
         lines.append("interrupted: run the same command with --resume to finish the unfinished trials")
@@ -152,7 +169,7 @@ def _best(args: argparse.Namespace) -> int:
         uri = resolve_tracking_uri(args.tracking_uri)
         check_tracking(uri)
         out = register_best(uri, args.study, metric=args.metric, mode=args.mode, model_name=args.model_name,
-                            force=args.force)
+                            force=args.force, on_warning=lambda w: print(f"warning: {w}", file=sys.stderr, flush=True))
     except (TrackingError, MlflowException) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

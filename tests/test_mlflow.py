@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from ancra_tune.robustness import EvalReport
 from trainables import tracking as tr
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,36 +118,80 @@ def test_logged_model_has_a_dynamic_batch_and_matches_the_final_output(mlflow_se
     assert np.dtype(info.signature.inputs.inputs[0].type) == np.float32
 
 
-def _child(mc, exp: str, parent: str, trial: str, metrics: dict, tags: dict) -> str:
-    run_id = mc.create_run(exp, tags={tr.PARENT: parent, tr.TRIAL_ID: trial, tr.STATUS: "finished",
-                                      tr.MODEL_URI: f"models:/m-{trial}", **tags}).info.run_id
-    tr.log_metrics(mc, run_id, metrics, step=1)
+def _report(pgd_final: float, worst: float, clean: float, failing: dict[str, str] = ()) -> EvalReport:
+    """A small evaluation report: PGD on P', an adaptive attack, and checks (name -> scope) that fail."""
+    from ancra_tune.robustness import AttackResult, Check, SuiteConfig
+
+    attacks = (AttackResult("pgd10_final", "pgd", "final", 10, 0.3, True, pgd_final),
+               AttackResult("apgd-ce_softgate", "apgd-ce", "softgate", 20, 0.3, True, worst))
+    checks = [Check("robust_le_clean", True, "..."), Check("gradient_sanity", True, "...")]
+    checks += [Check(name, False, "...", scope=scope) for name, scope in dict(failing).items()]
+    return EvalReport(suite=SuiteConfig.preset_config("quick", eps=0.3), n_examples=100, ra=True, n_classes=10,
+                      clean_acc=clean, robust_acc_worst=worst, attacks=attacks, checks=tuple(checks))
+
+
+def _child(mc, exp: str, parent: str, trial: str, report: EvalReport, tmp_path: Path, status: str = "finished") -> str:
+    run_id = mc.create_run(exp, tags={tr.PARENT: parent, tr.TRIAL_ID: trial, tr.STATUS: status,
+                                      tr.MODEL_URI: f"models:/m-{trial}", **report.tags()}).info.run_id
+    tr.log_metrics(mc, run_id, report.metrics(), step=1)
+    mc.log_artifact(run_id, str(report.save(tmp_path / trial / "report.json")), artifact_path="evaluation")
     return run_id
 
 
-def test_best_refuses_a_metric_that_the_checks_flag(tmp_path: Path) -> None:
+def test_best_ranks_flagged_trials_last_and_refuses_a_flagged_winner(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     tr.check_tracking(uri)
     mc = tr.client(uri)
     exp = tr.ensure_experiment(mc, "picky", uri)
     parent = mc.create_run(exp, tags={tr.ROLE: "study"}).info.run_id
-    # Trial a looks best under PGD on P' alone, but adaptive attacks beat it: masked.
-    _child(mc, exp, parent, "a", {"acc_pgd10_final": 0.9, "robust_acc_worst": 0.3, "clean_acc": 0.9},
-           {tr.MASKED: "pgd10_final", "check.final_output_not_masked": "fail"})
-    _child(mc, exp, parent, "b", {"acc_pgd10_final": 0.6, "robust_acc_worst": 0.5, "clean_acc": 0.8},
-           {tr.MASKED: "none", "check.final_output_not_masked": "pass"})
-    _child(mc, exp, parent, "c", {"acc_pgd10_final": 0.95, "robust_acc_worst": 0.6, "clean_acc": 0.9},
-           {tr.MASKED: "none", tr.STATUS: "stopped"})  # ASHA stopped it: never a candidate
+    # a: best under PGD on P' alone, but adaptive attacks show P' masked (scope final).
+    _child(mc, exp, parent, "a", _report(0.9, 0.3, 0.9, {"final_output_not_masked": "final"}), tmp_path)
+    # b: honest, every check passes.
+    _child(mc, exp, parent, "b", _report(0.6, 0.5, 0.8), tmp_path)
+    # d: the highest worst case, but its gradients are broken (scope all): not credible at all.
+    _child(mc, exp, parent, "d", _report(0.8, 0.7, 0.9, {"gradient_sanity": "all"}), tmp_path)
+    _child(mc, exp, parent, "c", _report(0.95, 0.9, 0.95), tmp_path, status="stopped")  # ASHA stopped it
     _, _, children = tr.study_runs(uri, "picky")
-    assert tr.pick_best(children, "robust_acc_worst").data.tags[tr.TRIAL_ID] == "b"
-    with pytest.raises(tr.TrackingError, match="masked"):
-        tr.pick_best(children, "acc_pgd10_final")
-    assert tr.pick_best(children, "acc_pgd10_final", force=True).data.tags[tr.TRIAL_ID] == "a"
-    assert tr.pick_best(children, "robust_acc_worst", mode="min").data.tags[tr.TRIAL_ID] == "a"
+
+    def best(metric: str, **kw) -> tuple[str, list[str]]:
+        cand, warnings = tr.pick_best(mc, children, metric, **kw)
+        return cand.run.data.tags[tr.TRIAL_ID], warnings
+
+    winner, warnings = best("robust_acc_worst")
+    assert winner == "b" and any("ranked below" in w and "d" in w for w in warnings)
+    winner, _ = best("acc_pgd10_final")  # a's 0.9 is masked, d is not credible: b again
+    assert winner == "b"
+    ranked = tr.rank_candidates(mc, children, "acc_pgd10_final")
+    assert [c.run.data.tags[tr.TRIAL_ID] for c in ranked] == ["b", "d", "a"]
+    assert ranked[2].credible == 0.3  # a's lowest credible value: its worst case, not 0.9
+    assert best("robust_acc_worst", mode="min")[0] == "a"  # a's worst case is credible (not d's)
     with pytest.raises(tr.TrackingError, match="no finished trial"):
-        tr.pick_best(children, "nonexistent")
+        tr.pick_best(mc, children, "nonexistent")
     with pytest.raises(tr.TrackingError, match="no MLflow experiment"):
         tr.study_runs(uri, "nope")
+    # Only flagged trials on this metric: refused unless --force, which warns.
+    flagged_only = [r for r in children if r.data.tags[tr.TRIAL_ID] in ("a", "d")]
+    with pytest.raises(tr.TrackingError, match="gradient_sanity"):
+        tr.pick_best(mc, flagged_only, "acc_pgd10_final")
+    cand, warnings = tr.pick_best(mc, flagged_only, "acc_pgd10_final", force=True)
+    assert cand.run.data.tags[tr.TRIAL_ID] == "d" and warnings[0].startswith("--force")
+
+
+def test_best_says_plainly_when_the_winner_means_nothing(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    tr.check_tracking(uri)
+    mc = tr.client(uri)
+    exp = tr.ensure_experiment(mc, "hollow", uri)
+    parent = mc.create_run(exp, tags={tr.ROLE: "study"}).info.run_id
+    _child(mc, exp, parent, "only", _report(0.2, 0.0, 0.6), tmp_path)
+    _, _, children = tr.study_runs(uri, "hollow")
+    _, warnings = tr.pick_best(mc, children, "robust_acc_worst")
+    assert any("only one trial finished" in w for w in warnings)
+    assert any("no example survives" in w for w in warnings)
+    _child(mc, exp, parent, "chance", _report(0.2, 0.11, 0.6), tmp_path)
+    _, _, children = tr.study_runs(uri, "hollow")
+    cand, warnings = tr.pick_best(mc, children, "robust_acc_worst")
+    assert cand.run.data.tags[tr.TRIAL_ID] == "chance" and any("at chance" in w for w in warnings)
 
 
 def test_trial_result_is_logged_once_even_when_interrupted_midway(mlflow_server: str, tmp_path: Path) -> None:
@@ -162,10 +207,10 @@ def test_trial_result_is_logged_once_even_when_interrupted_midway(mlflow_server:
     ckpt.write_bytes(b"weights")
     png = tmp_path / "features_hist.png"
     png.write_bytes(b"png")
-    report = {"masked_metrics": ["pgd10_final"], "checks_passed": False,
-              "checks": [{"name": "final_output_not_masked", "passed": False},
-                         {"name": "whitebox_beats_transfer", "passed": None}],
-              "attacks": [{"name": "pgd10_aux", "kind": "pgd", "target": "aux"}]}
+    from ancra_tune.robustness import Check
+
+    base = _report(0.9, 0.4, 0.9, {"final_output_not_masked": "final"})
+    report = EvalReport(**{**base.__dict__, "checks": base.checks + (Check("whitebox_beats_transfer", None, "..."),)})
     kw = dict(metrics={"clean_acc": 0.9, "robust_acc_worst": 0.4}, report=report, files=[png], model=model,
               input_shape=(1, 8, 8), checkpoint=ckpt, step=3)
     tr.log_trial_result(mlflow_server, run_id, **kw)
@@ -178,7 +223,8 @@ def test_trial_result_is_logged_once_even_when_interrupted_midway(mlflow_server:
     assert len(mc.search_logged_models([exp], filter_string=f"source_run_id = '{run_id}'")) == 1
     assert [(m.step, m.value) for m in mc.get_metric_history(run_id, "robust_acc_worst")] == [(3, 0.4)]
     assert tags["check.final_output_not_masked"] == "fail" and tags["check.whitebox_beats_transfer"] == "n/a"
-    assert tags[tr.MASKED] == "pgd10_final" and tags["attack.pgd10_aux"] == "pgd on aux"
+    assert tags["ancra.masked_metrics"] == "none" and tags["attack.apgd-ce_softgate"] == "apgd-ce on softgate"
+    assert tags["ancra.flagged"] == "none"  # the worst case stands: only P'-only metrics are flagged
     assert {a.path for a in mc.list_artifacts(run_id, "evaluation")} == {"evaluation/report.json",
                                                                         "evaluation/features_hist.png"}
 

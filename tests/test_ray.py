@@ -101,7 +101,7 @@ def _mlflow_runs(uri: str, experiment: str, study_path: Path) -> tuple[object, l
 
 
 def _check_tracked_study(uri: str, study, summary: dict) -> None:
-    from ancra_tune.config import flatten
+    from ancra_tune.config import flatten, inactive_keys
     from trainables.tracking import client
 
     mc = client(uri)
@@ -119,9 +119,13 @@ def _check_tracked_study(uri: str, study, summary: dict) -> None:
         run = by_trial[str(t["trial_id"])]
         params = dict(t["params"])
         seed = params.pop("seed")
-        expected = {k: str(v) for k, v in flatten(study.train_config(params, seed)).items()}
+        cfg = study.train_config(params, seed)
+        expected = {k: str(v) for k, v in flatten(cfg, resolved=True).items()}
+        expected.update({k: "inactive" for k in inactive_keys(cfg)})
         got = {k: v for k, v in run.data.params.items() if k != "trial_id"}
-        assert got == expected  # the whole flattened trial configuration
+        assert got == expected  # the whole trial configuration, unused settings marked inactive
+        if not params.get("method.anc"):
+            assert run.data.params["method.alpha"] == run.data.params["method.zeta"] == "inactive"
         for k, v in params.items():  # the sampled values themselves
             assert run.data.params[k] == str(v)
         assert run.data.tags["ancra.status"] == t["status"]
@@ -145,7 +149,7 @@ def _check_tracked_study(uri: str, study, summary: dict) -> None:
             assert run.data.metrics["robust_acc_worst"] == pytest.approx(t["robust_acc_worst"])
             assert run.data.metrics["clean_acc"] == pytest.approx(t["clean_acc"])
             assert run.data.tags["check.robust_le_clean"] in ("pass", "fail")
-            assert run.data.tags["attack.pgd10_aux"] == "pgd on aux" or params.get("model.ra") is False
+            assert run.data.tags["attack.apgd-t_softgate"] == "apgd-t on softgate" or params.get("model.ra") is False
             assert run.data.tags["ancra.model_uri"].startswith("models:/")
             arts = {a.path for a in mc.list_artifacts(run.info.run_id, "evaluation")}
             assert arts == {"evaluation/report.json", "evaluation/features_hist.png", "evaluation/embedding.png"}

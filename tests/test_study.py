@@ -43,7 +43,20 @@ def _write(tmp_path: Path, text: str) -> Path:
     ("search: {space: {method.alhpa: {low: 0, high: 1}}}\n", ["search.space.method.alhpa", "method.alpha"]),
     ("search: {space: {method.zeta: {low: 2, high: 1}}}\n", ["search.space.method.zeta", "low < high"]),
     ("search: {sampler: cmaes}\n", ["search.sampler", "tpe, nsga2, random"]),
-    ("objective: {metric: a, mode: maximize}\n", ["objective.mode", "max, min"]),
+    ("objective: {metric: robust_acc_worst, mode: maximize}\n", ["objective.mode", "max, min"]),
+    ("objective: {metric: robust_acc}\n", ["objective.metric", "robust_acc", "robust_acc_worst", "acc_pgd10_final"]),
+    # The evaluation and the scheduler are validated at load, never after a trial has trained.
+    ("eval: {eps: 8/255, pgd_stpes: 3}\n", ["eval", "pgd_stpes", "pgd_steps"]),
+    ("eval: {eps: -1}\n", ["eval.eps", "> 0"]),
+    ("eval: {preset: fast}\n", ["eval.preset", "full, quick"]),
+    ("eval: {autoattack: 'apgd-ce,square2'}\n", ["eval.autoattack", "square2"]),
+    ("scheduler: {grace_period: 0}\n", ["scheduler.grace_period", ">= 1"]),
+    ("scheduler: {grace: 2}\n", ["scheduler", "grace", "grace_period"]),
+    ("scheduler: {metric: robust_acc_worst}\n", ["scheduler.metric", "per-epoch validation metric"]),
+    ("scheduler: {reduction_factor: two}\n", ["scheduler.reduction_factor", "integer"]),
+    # Trials are scored on a validation split, never on test.
+    ("train: {data.val_size: 0}\n", ["train.data.val_size", "validation split"]),
+    ("train: {eval.split: test}\n", ["train.eval.split", "never on test"]),
     ("kind: ablation\n", ["ablation.grid"]),
     ("kind: ablation\nablation: {grid: {method.negatives: [random, nearest]}}\n", ["method.negatives", "nearest"]),
     ("resources: {workers: 3}\ntrain: {data.batch_size: 128}\n", ["resources.workers", "divisible"]),
@@ -55,6 +68,17 @@ def test_bad_study_names_file_key_and_allowed(tmp_path: Path, text: str, words: 
     assert str(f) in str(e.value)
     for w in words:
         assert w in str(e.value), (w, str(e.value))
+
+
+def test_eval_section_is_a_typed_suite(tmp_path: Path) -> None:
+    from ancra_tune.robustness import SuiteConfig
+
+    s = load_study(_write(tmp_path, "base: quickstart\neval: {preset: quick, eps: 8/255, n_examples: 64}\n"))
+    assert isinstance(s.suite, SuiteConfig) and s.suite.preset == "quick"
+    assert s.suite.eps == pytest.approx(8 / 255) and s.suite.n_examples == 64
+    # Without an eps, the evaluation budget is the trials' training budget.
+    assert load_study(SPACES / "quickstart.yaml").suite.eps == load_study(SPACES / "quickstart.yaml").train.attack.eps
+    assert SuiteConfig.from_mapping(s.suite.to_dict()) == s.suite  # what travels to the Ray workers
 
 
 def test_conditional_space_define_by_run() -> None:
@@ -121,11 +145,12 @@ def test_multi_objective_uses_nsga2_and_no_asha(tmp_path: Path) -> None:
     f = _write(tmp_path, "base: quickstart\nobjective: {metrics: [clean_acc, robust_acc_worst], modes: [max, max]}\n"
                          "search: {space: {method.zeta: {low: 1, high: 4}}}\n")
     s = load_study(f)
-    assert s.multi_objective and s.sampler == "nsga2" and s.scheduler["type"] == "none"
+    assert s.multi_objective and s.sampler == "nsga2" and s.scheduler.type == "none"
     searcher = _searcher(s)
     assert isinstance(searcher, FinalObjectiveOptunaSearch)
-    assert searcher.metric == ["clean_acc", "robust_acc_worst"]
+    # The searcher reads each metric's credible value (never a masked one).
+    assert searcher.metric == ["objective.clean_acc", "objective.robust_acc_worst"]
     assert isinstance(searcher._sampler, optuna.samplers.NSGAIISampler)
     assert _scheduler(s) is None
     with pytest.raises(StudyError, match="ASHA needs a single objective"):
-        load_study(_write(tmp_path, "objective: {metrics: [a, b]}\nscheduler: {type: asha}\n"))
+        load_study(_write(tmp_path, "objective: {metrics: [clean_acc, robust_acc_worst]}\nscheduler: {type: asha}\n"))

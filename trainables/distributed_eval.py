@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +32,7 @@ def _eval_shard(model: nn.Module, x: Tensor, y: Tensor, cfg: SuiteConfig, source
     results = evaluate_model(model, x, y, cfg, source=src, progress=False, batches=batches)
     for r in results:  # back to CPU for the driver
         r.clean, r.zero_grad = r.clean.cpu(), r.zero_grad.cpu()
+        r.correct = {k: v.cpu() for k, v in r.correct.items()}
     return results
 
 
@@ -91,15 +91,12 @@ def cluster_check(cpus: float, gpus: float, nodes: list[dict[str, float]]) -> No
                            f"({have}); lower --cpus-per-worker or add nodes")
 
 
-def evaluate_checkpoint_distributed(path: str, cfg: SuiteConfig, *, workers: int, address: str | None = None,
-                                    cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0,
-                                    **kwargs: Any) -> dict[str, Any]:
-    """:func:`ancra_tune.robustness.evaluate_checkpoint` with the attacks on ``workers`` Ray workers."""
-    from ancra_tune.robustness import evaluate_checkpoint
-
+def ray_evaluator(workers: int, *, address: str | None = None, cpus_per_worker: float = 1.0,
+                  gpus_per_worker: float = 0.0) -> RayEvaluator:
+    """Join or start Ray, check that a shard fits, and return the ``evaluate`` callable that
+    :func:`ancra_tune.robustness.evaluate_checkpoint` runs the attacks with."""
     from .tuner import alive_nodes, init_ray
 
     init_ray(address)
     cluster_check(cpus_per_worker, gpus_per_worker, alive_nodes())
-    evaluator = RayEvaluator(workers, cpus=cpus_per_worker, gpus=gpus_per_worker)
-    return evaluate_checkpoint(path, cfg, evaluate=evaluator, **kwargs)
+    return RayEvaluator(workers, cpus=cpus_per_worker, gpus=gpus_per_worker)

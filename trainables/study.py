@@ -36,17 +36,24 @@ from typing import Any
 from ancra_tune.config import (
     ConfigError,
     TrainConfig,
+    build_dataclass,
+    check_choice,
+    check_field,
     flatten,
     load_yaml_with_overrides,
     merge_config,
     read_yaml_mapping,
     resolve_config_path,
 )
+from ancra_tune.robustness.suite import SuiteConfig, plan_attacks
 
 KINDS = ("sweep", "ablation")
 SAMPLERS = ("tpe", "nsga2", "random")
 SCHEDULERS = ("asha", "none")
 MODES = ("max", "min")
+#: end-of-trial metrics every evaluation reports (besides acc_<attack> of its plan)
+REPORT_METRICS = ("clean_acc", "robust_acc_worst", "autoattack_acc", "checks_passed", "eval_flagged",
+                  "eval_n_examples", "epoch_time_s_mean", "train_time_s")
 TOP_KEYS = ("name", "kind", "base", "train", "resources", "objective", "eval", "search", "scheduler", "seeds",
             "ablation", "max_failures", "description")
 
@@ -65,10 +72,37 @@ class Resources:
     trial_cpus: float = 0.5  # the function trainable that drives the Train run (must be > 0)
     sync_batchnorm: bool = True  # global BatchNorm statistics across workers (see ancra_tune.distributed)
 
+    def __post_init__(self) -> None:
+        s = "resources"
+        check_field(self.workers >= 1, s, "workers", self.workers, ">= 1")
+        check_field(self.trial_cpus > 0, s, "trial_cpus", self.trial_cpus, "> 0 (Ray refuses a trial of 0 CPUs)")
+        check_field(self.cpus_per_worker >= 0, s, "cpus_per_worker", self.cpus_per_worker, ">= 0")
+        check_field(self.gpus_per_worker >= 0, s, "gpus_per_worker", self.gpus_per_worker, ">= 0")
+
     @property
     def trial_total(self) -> dict[str, float]:
         return {"CPU": self.trial_cpus + self.workers * self.cpus_per_worker,
                 "GPU": self.workers * self.gpus_per_worker}
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """ASHA over the per-epoch validation metric (``time_attr`` = epoch), or none."""
+
+    type: str = "asha"
+    metric: str = "val_robust_acc"
+    mode: str = "max"
+    grace_period: int = 1
+    reduction_factor: int = 2
+
+    def __post_init__(self) -> None:
+        s = "scheduler"
+        check_choice(s, "type", self.type, SCHEDULERS)
+        check_choice(s, "mode", self.mode, MODES)
+        check_field(self.metric.startswith("val_"), s, "metric", self.metric,
+                    "a per-epoch validation metric (val_robust_acc, val_clean_acc, val_pgd_acc_final, ...)")
+        check_field(self.grace_period >= 1, s, "grace_period", self.grace_period, ">= 1")
+        check_field(self.reduction_factor >= 2, s, "reduction_factor", self.reduction_factor, ">= 2")
 
 
 @dataclass(frozen=True)
@@ -86,20 +120,23 @@ class Param:
 
 @dataclass(frozen=True)
 class Study:
+    """A validated study file: its base training config, the end-of-trial evaluation suite and the
+    scheduler are typed objects, checked when the file loads."""
+
     name: str
     kind: str
     path: Path
-    base_train: dict[str, Any]  # the study's training config as a nested dict (validated)
+    train: TrainConfig  # the base training config (preset/file + the study's `train` overrides)
     resources: Resources
     metrics: tuple[str, ...]
     modes: tuple[str, ...]
-    eval: dict[str, Any]
+    suite: SuiteConfig  # the end-of-trial evaluation on the validation split
     sampler: str
     num_samples: int
     max_concurrent: int | None
     defaults_first: bool
     space: tuple[Param, ...]
-    scheduler: dict[str, Any]
+    scheduler: SchedulerConfig
     seeds: tuple[int, ...]
     grid: dict[str, tuple[Any, ...]]
     max_failures: int
@@ -110,11 +147,15 @@ class Study:
 
     def train_config(self, params: Mapping[str, Any], seed: int) -> TrainConfig:
         """The trial's TrainConfig: the study's base with the sampled ``params`` and ``seed``."""
-        return TrainConfig.from_dict({**flatten(TrainConfig.from_dict(self.base_train)), **params, "seed": seed})
+        return TrainConfig.from_dict({**flatten(self.train), **params, "seed": seed})
+
+    def _base_values(self) -> dict[str, Any]:
+        """The base config's values as trained (beta resolved for its base loss)."""
+        return flatten(self.train, resolved=True)
 
     def default_point(self) -> dict[str, Any]:
         """The paper's defaults (the base config's values) for every active parameter."""
-        base = flatten(TrainConfig.from_dict(self.base_train))
+        base = self._base_values()
         point: dict[str, Any] = {}
         for p in self.space:
             if _active(p, point, base):
@@ -123,7 +164,7 @@ class Study:
 
     def sample(self, trial: Any) -> dict[str, Any]:
         """Optuna define-by-run: suggest each parameter whose condition holds (conditional space)."""
-        base = flatten(TrainConfig.from_dict(self.base_train))
+        base = self._base_values()
         point: dict[str, Any] = {}
         for p in self.space:
             if not _active(p, point, base):
@@ -138,7 +179,7 @@ class Study:
 
     def is_valid_point(self, point: Mapping[str, Any]) -> bool:
         """True if ``point`` holds exactly the active parameters, each within its range."""
-        base = flatten(TrainConfig.from_dict(self.base_train))
+        base = self._base_values()
         seen: dict[str, Any] = {}
         for p in self.space:
             active = _active(p, seen, base)
@@ -158,6 +199,13 @@ class Study:
         """Every combination of the ablation grid (the seeds are a separate axis)."""
         keys = list(self.grid)
         return [dict(zip(keys, values, strict=True)) for values in itertools.product(*self.grid.values())]
+
+    def objective_metrics(self) -> tuple[str, ...]:
+        """Every metric a finished trial reports: what an objective may name."""
+        names = set(REPORT_METRICS)
+        for ra in (False, True):
+            names |= {f"acc_{s.name}" for s in plan_attacks(self.suite, ra=ra, has_source=False)}
+        return tuple(sorted(names))
 
 
 def _active(p: Param, point: Mapping[str, Any], base: Mapping[str, Any]) -> bool:
@@ -215,8 +263,17 @@ def _param(path: Path, name: str, spec: Any, flat_base: Mapping[str, Any]) -> Pa
 
 
 def load_study(path: str | Path) -> Study:
-    """Read and validate a study file."""
+    """Read and validate a study file: every mistake fails here, naming the file and the key."""
     p = Path(path)
+    try:
+        return _load(p)
+    except StudyError:
+        raise
+    except ConfigError as e:
+        raise StudyError(f"{p}: {e}") from None
+
+
+def _load(p: Path) -> Study:
     try:
         raw = read_yaml_mapping(p, "study file")
     except ConfigError as e:
@@ -225,8 +282,7 @@ def load_study(path: str | Path) -> Study:
     if unknown:
         raise _err(p, "top level", f"unknown key(s) {', '.join(unknown)}; allowed: {', '.join(TOP_KEYS)}")
     kind = raw.get("kind", "sweep")
-    if kind not in KINDS:
-        raise _err(p, "kind", f"unknown value {kind!r}; allowed: {', '.join(KINDS)}")
+    check_choice("", "kind", kind, KINDS)
 
     # The training config: a preset/file, then the study's overrides, validated now.
     train_over = raw.get("train") or {}
@@ -236,25 +292,21 @@ def load_study(path: str | Path) -> Study:
         base_path = resolve_config_path(raw["base"]) if raw.get("base") else None
         base_dict = load_yaml_with_overrides(base_path)
         # Keys given in `train` (nested or dotted) win over the base's.
-        merged = TrainConfig.from_dict(merge_config(base_dict, train_over))
+        train = TrainConfig.from_dict(merge_config(base_dict, train_over))
     except ConfigError as e:
         raise StudyError(f"{p}: train: {e}") from None
-    flat_base = flatten(merged)
+    # Trials are compared on metrics of a split held out from training, never on the test set.
+    if train.data.val_size <= 0:
+        raise _err(p, "train.data.val_size", f"= {train.data.val_size} is invalid: a study scores its trials on "
+                   "a validation split held out from the training set; set it > 0 (e.g. 0.1)")
+    if train.eval.split != "val":
+        raise _err(p, "train.eval.split", f"= {train.eval.split!r} is invalid: trials are compared on the "
+                   "validation split, never on test; set eval.split: val")
+    flat_base = flatten(train)
 
-    r = _section(p, raw, "resources", tuple(f.name for f in dataclasses.fields(Resources)))
-    try:
-        resources = Resources(**r)
-    except TypeError as e:
-        raise _err(p, "resources", str(e)) from None
-    if resources.workers < 1:
-        raise _err(p, "resources.workers", f"must be >= 1, got {resources.workers}")
-    if resources.trial_cpus <= 0:
-        raise _err(p, "resources.trial_cpus",
-                   f"must be > 0 (Ray refuses a trial of 0 CPUs), got {resources.trial_cpus}")
-    if resources.cpus_per_worker < 0 or resources.gpus_per_worker < 0:
-        raise _err(p, "resources", "cpus_per_worker and gpus_per_worker must be >= 0")
-    if merged.data.batch_size % resources.workers:
-        raise _err(p, "resources.workers", f"data.batch_size {merged.data.batch_size} must be divisible by "
+    resources = build_dataclass(Resources, _section(p, raw, "resources", _fields(Resources)), "resources")
+    if train.data.batch_size % resources.workers:
+        raise _err(p, "resources.workers", f"data.batch_size {train.data.batch_size} must be divisible by "
                    f"{resources.workers} workers")
 
     o = _section(p, raw, "objective", ("metric", "mode", "metrics", "modes"))
@@ -267,25 +319,17 @@ def load_study(path: str | Path) -> Study:
     if len(metrics) != len(modes) or not metrics:
         raise _err(p, "objective", "metrics and modes must have the same, non-zero length")
     for m in modes:
-        if m not in MODES:
-            raise _err(p, "objective.mode", f"unknown value {m!r}; allowed: {', '.join(MODES)}")
+        check_choice("objective", "mode", m, MODES)
 
-    from ancra_tune.robustness import PRESETS, SuiteConfig
-
-    ev = dict(raw.get("eval") or {})
-    preset = ev.pop("preset", "quick")
-    if preset not in PRESETS:
-        raise _err(p, "eval.preset", f"unknown value {preset!r}; allowed: {', '.join(PRESETS)}")
-    fields = {f.name for f in dataclasses.fields(SuiteConfig)} - {"preset"}
-    bad = sorted(set(ev) - fields)
-    if bad:
-        raise _err(p, "eval", f"unknown key(s) {', '.join(bad)}; allowed: preset, {', '.join(sorted(fields))}")
-    ev["preset"] = preset
+    ev = raw.get("eval") or {}
+    if not isinstance(ev, Mapping):
+        raise _err(p, "eval", f"must be a mapping of evaluation settings, got {ev!r}")
+    # The trials' training budget is the evaluation's default: `eps: 8/255` may still override it.
+    suite = SuiteConfig.from_mapping(ev, defaults={"eps": train.attack.eps})
 
     s = _section(p, raw, "search", ("sampler", "num_samples", "max_concurrent", "defaults_first", "space"))
     sampler = s.get("sampler", "nsga2" if len(metrics) > 1 else "tpe")
-    if sampler not in SAMPLERS:
-        raise _err(p, "search.sampler", f"unknown value {sampler!r}; allowed: {', '.join(SAMPLERS)}")
+    check_choice("search", "sampler", sampler, SAMPLERS)
     if len(metrics) > 1 and sampler == "tpe":
         sampler = "nsga2"
     space_raw = s.get("space") or {}
@@ -297,28 +341,23 @@ def load_study(path: str | Path) -> Study:
             if k not in {q.name for q in space} and k not in flat_base:
                 raise _err(p, f"search.space.{prm.name}.when", f"unknown key {k}")
     mc = s.get("max_concurrent", "auto")
-    if mc != "auto" and (not isinstance(mc, int) or mc < 1):
-        raise _err(p, "search.max_concurrent", f"must be 'auto' or an integer >= 1, got {mc!r}")
+    check_field(mc == "auto" or (isinstance(mc, int) and not isinstance(mc, bool) and mc >= 1), "search",
+                "max_concurrent", mc, "'auto' or an integer >= 1")
     num_samples = s.get("num_samples", 8)
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise _err(p, "search.num_samples", f"must be an integer >= 1, got {num_samples!r}")
+    check_field(isinstance(num_samples, int) and not isinstance(num_samples, bool) and num_samples >= 1, "search",
+                "num_samples", num_samples, "an integer >= 1")
 
-    sch = _section(p, raw, "scheduler", ("type", "metric", "mode", "grace_period", "reduction_factor"))
+    sch = _section(p, raw, "scheduler", _fields(SchedulerConfig))
     sch.setdefault("type", "asha" if len(metrics) == 1 and kind == "sweep" else "none")
-    if sch["type"] not in SCHEDULERS:
-        raise _err(p, "scheduler.type", f"unknown value {sch['type']!r}; allowed: {', '.join(SCHEDULERS)}")
-    if sch["type"] == "asha" and len(metrics) > 1:
+    scheduler = build_dataclass(SchedulerConfig, sch, "scheduler")
+    if scheduler.type == "asha" and len(metrics) > 1:
         raise _err(p, "scheduler.type", "ASHA needs a single objective; use type: none for multi-objective")
-    sch.setdefault("metric", "val_robust_acc")
-    sch.setdefault("mode", "max")
-    sch.setdefault("grace_period", 1)
-    sch.setdefault("reduction_factor", 2)
 
     seeds = raw.get("seeds", [0])
-    if isinstance(seeds, int):
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
         seeds = list(range(seeds))
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) for x in seeds):
-        raise _err(p, "seeds", f"must be a list of integers or a count, got {seeds!r}")
+    check_field(isinstance(seeds, list) and bool(seeds) and all(isinstance(x, int) for x in seeds), "", "seeds",
+                seeds, "a list of integers or a count")
 
     a = _section(p, raw, "ablation", ("grid",))
     grid_raw = a.get("grid") or {}
@@ -331,12 +370,18 @@ def load_study(path: str | Path) -> Study:
         grid[k] = tuple(v)
     if kind == "ablation" and not grid:
         raise _err(p, "ablation.grid", "an ablation needs a grid of components")
+    max_failures = raw.get("max_failures", 2)
+    check_field(isinstance(max_failures, int) and max_failures >= 0, "", "max_failures", max_failures,
+                "an integer >= 0")
 
-    study = Study(name=str(raw.get("name", p.stem)), kind=kind, path=p, base_train=merged.to_dict(),
-                  resources=resources, metrics=metrics, modes=modes, eval=ev, sampler=sampler,
-                  num_samples=num_samples, max_concurrent=None if mc == "auto" else mc,
-                  defaults_first=bool(s.get("defaults_first", True)), space=space, scheduler=sch,
-                  seeds=tuple(seeds), grid=grid, max_failures=int(raw.get("max_failures", 2)))
+    study = Study(name=str(raw.get("name", p.stem)), kind=kind, path=p, train=train, resources=resources,
+                  metrics=metrics, modes=modes, suite=suite, sampler=sampler, num_samples=num_samples,
+                  max_concurrent=None if mc == "auto" else mc, defaults_first=bool(s.get("defaults_first", True)),
+                  space=space, scheduler=scheduler, seeds=tuple(seeds), grid=grid, max_failures=max_failures)
+    known = study.objective_metrics()
+    for m in metrics:
+        if m not in known:
+            raise _err(p, "objective.metric", f"{m!r} is not a metric a trial reports; known: {', '.join(known)}")
     # Every grid point and the default point must make a valid training config.
     for point in ([study.default_point()] + study.grid_points()):
         try:
@@ -344,3 +389,7 @@ def load_study(path: str | Path) -> Study:
         except ConfigError as e:
             raise StudyError(f"{p}: {point}: {e}") from None
     return study
+
+
+def _fields(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))

@@ -20,7 +20,6 @@ With no settings, tracking goes to ``sqlite:///<cwd>/mlflow.db`` with artifacts 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import subprocess
@@ -33,13 +32,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ancra_tune.robustness.report import EvalReport
+
 log = logging.getLogger(__name__)
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 ROLE, STUDY_PATH, TRIAL_ID = "ancra.role", "ancra.study_path", "ancra.trial_id"
 STATUS, MODEL_URI, FINAL_LOGGED = "ancra.status", "ancra.model_uri", "ancra.final_logged"
-MASKED = "ancra.masked_metrics"
+REPORT_ARTIFACT = "evaluation/report.json"
 PARENT = "mlflow.parentRunId"
 DEFAULT_METRIC = "robust_acc_worst"
 CHAMPION = "champion"
@@ -112,6 +113,7 @@ def check_tracking(uri: str, *, timeout: float = 5.0) -> None:
 
 def client(uri: str) -> Any:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -326,7 +328,7 @@ class EpochLogger:
             log.warning("MLflow logging failed (%s); retrying at the next epoch", e)
 
 
-def log_trial_result(uri: str, run_id: str, *, metrics: Mapping[str, Any], report: Mapping[str, Any],
+def log_trial_result(uri: str, run_id: str, *, metrics: Mapping[str, Any], report: EvalReport,
                      files: Iterable[Path], model: Any, input_shape: tuple[int, ...], checkpoint: Path,
                      step: int) -> None:
     """The trial's evaluation and model, once: metrics, check tags, report and plots, the
@@ -340,19 +342,12 @@ def log_trial_result(uri: str, run_id: str, *, metrics: Mapping[str, Any], repor
         return
     have = set(run.data.metrics)
     log_metrics(mc, run_id, {k: v for k, v in metrics.items() if k not in have}, step=step)
-    tags = {MASKED: ",".join(report.get("masked_metrics", [])) or "none",
-            "ancra.checks_passed": str(bool(report.get("checks_passed"))).lower()}
-    for c in report.get("checks", []):
-        tags[f"check.{c['name']}"] = {True: "pass", False: "fail", None: "n/a"}[c["passed"]]
-    for a in report.get("attacks", []):
-        tags[f"attack.{a['name']}"] = f"{a['kind']} on {a['target']}"
     from mlflow.entities import RunTag
 
-    mc.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    mc.log_batch(run_id, tags=[RunTag(k, v[:5000]) for k, v in report.tags().items()])
     with tempfile.TemporaryDirectory() as d:  # artifacts overwrite themselves: idempotent
-        p = Path(d, "report.json")
-        p.write_text(json.dumps(dict(report), indent=1, default=str))
-        mc.log_artifact(run_id, str(p), artifact_path="evaluation")
+        saved = report.save(Path(d, REPORT_ARTIFACT.rsplit("/", 1)[1]))
+        mc.log_artifact(run_id, str(saved), artifact_path="evaluation")
     for f in files:
         mc.log_artifact(run_id, str(f), artifact_path="evaluation")
     mc.log_artifact(run_id, str(checkpoint), artifact_path="checkpoint")
@@ -417,41 +412,88 @@ def study_runs(uri: str, study: str) -> tuple[Any, Any, list[Any]]:
     return exp, parents[0], children
 
 
-def masked_for(run: Any, metric: str) -> bool:
-    """Whether the run's checks flag ``metric`` as overestimating robustness: another attack
-    beats that attack, or the metric attacks P' alone while adaptive attacks show P' masked."""
-    masked = [m for m in run.data.tags.get(MASKED, "").split(",") if m and m != "none"]
-    if metric in masked or metric.removeprefix("acc_") in masked:
-        return True
-    final_only = metric.endswith("_final") and (metric.startswith("acc_") or metric.startswith("val_pgd_acc"))
-    return final_only and run.data.tags.get("check.final_output_not_masked") == "fail"
+def run_report(mc: Any, run: Any) -> EvalReport | None:
+    """The evaluation report a trial run holds (``evaluation/report.json``), or None."""
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            return EvalReport.load(mc.download_artifacts(run.info.run_id, REPORT_ARTIFACT, d))
+    except Exception as e:  # noqa: BLE001 (a run without its report cannot be checked)
+        log.warning("run %s has no readable evaluation report: %s", run.info.run_id, e)
+        return None
 
 
-def pick_best(children: list[Any], metric: str, *, mode: str = "max", force: bool = False) -> Any:
-    """The finished child run with the best ``metric``; refuses a masked winner unless ``force``."""
-    scored = [r for r in children if r.data.tags.get(STATUS) == "finished" and metric in r.data.metrics
-              and MODEL_URI in r.data.tags]
-    if not scored:
+@dataclass(frozen=True)
+class Candidate:
+    run: Any
+    report: EvalReport | None
+    value: float  # the metric as measured
+    credible: float  # what a selection may credit it with (the worst case where the metric is flagged)
+    flags: tuple[str, ...]  # why the metric is not trusted; empty when the checks pass on it
+
+
+def rank_candidates(mc: Any, children: list[Any], metric: str, *, mode: str = "max") -> list[Candidate]:
+    """Finished trials with a model and ``metric``, best first: trials whose checks pass on the
+    metric before flagged ones, then the credible value, then clean accuracy, then the earlier."""
+    cands = []
+    for r in children:
+        if r.data.tags.get(STATUS) != "finished" or metric not in r.data.metrics or MODEL_URI not in r.data.tags:
+            continue
+        report = run_report(mc, r)
+        value = r.data.metrics[metric]
+        flags = tuple(report.flags(metric)) if report is not None else ("no evaluation report to check",)
+        credible = report.credible(metric) if report is not None and report.is_robust_metric(metric) else value
+        cands.append(Candidate(r, report, value, value if credible is None else credible, flags))
+    sign = 1 if mode == "max" else -1
+    return sorted(cands, key=lambda c: (not c.flags, sign * c.credible, c.run.data.metrics.get("clean_acc", 0.0),
+                                        -c.run.info.start_time), reverse=True)
+
+
+def pick_best(mc: Any, children: list[Any], metric: str, *, mode: str = "max",
+              force: bool = False) -> tuple[Candidate, list[str]]:
+    """The best finished trial by ``metric`` and plain warnings about it. Refuses a winner whose
+    checks flag the metric unless ``force`` (then warns)."""
+    cands = rank_candidates(mc, children, metric, mode=mode)
+    if not cands:
         known = sorted({k for r in children for k in r.data.metrics})
         raise TrackingError(f"no finished trial with a model has metric {metric!r}; metrics: {', '.join(known)}")
-    sign = 1 if mode == "max" else -1
-    # Ties: the higher clean accuracy, then the earlier trial (the paper's defaults run first).
-    best = max(scored, key=lambda r: (sign * r.data.metrics[metric], r.data.metrics.get("clean_acc", 0.0),
-                                      -r.info.start_time))
-    if masked_for(best, metric) and not force:
-        raise TrackingError(
-            f"the best trial by {metric} ({best.data.tags.get(TRIAL_ID)}, {best.data.metrics[metric]:.4f}) has "
-            f"{metric} flagged as masked by its gradient-masking checks (another attack beats it): it "
-            f"overestimates robustness. Choose --metric {DEFAULT_METRIC} (the worst case) or pass --force.")
-    return best
+    best = cands[0]
+    warnings: list[str] = []
+    tid = best.run.data.tags.get(TRIAL_ID)
+    if best.flags:
+        text = (f"the best trial by {metric} ({tid}, {best.value:.4f}) is flagged by its gradient-masking checks: "
+                f"{'; '.join(best.flags)}. Its {metric} overestimates robustness")
+        if not force:
+            others = "; every finished trial is flagged" if all(c.flags for c in cands) else ""
+            raise TrackingError(f"{text}{others}. Choose --metric {DEFAULT_METRIC} (the worst case) or pass --force.")
+        warnings.append(f"--force: {text}.")
+    flagged = [c.run.data.tags.get(TRIAL_ID) for c in cands if c.flags]
+    if flagged and not best.flags:
+        warnings.append(f"{len(flagged)} trial(s) flagged by their checks were ranked below the others: "
+                        f"{', '.join(map(str, flagged))}")
+    if len(cands) == 1:
+        warnings.append("only one trial finished: there was nothing to compare it with")
+    if best.report is not None and best.report.is_robust_metric(metric):
+        chance = 1.0 / best.report.n_classes
+        if best.value <= 0.0:
+            warnings.append(f"{metric} = 0: no example survives the evaluation's attacks; this model is not robust "
+                            "at this budget")
+        elif best.value <= chance + best.report.suite.tol:
+            warnings.append(f"{metric} = {best.value:.4f} is at chance ({chance:.2f} for "
+                            f"{best.report.n_classes} classes): no better than guessing under attack")
+    return best, warnings
 
 
 def register_best(uri: str, study: str, *, metric: str = DEFAULT_METRIC, mode: str = "max",
-                  model_name: str | None = None, force: bool = False, alias: str = CHAMPION) -> dict[str, Any]:
-    """Register the best trial's model and point ``alias`` at the new version."""
+                  model_name: str | None = None, force: bool = False, alias: str = CHAMPION,
+                  on_warning: Any = None) -> dict[str, Any]:
+    """Register the best trial's model and point ``alias`` at the new version. Warnings (a flagged
+    winner under --force, a value at chance, a single trial) go to ``on_warning`` before registering."""
     mc = client(uri)
     _, parent, children = study_runs(uri, study)
-    best = pick_best(children, metric, mode=mode, force=force)
+    cand, warnings = pick_best(mc, children, metric, mode=mode, force=force)
+    for w in warnings:
+        (on_warning or log.warning)(w)
+    best = cand.run
     name = model_name or f"ancra-{study}"
     model_uri = best.data.tags[MODEL_URI]
     import mlflow
@@ -461,15 +503,16 @@ def register_best(uri: str, study: str, *, metric: str = DEFAULT_METRIC, mode: s
     # mlflow.register_model resolves a LoggedModel URI (models:/m-...) for every kind of store.
     version = mlflow.register_model(model_uri, name, await_registration_for=300,
                                     tags={"study": study, "trial_id": best.data.tags.get(TRIAL_ID, ""),
-                                          "metric": metric, metric: str(best.data.metrics[metric])})
+                                          "metric": metric, metric: str(best.data.metrics[metric]),
+                                          "flagged": "; ".join(cand.flags) or "none"})
     _wait_ready(mc, name, version.version)
     if not mc.get_registered_model(name).description:
         mc.update_registered_model(name, description=f"ANCRA models chosen from study {study} (P' logits)")
     mc.set_registered_model_alias(name, alias, version.version)
     return {"name": name, "version": int(version.version), "alias": alias, "run_id": best.info.run_id,
             "trial_id": best.data.tags.get(TRIAL_ID), "metric": metric, "value": best.data.metrics[metric],
-            "model_uri": model_uri, "study_run_id": parent.info.run_id,
-            "load_uri": f"models:/{name}@{alias}"}
+            "model_uri": model_uri, "study_run_id": parent.info.run_id, "warnings": warnings,
+            "flags": list(cand.flags), "load_uri": f"models:/{name}@{alias}"}
 
 
 def _wait_ready(mc: Any, name: str, version: str, timeout: float = 120) -> None:

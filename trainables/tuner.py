@@ -21,6 +21,9 @@ from typing import Any
 
 from ray.tune.search.optuna import OptunaSearch
 
+from ancra_tune.robustness import EvalReport
+
+from . import results as R
 from .study import Study
 from .tracking import (
     StudyTracking,
@@ -31,7 +34,7 @@ from .tracking import (
     tag_node,
     trial_run,
 )
-from .worker import DIVERGED, train_loop_per_worker, worker_env
+from .worker import REPORT_NAME, train_loop_per_worker, worker_env
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +118,7 @@ def run_trial(params: dict[str, Any], *, study: Study, storage: str,
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from ancra_tune.config import flatten
+    from ancra_tune.config import flatten, inactive_keys
 
     params = dict(params)
     seed = int(params.pop(SEED_KEY, study.seeds[0]))
@@ -125,17 +128,16 @@ def run_trial(params: dict[str, Any], *, study: Study, storage: str,
     mlflow_run = None
     if tracking is not None:
         # Found again when this trial restarts or its study resumes: one MLflow run per trial.
-        run_id = trial_run(tracking, trial_id, name=trial_name(trial_id, params, seed),
-                           params={**flatten(cfg), "trial_id": trial_id})
+        # Settings this configuration does not use are logged as "inactive", not as if they were used.
+        logged = {**flatten(cfg, resolved=True), **{k: "inactive" for k in inactive_keys(cfg)}, "trial_id": trial_id}
+        run_id = trial_run(tracking, trial_id, name=trial_name(trial_id, params, seed), params=logged)
         mlflow_run = {"uri": tracking.uri, "run_id": run_id}
         tag_node(tracking.uri, run_id, "ray.node.trial")
-    # What a diverged trial scores: the worst value, so Optuna learns to avoid its region.
-    worst = {m: (0.0 if mode == "max" else float("inf")) for m, mode in zip(study.metrics, study.modes, strict=True)}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": cfg.to_dict(), "eval": study.eval, "cpus_per_worker": r.cpus_per_worker,
-                           "sync_batchnorm": r.sync_batchnorm, "objective_defaults": worst,
-                           "mlflow": mlflow_run},
+        train_loop_config={"train": cfg.to_dict(), "eval": study.suite.to_dict(), "objective": list(study.metrics),
+                           "modes": list(study.modes), "cpus_per_worker": r.cpus_per_worker,
+                           "sync_batchnorm": r.sync_batchnorm, "mlflow": mlflow_run},
         scaling_config=ray.train.ScalingConfig(
             num_workers=r.workers, use_gpu=r.gpus_per_worker > 0,
             resources_per_worker={"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker}
@@ -152,7 +154,7 @@ def run_trial(params: dict[str, Any], *, study: Study, storage: str,
     started = time.time()
     result = trainer.fit()
     final = dict(result.metrics or {})
-    if final.get("final") == 1 and final.get("reported_at", started) < started:
+    if R.is_final(final) and final.get(R.REPORTED_AT, started) < started:
         # Train restored a run that had already finished (the study was interrupted between the
         # run's end and the trial's): its evaluation never reached this trial, so forward it.
         ray.tune.report(final)
@@ -171,8 +173,8 @@ def trial_name(trial_id: str, params: dict[str, Any], seed: int) -> str:
 
 
 class FinalObjectiveOptunaSearch(OptunaSearch):
-    """OptunaSearch that tells Optuna the objective once, from the trial's final evaluation;
-    per-epoch results (without it) are for the scheduler only."""
+    """OptunaSearch that tells Optuna the objective once, from the trial's final evaluation (the
+    credible values, ``objective.<metric>``); per-epoch results (without it) are for the scheduler."""
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         metrics = self.metric if isinstance(self.metric, list) else [self.metric]
@@ -187,7 +189,8 @@ def _searcher(study: Study) -> Any:
     sampler = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed),
                "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
                "random": lambda: optuna.samplers.RandomSampler(seed=seed)}[study.sampler]()
-    metric: Any = list(study.metrics) if study.multi_objective else study.metrics[0]
+    keys = [R.objective_key(m) for m in study.metrics]
+    metric: Any = keys if study.multi_objective else keys[0]
     mode: Any = list(study.modes) if study.multi_objective else study.modes[0]
     points = [study.default_point()] if study.defaults_first and study.space else None
     # A partial (not a lambda): Tune pickles the searcher with the study state.
@@ -200,15 +203,15 @@ def _define_by_run(study: Study, trial: Any) -> None:  # noqa: D401
 
 
 def _scheduler(study: Study) -> Any:
-    if study.scheduler["type"] != "asha":
+    if study.scheduler.type != "asha":
         return None
     from ray.tune.schedulers import ASHAScheduler
 
     epochs = study.train_config({}, study.seeds[0]).optim.epochs
     # stop_last_trials=False: a trial that reaches the last epoch must still run its final evaluation.
-    return ASHAScheduler(metric=study.scheduler["metric"], mode=study.scheduler["mode"], time_attr="epoch",
-                         max_t=epochs, grace_period=study.scheduler["grace_period"],
-                         reduction_factor=study.scheduler["reduction_factor"], stop_last_trials=False)
+    sch = study.scheduler
+    return ASHAScheduler(metric=sch.metric, mode=sch.mode, time_attr=R.EPOCH, max_t=epochs,
+                         grace_period=sch.grace_period, reduction_factor=sch.reduction_factor, stop_last_trials=False)
 
 
 def build_tuner(study: Study, *, storage: str, smoke_test: bool = False, resume: bool = False,
@@ -243,12 +246,10 @@ def _smoke(study: Study) -> Study:
     """One epoch on a few batches, two trials: checks a study file end to end in a minute."""
     from dataclasses import replace
 
-    base = dict(study.base_train)
-    base["optim"] = {**base["optim"], "epochs": 1}
-    base["data"] = {**base["data"], "train_limit": 4 * base["data"]["batch_size"]}
-    base["eval"] = {**base["eval"], "max_examples": 64}
-    ev = {**study.eval, "n_examples": 64, "autoattack": None, "square_queries": 20}
-    return replace(study, base_train=base, num_samples=min(2, study.num_samples), eval=ev, seeds=study.seeds[:1])
+    train = study.train.replace(**{"optim.epochs": 1, "data.train_limit": 4 * study.train.data.batch_size,
+                                   "eval.max_examples": 64})
+    suite = replace(study.suite, n_examples=64, autoattack=None, square_queries=20, apgd_iters=5, apgd_targets=2)
+    return replace(study, train=train, num_samples=min(2, study.num_samples), suite=suite, seeds=study.seeds[:1])
 
 
 def run_study(study: Study, *, address: str | None = None, storage: str | None = None, resume: bool = False,
@@ -328,11 +329,29 @@ def _study_params(study: Study, storage: str, smoke_test: bool) -> dict[str, Any
         out["study.grid"] = json.dumps({k: list(v) for k, v in study.grid.items()})
     from ancra_tune.config import flatten
 
-    out.update({f"base.{k}": v for k, v in flatten(study.train_config({}, study.seeds[0])).items()})
+    out.update({f"base.{k}": v for k, v in flatten(study.train_config({}, study.seeds[0]), resolved=True).items()})
     return out
 
 
 # --------------------------------------------------------------------------- summaries
+
+
+def read_report(checkpoint: str | None) -> EvalReport | None:
+    """The evaluation report stored with a trial's final checkpoint (a local path or a URI)."""
+    if not checkpoint:
+        return None
+    try:
+        if "://" in checkpoint:
+            import pyarrow.fs
+
+            fs, path = pyarrow.fs.FileSystem.from_uri(checkpoint.rstrip("/") + "/" + REPORT_NAME)
+            with fs.open_input_stream(path) as f:
+                return EvalReport.from_dict(json.loads(f.read().decode()))
+        p = Path(checkpoint) / REPORT_NAME
+        return EvalReport.load(p) if p.is_file() else None
+    except Exception as e:  # noqa: BLE001 (a missing report leaves the row without its checks)
+        log.warning("cannot read the evaluation report of %s: %s", checkpoint, e)
+        return None
 
 
 def _trial_rows(results: Any, study: Study) -> list[dict[str, Any]]:
@@ -341,24 +360,31 @@ def _trial_rows(results: Any, study: Study) -> list[dict[str, Any]]:
         metrics = dict(res.metrics or {})
         cfg = dict(res.config or {})
         records = res.metrics_dataframe.to_dict("records") if res.metrics_dataframe is not None else []
-        epochs = [m for m in records if m.get("epoch_time_s") is not None and not _nan(m.get("epoch_time_s"))]
-        last_final = next((m for m in reversed(records) if m.get("final") == 1), None)
-        status = "error" if res.error else ("diverged" if metrics.get(DIVERGED) == 1 else
+        epochs = [m for m in records if R.is_epoch(m)]
+        last_final = next((m for m in reversed(records) if R.is_final(m)), None)
+        status = "error" if res.error else ("diverged" if R.is_diverged(metrics) else
                                              "finished" if last_final is not None else "stopped")
         row = {"trial_id": metrics.get("trial_id") or Path(res.path).name, "status": status,
                "params": cfg,
-               "checkpoint": metrics.get("checkpoint_path") or _last(records, "checkpoint_path"),
+               "checkpoint": metrics.get(R.CHECKPOINT_PATH) or _last(records, R.CHECKPOINT_PATH),
                "epochs_run": len(epochs),
                "train_time_s": sum(m["epoch_time_s"] for m in epochs),
                "time_per_epoch_s": (sum(m["epoch_time_s"] for m in epochs) / len(epochs)) if epochs else None,
                "trial_dir": res.path}
         if status == "diverged":
-            row["diverged_epoch"] = metrics.get("diverged_epoch")
+            row["diverged_epoch"] = metrics.get(R.DIVERGED_EPOCH)
         if last_final is not None:
-            for k, v in last_final.items():
-                if k in ("clean_acc", "robust_acc_worst", "autoattack_acc", "masked_metrics") or \
-                        k.startswith("acc_") or k.startswith("check_"):
-                    row[k] = v
+            report = read_report(last_final.get(R.CHECKPOINT_PATH) or row["checkpoint"])
+            if report is not None:
+                row.update(report.metrics())
+                row["flags"] = {m: report.flags(m) for m in study.metrics if report.flags(m)}
+                row["checks_failed"] = [c.name for c in report.checks if c.failed]
+                row["masked_metrics"] = report.masked_metrics
+            else:  # no report to read (e.g. storage gone): the reported numbers, unchecked
+                row.update({k: v for k, v in R.metrics_of(last_final).items() if k in study.objective_metrics()})
+                row["flags"] = {m: ["no evaluation report to check"] for m in study.metrics}
+            for m in study.metrics:
+                row[R.objective_key(m)] = last_final.get(R.objective_key(m), row.get(m))
         last_epoch = epochs[-1] if epochs else {}
         for k in ("val_clean_acc", "val_robust_acc", "val_pgd_acc_final"):
             if k in last_epoch:
@@ -379,15 +405,24 @@ def _last(records: list[dict[str, Any]], key: str) -> Any:
     return None
 
 
+def rank_key(row: dict[str, Any], metric: str, mode: str) -> tuple[int, float, float]:
+    """Sort key, best first: trials whose checks pass on ``metric`` before flagged ones, then the
+    credible value, then clean accuracy."""
+    value = row.get(R.objective_key(metric), row.get(metric))
+    v = -math.inf if value is None or _nan(value) else (value if mode == "max" else -value)
+    return (0 if row.get("flags", {}).get(metric) else 1, v, row.get("clean_acc") or 0.0)
+
+
 def summarize(study: Study, results: Any, *, wall_s: float, storage: str) -> dict[str, Any]:
     rows = _trial_rows(results, study)
     metric, mode = study.metrics[0], study.modes[0]
     scored = [r for r in rows if r["status"] == "finished" and r.get(metric) is not None]
     best: list[dict[str, Any]] = []
     if study.multi_objective:
-        best = pareto_front(scored, study.metrics, study.modes)
+        trusted = [r for r in scored if not r.get("flags")] or scored
+        best = pareto_front(trusted, [R.objective_key(m) for m in study.metrics], study.modes)
     elif scored:
-        best = [max(scored, key=lambda r: r[metric] if mode == "max" else -r[metric])]
+        best = [max(scored, key=lambda r: rank_key(r, metric, mode))]
     train_total = sum(r["train_time_s"] for r in rows)
     return {"study": study.name, "kind": study.kind, "study_file": str(study.path),
             "study_dir": str(Path(storage) / study.name), "objective": dict(zip(study.metrics, study.modes,
@@ -396,6 +431,7 @@ def summarize(study: Study, results: Any, *, wall_s: float, storage: str) -> dic
             "overhead_share": (1 - train_total / wall_s) if wall_s > 0 else None,
             "n_trials": len(rows), "status_counts": {s: sum(r["status"] == s for r in rows)
                                                       for s in ("finished", "stopped", "diverged", "error")},
+            "flagged_trials": {str(r["trial_id"]): r["flags"] for r in rows if r.get("flags")},
             "best": best, "trials": rows}
 
 

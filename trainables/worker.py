@@ -23,9 +23,11 @@ import torch
 
 from ancra_tune.config import TrainConfig
 from ancra_tune.distributed import convert_sync_batchnorm
+from ancra_tune.robustness import EvalReport, SuiteConfig
 from ancra_tune.trainer import CHECKPOINT_NAME, Callback, DivergedError, Trainer
 
-DIVERGED = "diverged"
+from . import results as R
+
 FINAL_NAME = "final.json"
 REPORT_NAME = "report.json"
 log = logging.getLogger(__name__)
@@ -52,7 +54,7 @@ class RayReport(Callback):
                      checkpoint: Path | None) -> None:
         import ray.train
 
-        m = {**metrics, "epoch": epoch + 1, DIVERGED: 0}
+        m = R.epoch_row(metrics, epoch + 1)
         if checkpoint is None:
             ray.train.report(m)
             return
@@ -67,8 +69,9 @@ def _threads(cpus_per_worker: float) -> int:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point. ``config``: {"train": TrainConfig dict, "eval": SuiteConfig overrides,
-    "cpus_per_worker": float, "sync_batchnorm": bool, "objective_defaults": {metric: value}}."""
+    """Ray Train entry point. ``config``: {"train": TrainConfig dict, "eval": SuiteConfig dict or None,
+    "objective": [metric, ...], "modes": [...], "cpus_per_worker": float, "sync_batchnorm": bool,
+    "mlflow": {"uri", "run_id"} or None}."""
     import ray.train
     import ray.train.torch
 
@@ -109,9 +112,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     # and make sure MLflow has it.
                     final = json.loads((Path(d) / FINAL_NAME).read_text()) if rank == 0 else {}
                     if rank == 0 and tracking:
-                        report = json.loads((Path(d) / REPORT_NAME).read_text())
-                        _track_final(tracking, final, report, Path(d), epochs=cfg.optim.epochs)
-                    ray.train.report({**final, DIVERGED: 0, "final": 1, "reported_at": time.time()})
+                        report = EvalReport.load(Path(d) / REPORT_NAME)
+                        _track_final(tracking, R.metrics_of(final), report, Path(d), epochs=cfg.optim.epochs)
+                    ray.train.report({**final, R.DIVERGED: 0, R.FINAL: 1, R.REPORTED_AT: time.time()})
                     return
                 trainer.resume(Path(d) / CHECKPOINT_NAME)
                 # The last epoch's state is the run's checkpoint until another epoch ends (also when
@@ -122,35 +125,36 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         except DivergedError as e:
             # Every worker raises at the same step (a collective check): report and end cleanly,
             # so the trial ends as `diverged` instead of being retried.
-            ray.train.report({DIVERGED: 1, "diverged_epoch": e.epoch + 1, "diverged_step": e.step,
-                              **config.get("objective_defaults", {})})
+            ray.train.report(R.diverged_row(e.epoch + 1, e.step, config.get("objective", ()),
+                                            config.get("modes", ())))
             return
         if config.get("eval") is not None:  # the end-of-trial evaluation, unless none is asked for
-            _report_final(trainer, config["eval"], rank, tracking)
+            suite = SuiteConfig.from_mapping(config["eval"], section="eval")
+            _report_final(trainer, suite, rank, tracking, objective=config.get("objective", ()))
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
 
 
-def _report_final(trainer: Trainer, eval_overrides: dict[str, Any], rank: int,
-                  tracking: dict[str, str] | None) -> None:
+def _report_final(trainer: Trainer, suite: SuiteConfig, rank: int, tracking: dict[str, str] | None, *,
+                  objective: list[str] | tuple[str, ...]) -> None:
     import ray.train
 
     if rank != 0:
-        ray.train.report({DIVERGED: 0, "final": 1})
+        ray.train.report({R.DIVERGED: 0, R.FINAL: 1})
         return
     with tempfile.TemporaryDirectory() as d:
         # The evaluation travels with the last checkpoint: its presence marks the run as complete.
         shutil.copy2(trainer.out_dir / CHECKPOINT_NAME, Path(d) / CHECKPOINT_NAME)
-        metrics, report = evaluate_trial(trainer, eval_overrides, plots_dir=Path(d) if tracking else None)
-        final = {**metrics, DIVERGED: 0, "final": 1, "reported_at": time.time()}
+        report = evaluate_trial(trainer, suite, plots_dir=Path(d) if tracking else None)
+        final = R.final_row(report, training_times(trainer), objective)
         (Path(d) / FINAL_NAME).write_text(json.dumps(final))
-        (Path(d) / REPORT_NAME).write_text(json.dumps(report))
+        report.save(Path(d) / REPORT_NAME)
         if tracking:
-            _track_final(tracking, final, report, Path(d), epochs=trainer.cfg.optim.epochs)
+            _track_final(tracking, R.metrics_of(final), report, Path(d), epochs=trainer.cfg.optim.epochs)
         ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
-def _track_final(tracking: dict[str, str], final: dict[str, Any], report: dict[str, Any], folder: Path,
+def _track_final(tracking: dict[str, str], metrics: dict[str, Any], report: EvalReport, folder: Path,
                  *, epochs: int) -> None:
     """Log the evaluation and the model to the trial's MLflow run (at most once; never fatal)."""
     from ancra_tune.checkpoint import load_model
@@ -159,7 +163,6 @@ def _track_final(tracking: dict[str, str], final: dict[str, Any], report: dict[s
 
     try:
         model, _, info = load_model(folder / CHECKPOINT_NAME)  # plain BatchNorm, on CPU
-        metrics = {k: v for k, v in final.items() if k not in (DIVERGED, "final", "reported_at")}
         log_trial_result(tracking["uri"], tracking["run_id"], metrics=metrics, report=report,
                          files=sorted(folder.glob("*.png")), model=model,
                          input_shape=(info.in_channels, info.image_size, info.image_size),
@@ -168,37 +171,29 @@ def _track_final(tracking: dict[str, str], final: dict[str, Any], report: dict[s
         log.warning("logging the evaluation to MLflow run %s failed: %s", tracking["run_id"], e)
 
 
-def evaluate_trial(trainer: Trainer, eval_overrides: dict[str, Any], *,
-                   plots_dir: Path | None = None) -> tuple[dict[str, float], dict[str, Any]]:
-    """The quick robustness suite on the validation split: the numbers trials are compared by,
-    and the report. With ``plots_dir`` the feature histograms and embedding are drawn there."""
-    from ancra_tune.robustness import SuiteConfig, build_report, evaluate_model, seeded_subset, summary_metrics
+def training_times(trainer: Trainer) -> dict[str, float]:
+    epoch_times = [h["epoch_time_s"] for h in trainer.history if "epoch_time_s" in h]
+    out = {"train_time_s": float(sum(epoch_times))}
+    if epoch_times:
+        out["epoch_time_s_mean"] = sum(epoch_times) / len(epoch_times)
+    return out
 
-    ev = dict(eval_overrides)
-    preset = ev.pop("preset", "quick")
-    ev.setdefault("eps", trainer.cfg.attack.eps)
-    ev.setdefault("features", plots_dir is not None)
-    suite = SuiteConfig.preset_config(preset, **ev)
+
+def evaluate_trial(trainer: Trainer, suite: SuiteConfig, *, plots_dir: Path | None = None) -> EvalReport:
+    """The end-of-trial suite on the validation split: the report trials are compared by. With
+    ``plots_dir`` the feature histograms and embedding are drawn there."""
+    import dataclasses
+
+    from ancra_tune.robustness import build_report, evaluate_model, seeded_subset
+
+    suite = dataclasses.replace(suite, features=suite.features and plots_dir is not None)
     val = trainer.splits.val
     idx = seeded_subset(len(val), suite.n_examples, suite.seed)
     x, y = val.images[idx].float().div(255.0), val.labels[idx]
     model = trainer.model.eval()
     results = evaluate_model(model, x, y, suite, progress=False)
-    report = build_report(results, suite, ra=model.ra, n_classes=trainer.splits.info.num_classes,
-                          has_source=False, out_dir=plots_dir)
-    out = summary_metrics(report)
-    if report["autoattack_acc"] is not None:
-        out["autoattack_acc"] = report["autoattack_acc"]
-    out["masked_metrics"] = ",".join(report["masked_metrics"])  # type: ignore[assignment]
-    out["eval_n_examples"] = float(report["n_examples"])
-    for c in report["checks"]:
-        if c["passed"] is not None:
-            out[f"check_{c['name']}"] = float(c["passed"])
-    mean_epoch = [h["epoch_time_s"] for h in trainer.history if "epoch_time_s" in h]
-    if mean_epoch:
-        out["epoch_time_s_mean"] = sum(mean_epoch) / len(mean_epoch)
-    out["train_time_s"] = float(sum(mean_epoch))
-    return out, report
+    return build_report(results, suite, ra=model.ra, n_classes=trainer.splits.info.num_classes,
+                        has_source=False, out_dir=plots_dir)
 
 
 FORWARDED_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",

@@ -1,0 +1,117 @@
+"""Honest robustness evaluation: the paper's attacks, AutoAttack, adaptive attacks on RA at
+AutoAttack strength, gradient-masking checks that can fire, and feature analysis.
+
+The package is split by concern: ``suite`` (settings and the attack plan), ``adaptive``
+(surrogates of the RA gate, APGD on them, scoring on the real model), ``runner`` (attacks per
+batch), ``checks`` (the masking checks), ``report`` (:class:`EvalReport`), ``plots``. This module
+evaluates a checkpoint end to end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .checks import Check, zero_gradient_mask
+from .report import AttackResult, BatchResult, EvalReport, build_report, feature_pairs, format_report
+from .runner import LogitsOnly, batch_slices, evaluate_model, run_attack, run_batch
+from .suite import PRESETS, SURROGATES, TARGETS, AttackSpec, SuiteConfig, plan_attacks
+
+__all__ = [
+    "PRESETS", "SURROGATES", "TARGETS", "AttackResult", "AttackSpec", "BatchResult", "Check", "EvalReport",
+    "LogitsOnly", "SuiteConfig", "batch_slices", "build_report", "evaluate_checkpoint", "evaluate_deployment",
+    "evaluate_model", "feature_pairs", "format_report", "load_eval_data", "plan_attacks", "run_attack", "run_batch",
+    "seeded_subset", "zero_gradient_mask",
+]
+
+Evaluate = Callable[..., list[BatchResult]]
+
+
+def seeded_subset(n_total: int, n: int | None, seed: int) -> Tensor:
+    """The first ``n`` examples of a fixed permutation: the same examples every time."""
+    if n is None or n >= n_total:
+        return torch.arange(n_total)
+    return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:n].sort().values
+
+
+def load_eval_data(train_cfg: Any, split: str, data_root: str | None = None) -> tuple[Tensor, Tensor]:
+    """The checkpoint's validation split (as held out in training) or its test split, in [0, 1]."""
+    from ..data import load_dataset
+
+    data_cfg = train_cfg.data if data_root is None else replace(train_cfg.data, root=data_root)
+    splits = load_dataset(data_cfg)
+    if split == "val":
+        data = splits.val
+    elif split == "test":
+        if splits.test is None:
+            raise ValueError(f"dataset {data_cfg.dataset!r} as configured has no test split (set data.test_file)")
+        data = splits.test
+    else:
+        raise ValueError(f"split must be 'val' or 'test', got {split!r}")
+    if len(data) == 0:
+        raise ValueError(f"the {split} split is empty (data.val_size = 0?): evaluate --split test instead")
+    return data.images.float().div(255.0), data.labels
+
+
+def _prepare(path: str | Path, cfg: SuiteConfig, *, split: str, source: str | Path | None, device: str,
+             data_root: str | None) -> tuple[Any, Any, Any, Tensor, Tensor, Any, dict[str, Any]]:
+    from ..checkpoint import load_model
+
+    dev = torch.device(device)
+    model, train_cfg, info = load_model(path, map_location=dev)
+    x, y = load_eval_data(train_cfg, split, data_root)
+    idx = seeded_subset(x.shape[0], cfg.n_examples, cfg.seed)
+    src = load_model(source, map_location=dev)[0] if source is not None else None
+    meta = {"checkpoint": str(path), "split": split, "source": str(source) if source else None,
+            "model": train_cfg.model.name, "dataset": train_cfg.data.dataset}
+    return model, train_cfg, info, x[idx], y[idx], src, meta
+
+
+def evaluate_checkpoint(path: str | Path, cfg: SuiteConfig, *, split: str = "val", source: str | Path | None = None,
+                        out_dir: str | Path | None = None, device: str = "cpu", data_root: str | None = None,
+                        progress: bool = True, evaluate: Evaluate | None = None) -> EvalReport:
+    """The full evaluation of a checkpoint; with ``out_dir`` its ``report.json`` and PNGs go there.
+
+    ``evaluate``: runs the attacks, with :func:`evaluate_model`'s signature (default: this
+    process); ``trainables.distributed_eval`` passes one that shards batches over Ray workers.
+    """
+    model, _, info, x, y, src, meta = _prepare(path, cfg, split=split, source=source, device=device,
+                                               data_root=data_root)
+    out = Path(out_dir) if out_dir is not None else None
+    results = (evaluate or evaluate_model)(model, x, y, cfg, source=src, progress=progress)
+    report = build_report(results, cfg, ra=model.ra, n_classes=info.num_classes, has_source=src is not None,
+                          out_dir=out, meta={**meta, "variant": "standard"})
+    if out is not None:
+        report.save(out / "report.json")
+    return report
+
+
+def evaluate_deployment(path: str | Path, cfg: SuiteConfig, *, split: str = "val", source: str | Path | None = None,
+                        out_dir: str | Path | None = None, device: str = "cpu", data_root: str | None = None,
+                        progress: bool = True, evaluate: Evaluate | None = None) -> dict[str, EvalReport]:
+    """Deployment RA (paper Fig. 7): a standard checkpoint with RA off and switched on, side by side
+    (``report.json`` holds both)."""
+    import json
+
+    from ..checkpoint import load_model
+
+    model, _, info, x, y, src, meta = _prepare(path, cfg, split=split, source=source, device=device,
+                                               data_root=data_root)
+    if model.ra:
+        raise ValueError(f"{path} was trained with RA on; deployment RA (Fig. 7) applies to standard models")
+    out = Path(out_dir) if out_dir is not None else None
+    reports = {}
+    for name, m in (("standard", model), ("deployment_ra", load_model(path, ra=True, map_location=device)[0])):
+        results = (evaluate or evaluate_model)(m, x, y, cfg, source=src, progress=progress)
+        reports[name] = build_report(results, cfg, ra=m.ra, n_classes=info.num_classes, has_source=src is not None,
+                                     out_dir=out / name if out is not None else None, meta={**meta, "variant": name})
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.json").write_text(json.dumps({"deployment": True,
+                                                     **{k: r.to_dict() for k, r in reports.items()}}, indent=1))
+    return reports

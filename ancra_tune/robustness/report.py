@@ -1,0 +1,319 @@
+"""The evaluation's one result: :class:`EvalReport`, built from per-batch outcomes.
+
+It knows its metrics, its MLflow tags, which metrics its checks flag and why, and the value a
+selection may credit a trial with. Every layer above (the Ray worker, the study summary,
+``ancra-tune best``, MLflow tracking) reads this object; JSON exists only where it leaves the
+program (``report.json``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..negatives import select_negatives
+from .checks import Check, GradientProbe, masking_checks
+from .suite import AttackSpec, SuiteConfig, plan_attacks
+
+ROBUST_PREFIX = "acc_"
+CLEAN, WORST, AUTOATTACK = "clean_acc", "robust_acc_worst", "autoattack_acc"
+
+
+@dataclass
+class BatchResult:
+    """Per-example outcomes of one batch: correctness per attack, and what the probes found."""
+
+    batch_idx: int
+    clean: Tensor
+    correct: dict[str, Tensor]
+    zero_grad: Tensor
+    feat_nat: Tensor | None = None
+    feat_adv: Tensor | None = None
+    labels: Tensor | None = None
+    flags: list[str] = field(default_factory=list)  # AutoAttack's own warnings
+    randomized: bool = False
+    probe: GradientProbe | None = None
+    suspicious: bool = False  # the probes found the gradients broken: Square ran with its larger budget
+
+
+@dataclass(frozen=True)
+class AttackResult:
+    name: str
+    kind: str
+    target: str
+    steps: int
+    eps: float
+    in_worst_case: bool
+    accuracy: float
+    beaten_by: str | None = None  # another single attack beats this one by more than the tolerance
+
+    @property
+    def metric(self) -> str:
+        return ROBUST_PREFIX + self.name
+
+    @property
+    def spec(self) -> AttackSpec:
+        return AttackSpec(self.name, self.kind, self.target, self.steps, self.eps, self.in_worst_case)
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    suite: SuiteConfig
+    n_examples: int
+    ra: bool
+    n_classes: int
+    clean_acc: float
+    robust_acc_worst: float
+    attacks: tuple[AttackResult, ...]
+    checks: tuple[Check, ...]
+    autoattack_flags: tuple[str, ...] = ()
+    per_example: Mapping[str, list[bool]] = field(default_factory=dict)
+    features: Mapping[str, Any] | None = None
+    artifacts: tuple[str, ...] = ()
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ reading
+
+    @property
+    def eps(self) -> float:
+        return self.suite.eps
+
+    @property
+    def autoattack_acc(self) -> float | None:
+        return next((a.accuracy for a in self.attacks if a.kind == "autoattack"), None)
+
+    @property
+    def checks_passed(self) -> bool:
+        return not any(c.failed for c in self.checks)
+
+    @property
+    def masked_metrics(self) -> list[str]:
+        """Attacks another single attack of this report beats by more than the tolerance."""
+        return sorted(a.name for a in self.attacks if a.beaten_by)
+
+    def attack(self, name: str) -> AttackResult:
+        return next(a for a in self.attacks if a.name == name)
+
+    def flags(self, metric: str) -> list[str]:
+        """Why ``metric`` cannot be trusted as robustness (empty: it can): the failing checks whose
+        scope covers it, and for an attack's accuracy the attack that beats it."""
+        if metric == CLEAN or not self.is_robust_metric(metric):
+            return []
+        reasons = [f"check {c.name} failed" for c in self.checks if c.failed and c.scope == "all"]
+        attack = self._attack_of(metric)
+        final_only = (attack is not None and attack.target == "final") or metric == AUTOATTACK
+        if final_only:
+            reasons += [f"check {c.name} failed (P' alone is masked)" for c in self.checks
+                        if c.failed and c.scope == "final"]
+        if attack is not None and attack.beaten_by:
+            reasons.append(f"{attack.beaten_by} is stronger")
+        return reasons
+
+    @property
+    def flagged(self) -> bool:
+        """True when the checks flag the worst case itself (a failing check of scope ``all``)."""
+        return bool(self.flags(WORST))
+
+    def credible(self, metric: str) -> float | None:
+        """The value a selection may credit: the metric where the checks trust it, else the lowest
+        credible figure, the worst case over every attack (black-box included)."""
+        value = self.metrics().get(metric)
+        if value is None or not self.flags(metric) or metric == WORST:
+            return value
+        return min(value, self.robust_acc_worst)
+
+    def is_robust_metric(self, metric: str) -> bool:
+        return metric in (WORST, AUTOATTACK) or (metric.startswith(ROBUST_PREFIX) and self._attack_of(metric)
+                                                  is not None)
+
+    def _attack_of(self, metric: str) -> AttackResult | None:
+        if not metric.startswith(ROBUST_PREFIX):
+            return None
+        return next((a for a in self.attacks if a.name == metric[len(ROBUST_PREFIX):]), None)
+
+    # ------------------------------------------------------------------ leaving the program
+
+    def metrics(self) -> dict[str, float]:
+        """Flat numbers for Tune and MLflow."""
+        out = {CLEAN: self.clean_acc, WORST: self.robust_acc_worst}
+        for a in self.attacks:
+            out[a.metric] = a.accuracy
+        if self.autoattack_acc is not None:
+            out[AUTOATTACK] = self.autoattack_acc
+        out["checks_passed"] = float(self.checks_passed)
+        out["eval_flagged"] = float(self.flagged)
+        out["eval_n_examples"] = float(self.n_examples)
+        return out
+
+    def tags(self) -> dict[str, str]:
+        """MLflow tags: each check's verdict, what each attack attacked, what is flagged and why."""
+        tags = {"ancra.masked_metrics": ",".join(self.masked_metrics) or "none",
+                "ancra.checks_passed": str(self.checks_passed).lower(),
+                "ancra.flagged": "; ".join(self.flags(WORST)) or "none"}
+        for c in self.checks:
+            tags[f"check.{c.name}"] = c.verdict
+        for a in self.attacks:
+            tags[f"attack.{a.name}"] = f"{a.kind} on {a.target}"
+        return tags
+
+    def to_dict(self, per_example: bool = True) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            **dict(self.meta), "n_examples": self.n_examples, "eps": self.eps, "preset": self.suite.preset,
+            "ra": self.ra, "n_classes": self.n_classes, "suite": self.suite.to_dict(),
+            CLEAN: self.clean_acc, WORST: self.robust_acc_worst, AUTOATTACK: self.autoattack_acc,
+            "attacks": [{"name": a.name, "kind": a.kind, "target": a.target, "steps": a.steps, "eps": a.eps,
+                         "in_worst_case": a.in_worst_case, "accuracy": a.accuracy, "beaten_by": a.beaten_by}
+                        for a in self.attacks],
+            "masked_metrics": self.masked_metrics, "checks": [c.to_dict() for c in self.checks],
+            "checks_passed": self.checks_passed, "flagged": self.flags(WORST),
+            "autoattack_flags": list(self.autoattack_flags)}
+        if per_example:
+            d["per_example"] = {k: list(v) for k, v in self.per_example.items()}
+        if self.features is not None:
+            d["features"] = dict(self.features)
+        if self.artifacts:
+            d["artifacts"] = list(self.artifacts)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> EvalReport:
+        known = {"n_examples", "eps", "preset", "ra", "n_classes", "suite", CLEAN, WORST, AUTOATTACK, "attacks",
+                 "masked_metrics", "checks", "checks_passed", "flagged", "autoattack_flags", "per_example",
+                 "features", "artifacts"}
+        return cls(suite=SuiteConfig.from_mapping(d["suite"], section="report.suite"), n_examples=int(d["n_examples"]),
+                   ra=bool(d["ra"]), n_classes=int(d["n_classes"]), clean_acc=float(d[CLEAN]),
+                   robust_acc_worst=float(d[WORST]),
+                   attacks=tuple(AttackResult(**a) for a in d["attacks"]),
+                   checks=tuple(Check.from_dict(c) for c in d["checks"]),
+                   autoattack_flags=tuple(d.get("autoattack_flags", ())), per_example=d.get("per_example", {}),
+                   features=d.get("features"), artifacts=tuple(d.get("artifacts", ())),
+                   meta={k: v for k, v in d.items() if k not in known})
+
+    @classmethod
+    def load(cls, path: str | Path) -> EvalReport:
+        import json
+
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def save(self, path: str | Path) -> Path:
+        import json
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1))
+        return path
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _stats(v: Tensor) -> dict[str, float]:
+    v = v.double()
+    if v.numel() == 0:
+        return {"mean": math.nan, "std": math.nan, "p05": math.nan, "median": math.nan, "p95": math.nan}
+    q = torch.quantile(v, torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64)).tolist()
+    return {"mean": v.mean().item(), "std": v.std().item() if v.numel() > 1 else 0.0,
+            "p05": q[0], "median": q[1], "p95": q[2]}
+
+
+def feature_pairs(feat_nat: Tensor, feat_adv: Tensor, labels: Tensor, seed: int) -> dict[str, Tensor]:
+    """Cosine similarity and L2 distance of positive pairs (x, x^a: Alignment) and negative pairs
+    (x and a random example of another class: Exclusion). Each (N,)."""
+    sel = select_negatives(labels, strategy="random", random_draw="example",
+                           generator=torch.Generator().manual_seed(seed))
+    neg = feat_nat[sel.index]
+    ok = sel.valid
+    return {"pp_cos": F.cosine_similarity(feat_nat, feat_adv, dim=1),
+            "pp_l2": (feat_nat - feat_adv).norm(dim=1),
+            "np_cos": F.cosine_similarity(feat_nat, neg, dim=1)[ok],
+            "np_l2": (feat_nat - neg).norm(dim=1)[ok]}
+
+
+def _merge_probes(results: Sequence[BatchResult]) -> GradientProbe | None:
+    probes = [r.probe for r in results if r.probe is not None]
+    if not probes:
+        return None
+    return GradientProbe(cosine=torch.cat([p.cosine for p in probes]), rises=torch.cat([p.rises for p in probes]),
+                         informative=torch.cat([p.informative for p in probes]))
+
+
+def build_report(results: Sequence[BatchResult], cfg: SuiteConfig, *, ra: bool, n_classes: int,
+                 has_source: bool, out_dir: Path | None = None, meta: Mapping[str, Any] | None = None) -> EvalReport:
+    """Merge per-batch results (any order, e.g. from several workers) into the report; draw the
+    feature plots into ``out_dir``."""
+    results = sorted(results, key=lambda r: r.batch_idx)
+    plan = plan_attacks(cfg, ra=ra, has_source=has_source)
+    clean = torch.cat([r.clean for r in results])
+    correct = {s.name: torch.cat([r.correct[s.name] for r in results]) for s in plan}
+    zero = torch.cat([r.zero_grad for r in results])
+    worst = clean.clone()
+    for s in plan:
+        if s.in_worst_case:
+            worst &= correct[s.name]
+    acc = {k: v.float().mean().item() for k, v in correct.items()}
+    clean_acc, worst_acc = clean.float().mean().item(), worst.float().mean().item()
+    flags = tuple(sorted({f for r in results for f in r.flags}))
+    checks = masking_checks(acc, clean_acc, plan, cfg, zero_grad_share=zero.float().mean().item(),
+                            n_classes=n_classes, ra=ra, randomized_batches=sum(r.randomized for r in results),
+                            n_batches=len(results), probe=_merge_probes(results), autoattack_flags=flags,
+                            suspicious_batches=sum(r.suspicious for r in results))
+    main = [s.name for s in plan if s.in_worst_case]
+    beaten_by: dict[str, str] = {}
+    for name in main:
+        rival = min((m for m in main if m != name), key=lambda m: acc[m], default=None)
+        if rival is not None and acc[name] > acc[rival] + cfg.tol:
+            beaten_by[name] = rival
+    attacks = tuple(AttackResult(name=s.name, kind=s.kind, target=s.target, steps=s.steps, eps=s.eps,
+                                 in_worst_case=s.in_worst_case, accuracy=acc[s.name], beaten_by=beaten_by.get(s.name))
+                    for s in plan)
+    features, artifacts = None, ()
+    if cfg.features and results and all(r.feat_nat is not None for r in results):
+        fn = torch.cat([r.feat_nat for r in results])  # type: ignore[misc]
+        fa = torch.cat([r.feat_adv for r in results])  # type: ignore[misc]
+        labels = torch.cat([r.labels for r in results])  # type: ignore[misc]
+        pairs = feature_pairs(fn, fa, labels, cfg.seed)
+        features = {**{k: _stats(v) for k, v in pairs.items()}, "adversary": f"pgd{cfg.pgd_steps}_final"}
+        if out_dir is not None:
+            from .plots import plot_features
+
+            artifacts = tuple(plot_features(pairs, fn, fa, labels, out_dir, cfg))
+    return EvalReport(suite=cfg, n_examples=clean.numel(), ra=ra, n_classes=n_classes, clean_acc=clean_acc,
+                      robust_acc_worst=worst_acc, attacks=attacks, checks=tuple(checks), autoattack_flags=flags,
+                      per_example={"clean": clean.tolist(), "worst": worst.tolist(),
+                                   **{k: v.tolist() for k, v in correct.items()}},
+                      features=features, artifacts=artifacts, meta=dict(meta or {}))
+
+
+# --------------------------------------------------------------------------- text
+
+
+def format_report(report: EvalReport) -> str:
+    """A readable table of accuracies, what each attack targeted, and the checks' verdicts."""
+    lines = [f"clean accuracy            {report.clean_acc:.4f}   ({report.n_examples} examples, eps {report.eps:.4g})",
+             f"{'attack':<28}{'target':<12}{'accuracy':>9}"]
+    for a in report.attacks:
+        mark = "" if a.in_worst_case else "  (eps sweep)"
+        masked = f"  overestimates: {a.beaten_by} is stronger" if a.beaten_by else ""
+        lines.append(f"{a.name:<28}{a.target:<12}{a.accuracy:>9.4f}{mark}{masked}")
+    lines.append(f"{'worst case over attacks':<40}{report.robust_acc_worst:>9.4f}")
+    lines.append("gradient-masking checks:")
+    for c in report.checks:
+        lines.append(f"  {c.verdict.upper():<4}  {c.name} [{c.scope}]: {c.explanation}")
+    reasons = report.flags(WORST)
+    if reasons:
+        lines.append(f"FLAGGED: the worst case itself is not credible ({'; '.join(reasons)}); "
+                     "see docs/masking_checks.md")
+    elif any(c.failed for c in report.checks):
+        lines.append("the worst case stands; metrics of attacks on P' alone are flagged (scope 'final')")
+    if report.features is not None:
+        ft = report.features
+        lines.append("features (mean): alignment cos {:.3f} L2 {:.3f}; exclusion cos {:.3f} L2 {:.3f}".format(
+            ft["pp_cos"]["mean"], ft["pp_l2"]["mean"], ft["np_cos"]["mean"], ft["np_l2"]["mean"]))
+    return "\n".join(lines)

@@ -1,0 +1,190 @@
+"""What an evaluation runs: the suite's settings (validated like every config) and its attack plan.
+
+Every attack names what it attacked (its *target*):
+
+  final      the final output P' (what the paper's Table II attacks)
+  aux        the last RA block's auxiliary output P
+  sum        P' and every auxiliary P together (the paper's adaptive total loss; for APGD the
+             logits sum_h log softmax(P_h), a product of the heads' distributions)
+  labelgate  P' with the RA gate fixed to the true label (the training-time gate)
+  stgate     P' with the argmax gate's backward pass replaced by softmax(P / T) @ W (straight-
+             through BPDA: forward values unchanged)
+  softgate   P' with the gate replaced by softmax(P / T) @ W in forward and backward (a smooth
+             surrogate model)
+  black-box  Square (no gradients)
+  source     transfer: crafted on another model
+
+Every accuracy is that of the model's real prediction (P' gated by its own argmax) on the
+attack's examples; attacks on a surrogate keep every point they visit that fools the real model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import ConfigError, build_dataclass, check_choice, check_field
+
+SURROGATES = ("aux", "sum", "labelgate", "stgate", "softgate")
+TARGETS = ("final", *SURROGATES)
+PRESET_NAMES = ("full", "quick")
+#: attack kinds that follow the model's input gradient (the white-box side of the masking checks)
+GRADIENT_KINDS = ("fgsm", "pgd", "cw", "mim", "apgd-ce", "apgd-t")
+
+
+@dataclass(frozen=True)
+class SuiteConfig:
+    """What the evaluation runs. ``quick`` is for sweeps (fewer iterations, never fewer
+    surrogates); ``full`` for final numbers."""
+
+    preset: str = "full"
+    n_examples: int | None = None  # None: the whole split
+    eps: float = 8 / 255
+    step_size: float | None = None  # None: eps / 4 (0.0078 at 8/255, the paper's 0.007 scale)
+    pgd_steps: int = 40  # PGD-k; the doubling check also runs PGD-2k
+    cw_steps: int = 40
+    mim_steps: int = 40
+    mim_momentum: float = 1.0
+    adaptive: bool = True  # attacks through every surrogate of the RA gate (RA models)
+    adaptive_steps: int = 40  # fixed-step PGD on each surrogate
+    apgd_iters: int = 100  # APGD-CE and APGD-T (DLR) on each surrogate: AutoAttack's schedule
+    apgd_restarts: int = 1
+    apgd_targets: int = 9  # APGD-T target classes (capped at K - 1)
+    gate_temperature: float = 1.0  # T of the soft and straight-through gates
+    sweep_eps: tuple[float, ...] | None = None  # None: eps, 2 eps, 8 eps, 1.0
+    sweep_steps: int = 20
+    square_queries: int = 1000  # the separate Square run of the white-box vs black-box check; 0: off
+    # Square's queries on a batch whose probes find the gradients broken (zero, insane or random):
+    # there only a gradient-free attack can tell the truth, so it gets AutoAttack's full budget.
+    square_queries_suspicious: int = 5000
+    autoattack: str | None = "standard"  # "standard", a comma list of AutoAttack attacks, or None
+    transfer_steps: int = 100  # PGD-T and MIM-T on the source model, when one is given
+    eot_samples: int = 20  # gradient samples per step when the model turns out to be randomised
+    grad_check_examples: int = 16  # per batch, for the gradient-sanity check
+    grad_check_directions: int = 8
+    batch_size: int = 250
+    seed: int = 0
+    tol: float = 0.02  # accuracy slack of the checks (sampling noise on a few hundred examples)
+    features: bool = True
+    embedding_max: int = 1000
+
+    def __post_init__(self) -> None:
+        s = "eval"
+        check_choice(s, "preset", self.preset, PRESET_NAMES)
+        check_field(self.eps > 0, s, "eps", self.eps, "> 0")
+        if self.step_size is not None:
+            check_field(self.step_size > 0, s, "step_size", self.step_size, "> 0 or null (eps / 4)")
+        for name in ("pgd_steps", "cw_steps", "mim_steps", "adaptive_steps", "sweep_steps", "apgd_iters",
+                     "apgd_restarts", "apgd_targets", "eot_samples", "grad_check_directions", "batch_size"):
+            check_field(getattr(self, name) >= 1, s, name, getattr(self, name), ">= 1")
+        for name in ("square_queries", "square_queries_suspicious", "transfer_steps", "grad_check_examples",
+                     "embedding_max"):
+            check_field(getattr(self, name) >= 0, s, name, getattr(self, name), ">= 0")
+        if self.n_examples is not None:
+            check_field(self.n_examples >= 1, s, "n_examples", self.n_examples, ">= 1 or null (the whole split)")
+        check_field(self.gate_temperature > 0, s, "gate_temperature", self.gate_temperature, "> 0")
+        check_field(self.tol >= 0, s, "tol", self.tol, ">= 0")
+        if self.sweep_eps is not None:
+            check_field(len(self.sweep_eps) > 0 and all(e > 0 for e in self.sweep_eps), s, "sweep_eps",
+                        self.sweep_eps, "a non-empty list of numbers > 0, or null")
+        if self.autoattack is not None and self.autoattack != "standard":
+            known = ("apgd-ce", "apgd-t", "apgd-dlr", "fab", "fab-t", "square")
+            for a in self.autoattack_list:
+                check_choice(s, "autoattack", a, ("standard", *known))
+
+    @classmethod
+    def preset_config(cls, name: str, **overrides: Any) -> SuiteConfig:
+        check_choice("eval", "preset", name, PRESET_NAMES)
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+    @classmethod
+    def from_mapping(cls, d: Mapping[str, Any], *, section: str = "eval",
+                     defaults: Mapping[str, Any] | None = None) -> SuiteConfig:
+        """From a study file's ``eval`` section or another mapping: ``preset`` (default quick) and
+        overrides of its fields, coerced and validated like training configs (``eps: 8/255`` is a
+        number; a wrong key or value fails with the section, the key and what is allowed).
+        ``defaults`` fill fields the mapping leaves out (e.g. the training eps)."""
+        d = dict(d)
+        preset = d.pop("preset", "quick")
+        check_choice(section, "preset", preset, PRESET_NAMES)
+        base = {k: v for k, v in dataclasses.asdict(PRESETS[preset]).items()}
+        base.update(defaults or {})
+        base.update(d)
+        try:
+            return build_dataclass(cls, base, section)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as e:  # e.g. a list where a number belongs
+            raise ConfigError(f"{section}: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @property
+    def step(self) -> float:
+        return self.step_size if self.step_size is not None else self.eps / 4
+
+    @property
+    def sweep(self) -> tuple[float, ...]:
+        if self.sweep_eps is not None:
+            return tuple(self.sweep_eps)
+        return tuple(sorted({min(1.0, self.eps * m) for m in (1, 2, 8)} | {1.0}))
+
+    @property
+    def autoattack_list(self) -> tuple[str, ...]:
+        if self.autoattack is None:
+            return ()
+        return tuple(a.strip() for a in self.autoattack.split(",") if a.strip())
+
+
+PRESETS: dict[str, SuiteConfig] = {
+    "full": SuiteConfig(),
+    "quick": SuiteConfig(preset="quick", n_examples=500, pgd_steps=10, cw_steps=10, mim_steps=10, adaptive_steps=10,
+                         apgd_iters=20, apgd_targets=3, sweep_steps=10, square_queries=200,
+                         autoattack="apgd-ce,apgd-t", transfer_steps=20, eot_samples=5, grad_check_examples=8,
+                         embedding_max=300),
+}
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    name: str
+    kind: str  # fgsm, pgd, cw, mim, apgd-ce, apgd-t, square, autoattack, transfer_pgd, transfer_mim, sweep
+    target: str  # final / aux / sum / labelgate / stgate / softgate / black-box / source
+    steps: int
+    eps: float
+    in_worst_case: bool = True  # attacks at the evaluation budget; the eps sweep is not
+
+    @property
+    def gradient(self) -> bool:
+        """Follows the model's own input gradient (white-box, not a bundle with Square in it)."""
+        return self.kind in GRADIENT_KINDS
+
+
+def plan_attacks(cfg: SuiteConfig, *, ra: bool, has_source: bool) -> list[AttackSpec]:
+    """The attacks of one evaluation, in the order they run (the order fixes their randomness)."""
+    e, k = cfg.eps, cfg.pgd_steps
+    plan = [AttackSpec("fgsm_final", "fgsm", "final", 1, e),
+            AttackSpec(f"pgd{k}_final", "pgd", "final", k, e),
+            AttackSpec(f"pgd{2 * k}_final", "pgd", "final", 2 * k, e),
+            AttackSpec(f"cw{cfg.cw_steps}_final", "cw", "final", cfg.cw_steps, e),
+            AttackSpec(f"mim{cfg.mim_steps}_final", "mim", "final", cfg.mim_steps, e)]
+    if ra and cfg.adaptive:
+        for t in SURROGATES:
+            plan += [AttackSpec(f"pgd{cfg.adaptive_steps}_{t}", "pgd", t, cfg.adaptive_steps, e),
+                     AttackSpec(f"apgd-ce_{t}", "apgd-ce", t, cfg.apgd_iters, e),
+                     AttackSpec(f"apgd-t_{t}", "apgd-t", t, cfg.apgd_iters, e)]
+    if cfg.square_queries > 0:
+        plan.append(AttackSpec(f"square{cfg.square_queries}", "square", "black-box", cfg.square_queries, e))
+    if has_source and cfg.transfer_steps > 0:
+        t = cfg.transfer_steps
+        plan += [AttackSpec(f"transfer_pgd{t}", "transfer_pgd", "source", t, e),
+                 AttackSpec(f"transfer_mim{t}", "transfer_mim", "source", t, e)]
+    if cfg.autoattack:
+        name = "autoattack_" + "+".join(cfg.autoattack_list)
+        plan.append(AttackSpec(name, "autoattack", "final", 0, e))
+    plan += [AttackSpec(f"sweep_pgd{cfg.sweep_steps}_eps{s:.4g}", "sweep", "final", cfg.sweep_steps, s,
+                        in_worst_case=False) for s in cfg.sweep]
+    return plan

@@ -1,0 +1,101 @@
+"""Masked models the checks must catch, and an honest model they must pass (issue: checks that can fire).
+
+Every masked model wraps the same PGD-AT digits model. For each, the quick preset (the sweep
+objective) must (1) give the verdicts that name the problem, (2) flag the trial's worst case, and
+(3) report a worst case no higher than what an independent strong attack shows: PGD-40 crafted on
+the unmasked model and transferred, and a long Square run of another seed (margin: 3 examples).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import digits_splits, trained_digits_model
+
+from ancra_tune.attacks import pgd
+from ancra_tune.robustness import SuiteConfig, build_report, evaluate_model
+from ancra_tune.robustness.masked import MaskedModel
+from ancra_tune.robustness.runner import LogitsOnly
+
+EPS = 0.1
+N = 64
+
+
+@pytest.fixture(scope="module")
+def data():
+    s = digits_splits()
+    return s.val.images[:N].float() / 255, s.val.labels[:N]
+
+
+def _quick() -> SuiteConfig:
+    return SuiteConfig.preset_config("quick", eps=EPS, n_examples=None, batch_size=N, features=False)
+
+
+def _evaluate(model, x, y):
+    cfg = _quick()
+    torch.manual_seed(0)
+    return build_report(evaluate_model(model, x, y, cfg, progress=False), cfg, ra=model.ra, n_classes=10,
+                        has_source=False)
+
+
+def _strong_reference(model, base, x, y) -> float:
+    """Accuracy under the stronger of two independent attacks: PGD-40 on the unmasked model, transferred,
+    and Square with 2000 queries (another seed)."""
+    from pyautoattack.square import SquareAttack
+
+    torch.manual_seed(1)
+    transfer = pgd(base, x, y, eps=EPS, step_size=EPS / 4, steps=40, bn="eval",
+                   generator=torch.Generator().manual_seed(7))
+    sq = SquareAttack(LogitsOnly(model), p_init=0.8, n_queries=2000, eps=EPS, norm="Linf", n_restarts=1, seed=123,
+                      verbose=False, device=x.device, resc_schedule=False)
+    with torch.no_grad():
+        square = sq.perturb(x, y)
+        ok = (model(transfer).logits.argmax(1) == y) & (model(square).logits.argmax(1) == y)
+    return ok.float().mean().item()
+
+
+def _verdicts(report) -> dict[str, bool | None]:
+    return {c.name: c.passed for c in report.checks}
+
+
+def test_an_honest_pgd_at_model_passes_every_check(data) -> None:
+    x, y = data
+    report = _evaluate(trained_digits_model(), x, y)
+    assert all(v is not False for v in _verdicts(report).values()), report.checks
+    assert not report.flagged and report.checks_passed
+
+
+@pytest.mark.parametrize(("kind", "must_fail"), [
+    ("quantize", {"no_zero_gradients"}),  # shattered gradients
+    ("scale", {"no_zero_gradients"}),  # vanishing gradients
+    ("noise", {"deterministic"}),  # a randomised model
+    ("random_gradient", {"gradient_sanity"}),  # the backward pass lies; the forward is unchanged
+])
+def test_a_masked_model_is_caught_and_not_overrated(data, kind: str, must_fail: set[str]) -> None:
+    x, y = data
+    base = trained_digits_model()
+    model = MaskedModel(base, kind).eval()
+    report = _evaluate(model, x, y)
+    verdicts = _verdicts(report)
+    assert all(verdicts[name] is False for name in must_fail), (kind, verdicts)
+    assert report.flagged, (kind, verdicts)  # selection must never trust it
+    assert report.credible("acc_pgd10_final") <= report.robust_acc_worst
+    reference = _strong_reference(model, base, x, y)
+    assert report.robust_acc_worst <= reference + 3 / N, (kind, report.robust_acc_worst, reference)
+
+
+def test_an_ra_model_adaptive_attacks_reach_a_strong_reference(data) -> None:
+    """RA's argmax gate masks P': the adaptive attacks (APGD through the surrogates, scored on the
+    real P') must beat PGD on P' and bring the worst case down to a strong independent attack."""
+    x, y = data
+    model = trained_digits_model(ra=True)
+    report = _evaluate(model, x, y)
+    verdicts = _verdicts(report)
+    assert verdicts["final_output_not_masked"] is False
+    assert report.flags("acc_pgd10_final")  # P'-only numbers are flagged ...
+    assert report.robust_acc_worst < report.attack("pgd10_final").accuracy - 2 / N
+    reference = _strong_reference(model, trained_digits_model(), x, y)
+    assert report.robust_acc_worst <= reference + 3 / N, (report.robust_acc_worst, reference)
+    # Every adaptive surrogate was attacked with APGD-CE and APGD-T.
+    for target in ("aux", "sum", "labelgate", "stgate", "softgate"):
+        assert {a.kind for a in report.attacks if a.target == target} == {"pgd", "apgd-ce", "apgd-t"}

@@ -1,0 +1,70 @@
+"""What Ray Train workers report to Tune, defined in one place.
+
+A trial's rows in Tune are of three shapes: one per epoch (the trainer's metrics and ``epoch``),
+one final row (the evaluation's metrics, the credible objective values, ``final`` = 1), or one
+``diverged`` row. Every reader (the study summary, the searcher, the tests) uses these helpers.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ancra_tune.robustness import EvalReport
+
+EPOCH = "epoch"
+FINAL = "final"
+DIVERGED = "diverged"
+DIVERGED_EPOCH = "diverged_epoch"
+DIVERGED_STEP = "diverged_step"
+REPORTED_AT = "reported_at"
+CHECKPOINT_PATH = "checkpoint_path"  # added by Ray's TuneReportCallback when a checkpoint comes with a row
+OBJECTIVE_PREFIX = "objective."
+#: bookkeeping keys: never metrics of the trial
+BOOKKEEPING = (EPOCH, FINAL, DIVERGED, DIVERGED_EPOCH, DIVERGED_STEP, REPORTED_AT, CHECKPOINT_PATH)
+
+
+def objective_key(metric: str) -> str:
+    """The key the searcher reads for ``metric``: its credible value (see :func:`final_row`)."""
+    return OBJECTIVE_PREFIX + metric
+
+
+def epoch_row(metrics: Mapping[str, float], epoch: int) -> dict[str, Any]:
+    """One epoch (``epoch`` counted from 1, ASHA's time attribute)."""
+    return {**metrics, EPOCH: epoch, DIVERGED: 0}
+
+
+def final_row(report: EvalReport, extra: Mapping[str, float], objective: Sequence[str]) -> dict[str, Any]:
+    """The end-of-trial row: the report's metrics, ``extra`` (training time), and for each objective
+    metric the value the checks let a selection credit (never a masked one)."""
+    row: dict[str, Any] = {**report.metrics(), **extra}
+    for m in objective:
+        value = report.credible(m) if m in row and report.is_robust_metric(m) else row.get(m)
+        row[objective_key(m)] = value
+    return {**row, DIVERGED: 0, FINAL: 1, REPORTED_AT: time.time()}
+
+
+def diverged_row(epoch: int, step: int, metrics: Sequence[str], modes: Sequence[str]) -> dict[str, Any]:
+    """A trial whose loss became NaN/inf: the worst objective values, so the searcher avoids the region."""
+    worst = {objective_key(m): (0.0 if mode == "max" else float("inf")) for m, mode in zip(metrics, modes, strict=True)}
+    return {DIVERGED: 1, DIVERGED_EPOCH: epoch, DIVERGED_STEP: step, **worst}
+
+
+def is_final(row: Mapping[str, Any]) -> bool:
+    return row.get(FINAL) == 1
+
+
+def is_diverged(row: Mapping[str, Any]) -> bool:
+    return row.get(DIVERGED) == 1
+
+
+def is_epoch(row: Mapping[str, Any]) -> bool:
+    v = row.get("epoch_time_s")
+    return v is not None and not (isinstance(v, float) and math.isnan(v)) and not is_final(row)
+
+
+def metrics_of(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A row without its bookkeeping keys."""
+    return {k: v for k, v in row.items() if k not in BOOKKEEPING and not k.startswith(OBJECTIVE_PREFIX)}
