@@ -431,3 +431,45 @@ def test_crashed_worker_restarts_from_its_checkpoint(ray_local, tmp_path: Path) 
         weights = load_checkpoint(Path(d) / "checkpoint.pt")["model"]
     for k, v in reference.model.state_dict().items():
         torch.testing.assert_close(weights[k], v, rtol=0, atol=1e-6, msg=k)
+
+
+CONCURRENT = """
+name: {name}
+base: quickstart
+train: {{optim.epochs: 3, data.train_limit: 128, attack.steps: 2, eval.pgd_steps: 2, eval.max_examples: 32}}
+resources: {{workers: 1, cpus_per_worker: 0.5, trial_cpus: 0.5}}
+eval: {{preset: quick, n_examples: 32, autoattack: null, square_queries: 10, apgd_iters: 2, apgd_targets: 1,
+        adaptive_steps: 2, pgd_steps: 2, cw_steps: 2, mim_steps: 2, sweep_steps: 2, features: false}}
+search:
+  num_samples: 4
+  space: {{optim.lr: {{low: 0.0001, high: 0.3, log: true}}}}
+scheduler: {{type: asha, metric: val_clean_acc, grace_period: 1, reduction_factor: 2}}
+"""
+
+
+def test_two_sweeps_at_once_on_one_machine_both_finish(tmp_path: Path) -> None:
+    """Two local Ray instances side by side (two sweeps in two terminals): ASHA-stopped trials must
+    release their workers in each, so both studies finish (each Ray instance uses its own API server)."""
+    import ray
+
+    ray.shutdown()  # the two CLI processes start their own instances
+    try:
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+        procs = []
+        for name in ("left", "right"):
+            f = _study_file(tmp_path, CONCURRENT.format(name=name), f"{name}.yaml")
+            cmd = [sys.executable, "-m", "ancra_tune.cli", "sweep", str(f), "--storage", str(tmp_path / "studies"),
+                   "--num-cpus", "1", "--no-mlflow"]
+            procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True))
+        outs = [p.communicate(timeout=600)[0] for p in procs]
+        for name, p, out in zip(("left", "right"), procs, outs, strict=True):
+            assert p.returncode == 0, out[-3000:]
+            summary = json.loads((tmp_path / "studies" / name / "summary.json").read_text())
+            assert summary["n_trials"] == 4 and summary["status_counts"]["error"] == 0, summary["status_counts"]
+            assert summary["status_counts"]["stopped"] >= 1  # the case that used to hang
+            assert summary["status_counts"]["finished"] >= 1
+    finally:
+        from trainables.tuner import init_ray
+
+        init_ray(None, num_cpus=2)

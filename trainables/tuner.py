@@ -48,8 +48,27 @@ class InfeasibleResourcesError(RuntimeError):
 # --------------------------------------------------------------------------- Ray session
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+
+
 def init_ray(address: str | None, *, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
-    """Join ``address`` (e.g. "auto" or "ray://..."), or start a local Ray (never a stale one)."""
+    """Join ``address`` (e.g. "auto" or "ray://..."), or start a local Ray (never a stale one).
+
+    A local instance gets its own API server (the dashboard on a free loopback port), and every
+    process of the instance, driver and workers, is told its address (``RAY_API_SERVER_ADDRESS``).
+    Without that, Ray's State API finds "the" cluster by scanning the machine; beside another Ray
+    instance (a second sweep, a test) that fails with "Found multiple active Ray instances", Ray
+    Train's placement-group cleaner cannot see that a stopped trial's controller is gone, its
+    workers' reservation is never released and the next trial waits forever.
+    """
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -60,13 +79,20 @@ def init_ray(address: str | None, *, num_cpus: int | None = None, num_gpus: int 
         os.environ.setdefault(k, v)
     if ray.is_initialized():
         return
-    runtime_env = {"env_vars": worker_env()}
+    env = worker_env()
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
-    else:
-        # "local" always starts a fresh instance: a stale ray_current_cluster file cannot stall it.
-        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, runtime_env=runtime_env,
-                 include_dashboard=True, log_to_driver=False)
+        ctx = ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
+        if ctx.dashboard_url:  # the joined cluster's own API server, never one inherited from elsewhere
+            url = ctx.dashboard_url
+            os.environ[API_SERVER_ENV] = url if "://" in url else f"http://{url}"
+        else:
+            os.environ.pop(API_SERVER_ENV, None)
+        return
+    port = _free_port()
+    env[API_SERVER_ENV] = os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+    # "local" always starts a fresh instance: a stale ray_current_cluster file cannot stall it.
+    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, runtime_env={"env_vars": env},
+             include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=False)
 
 
 def check_resources(study: Study, nodes: Sequence[dict[str, float]]) -> int:
