@@ -107,7 +107,9 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _study(args: argparse.Namespace, kind: str) -> int:
     import json
+    import shlex
 
+    from trainables.guard import StorageError, StudyLockedError
     from trainables.study import load_study  # Ray loads only for these commands
     from trainables.tracking import TrackingError
     from trainables.tuner import InfeasibleResourcesError, run_study
@@ -117,18 +119,24 @@ def _study(args: argparse.Namespace, kind: str) -> int:
         print(f"error: {args.file} is a {study.kind} study; run it with `ancra-tune "
               f"{'sweep' if study.kind == 'sweep' else 'ablate'}`", file=sys.stderr)
         return 2
+    argv = [a for a in sys.argv[1:] if a != "--resume"] if sys.argv[1:2] == [args.command] else \
+        [args.command, args.file]
+    resume_command = shlex.join(["ancra-tune", *argv, "--resume"])
     try:
         summary = run_study(study, address=args.address, storage=args.storage, resume=args.resume,
                             smoke_test=args.smoke_test, num_cpus=args.num_cpus,
                             wait_for_resources=args.wait_for_resources, tracking_uri=args.tracking_uri,
-                            track=not args.no_mlflow)
-    except (InfeasibleResourcesError, TrackingError) as e:
+                            track=not args.no_mlflow, resume_command=resume_command)
+    except (InfeasibleResourcesError, TrackingError, StorageError, StudyLockedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\nstopped at once; the last saved state resumes with: {resume_command}", file=sys.stderr)
+        return 130
     print(format_summary(summary))
     if args.json:
         print(json.dumps(summary, indent=1, default=str))
-    return 0
+    return 130 if summary.get("interrupted") else 0
 
 
 def format_summary(summary: dict) -> str:
@@ -150,7 +158,9 @@ def format_summary(summary: dict) -> str:
                          f"{'; '.join(b['flags'].get(metric, []))}")
     lines.append(f"results: {summary['study_dir']}")
     if summary.get("interrupted"):
-        lines.append("interrupted: run the same command with --resume to finish the unfinished trials")
+        cmd = summary.get("resume_command") or "the same command with --resume"
+        lines.append(f"interrupted ({summary.get('interrupted_by') or 'stopped'}): finish the unfinished trials "
+                     f"with\n  {cmd}")
     if summary.get("mlflow"):
         m = summary["mlflow"]
         ui = "ancra-tune ui" if m["tracking_uri"].startswith("sqlite:") else m["tracking_uri"]

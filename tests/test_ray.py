@@ -315,8 +315,10 @@ def test_ablation_table_and_a_diverging_trial(ray_local, tmp_path: Path, monkeyp
 
 
 def test_interrupted_study_resumes_each_trial_once(ray_local, tmp_path: Path, mlflow_server: str) -> None:
-    """Interrupt a study (SIGINT) after its first trial ends; --resume finishes the rest only,
-    and MLflow ends with one parent run and one run per trial, each epoch logged once."""
+    """Interrupt a study with SIGTERM (what `ray job stop` and schedulers send; Ctrl+C takes the same
+    path) after its first trial ends: it is reported as interrupted (summary, parent run, the resume
+    command, no run left RUNNING); --resume finishes the rest only, and MLflow ends with one parent
+    run and one run per trial, each epoch and each summary metric logged once."""
     import ray
 
     ray.shutdown()  # the CLI process starts its own Ray
@@ -343,8 +345,23 @@ def test_interrupted_study_resumes_each_trial_once(ray_local, tmp_path: Path, ml
                 finished_names = done
             assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
         assert finished_names, "no trial finished while another ran, in time"
-        proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=120)
+        proc.send_signal(signal.SIGTERM)
+        stdout, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 130, stdout[-3000:]
+        assert "interrupted (SIGTERM)" in stdout, stdout[-2000:]
+        assert f"ancra-tune ablate {f} --storage {storage} --num-cpus 1 --tracking-uri {mlflow_server} --resume" \
+            in stdout, stdout[-2000:]
+        first = json.loads((study_dir / "summary.json").read_text())
+        assert first["interrupted"] and first["interrupted_by"] == "SIGTERM"
+        assert first["status_counts"]["interrupted"] == 1 and first["status_counts"]["stopped"] == 0
+        from trainables.tracking import client
+
+        mc = client(mlflow_server)
+        parent, children = _mlflow_runs(mlflow_server, "resume_me", study_dir)
+        assert parent.info.status == "KILLED" and parent.data.tags["ancra.status"] == "interrupted"
+        assert "trials_finished" not in parent.data.metrics  # logged once, when the study ends
+        assert all(r.info.status != "RUNNING" for r in children)
+        assert {r.data.tags["ancra.status"] for r in children} <= {"finished", "interrupted"}
         done_before = {name: (study_dir / name / "result.json").read_text() for name in finished_names}
         assert 1 <= len(done_before) < 2
         out = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -364,12 +381,12 @@ def test_interrupted_study_resumes_each_trial_once(ray_local, tmp_path: Path, ml
         for name, text in done_before.items():  # finished trials were not run again
             assert (study_dir / name / "result.json").read_text() == text
         summary = json.loads((study_dir / "summary.json").read_text())
-        assert summary["status_counts"]["finished"] == 2
-        from trainables.tracking import client
-
-        mc = client(mlflow_server)
+        assert summary["status_counts"]["finished"] == 2 and not summary["interrupted"]
         parent, children = _mlflow_runs(mlflow_server, "resume_me", study_dir)
         assert parent.info.status == "FINISHED" and len(children) == 2
+        assert parent.data.tags["ancra.status"] == "finished" and "ancra.resume" not in parent.data.tags
+        for key in ("trials_finished", "wall_time_s", "best_robust_acc_worst"):
+            assert len(mc.get_metric_history(parent.info.run_id, key)) == 1, key
         for run in children:
             steps = [m.step for m in mc.get_metric_history(run.info.run_id, "epoch_time_s")]
             assert sorted(steps) == [1, 2, 3, 4, 5], steps  # every epoch once, across the interruption

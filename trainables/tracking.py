@@ -228,35 +228,51 @@ def start_study_run(uri: str, study: Any, *, study_path: str, resume: bool,
 
 
 def end_study_run(tracking: StudyTracking, summary: Mapping[str, Any] | None, *, status: str,
-                  files: Iterable[Path] = ()) -> None:
+                  outcome: str | None = None, files: Iterable[Path] = ()) -> None:
     """Close the parent run: each child's outcome, the summary's counts and best values, and
-    ``files`` (summary.json, ablation tables) as artifacts."""
+    ``files`` (summary.json, ablation tables) as artifacts. An interrupted study (``outcome`` =
+    "interrupted") logs no summary metrics, so that after ``--resume`` each has one value, and
+    leaves no child run RUNNING."""
     mc = client(tracking.uri)
     rid = tracking.parent_run_id
+    interrupted = outcome == "interrupted"
     if summary is not None:
         for row in summary["trials"]:
             child = find_trial_run(mc, tracking, str(row["trial_id"]))
             if child is None:
                 continue
-            outcome = row["status"]
-            mc.set_tag(child.info.run_id, STATUS, outcome)
+            result = row["status"]
+            mc.set_tag(child.info.run_id, STATUS, result)
             if row.get("diverged_epoch") is not None:
                 mc.set_tag(child.info.run_id, "ancra.diverged_epoch", str(row["diverged_epoch"]))
-            mlflow_status = {"finished": "FINISHED", "stopped": "KILLED"}.get(outcome, "FAILED")
+            if row.get("flags"):
+                mc.set_tag(child.info.run_id, "ancra.selection", "ranked last: " + "; ".join(
+                    f"{m}: {', '.join(r)}" for m, r in row["flags"].items())[:4000])
+            mlflow_status = {"finished": "FINISHED", "stopped": "KILLED", "interrupted": "KILLED"}.get(result, "FAILED")
             mc.set_terminated(child.info.run_id, status=mlflow_status)
-        counts = summary["status_counts"]
-        metrics = {f"trials_{k}": v for k, v in counts.items()}
-        metrics["wall_time_s"] = summary["wall_time_s"]
-        if summary["best"]:
-            best = summary["best"][0]
-            for m in summary["objective"]:
-                if best.get(m) is not None:
-                    metrics[f"best_{m}"] = best[m]
-            mc.set_tag(rid, "ancra.best_trial_id", str(best["trial_id"]))
-        log_metrics(mc, rid, metrics, step=0)
+        if not interrupted:
+            counts = summary["status_counts"]
+            metrics = {f"trials_{k}": v for k, v in counts.items()}
+            metrics["wall_time_s"] = summary["wall_time_s"]
+            if summary["best"]:
+                best = summary["best"][0]
+                for m in summary["objective"]:
+                    if best.get(m) is not None:
+                        metrics[f"best_{m}"] = best[m]
+                mc.set_tag(rid, "ancra.best_trial_id", str(best["trial_id"]))
+            log_metrics(mc, rid, metrics, step=0)
+    # Whatever is still RUNNING under this study (a trial that never reported) ends with the study.
+    for child in mc.search_runs([tracking.experiment_id], filter_string=f"tags.`{PARENT}` = '{rid}' and "
+                                "attributes.status = 'RUNNING'", max_results=5000):
+        mc.set_tag(child.info.run_id, STATUS, outcome or "stopped")
+        mc.set_terminated(child.info.run_id, status="KILLED" if status != "FAILED" else "FAILED")
     for f in files:
         mc.log_artifact(rid, str(f))
-    mc.set_tag(rid, STATUS, status.lower())
+    mc.set_tag(rid, STATUS, outcome or status.lower())
+    if interrupted:
+        mc.set_tag(rid, "ancra.resume", "interrupted: run the same command with --resume to finish it")
+    elif "ancra.resume" in mc.get_run(rid).data.tags:
+        mc.delete_tag(rid, "ancra.resume")
     mc.set_terminated(rid, status=status)
 
 

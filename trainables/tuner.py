@@ -24,6 +24,9 @@ from ray.tune.search.optuna import OptunaSearch
 from ancra_tune.robustness import EvalReport
 
 from . import results as R
+from .guard import Interruption, check_storage, study_lock
+from .scheduler import STATE_NAME as SCHEDULER_STATE
+from .scheduler import PersistentASHA, read_state
 from .study import Study
 from .tracking import (
     StudyTracking,
@@ -228,16 +231,21 @@ def _define_by_run(study: Study, trial: Any) -> None:  # noqa: D401
     study.sample(trial)  # suggestions are recorded on the Optuna trial; Tune turns them into config
 
 
-def _scheduler(study: Study) -> Any:
+def _scheduler(study: Study, *, storage: str | None = None, resume: bool = False) -> Any:
     if study.scheduler.type != "asha":
         return None
-    from ray.tune.schedulers import ASHAScheduler
-
     epochs = study.train_config({}, study.seeds[0]).optim.epochs
-    # stop_last_trials=False: a trial that reaches the last epoch must still run its final evaluation.
     sch = study.scheduler
-    return ASHAScheduler(metric=sch.metric, mode=sch.mode, time_attr=R.EPOCH, max_t=epochs,
-                         grace_period=sch.grace_period, reduction_factor=sch.reduction_factor, stop_last_trials=False)
+    # stop_last_trials=False: a trial that reaches the last epoch must still run its final evaluation.
+    kw = dict(metric=sch.metric, mode=sch.mode, time_attr=R.EPOCH, max_t=epochs, grace_period=sch.grace_period,
+              reduction_factor=sch.reduction_factor, stop_last_trials=False)
+    if storage is None:
+        from ray.tune.schedulers import ASHAScheduler
+
+        return ASHAScheduler(**kw)
+    # Its rung records and stopped trials are saved beside the study: --resume stops what an
+    # uninterrupted study would.
+    return PersistentASHA(state_path=_join(storage, study.name, SCHEDULER_STATE), resume=resume, **kw)
 
 
 def build_tuner(study: Study, *, storage: str, smoke_test: bool = False, resume: bool = False,
@@ -254,7 +262,7 @@ def build_tuner(study: Study, *, storage: str, smoke_test: bool = False, resume:
         if not tune.Tuner.can_restore(path):
             raise FileNotFoundError(f"no study to resume at {path}; run it first without --resume")
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
-                                  restart_errored=False)
+                                  restart_errored=False)  # the scheduler's state: PersistentASHA
     run_config = tune.RunConfig(name=name, storage_path=storage, verbose=1,
                                 failure_config=tune.FailureConfig(max_failures=study.max_failures))
     if study.kind == "ablation":
@@ -263,7 +271,7 @@ def build_tuner(study: Study, *, storage: str, smoke_test: bool = False, resume:
         tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=max_concurrent)
     else:
         param_space = {SEED_KEY: study.seeds[0]}
-        tune_config = tune.TuneConfig(search_alg=_searcher(study), scheduler=_scheduler(study),
+        tune_config = tune.TuneConfig(search_alg=_searcher(study), scheduler=_scheduler(study, storage=storage),
                                       num_samples=study.num_samples, max_concurrent_trials=max_concurrent)
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
 
@@ -280,22 +288,44 @@ def _smoke(study: Study) -> Study:
 
 def run_study(study: Study, *, address: str | None = None, storage: str | None = None, resume: bool = False,
               smoke_test: bool = False, num_cpus: int | None = None, wait_for_resources: bool = False,
-              tracking_uri: str | None = None, track: bool = True) -> dict[str, Any]:
-    """Run a sweep or an ablation to the end; return its summary (also written as JSON).
+              tracking_uri: str | None = None, track: bool = True,
+              resume_command: str | None = None) -> dict[str, Any]:
+    """Run a sweep or an ablation to the end, or until Ctrl+C / SIGTERM; return its summary (also
+    written as JSON). An interrupted study says so (summary, MLflow) and is continued by ``--resume``.
 
     ``tracking_uri``: the MLflow store (default: ``MLFLOW_TRACKING_URI``, else ``mlflow.db`` in
     the working directory); ``track=False`` logs nothing to MLflow.
     """
+    from ray import tune
+
     # On a cluster, cluster.yaml exports ANCRA_STORAGE (shared storage every node reaches).
     storage = storage or os.environ.get("ANCRA_STORAGE") or str(Path("runs/studies").resolve())
+    space = check_storage(storage)  # before Ray starts: a bad folder fails in a second
     if "://" not in storage:
-        Path(storage).mkdir(parents=True, exist_ok=True)
-        storage = str(Path(storage).resolve())
+        storage = space["storage"]
+    if space.get("warning"):
+        log.warning(space["warning"])
+    study_path = _join(storage, study.name)
+    if resume and not tune.Tuner.can_restore(study_path):
+        raise FileNotFoundError(f"no study to resume at {study_path}; run it first without --resume")
     uri = None
     if track:  # before Ray starts: an unreachable tracking server fails in seconds
         uri = resolve_tracking_uri(tracking_uri)
         check_tracking(uri)
-    init_ray(address, num_cpus=num_cpus)
+    interruption = Interruption()
+    with study_lock(study_path):
+        init_ray(address, num_cpus=num_cpus)
+        # After Ray's start: its core worker installs a SIGTERM handler of its own that kills the driver.
+        with interruption.installed():
+            return _run_locked(study, interruption, address=address, storage=storage, resume=resume,
+                               smoke_test=smoke_test, wait_for_resources=wait_for_resources, uri=uri,
+                               study_path=study_path, resume_command=resume_command)
+
+
+def _run_locked(study: Study, interruption: Interruption, *, address: str | None, storage: str, resume: bool,
+                smoke_test: bool, wait_for_resources: bool, uri: str | None, study_path: str,
+                resume_command: str | None) -> dict[str, Any]:
+    """The study once its lock is held and Ray runs: resources, MLflow, Tune, the summary."""
     try:
         fits = check_resources(study, alive_nodes())
     except InfeasibleResourcesError as e:
@@ -310,7 +340,7 @@ def run_study(study: Study, *, address: str | None = None, storage: str | None =
     tracked = _smoke(study) if smoke_test else study
     tracking = None
     if uri is not None:
-        tracking = start_study_run(uri, tracked, study_path=_join(storage, study.name), resume=resume,
+        tracking = start_study_run(uri, tracked, study_path=study_path, resume=resume,
                                    params=_study_params(tracked, storage, smoke_test),
                                    train_config=tracked.train_config({}, tracked.seeds[0]).to_dict())
         log.info("MLflow: study run %s in %s", tracking.parent_run_id, uri)
@@ -319,14 +349,21 @@ def run_study(study: Study, *, address: str | None = None, storage: str | None =
         tuner = build_tuner(study, storage=storage, smoke_test=smoke_test, resume=resume,
                             max_concurrent=max_concurrent, tracking=tracking)
         results = tuner.fit()
+    except KeyboardInterrupt:  # a second signal: stopped at once; the last saved state resumes
+        if tracking is not None:
+            end_study_run(tracking, None, status="KILLED", outcome="interrupted")
+        raise
     except BaseException:
         if tracking is not None:
             end_study_run(tracking, None, status="FAILED")
         raise
     wall = time.perf_counter() - t0
-    summary = summarize(study, results, wall_s=wall, storage=storage)
-    # Tune returns early on Ctrl+C, with unfinished trials left for --resume.
-    summary["interrupted"] = results.num_terminated + results.num_errors < len(results)
+    stopped = set((read_state(_join(study_path, SCHEDULER_STATE)) or {}).get("stopped", []))
+    summary = summarize(study, results, wall_s=wall, storage=storage, stopped_by_scheduler=stopped)
+    summary["interrupted"] = interruption.signal is not None or summary["status_counts"]["interrupted"] > 0
+    if summary["interrupted"]:
+        summary["interrupted_by"] = interruption.signal
+        summary["resume_command"] = resume_command
     if tracking is not None:
         summary["mlflow"] = {"tracking_uri": tracking.uri, "experiment_id": tracking.experiment_id,
                              "study_run_id": tracking.parent_run_id}
@@ -337,7 +374,10 @@ def run_study(study: Study, *, address: str | None = None, storage: str | None =
     if study.kind == "ablation":
         files += list(write_ablation_tables(summary["trials"], study, out))
     if tracking is not None:
-        end_study_run(tracking, summary, status="KILLED" if summary["interrupted"] else "FINISHED", files=files)
+        if summary["interrupted"]:
+            end_study_run(tracking, summary, status="KILLED", outcome="interrupted", files=files)
+        else:
+            end_study_run(tracking, summary, status="FINISHED", files=files)
     return summary
 
 
@@ -380,7 +420,9 @@ def read_report(checkpoint: str | None) -> EvalReport | None:
         return None
 
 
-def _trial_rows(results: Any, study: Study) -> list[dict[str, Any]]:
+def _trial_rows(results: Any, study: Study, stopped_by_scheduler: set[str]) -> list[dict[str, Any]]:
+    """One row per trial. A trial without a final evaluation was stopped by ASHA when the scheduler
+    says so, else interrupted (the study was stopped while it ran: ``--resume`` finishes it)."""
     rows = []
     for res in results:
         metrics = dict(res.metrics or {})
@@ -388,9 +430,11 @@ def _trial_rows(results: Any, study: Study) -> list[dict[str, Any]]:
         records = res.metrics_dataframe.to_dict("records") if res.metrics_dataframe is not None else []
         epochs = [m for m in records if R.is_epoch(m)]
         last_final = next((m for m in reversed(records) if R.is_final(m)), None)
+        trial_id = str(metrics.get("trial_id") or Path(res.path).name)
         status = "error" if res.error else ("diverged" if R.is_diverged(metrics) else
-                                             "finished" if last_final is not None else "stopped")
-        row = {"trial_id": metrics.get("trial_id") or Path(res.path).name, "status": status,
+                                             "finished" if last_final is not None else
+                                             "stopped" if trial_id in stopped_by_scheduler else "interrupted")
+        row = {"trial_id": trial_id, "status": status,
                "params": cfg,
                "checkpoint": metrics.get(R.CHECKPOINT_PATH) or _last(records, R.CHECKPOINT_PATH),
                "epochs_run": len(epochs),
@@ -439,8 +483,9 @@ def rank_key(row: dict[str, Any], metric: str, mode: str) -> tuple[int, float, f
     return (0 if row.get("flags", {}).get(metric) else 1, v, row.get("clean_acc") or 0.0)
 
 
-def summarize(study: Study, results: Any, *, wall_s: float, storage: str) -> dict[str, Any]:
-    rows = _trial_rows(results, study)
+def summarize(study: Study, results: Any, *, wall_s: float, storage: str,
+              stopped_by_scheduler: set[str] = frozenset()) -> dict[str, Any]:  # type: ignore[assignment]
+    rows = _trial_rows(results, study, set(stopped_by_scheduler))
     metric, mode = study.metrics[0], study.modes[0]
     scored = [r for r in rows if r["status"] == "finished" and r.get(metric) is not None]
     best: list[dict[str, Any]] = []
@@ -456,7 +501,8 @@ def summarize(study: Study, results: Any, *, wall_s: float, storage: str) -> dic
             "wall_time_s": wall_s, "trial_train_time_s": train_total,
             "overhead_share": (1 - train_total / wall_s) if wall_s > 0 else None,
             "n_trials": len(rows), "status_counts": {s: sum(r["status"] == s for r in rows)
-                                                      for s in ("finished", "stopped", "diverged", "error")},
+                                                      for s in ("finished", "stopped", "interrupted", "diverged",
+                                                                "error")},
             "flagged_trials": {str(r["trial_id"]): r["flags"] for r in rows if r.get("flags")},
             "best": best, "trials": rows}
 

@@ -1,0 +1,140 @@
+"""Faults before and around a study, without Ray: storage checks, the study lock, ASHA's memory
+across --resume, and the command line's answers to them (exit code 2, nothing left behind)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trainables.guard import Interruption, StorageError, StudyLockedError, check_storage, study_lock
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "search_spaces" / "quickstart.yaml"
+
+
+def _cli(*args: str, cwd: Path, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "ancra_tune.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+def test_storage_under_a_file_fails_before_ray_and_leaves_nothing(tmp_path: Path) -> None:
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    with pytest.raises(StorageError, match="afile is a file"):
+        check_storage(str(blocker / "studies"))
+    info = check_storage(str(tmp_path / "ok"))
+    assert info["free_bytes"] > 0 and (tmp_path / "ok").is_dir()
+    db = tmp_path / "mlflow.db"
+    out = _cli("sweep", str(QUICKSTART), "--storage", str(blocker / "studies"), "--tracking-uri", f"sqlite:///{db}",
+               cwd=tmp_path)
+    assert out.returncode == 2 and "is a file" in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and "Started a local Ray" not in out.stdout + out.stderr
+    assert not db.exists()  # nothing in MLflow: the check runs before the tracking store is touched
+
+
+def test_resume_of_a_study_that_never_ran_leaves_nothing(tmp_path: Path) -> None:
+    db = tmp_path / "mlflow.db"
+    out = _cli("sweep", str(QUICKSTART), "--resume", "--storage", str(tmp_path / "studies"),
+               "--tracking-uri", f"sqlite:///{db}", cwd=tmp_path)
+    assert out.returncode == 2 and "no study to resume" in out.stderr, out.stderr[-2000:]
+    assert not db.exists()
+
+
+def test_one_study_runs_once_at_a_time(tmp_path: Path) -> None:
+    folder = tmp_path / "studies" / "s"
+    with study_lock(str(folder)) as lock:
+        assert lock is not None and json.loads(lock.read_text())["pid"] == os.getpid()
+        with pytest.raises(StudyLockedError, match=f"process {os.getpid()}"):
+            with study_lock(str(folder)):
+                pass
+    assert not (folder / ".ancra-study.lock").exists()  # released
+    # A lock left by a killed driver (its process is gone) does not block --resume.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (folder / ".ancra-study.lock").write_text(json.dumps({"pid": dead.pid, "host": os.uname().nodename}))
+    with study_lock(str(folder)) as lock:
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    # Another host's lock cannot be checked: refused, with the file to delete if that driver is gone.
+    (folder / ".ancra-study.lock").write_text(json.dumps({"pid": 1, "host": "elsewhere", "since": "then"}))
+    with pytest.raises(StudyLockedError, match="delete"):
+        with study_lock(str(folder)):
+            pass
+
+
+def test_a_second_driver_of_the_same_study_is_refused_by_the_cli(tmp_path: Path) -> None:
+    folder = tmp_path / "studies" / "quickstart"
+    with study_lock(str(folder)):
+        out = _cli("sweep", str(QUICKSTART), "--storage", str(tmp_path / "studies"), "--no-mlflow", cwd=tmp_path)
+    assert out.returncode == 2 and "is in use by process" in out.stderr and str(os.getpid()) in out.stderr
+
+
+def test_first_signal_asks_tune_to_stop_the_second_stops_at_once() -> None:
+    interruption = Interruption()
+    seen: list[int] = []
+    previous = signal.signal(signal.SIGUSR1, lambda s, f: seen.append(s))  # stands for Tune's handler
+    try:
+        with interruption.installed():
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert interruption.signal == "SIGTERM" and seen == [signal.SIGUSR1]
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGTERM) is not interruption._handler  # restored
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+class _Trial:
+    def __init__(self, trial_id: str) -> None:
+        self.trial_id = trial_id
+
+
+def test_asha_makes_the_same_decisions_after_resume(tmp_path: Path) -> None:
+    """Tune restores the scheduler by unpickling it as it was created; ours reads back its rung
+    records and the trials it stopped, so the resumed study stops exactly what an uninterrupted one
+    does (a plain ASHA would compare the remaining trials with empty rungs and stop none)."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    from trainables.scheduler import PersistentASHA
+
+    kw = dict(metric="val_robust_acc", mode="max", time_attr="epoch", max_t=4, grace_period=1, reduction_factor=2,
+              stop_last_trials=False)
+    # Trials run one after another; each reports up to 4 epochs until stopped.
+    curves = {"t0": [0.5, 0.6, 0.7, 0.8], "t1": [0.6, 0.7, 0.8, 0.9], "t2": [0.2, 0.3, 0.4, 0.5],
+              "t3": [0.1, 0.2, 0.3, 0.4], "t4": [0.55, 0.65, 0.75, 0.85]}
+
+    def run(scheduler, trials):
+        decisions = {}
+        for tid in trials:
+            t = _Trial(tid)
+            scheduler.on_trial_add(None, t)
+            for epoch, value in enumerate(curves[tid], start=1):
+                action = scheduler.on_trial_result(None, t, {"epoch": epoch, "val_robust_acc": value})
+                if action == "STOP":
+                    break
+            decisions[tid] = epoch
+        return decisions
+
+    reference = PersistentASHA(state_path=str(tmp_path / "a.json"), **kw)
+    straight = run(reference, list(curves))
+    assert any(e < 4 for e in straight.values())  # ASHA did stop something
+
+    first = PersistentASHA(state_path=str(tmp_path / "b.json"), **kw)
+    blob = pickle.dumps(first)  # what tuner.pkl holds: the scheduler as created
+    part = run(first, ["t0", "t1", "t2"])
+    resumed = pickle.loads(blob)  # --resume
+    rest = run(resumed, ["t3", "t4"])
+    assert {**part, **rest} == straight
+    assert sorted(resumed.stopped) == sorted(reference.stopped) and "t2" in resumed.stopped
+    # A plain ASHA restored the same way forgets: it would let the weak t3 run to the end.
+    plain = ASHAScheduler(**kw)
+    run(plain, ["t0", "t1", "t2"])
+    fresh = run(ASHAScheduler(**kw), ["t3", "t4"])
+    assert fresh != {k: straight[k] for k in ("t3", "t4")}

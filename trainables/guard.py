@@ -1,0 +1,139 @@
+"""What stands between a study and the faults of a real machine: its storage checked before Ray
+starts, one driver per study (a lock on its folder), and interruptions (Ctrl+C, SIGTERM from
+``ray job stop`` or a scheduler) turned into Tune's graceful stop and reported as such."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+LOCK_NAME = ".ancra-study.lock"
+LOW_SPACE_BYTES = 1 << 30  # warn below 1 GiB free
+
+
+class StorageError(RuntimeError):
+    """The study's storage cannot be used; the message says why and what to do."""
+
+
+class StudyLockedError(RuntimeError):
+    """Another process runs this study in this storage folder."""
+
+
+def check_storage(storage: str) -> dict[str, Any]:
+    """Fail before Ray starts when a local storage path cannot hold a study (it is a file or under
+    one, or not writable); return its free space (a warning under 1 GiB). URIs are checked by Ray."""
+    if "://" in storage:
+        return {"storage": storage, "free_bytes": None}
+    p = Path(storage)
+    for parent in [p, *p.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise StorageError(f"storage {storage} cannot be a folder: {parent} is a file. Pass --storage with a "
+                               "folder path (or set ANCRA_STORAGE)")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / f".ancra-write-probe-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise StorageError(f"storage {storage} is not writable ({e.strerror or e}). Pass --storage with a folder "
+                           "you can write, or fix its permissions") from None
+    free = shutil.disk_usage(p).free
+    out: dict[str, Any] = {"storage": str(p.resolve()), "free_bytes": free}
+    if free < LOW_SPACE_BYTES:
+        out["warning"] = (f"only {free / 2**20:.0f} MiB free under {storage}: checkpoints of every trial go there; "
+                          "a full disk stops the study (resume it with --resume once space is back)")
+    return out
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def study_lock(study_dir: str) -> Iterator[Path | None]:
+    """Hold ``<study_dir>/.ancra-study.lock`` while the study runs: a second driver of the same study
+    in the same folder is refused, naming the process that holds it. A lock left by a process that
+    is gone (killed driver) is taken over. Remote storage (URIs) cannot be locked atomically: None."""
+    if "://" in study_dir:
+        yield None
+        return
+    folder = Path(study_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+          "command": " ".join(sys.argv)}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text())
+            except (OSError, ValueError):
+                holder = {}
+            same_host = holder.get("host") == me["host"]
+            if same_host and isinstance(holder.get("pid"), int) and not _pid_alive(holder["pid"]):
+                path.unlink(missing_ok=True)  # stale: the driver that held it is gone
+                continue
+            where = (f"process {holder.get('pid')} on {holder.get('host')} since {holder.get('since')} "
+                     f"({holder.get('command', '?')})") if holder else "another process"
+            hint = "" if same_host else f"; if that process is gone, delete {path}"
+            raise StudyLockedError(f"study folder {folder} is in use by {where}: one study runs once at a time. "
+                                   f"Wait for it, stop it, or use another --storage{hint}") from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            if json.loads(path.read_text()).get("pid") == os.getpid():
+                path.unlink()
+
+
+class Interruption:
+    """Ctrl+C and SIGTERM during a study: the first asks Tune to stop gracefully (it saves the
+    experiment state, so ``--resume`` continues) and is remembered; a second stops at once."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.signal is not None:
+            raise KeyboardInterrupt(f"second {name}")
+        self.signal = name
+        print(f"\n{name}: stopping the study after saving its state (send it again to stop at once)",
+              file=sys.stderr, flush=True)
+        if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, signal.SIG_IGN, None):
+            raise KeyboardInterrupt(name)  # Tune is not running yet: nothing to save
+        os.kill(os.getpid(), signal.SIGUSR1)  # Tune's own graceful stop
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[Interruption]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        # Tune would take over SIGINT for itself and then swallow it; it also listens on SIGUSR1.
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+        previous = {s: signal.signal(s, self._handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)

@@ -1,0 +1,101 @@
+"""ASHA that remembers: its rung records and the trials it stopped survive ``--resume``.
+
+Ray Tune restores trials and the searcher of an interrupted study, not the scheduler: a fresh
+ASHA would compare the resumed trials against empty rungs and stop other trials than an
+uninterrupted study does. This one writes its state (rung records and stopped trials, as JSON, so
+nothing is unpickled from storage) next to the study after every decision and reads it back.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+STATE_NAME = "scheduler_state.json"
+
+
+def _write(path: str, text: str) -> None:
+    if "://" in path:
+        import pyarrow.fs
+
+        fs, p = pyarrow.fs.FileSystem.from_uri(path)
+        with fs.open_output_stream(p) as f:
+            f.write(text.encode())
+        return
+    from pathlib import Path
+
+    tmp = Path(path + ".tmp")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def read_state(path: str) -> dict[str, Any] | None:
+    try:
+        if "://" in path:
+            import pyarrow.fs
+
+            fs, p = pyarrow.fs.FileSystem.from_uri(path)
+            with fs.open_input_stream(p) as f:
+                return json.loads(f.read().decode())
+        from pathlib import Path
+
+        return json.loads(Path(path).read_text()) if Path(path).is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+class PersistentASHA(ASHAScheduler):
+    """:class:`ASHAScheduler` whose decisions survive an interruption (see the module doc)."""
+
+    def __init__(self, *, state_path: str, resume: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.state_path = state_path
+        self.stopped: list[str] = []
+        if resume:
+            self._load()
+        else:
+            self._save()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Tune's --resume unpickles the scheduler as it was created (empty rungs): read back what it
+        # decided since then.
+        self.__dict__.update(state)
+        self._load()
+
+    def _load(self) -> None:
+        state = read_state(self.state_path)
+        if state is None:
+            return
+        for bracket, rungs in zip(self._brackets, state["brackets"], strict=True):
+            for (milestone, recorded), saved in zip(bracket._rungs, rungs, strict=True):
+                if float(saved["milestone"]) != float(milestone):
+                    raise ValueError(f"{self.state_path} was written by another ASHA configuration")
+                recorded.clear()
+                recorded.update(saved["recorded"])
+        self.stopped = list(state["stopped"])
+        self._num_stopped = len(self.stopped)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        # A trial restored by --resume may reach here without having been added again.
+        self._trial_info.setdefault(trial.trial_id, self._brackets[0])
+        action = super().on_trial_result(tune_controller, trial, result)
+        if action == TrialScheduler.STOP and trial.trial_id not in self.stopped:
+            self.stopped.append(trial.trial_id)
+        if self._time_attr in result and self._metric in result:
+            self._save()
+        return action
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
+        self._trial_info.setdefault(trial.trial_id, self._brackets[0])
+        super().on_trial_complete(tune_controller, trial, result)
+        self._save()
+
+    def state(self) -> dict[str, Any]:
+        return {"brackets": [[{"milestone": m, "recorded": dict(rec)} for m, rec in b._rungs] for b in self._brackets],
+                "stopped": self.stopped}
+
+    def _save(self) -> None:
+        _write(self.state_path, json.dumps(self.state()))
