@@ -204,6 +204,13 @@ def _ui(args: argparse.Namespace) -> int:
     if not db.is_file():
         print(f"error: no MLflow store at {db}; run a study here first (or pass --tracking-uri)", file=sys.stderr)
         return 2
+    import signal
+
+    def stop(signum: int, frame: object) -> None:  # kill PID / a closed terminal stop the server too
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
     try:
         with serve_ui(uri, port=args.port) as (url, proc):
             print(f"MLflow UI for {db}: {url}  (Ctrl+C stops it)", flush=True)

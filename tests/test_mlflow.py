@@ -240,21 +240,22 @@ def test_ui_serves_the_local_store_on_loopback_only(tmp_path: Path) -> None:
     uri = tr.default_tracking_uri(tmp_path)
     tr.check_tracking(uri)
     tr.ensure_experiment(tr.client(uri), "seen_in_ui", uri)
-    port = _closed_port()
-    proc = subprocess.Popen([sys.executable, "-m", "ancra_tune.cli", "ui", "--port", str(port)], cwd=tmp_path,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        tr.wait_for_server(f"http://127.0.0.1:{port}", timeout=120, proc=proc)
-        api = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=seen_in_ui"
-        with urllib.request.urlopen(api, timeout=10) as r:
-            assert b"seen_in_ui" in r.read()
-        host_ip = socket.gethostbyname(socket.gethostname())
-        if not host_ip.startswith("127."):  # bound to loopback: another interface is refused
-            with socket.socket() as s:
-                s.settimeout(3)
-                assert s.connect_ex((host_ip, port)) != 0
-    finally:
-        proc.send_signal(signal.SIGINT)  # Ctrl+C stops the UI and its server
-        proc.wait(timeout=30)
-    with socket.socket() as s:
-        assert s.connect_ex(("127.0.0.1", port)) != 0
+    for stop in (signal.SIGINT, signal.SIGTERM):  # Ctrl+C, and `kill PID`: both stop the server too
+        port = _closed_port()
+        proc = subprocess.Popen([sys.executable, "-m", "ancra_tune.cli", "ui", "--port", str(port)], cwd=tmp_path,
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            tr.wait_for_server(f"http://127.0.0.1:{port}", timeout=120, proc=proc)
+            api = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=seen_in_ui"
+            with urllib.request.urlopen(api, timeout=10) as r:
+                assert b"seen_in_ui" in r.read()
+            host_ip = socket.gethostbyname(socket.gethostname())
+            if not host_ip.startswith("127."):  # bound to loopback: another interface is refused
+                with socket.socket() as s:
+                    s.settimeout(3)
+                    assert s.connect_ex((host_ip, port)) != 0
+        finally:
+            proc.send_signal(stop)
+            proc.wait(timeout=30)
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0, f"{stop.name} left the MLflow server running"

@@ -490,3 +490,68 @@ def test_two_sweeps_at_once_on_one_machine_both_finish(tmp_path: Path) -> None:
         from trainables.tuner import init_ray
 
         init_ray(None, num_cpus=2)
+
+
+def test_tracking_outage_costs_no_training(ray_local, tmp_path: Path) -> None:
+    """The MLflow server dies after the first epoch is logged and stays down to the end: every trial
+    still trains and is evaluated, the console says so, no tracking call stalls the study; once the
+    server is back, --resume delivers what was held back: every epoch and evaluation exactly once."""
+    import socket
+
+    import ray
+
+    from trainables.tracking import client, serve_ui
+
+    ray.shutdown()  # the CLI process starts its own Ray
+    root = tmp_path / "server"
+    root.mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    backend = f"sqlite:///{root / 'mlflow.db'}"
+    uri = f"http://127.0.0.1:{port}"
+    text = ABLATION.replace("lr_ablation", "outage").replace("optim.epochs: 2", "optim.epochs: 4")
+    text = text.replace("[0.05, 1.0e+12]", "[0.05, 0.02]").replace("seeds: [0, 1]", "seeds: [0]")
+    f = _study_file(tmp_path, text)
+    storage = tmp_path / "studies"
+    cmd = [sys.executable, "-m", "ancra_tune.cli", "ablate", str(f), "--storage", str(storage), "--num-cpus", "1",
+           "--tracking-uri", uri]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    try:
+        with serve_ui(backend, port=port, timeout=120, log_file=root / "server1.log"):
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True)
+            deadline = time.time() + 300
+            while time.time() < deadline:  # wait for the first epoch in MLflow
+                exp = client(uri).get_experiment_by_name("outage")
+                runs = client(uri).search_runs([exp.experiment_id]) if exp else []
+                if any(client(uri).get_metric_history(r.info.run_id, "epoch_time_s") for r in runs):
+                    break
+                time.sleep(0.5)
+            else:
+                pytest.fail("no epoch reached MLflow in time")
+        t_down = time.time()  # the server is down from here to the end of the study
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out[-3000:]
+        assert time.time() - t_down < 300, "tracking calls stalled the study"
+        assert "MLflow (" in out and "is unreachable" in out, out[-3000:]
+        summary = json.loads((storage / "outage" / "summary.json").read_text())
+        assert summary["status_counts"]["finished"] == 2 and summary["mlflow"].get("undelivered")
+        with serve_ui(backend, port=port, timeout=120, log_file=root / "server2.log"):
+            again = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+            assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+            assert "delivered the records of" in again.stderr, again.stderr[-2000:]
+            mc = client(uri)
+            parent, children = _mlflow_runs(uri, "outage", storage / "outage")
+            assert parent.info.status == "FINISHED" and len(children) == 2
+            for run in children:
+                steps = sorted(m.step for m in mc.get_metric_history(run.info.run_id, "epoch_time_s"))
+                assert steps == [1, 2, 3, 4], steps  # every epoch, once
+                assert len(mc.get_metric_history(run.info.run_id, "robust_acc_worst")) == 1
+                assert run.data.tags["ancra.final_logged"] == "true" and run.info.status == "FINISHED"
+                assert len(mc.search_logged_models([run.info.experiment_id],
+                                                   filter_string=f"source_run_id = '{run.info.run_id}'")) == 1
+    finally:
+        from trainables.tuner import init_ray
+
+        init_ray(None, num_cpus=2)

@@ -21,9 +21,15 @@ DIVERGED_EPOCH = "diverged_epoch"
 DIVERGED_STEP = "diverged_step"
 REPORTED_AT = "reported_at"
 CHECKPOINT_PATH = "checkpoint_path"  # added by Ray's TuneReportCallback when a checkpoint comes with a row
+MLFLOW_PENDING = "mlflow_pending"  # epochs (and an evaluation) rank 0 could not log yet: the driver warns
+MLFLOW_ERROR = "mlflow_error"
 OBJECTIVE_PREFIX = "objective."
+#: files of a finished Train run's last checkpoint, beside checkpoint.pt: their presence marks it complete
+FINAL_NAME = "final.json"
+REPORT_NAME = "report.json"
 #: bookkeeping keys: never metrics of the trial
-BOOKKEEPING = (EPOCH, FINAL, DIVERGED, DIVERGED_EPOCH, DIVERGED_STEP, REPORTED_AT, CHECKPOINT_PATH)
+BOOKKEEPING = (EPOCH, FINAL, DIVERGED, DIVERGED_EPOCH, DIVERGED_STEP, REPORTED_AT, CHECKPOINT_PATH, MLFLOW_PENDING,
+               MLFLOW_ERROR)
 
 
 def objective_key(metric: str) -> str:

@@ -20,6 +20,7 @@ With no settings, tracking goes to ``sqlite:///<cwd>/mlflow.db`` with artifacts 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import subprocess
@@ -318,9 +319,9 @@ def tag_node(uri: str, run_id: str, key: str) -> None:
 class EpochLogger:
     """Rank 0's per-epoch metrics: every history entry the run lacks, with the epoch as step.
 
-    Backfills epochs a crash left unlogged and never logs an epoch twice (a restarted worker
-    group re-runs only epochs after its checkpoint, but its history holds the earlier ones).
-    A tracking outage warns and is retried at the next epoch; training goes on.
+    Backfills epochs a crash or an outage left unlogged and never logs an epoch twice (a
+    restarted worker group re-runs only epochs after its checkpoint, but its history holds the
+    earlier ones). A failure is retried at the next call; training goes on.
     """
 
     KEY = "epoch_time_s"  # every epoch has it: its steps say which epochs the run has
@@ -329,7 +330,8 @@ class EpochLogger:
         self.uri, self.run_id = uri, run_id
         self._logged: set[int] | None = None
 
-    def sync(self, history: list[Mapping[str, Any]]) -> None:
+    def sync(self, history: list[Mapping[str, Any]]) -> int:
+        """Log what the run lacks; return how many epochs of ``history`` are still not in MLflow."""
         try:
             mc = client(self.uri)
             if self._logged is None:
@@ -342,6 +344,70 @@ class EpochLogger:
                 self._logged.add(step)
         except Exception as e:  # noqa: BLE001 (tracking must never stop training)
             log.warning("MLflow logging failed (%s); retrying at the next epoch", e)
+        logged = self._logged or set()
+        return sum(int(entry["epoch"]) + 1 not in logged for entry in history)
+
+
+#: MLflow's client retries a failing request for minutes by default; in the training loop a call
+#: must give up within seconds (what it could not log is kept and delivered later).
+FAST_FAIL_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """Everything a worker needs to find or create its trial's run, without the driver having
+    contacted MLflow (so an outage cannot fail the trial before it trains)."""
+
+    uri: str
+    experiment_id: str
+    parent_run_id: str
+    trial_id: str
+    name: str
+    params: Mapping[str, Any]
+
+    @property
+    def study(self) -> StudyTracking:
+        return StudyTracking(self.uri, self.experiment_id, self.parent_run_id)
+
+
+class TrialRecorder:
+    """Rank 0's MLflow for one trial. Nothing here blocks training for more than a few seconds
+    or raises: whatever cannot be logged stays in the trial's checkpoint (its epoch history, its
+    evaluation) and is delivered at a later epoch, at the trial's end, or by the driver at the
+    study's end or on ``--resume`` (:func:`deliver_backlog`)."""
+
+    def __init__(self, spec: TrialSpec) -> None:
+        self.spec = spec
+        self._run_id: str | None = None
+        self._epochs: EpochLogger | None = None
+        self.pending = 0  # epochs not yet in MLflow
+        self.error: str | None = None
+
+    def run_id(self) -> str | None:
+        if self._run_id is None:
+            try:
+                self._run_id = trial_run(self.spec.study, self.spec.trial_id, name=self.spec.name,
+                                         params=self.spec.params)
+                self.error = None
+            except Exception as e:  # noqa: BLE001
+                self.error = f"{type(e).__name__}: {e}"[:300]
+                log.warning("MLflow unreachable for trial %s (%s); training goes on", self.spec.trial_id, e)
+        return self._run_id
+
+    def epochs(self, history: list[Mapping[str, Any]]) -> int:
+        rid = self.run_id()
+        if rid is None:
+            self.pending = len(history)
+            return self.pending
+        if self._epochs is None:
+            self._epochs = EpochLogger(self.spec.uri, rid)
+        self.pending = self._epochs.sync(history)
+        return self.pending
+
+    def tag_node(self, key: str) -> None:
+        rid = self.run_id()
+        if rid is not None:
+            tag_node(self.spec.uri, rid, key)
 
 
 def log_trial_result(uri: str, run_id: str, *, metrics: Mapping[str, Any], report: EvalReport,
@@ -374,6 +440,30 @@ def log_trial_result(uri: str, run_id: str, *, metrics: Mapping[str, Any], repor
         model_uri = ready[0].model_uri if ready else log_model(uri, run_id, model, input_shape)
         mc.set_tag(run_id, MODEL_URI, model_uri)
     mc.set_tag(run_id, FINAL_LOGGED, "true")
+
+
+def log_trial_folder(uri: str, run_id: str, folder: Path, *, epochs: int) -> None:
+    """Log a finished Train run's evaluation and model from its last checkpoint folder
+    (checkpoint.pt, final.json, report.json, PNGs): used by rank 0 at the trial's end and by the
+    driver to deliver what an MLflow outage held back."""
+    from ancra_tune.checkpoint import load_model
+
+    from .results import FINAL_NAME, REPORT_NAME, metrics_of
+
+    model, _, info = load_model(folder / "checkpoint.pt")  # plain BatchNorm, on CPU
+    final = json.loads((folder / FINAL_NAME).read_text())
+    log_trial_result(uri, run_id, metrics=metrics_of(final), report=EvalReport.load(folder / REPORT_NAME),
+                     files=sorted(folder.glob("*.png")), model=model,
+                     input_shape=(info.in_channels, info.image_size, info.image_size),
+                     checkpoint=folder / "checkpoint.pt", step=epochs)
+
+
+def run_is_complete(mc: Any, run_id: str, *, epochs: int, finished: bool) -> bool:
+    """Whether the run already holds ``epochs`` epochs and, for a finished trial, its evaluation."""
+    run = mc.get_run(run_id)
+    if finished and run.data.tags.get(FINAL_LOGGED) != "true":
+        return False
+    return len(mc.get_metric_history(run_id, EpochLogger.KEY)) >= epochs
 
 
 def log_model(uri: str, run_id: str, model: Any, input_shape: tuple[int, ...]) -> str:

@@ -8,17 +8,20 @@ with ASHA; ablations run a full grid x seeds and write a summary table.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import math
 import os
 import statistics
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
 from ancra_tune.robustness import EvalReport
@@ -30,12 +33,12 @@ from .scheduler import PersistentASHA, read_state
 from .study import Study
 from .tracking import (
     StudyTracking,
+    TrialRecorder,
+    TrialSpec,
     check_tracking,
     end_study_run,
     resolve_tracking_uri,
     start_study_run,
-    tag_node,
-    trial_run,
 )
 from .worker import REPORT_NAME, train_loop_per_worker, worker_env
 
@@ -147,8 +150,6 @@ def run_trial(params: dict[str, Any], *, study: Study, storage: str,
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from ancra_tune.config import flatten, inactive_keys
-
     params = dict(params)
     seed = int(params.pop(SEED_KEY, study.seeds[0]))
     cfg = study.train_config(params, seed)
@@ -156,12 +157,10 @@ def run_trial(params: dict[str, Any], *, study: Study, storage: str,
     trial_id = ray.tune.get_context().get_trial_id()
     mlflow_run = None
     if tracking is not None:
-        # Found again when this trial restarts or its study resumes: one MLflow run per trial.
-        # Settings this configuration does not use are logged as "inactive", not as if they were used.
-        logged = {**flatten(cfg, resolved=True), **{k: "inactive" for k in inactive_keys(cfg)}, "trial_id": trial_id}
-        run_id = trial_run(tracking, trial_id, name=trial_name(trial_id, params, seed), params=logged)
-        mlflow_run = {"uri": tracking.uri, "run_id": run_id}
-        tag_node(tracking.uri, run_id, "ray.node.trial")
+        # Nothing here waits for MLflow: the run is found or created by whoever reaches it first
+        # (this process, rank 0, or the driver at the end), so an outage cannot fail the trial.
+        mlflow_run = trial_spec(tracking, trial_id, params, seed, cfg)
+        TrialRecorder(mlflow_run).tag_node("ray.node.trial")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": cfg.to_dict(), "eval": study.suite.to_dict(), "objective": list(study.metrics),
@@ -187,6 +186,17 @@ def run_trial(params: dict[str, Any], *, study: Study, storage: str,
         # Train restored a run that had already finished (the study was interrupted between the
         # run's end and the trial's): its evaluation never reached this trial, so forward it.
         ray.tune.report(final)
+
+
+def trial_spec(tracking: StudyTracking, trial_id: str, params: dict[str, Any], seed: int, cfg: Any) -> TrialSpec:
+    """The trial's MLflow run as a worker finds or creates it: one run per trial (found again when
+    the trial restarts or the study resumes), its whole configuration as params, settings it does
+    not use logged as "inactive"."""
+    from ancra_tune.config import flatten, inactive_keys
+
+    logged = {**flatten(cfg, resolved=True), **{k: "inactive" for k in inactive_keys(cfg)}, "trial_id": trial_id}
+    return TrialSpec(tracking.uri, tracking.experiment_id, tracking.parent_run_id, trial_id,
+                     trial_name(trial_id, params, seed), logged)
 
 
 def trial_name(trial_id: str, params: dict[str, Any], seed: int) -> str:
@@ -248,6 +258,76 @@ def _scheduler(study: Study, *, storage: str | None = None, resume: bool = False
     return PersistentASHA(state_path=_join(storage, study.name, SCHEDULER_STATE), resume=resume, **kw)
 
 
+class TrackingWatch(Callback):
+    """On the driver's console: which trials' MLflow records an outage holds back (rank 0 logs to
+    MLflow from Ray workers, whose logs the console does not show), and when it is over."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self.pending: dict[str, int] = {}
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        n = int(result.get(R.MLFLOW_PENDING) or 0)
+        before = self.pending.get(trial.trial_id, 0)
+        if n and not before:
+            print(f"warning: MLflow ({self.uri}) is unreachable for trial {trial.trial_id} "
+                  f"({result.get(R.MLFLOW_ERROR, 'no answer')}); training goes on, and its {n} epoch(s) "
+                  "waiting are kept in the trial's checkpoint and delivered when MLflow answers again",
+                  file=sys.stderr, flush=True)
+        elif before and not n:
+            print(f"MLflow is back: trial {trial.trial_id}'s records are delivered", file=sys.stderr, flush=True)
+        self.pending[trial.trial_id] = n
+
+
+def deliver_backlog(tracking: StudyTracking, study: Study, rows: list[dict[str, Any]]) -> int:
+    """Give MLflow what outages held back, from each trial's last checkpoint: the run itself if no
+    process could create it, every epoch of the checkpoint's history, and a finished trial's
+    evaluation and model. Idempotent (each epoch and evaluation lands once); returns how many
+    trials needed it. Raises if MLflow is unreachable (the caller warns; ``--resume`` retries)."""
+    from ancra_tune.checkpoint import load_checkpoint
+
+    from .tracking import EpochLogger, client, find_trial_run, log_trial_folder, run_is_complete, trial_run
+
+    mc = client(tracking.uri)
+    delivered = 0
+    for row in rows:
+        if not row.get("checkpoint"):
+            continue
+        finished = row["status"] == "finished"
+        run = find_trial_run(mc, tracking, str(row["trial_id"]))
+        if run is not None and run_is_complete(mc, run.info.run_id, epochs=row["epochs_run"], finished=finished):
+            continue
+        with _local_checkpoint(row["checkpoint"]) as folder:
+            state = load_checkpoint(folder / "checkpoint.pt")
+            if run is None:
+                from ancra_tune.config import TrainConfig
+
+                params = {k: v for k, v in row["params"].items() if k != SEED_KEY}
+                cfg = TrainConfig.from_dict(state["config"])
+                spec = trial_spec(tracking, str(row["trial_id"]), params, cfg.seed, cfg)
+                rid = trial_run(tracking, spec.trial_id, name=spec.name, params=spec.params)
+            else:
+                rid = run.info.run_id
+            if EpochLogger(tracking.uri, rid).sync(state.get("history", [])):
+                raise RuntimeError(f"MLflow did not take the epochs of trial {row['trial_id']}")
+            if finished and (folder / R.FINAL_NAME).is_file():
+                log_trial_folder(tracking.uri, rid, folder, epochs=study.train.optim.epochs)
+        delivered += 1
+    return delivered
+
+
+@contextlib.contextmanager
+def _local_checkpoint(path: str) -> Iterator[Path]:
+    """A checkpoint folder on this machine (downloaded when the storage is a URI)."""
+    if "://" not in path:
+        yield Path(path)
+        return
+    import ray.train
+
+    with ray.train.Checkpoint(path).as_directory() as d:
+        yield Path(d)
+
+
 def build_tuner(study: Study, *, storage: str, smoke_test: bool = False, resume: bool = False,
                 max_concurrent: int, tracking: StudyTracking | None = None) -> Any:
     from ray import tune
@@ -264,7 +344,8 @@ def build_tuner(study: Study, *, storage: str, smoke_test: bool = False, resume:
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                   restart_errored=False)  # the scheduler's state: PersistentASHA
     run_config = tune.RunConfig(name=name, storage_path=storage, verbose=1,
-                                failure_config=tune.FailureConfig(max_failures=study.max_failures))
+                                failure_config=tune.FailureConfig(max_failures=study.max_failures),
+                                callbacks=[TrackingWatch(tracking.uri)] if tracking is not None else [])
     if study.kind == "ablation":
         param_space = {**{k: tune.grid_search(list(v)) for k, v in study.grid.items()},
                        SEED_KEY: tune.grid_search(list(study.seeds))}
@@ -374,6 +455,18 @@ def _run_locked(study: Study, interruption: Interruption, *, address: str | None
     if study.kind == "ablation":
         files += list(write_ablation_tables(summary["trials"], study, out))
     if tracking is not None:
+        try:
+            n = deliver_backlog(tracking, study, summary["trials"])
+            if n:
+                print(f"MLflow: delivered the records of {n} trial(s) that an outage had held back",
+                      file=sys.stderr, flush=True)
+        except Exception as e:  # noqa: BLE001 (the study's records stay in its storage)
+            print(f"warning: MLflow ({tracking.uri}) is unreachable ({e}); the study's records are kept in "
+                  f"{study_path}: run {resume_command or 'the same command with --resume'} once it answers to "
+                  "deliver them", file=sys.stderr, flush=True)
+            summary["mlflow"]["undelivered"] = True
+            files[0].write_text(json.dumps(summary, indent=1, default=str))
+            return summary
         if summary["interrupted"]:
             end_study_run(tracking, summary, status="KILLED", outcome="interrupted", files=files)
         else:
@@ -437,7 +530,9 @@ def _trial_rows(results: Any, study: Study, stopped_by_scheduler: set[str]) -> l
         row = {"trial_id": trial_id, "status": status,
                "params": cfg,
                "checkpoint": metrics.get(R.CHECKPOINT_PATH) or _last(records, R.CHECKPOINT_PATH),
-               "epochs_run": len(epochs),
+               # The last epoch number, not the count of rows: after a worker-group restart or a
+               # resumed study, Tune's fresh result file holds only the epochs trained since.
+               "epochs_run": max((int(m[R.EPOCH]) for m in epochs if not _nan(m.get(R.EPOCH))), default=0),
                "train_time_s": sum(m["epoch_time_s"] for m in epochs),
                "time_per_epoch_s": (sum(m["epoch_time_s"] for m in epochs) / len(epochs)) if epochs else None,
                "trial_dir": res.path}

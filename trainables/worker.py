@@ -27,34 +27,41 @@ from ancra_tune.robustness import EvalReport, SuiteConfig
 from ancra_tune.trainer import CHECKPOINT_NAME, Callback, DivergedError, Trainer
 
 from . import results as R
+from .tracking import FAST_FAIL_ENV, TrialRecorder
 
-FINAL_NAME = "final.json"
-REPORT_NAME = "report.json"
+FINAL_NAME, REPORT_NAME = R.FINAL_NAME, R.REPORT_NAME
 log = logging.getLogger(__name__)
 
 
 class MlflowEpochs(Callback):
-    """MLflow touch point: rank 0 logs each epoch's metrics to the trial's run (step = epoch)."""
+    """MLflow touch point: rank 0 logs each epoch's metrics to the trial's run (step = epoch);
+    what an outage holds back stays in the checkpoint's history and is sent at a later epoch."""
 
-    def __init__(self, uri: str, run_id: str) -> None:
-        from .tracking import EpochLogger
-
-        self.logger = EpochLogger(uri, run_id)
+    def __init__(self, recorder: TrialRecorder) -> None:
+        self.recorder = recorder
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float],
                      checkpoint: Path | None) -> None:
         if trainer.rank == 0:
-            self.logger.sync(trainer.history)
+            self.recorder.epochs(trainer.history)
 
 
 class RayReport(Callback):
-    """Ray touch point: every worker reports each epoch; rank 0 attaches its checkpoint."""
+    """Ray touch point: every worker reports each epoch; rank 0 attaches its checkpoint and says how
+    many epochs MLflow still lacks (the driver warns on the console)."""
+
+    def __init__(self, recorder: TrialRecorder | None = None) -> None:
+        self.recorder = recorder
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float],
                      checkpoint: Path | None) -> None:
         import ray.train
 
         m = R.epoch_row(metrics, epoch + 1)
+        if self.recorder is not None and trainer.rank == 0:
+            m[R.MLFLOW_PENDING] = self.recorder.pending
+            if self.recorder.error:
+                m[R.MLFLOW_ERROR] = self.recorder.error
         if checkpoint is None:
             ray.train.report(m)
             return
@@ -91,15 +98,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ids = [device.index] if device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
-    out_dir = Path(tempfile.mkdtemp(prefix=f"ancra-rank{rank}-"))
+    # One folder per Train run and rank, emptied first: a restarted worker group reuses (and so
+    # cleans up) what a killed one left behind.
+    out_dir = Path(tempfile.gettempdir()) / f"ancra-{ctx.get_experiment_name()}-rank{rank}"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
     cfg = cfg.replace(progress=False)
-    tracking = config.get("mlflow")  # {"uri", "run_id"} of the trial's MLflow run, or None
-    if tracking:
-        from .tracking import tag_node
-
-        tag_node(tracking["uri"], tracking["run_id"], f"ray.node.rank{rank}")
+    spec = config.get("mlflow")  # the trial's MLflow run (a TrialSpec), or None
+    recorder = None
+    if spec is not None:
+        recorder = TrialRecorder(spec)
+        recorder.tag_node(f"ray.node.rank{rank}")
     # MLflow first: an epoch is in the run before the report that may let ASHA stop the trial.
-    callbacks = ([MlflowEpochs(tracking["uri"], tracking["run_id"])] if tracking else []) + [RayReport()]
+    callbacks = ([MlflowEpochs(recorder)] if recorder is not None and rank == 0 else []) + [RayReport(recorder)]
     trainer = Trainer(cfg, device=device, rank=rank, world_size=world, out_dir=out_dir, wrap_model=wrap,
                       callbacks=callbacks)
     try:
@@ -111,9 +122,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     # again, only repeat its evaluation (Tune may not have recorded it in time)
                     # and make sure MLflow has it.
                     final = json.loads((Path(d) / FINAL_NAME).read_text()) if rank == 0 else {}
-                    if rank == 0 and tracking:
-                        report = EvalReport.load(Path(d) / REPORT_NAME)
-                        _track_final(tracking, R.metrics_of(final), report, Path(d), epochs=cfg.optim.epochs)
+                    if rank == 0 and recorder is not None:
+                        _track_final(recorder, Path(d), epochs=cfg.optim.epochs)
                     ray.train.report({**final, R.DIVERGED: 0, R.FINAL: 1, R.REPORTED_AT: time.time()})
                     return
                 trainer.resume(Path(d) / CHECKPOINT_NAME)
@@ -130,12 +140,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             return
         if config.get("eval") is not None:  # the end-of-trial evaluation, unless none is asked for
             suite = SuiteConfig.from_mapping(config["eval"], section="eval")
-            _report_final(trainer, suite, rank, tracking, objective=config.get("objective", ()))
+            _report_final(trainer, suite, rank, recorder, objective=config.get("objective", ()))
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
 
 
-def _report_final(trainer: Trainer, suite: SuiteConfig, rank: int, tracking: dict[str, str] | None, *,
+def _report_final(trainer: Trainer, suite: SuiteConfig, rank: int, recorder: TrialRecorder | None, *,
                   objective: list[str] | tuple[str, ...]) -> None:
     import ray.train
 
@@ -145,30 +155,32 @@ def _report_final(trainer: Trainer, suite: SuiteConfig, rank: int, tracking: dic
     with tempfile.TemporaryDirectory() as d:
         # The evaluation travels with the last checkpoint: its presence marks the run as complete.
         shutil.copy2(trainer.out_dir / CHECKPOINT_NAME, Path(d) / CHECKPOINT_NAME)
-        report = evaluate_trial(trainer, suite, plots_dir=Path(d) if tracking else None)
+        report = evaluate_trial(trainer, suite, plots_dir=Path(d) if recorder else None)
         final = R.final_row(report, training_times(trainer), objective)
         (Path(d) / FINAL_NAME).write_text(json.dumps(final))
         report.save(Path(d) / REPORT_NAME)
-        if tracking:
-            _track_final(tracking, R.metrics_of(final), report, Path(d), epochs=trainer.cfg.optim.epochs)
+        if recorder is not None:
+            recorder.epochs(trainer.history)  # a last chance for epochs an outage held back
+            _track_final(recorder, Path(d), epochs=trainer.cfg.optim.epochs)
+            final[R.MLFLOW_PENDING] = recorder.pending
         ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
-def _track_final(tracking: dict[str, str], metrics: dict[str, Any], report: EvalReport, folder: Path,
-                 *, epochs: int) -> None:
-    """Log the evaluation and the model to the trial's MLflow run (at most once; never fatal)."""
-    from ancra_tune.checkpoint import load_model
+def _track_final(recorder: TrialRecorder, folder: Path, *, epochs: int) -> None:
+    """Log the evaluation and the model to the trial's MLflow run (at most once; never fatal: the
+    driver delivers it from the checkpoint if MLflow is unreachable now)."""
+    from .tracking import log_trial_folder
 
-    from .tracking import log_trial_result
-
+    rid = recorder.run_id()
+    if rid is None:
+        recorder.pending += 1
+        return
     try:
-        model, _, info = load_model(folder / CHECKPOINT_NAME)  # plain BatchNorm, on CPU
-        log_trial_result(tracking["uri"], tracking["run_id"], metrics=metrics, report=report,
-                         files=sorted(folder.glob("*.png")), model=model,
-                         input_shape=(info.in_channels, info.image_size, info.image_size),
-                         checkpoint=folder / CHECKPOINT_NAME, step=epochs)
+        log_trial_folder(recorder.spec.uri, rid, folder, epochs=epochs)
     except Exception as e:  # noqa: BLE001 (the trial's result stays in Tune and its checkpoint)
-        log.warning("logging the evaluation to MLflow run %s failed: %s", tracking["run_id"], e)
+        recorder.pending += 1
+        recorder.error = f"{type(e).__name__}: {e}"[:300]
+        log.warning("logging the evaluation to MLflow run %s failed: %s", rid, e)
 
 
 def training_times(trainer: Trainer) -> dict[str, float]:
@@ -205,6 +217,8 @@ def worker_env() -> dict[str, str]:
     env = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     env.update({k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
+    for k, v in FAST_FAIL_ENV.items():  # a tracking call in the training loop gives up within seconds
+        env[k] = os.environ.get(k, v)
     # Train's default of 60 s to start a worker group is shorter than a busy laptop takes to import
     # torch in two new processes, or an autoscaler to add a GPU node; a timed-out attempt can
     # leave its placement group reserved and starve the retry. Give startup ten minutes.
