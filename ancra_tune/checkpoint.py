@@ -26,13 +26,55 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     return path
 
 
+class CheckpointError(ValueError):
+    """A file or folder that is not a usable ancra-tune checkpoint; the message says why."""
+
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """The checkpoint file a path names: the file itself; a folder holding ``checkpoint.pt`` (a
+    training output folder, a Ray checkpoint directory); or a folder with several below it (a Tune
+    trial or Train run folder): the one of the finished run (beside its ``final.json``), else the
+    newest. What ``ancra-tune sweep``, ``best`` and ``train`` print is what this takes."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint {str(p)!r} does not exist")
+    if (p / CHECKPOINT_NAME).is_file():
+        return p / CHECKPOINT_NAME
+    found = sorted(p.rglob(CHECKPOINT_NAME), key=lambda f: f.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(f"no {CHECKPOINT_NAME} in {p} or below it: pass a checkpoint file, a training "
+                                "output folder, a Ray checkpoint folder or a trial folder")
+    finished = [f for f in found if (f.parent / "final.json").is_file()]
+    return (finished or found)[-1]
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    """Read a checkpoint (a file or any folder :func:`find_checkpoint` resolves). Only plain tensors
+    and builtins are accepted: a file holding pickled Python objects is refused, never unpickled."""
+    import pickle
+    import zipfile
+
+    path = find_checkpoint(path)
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        raise CheckpointError(f"{path} is not a checkpoint: it is not a PyTorch file")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise CheckpointError(
+                f"{path} is refused: it holds pickled Python objects, not only tensors and builtins; ancra-tune "
+                "reads checkpoints as plain tensors and never runs code from a file") from None
+        raise CheckpointError(f"{path} is not a checkpoint: it is not a PyTorch file ({e})") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path} is not a checkpoint: it is not a PyTorch file "
+                              f"({str(e).splitlines()[0][:200]})") from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path} is not an ancra-tune checkpoint (format {FORMAT_VERSION})")
+        raise CheckpointError(f"{path} is not an ancra-tune checkpoint (format {FORMAT_VERSION})")
     return state
 
 
@@ -65,5 +107,10 @@ def load_model(path: str | Path, *, ra: bool | None = None,
     cfg = TrainConfig.from_dict(state["config"])
     info = data_info_from_dict(state["data_info"])
     model = build_model(cfg, info, ra=ra)
-    model.load_state_dict(state["model"], strict=True)
+    try:
+        model.load_state_dict(state["model"], strict=True)
+    except RuntimeError as e:
+        first = str(e).split("\n\t")[1] if "\n\t" in str(e) else str(e)[:300]
+        raise CheckpointError(f"{path}: its weights do not fit the model its config names ({cfg.model.name}, "
+                              f"{info.num_classes} classes, {info.in_channels} channels): {first}") from None
     return model.to(map_location).eval(), cfg, info

@@ -25,6 +25,10 @@ def _train(args: argparse.Namespace) -> int:
     if args.quiet:
         overrides.append("progress=false")
     cfg = TrainConfig.from_dict(load_yaml_with_overrides(resolve_config_path(args.config), overrides))
+    if args.resume and not (Path(cfg.out_dir) / "checkpoint.pt").is_file():
+        print(f"error: nothing to resume in {cfg.out_dir} (no checkpoint.pt there); run without --resume to "
+              "start from scratch, or pass the --out of the run to continue", file=sys.stderr)
+        return 2
     trainer = Trainer(cfg)
     print(f"ancra-tune train: {cfg.method.base_loss}{'-ANC' if cfg.method.anc else ''}"
           f"{'-RA' if cfg.model.ra else ''} on {cfg.data.dataset} with {cfg.model.name}, "
@@ -99,6 +103,7 @@ def _eval(args: argparse.Namespace) -> int:
         report = evaluate_checkpoint(args.checkpoint, cfg, **kwargs)
         print(format_report(report))
         shown = report.to_dict(per_example=False)
+        print(f"robustness card: {out / 'robustness_card.png'}")
     print(f"report: {out / 'report.json'}")
     if args.json:
         print(json.dumps(shown, indent=1))
@@ -150,7 +155,8 @@ def format_summary(summary: dict) -> str:
         shown = f"{val:.4f}" if isinstance(val, float) else "-"
         extra = f" (epoch {t['diverged_epoch']})" if t["status"] == "diverged" else ""
         flag = "  FLAGGED: " + "; ".join(t["flags"][metric]) if t.get("flags", {}).get(metric) else ""
-        lines.append(f"  {t['trial_id']:<24} {t['status']:<9}{extra} {metric}={shown} {t['params']}{flag}")
+        params = {k: ("inactive" if k in t.get("inactive", ()) else v) for k, v in t["params"].items()}
+        lines.append(f"  {t['trial_id']:<24} {t['status']:<9}{extra} {metric}={shown} {params}{flag}")
     for b in summary["best"]:
         lines.append(f"best: {b['trial_id']} {b['params']}\n  checkpoint: {b['checkpoint']}")
         if b.get("flags"):
@@ -190,7 +196,7 @@ def _best(args: argparse.Namespace) -> int:
 
 
 def _ui(args: argparse.Namespace) -> int:
-    from trainables.tracking import TrackingError, is_local, resolve_tracking_uri, serve_ui, sqlite_path
+    from trainables.tracking import TrackingError, is_local, resolve_tracking_uri, serve_ui, sqlite_path, study_url
 
     try:
         uri = resolve_tracking_uri(args.tracking_uri)
@@ -198,7 +204,12 @@ def _ui(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not is_local(uri):
-        print(f"{uri} is a tracking server: open it in a browser (through port-forwarding on a cluster)")
+        try:
+            print(f"{uri} is a tracking server; the study's trials, best worst case first:\n  "
+                  f"{study_url(uri, uri, args.study)}")
+        except TrackingError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         return 0
     db = sqlite_path(uri)
     if not db.is_file():
@@ -213,13 +224,29 @@ def _ui(args: argparse.Namespace) -> int:
         signal.signal(sig, stop)
     try:
         with serve_ui(uri, port=args.port) as (url, proc):
-            print(f"MLflow UI for {db}: {url}  (Ctrl+C stops it)", flush=True)
+            answer = study_url(uri, url, args.study)
+            print(f"MLflow UI for {db} (Ctrl+C stops it). The study's trials, best worst case first:\n  {answer}",
+                  flush=True)
+            _open_browser(answer)
             return proc.wait()
     except TrackingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 0
+
+
+def _open_browser(url: str) -> None:
+    """Open ``url`` where this machine has a browser and a screen; quietly nothing otherwise."""
+    import os
+    import webbrowser
+
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        return
+    try:
+        webbrowser.open(url, new=2)
+    except Exception:  # noqa: BLE001 (a missing browser is not an error)
+        pass
 
 
 def _cuda() -> bool:
@@ -298,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else mlflow.db in this folder")
     b.set_defaults(func=_best)
 
-    u = sub.add_parser("ui", help="the MLflow UI of the local store, on http://127.0.0.1:PORT")
+    u = sub.add_parser("ui", help="the MLflow UI of the local store, on http://127.0.0.1:PORT, opened on a study")
+    u.add_argument("study", nargs="?", help="the study to open (default: the one that ran last)")
     u.add_argument("--port", type=int, default=5000)
     u.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else mlflow.db in this folder")
     u.set_defaults(func=_ui)

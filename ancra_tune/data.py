@@ -73,11 +73,19 @@ class DataSplits:
 # --------------------------------------------------------------------------- loaders
 
 
-def _from_nhwc(images: np.ndarray, labels: np.ndarray) -> ArrayData:
+def _from_nhwc(images: np.ndarray, labels: np.ndarray, where: str = "images") -> ArrayData:
     if images.ndim == 3:  # (N, H, W): grey images without a channel axis
         images = images[..., None]
+    if images.ndim != 4 or images.shape[-1] not in (1, 3, 4) or min(images.shape[1:3]) < 4:
+        raise ValueError(f"{where}: images must be an array (N, H, W, C) with C = 1 or 3 channels last (or "
+                         f"(N, H, W) grey), H, W >= 4; got shape {tuple(images.shape)}")
     if images.dtype != np.uint8:
-        raise ValueError(f"images must be uint8, got {images.dtype}")
+        raise ValueError(f"{where}: images must be uint8 (0-255), got {images.dtype}")
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+        raise ValueError(f"{where}: labels must be ({images.shape[0]},) to match the images, got {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer) or (labels.size and labels.min() < 0):
+        raise ValueError(f"{where}: labels must be non-negative integers, got {labels.dtype}")
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
     return ArrayData(x, torch.as_tensor(np.asarray(labels), dtype=torch.int64))
 
@@ -92,7 +100,7 @@ def load_npz(path: str | Path) -> tuple[ArrayData, tuple[str, ...] | None]:
         if missing:
             raise ValueError(f"{p}: missing key(s) {sorted(missing)}; has {z.files}")
         classes = tuple(str(c) for c in z["classes"]) if "classes" in z.files else None
-        return _from_nhwc(z["images"], z["labels"]), classes
+        return _from_nhwc(z["images"], z["labels"], where=str(p)), classes
 
 
 def _torchvision(name: str, root: str, train: bool) -> ArrayData:
@@ -191,6 +199,12 @@ def load_dataset(cfg: DataConfig) -> DataSplits:
         assert cfg.train_file is not None
         train, classes = load_npz(cfg.train_file)
         test = load_npz(cfg.test_file)[0] if cfg.test_file else None
+        if test is not None and test.images.shape[1:] != train.images.shape[1:]:
+            c, h, w = train.images.shape[1:]
+            tc, th, tw = test.images.shape[1:]
+            raise ValueError(f"data.test_file {cfg.test_file} holds {th}x{tw} images with {tc} channel(s), "
+                             f"data.train_file {cfg.train_file} {h}x{w} with {c}: a model trained on one cannot be "
+                             "evaluated on the other")
     else:  # digits
         train, test = _digits(cfg.split_seed)
     train, val = split_validation(train, cfg.val_size, cfg.split_seed)

@@ -26,7 +26,7 @@ import yaml
 from torch import Tensor, nn
 
 from .attacks import bn_mode, pgd
-from .checkpoint import build_model, data_info_to_dict, load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT_NAME, build_model, data_info_to_dict, load_checkpoint, save_checkpoint
 from .config import MethodConfig, TrainConfig
 from .data import ArrayData, BatchLoader, DataSplits, epoch_generator, load_dataset
 from .distributed import all_true, is_distributed
@@ -37,7 +37,6 @@ from .negatives import select_negatives
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 
 

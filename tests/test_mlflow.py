@@ -239,7 +239,8 @@ def test_ui_serves_the_local_store_on_loopback_only(tmp_path: Path) -> None:
     assert empty.returncode == 2 and "no MLflow store" in empty.stderr
     uri = tr.default_tracking_uri(tmp_path)
     tr.check_tracking(uri)
-    tr.ensure_experiment(tr.client(uri), "seen_in_ui", uri)
+    exp = tr.ensure_experiment(tr.client(uri), "seen_in_ui", uri)
+    tr.client(uri).create_run(exp, tags={tr.ROLE: "study"})
     for stop in (signal.SIGINT, signal.SIGTERM):  # Ctrl+C, and `kill PID`: both stop the server too
         port = _closed_port()
         proc = subprocess.Popen([sys.executable, "-m", "ancra_tune.cli", "ui", "--port", str(port)], cwd=tmp_path,
@@ -249,6 +250,10 @@ def test_ui_serves_the_local_store_on_loopback_only(tmp_path: Path) -> None:
             api = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=seen_in_ui"
             with urllib.request.urlopen(api, timeout=10) as r:
                 assert b"seen_in_ui" in r.read()
+            # It opens on the study's runs list (not MLflow's home page), sorted by the worst case.
+            lines = [proc.stdout.readline() for _ in range(2)]
+            assert f"http://127.0.0.1:{port}/#/experiments/{exp}/runs?orderByKey=metrics.%60robust_acc_worst%60" \
+                   "&orderByAsc=false" in "".join(lines), lines
             host_ip = socket.gethostbyname(socket.gethostname())
             if not host_ip.startswith("127."):  # bound to loopback: another interface is refused
                 with socket.socket() as s:

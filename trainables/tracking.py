@@ -657,6 +657,30 @@ def download_checkpoint(uri: str, model_uri: str, dst: str | Path) -> tuple[Path
 # --------------------------------------------------------------------------- the UI
 
 
+def study_url(uri: str, ui: str, study: str | None = None) -> str:
+    """The UI address of a study's runs list (the experiment ``study``, else the one whose study run
+    started last), sorted by the worst-case robust accuracy so that column is shown, best first.
+    Experiments are model-training experiments, so the UI opens on their runs table."""
+    from urllib.parse import quote
+
+    mc = client(uri)
+    if study is not None:
+        exp = mc.get_experiment_by_name(study)
+        if exp is None:
+            raise TrackingError(f"no study {study!r} in {uri}")
+        exp_id = exp.experiment_id
+    else:
+        exps = [e.experiment_id for e in mc.search_experiments(max_results=1000)]
+        latest = mc.search_runs(exps, filter_string=f"tags.`{ROLE}` = 'study'",
+                                order_by=["attributes.start_time DESC"], max_results=1) if exps else []
+        if not latest:
+            return ui.rstrip("/")
+        exp_id = latest[0].info.experiment_id
+    order = quote(f"metrics.`{DEFAULT_METRIC}`")
+    return f"{ui.rstrip('/')}/#/experiments/{exp_id}/runs?orderByKey={order}&orderByAsc=false"
+
+
+
 @contextlib.contextmanager
 def serve_ui(uri: str, *, port: int = 5000, host: str = "127.0.0.1", timeout: float = 60.0,
              log_file: Path | None = None) -> Iterator[tuple[str, subprocess.Popen]]:

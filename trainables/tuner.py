@@ -24,6 +24,7 @@ from typing import Any
 from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
+from ancra_tune.config import inactive_keys
 from ancra_tune.robustness import EvalReport
 
 from . import results as R
@@ -536,6 +537,12 @@ def _trial_rows(results: Any, study: Study, stopped_by_scheduler: set[str]) -> l
                "train_time_s": sum(m["epoch_time_s"] for m in epochs),
                "time_per_epoch_s": (sum(m["epoch_time_s"] for m in epochs) / len(epochs)) if epochs else None,
                "trial_dir": res.path}
+        try:  # parameters this configuration does not use (alpha with ANC off, ...): shown as such
+            point = {k: v for k, v in cfg.items() if k != SEED_KEY}
+            unused = inactive_keys(study.train_config(point, int(cfg.get(SEED_KEY, study.seeds[0]))))
+            row["inactive"] = sorted(k for k in point if k in unused)
+        except Exception:  # noqa: BLE001 (a row is still worth showing)
+            row["inactive"] = []
         if status == "diverged":
             row["diverged_epoch"] = metrics.get(R.DIVERGED_EPOCH)
         if last_final is not None:

@@ -66,7 +66,17 @@ def _prepare(path: str | Path, cfg: SuiteConfig, *, split: str, source: str | Pa
     model, train_cfg, info = load_model(path, map_location=dev)
     x, y = load_eval_data(train_cfg, split, data_root)
     idx = seeded_subset(x.shape[0], cfg.n_examples, cfg.seed)
-    src = load_model(source, map_location=dev)[0] if source is not None else None
+    src = None
+    if source is not None:
+        from ..checkpoint import CheckpointError
+
+        src, _, src_info = load_model(source, map_location=dev)
+        if (src_info.num_classes, src_info.in_channels, src_info.image_size) != \
+                (info.num_classes, info.in_channels, info.image_size):
+            raise CheckpointError(
+                f"--source {source} was trained for {src_info.num_classes} classes of {src_info.in_channels}x"
+                f"{src_info.image_size}x{src_info.image_size} images, {path} for {info.num_classes} of "
+                f"{info.in_channels}x{info.image_size}x{info.image_size}: transfer attacks need the same task")
     meta = {"checkpoint": str(path), "split": split, "source": str(source) if source else None,
             "model": train_cfg.model.name, "dataset": train_cfg.data.dataset}
     return model, train_cfg, info, x[idx], y[idx], src, meta

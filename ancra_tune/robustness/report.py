@@ -284,11 +284,18 @@ def build_report(results: Sequence[BatchResult], cfg: SuiteConfig, *, ra: bool, 
             from .plots import plot_features
 
             artifacts = tuple(plot_features(pairs, fn, fa, labels, out_dir, cfg))
-    return EvalReport(suite=cfg, n_examples=clean.numel(), ra=ra, n_classes=n_classes, clean_acc=clean_acc,
-                      robust_acc_worst=worst_acc, attacks=attacks, checks=tuple(checks), autoattack_flags=flags,
-                      per_example={"clean": clean.tolist(), "worst": worst.tolist(),
-                                   **{k: v.tolist() for k, v in correct.items()}},
-                      features=features, artifacts=artifacts, meta=dict(meta or {}))
+    report = EvalReport(suite=cfg, n_examples=clean.numel(), ra=ra, n_classes=n_classes, clean_acc=clean_acc,
+                        robust_acc_worst=worst_acc, attacks=attacks, checks=tuple(checks), autoattack_flags=flags,
+                        per_example={"clean": clean.tolist(), "worst": worst.tolist(),
+                                     **{k: v.tolist() for k, v in correct.items()}},
+                        features=features, artifacts=artifacts, meta=dict(meta or {}))
+    if out_dir is not None:  # the robustness card: every attack, the worst case, the verdicts
+        from dataclasses import replace
+
+        from .plots import robustness_card
+
+        report = replace(report, artifacts=(*report.artifacts, robustness_card(report, out_dir)))
+    return report
 
 
 # --------------------------------------------------------------------------- text
