@@ -17,6 +17,7 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     run_slow = os.environ.get("ANCRA_RUN_SLOW") == "1"
+    in_ci = os.environ.get("CI", "").lower() in ("1", "true", "yes")
     has_cuda = torch.cuda.is_available()
     has_browser = bool(shutil.which("chromedriver")) and any(shutil.which(n) for n in ("chromium", "chromium-browser",
                                                                                       "google-chrome"))
@@ -24,7 +25,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if "browser" in item.keywords and not has_browser:
             item.add_marker(pytest.mark.skip(reason="needs chromium and chromedriver (apt-get install chromium "
                                                     "chromium-driver)"))
-        if "slow" in item.keywords and not run_slow:
+        if "slow" in item.keywords and not run_slow and not (in_ci and "ci" in item.keywords):
             item.add_marker(pytest.mark.skip(reason="slow: set ANCRA_RUN_SLOW=1 to run"))
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(pytest.mark.skip(reason="needs CUDA"))

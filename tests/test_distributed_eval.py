@@ -26,6 +26,7 @@ def test_shards_are_balanced_and_cover_every_batch() -> None:
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_two_workers_give_the_single_process_report(tmp_path: Path) -> None:
     from ancra_tune.config import TrainConfig
     from ancra_tune.trainer import Trainer

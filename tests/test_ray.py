@@ -265,6 +265,8 @@ seeds: [0, 1]
 """
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_ablation_table_and_a_diverging_trial(ray_local, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """lr = 1e12 diverges: reported as such with its epoch, while the other trials finish.
     With no tracking settings, MLflow runs land in mlflow.db in the working directory."""
@@ -314,6 +316,8 @@ def test_ablation_table_and_a_diverging_trial(ray_local, tmp_path: Path, monkeyp
             assert "robust_acc_worst" in run.data.metrics and "ancra.model_uri" in run.data.tags
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_interrupted_study_resumes_each_trial_once(ray_local, tmp_path: Path, mlflow_server: str) -> None:
     """Interrupt a study with SIGTERM (what `ray job stop` and schedulers send; Ctrl+C takes the same
     path) after its first trial ends: it is reported as interrupted (summary, parent run, the resume
@@ -464,6 +468,7 @@ scheduler: {{type: asha, metric: val_clean_acc, grace_period: 1, reduction_facto
 """
 
 
+@pytest.mark.slow
 def test_two_sweeps_at_once_on_one_machine_both_finish(tmp_path: Path) -> None:
     """Two local Ray instances side by side (two sweeps in two terminals): ASHA-stopped trials must
     release their workers in each, so both studies finish (each Ray instance uses its own API server)."""
@@ -492,6 +497,8 @@ def test_two_sweeps_at_once_on_one_machine_both_finish(tmp_path: Path) -> None:
         init_ray(None, num_cpus=2)
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_tracking_outage_costs_no_training(ray_local, tmp_path: Path) -> None:
     """The MLflow server dies after the first epoch is logged and stays down to the end: every trial
     still trains and is evaluated, the console says so, no tracking call stalls the study; once the

@@ -263,7 +263,7 @@ def build_report(results: Sequence[BatchResult], cfg: SuiteConfig, *, ra: bool, 
     checks = masking_checks(acc, clean_acc, plan, cfg, zero_grad_share=zero.float().mean().item(),
                             n_classes=n_classes, ra=ra, randomized_batches=sum(r.randomized for r in results),
                             n_batches=len(results), probe=_merge_probes(results), autoattack_flags=flags,
-                            suspicious_batches=sum(r.suspicious for r in results))
+                            suspicious_batches=sum(r.suspicious for r in results), n_examples=clean.numel())
     main = [s.name for s in plan if s.in_worst_case]
     beaten_by: dict[str, str] = {}
     for name in main:
