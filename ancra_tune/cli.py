@@ -131,7 +131,7 @@ def _study(args: argparse.Namespace, kind: str) -> int:
         summary = run_study(study, address=args.address, storage=args.storage, resume=args.resume,
                             smoke_test=args.smoke_test, num_cpus=args.num_cpus,
                             wait_for_resources=args.wait_for_resources, tracking_uri=args.tracking_uri,
-                            track=not args.no_mlflow, resume_command=resume_command)
+                            track=not args.no_mlflow, resume_command=resume_command, verbose=args.verbose)
     except (InfeasibleResourcesError, TrackingError, StorageError, StudyLockedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -145,34 +145,69 @@ def _study(args: argparse.Namespace, kind: str) -> int:
 
 
 def format_summary(summary: dict) -> str:
-    obj = ", ".join(f"{k} ({v})" for k, v in summary["objective"].items())
-    lines = [f"study {summary['study']} ({summary['kind']}): {summary['n_trials']} trials "
-             f"{summary['status_counts']}; wall {summary['wall_time_s']:.0f} s, training "
-             f"{summary['trial_train_time_s']:.0f} s; objective {obj}"]
-    metric = next(iter(summary["objective"]))
-    for t in summary["trials"]:
-        val = t.get(metric)
-        shown = f"{val:.4f}" if isinstance(val, float) else "-"
-        extra = f" (epoch {t['diverged_epoch']})" if t["status"] == "diverged" else ""
-        flag = "  FLAGGED: " + "; ".join(t["flags"][metric]) if t.get("flags", {}).get(metric) else ""
-        params = {k: ("inactive" if k in t.get("inactive", ()) else v) for k, v in t["params"].items()}
-        lines.append(f"  {t['trial_id']:<24} {t['status']:<9}{extra} {metric}={shown} {params}{flag}")
+    """The study's answer: every trial in one table, best first (trials the checks flag last),
+    then the best trial and what to run next."""
+    metric, mode = next(iter(summary["objective"].items()))
+    lines = [f"study {summary['study']} ({summary['kind']}): {summary['n_trials']} trials, "
+             + ", ".join(f"{n} {k}" for k, n in summary["status_counts"].items() if n)
+             + f"; wall {summary['wall_time_s']:.0f} s, training {summary['trial_train_time_s']:.0f} s; objective "
+             + ", ".join(f"{k} ({v})" for k, v in summary["objective"].items())]
+
+    def num(v: object) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else "-"
+
+    def status(t: dict) -> str:
+        if t["status"] == "stopped":
+            return f"stopped@{t['epochs_run']}"
+        if t["status"] == "diverged":
+            return f"diverged@{t.get('diverged_epoch')}"
+        return t["status"]
+
+    def key(t: dict) -> tuple:
+        v = t.get(f"objective.{metric}", t.get(metric))
+        v = v if isinstance(v, float) else float("-inf")
+        return (t["status"] == "finished", not t.get("flags", {}).get(metric), v if mode == "max" else -v,
+                t.get("val_robust_acc") or 0.0)
+
+    rows = sorted(summary["trials"], key=key, reverse=True)
+    header = f"  {'trial':<10} {'status':<12} {'clean':>7} {metric:>17} {'autoattack':>10} {'val_robust':>10}  params"
+    lines.append(header)
+    for t in rows:
+        params = ", ".join(f"{k.rsplit('.', 1)[-1]}={'inactive' if k in t.get('inactive', ()) else v}"
+                           for k, v in t["params"].items() if k != "seed")
+        flag = " !" if t.get("flags", {}).get(metric) else "  "
+        tid = str(t["trial_id"]).rsplit("_", 1)[-1]
+        lines.append(f"  {tid:<10} {status(t):<12} {num(t.get('clean_acc')):>7} {num(t.get(metric)):>15}{flag} "
+                     f"{num(t.get('autoattack_acc')):>10} {num(t.get('val_robust_acc')):>10}  {params}")
+    flagged = {str(k).rsplit("_", 1)[-1]: v for k, v in summary.get("flagged_trials", {}).items()}
+    if flagged:
+        lines.append("  ! flagged by the gradient-masking checks (ranked last; see docs/masking_checks.md):")
+        for tid, reasons in flagged.items():
+            lines.append(f"    {tid}: " + "; ".join(r for rs in reasons.values() for r in rs))
+    lines.append("  stopped trials show the last validation numbers they reached (val_robust, the scheduler's "
+                 "per-epoch worst case)")
     for b in summary["best"]:
-        lines.append(f"best: {b['trial_id']} {b['params']}\n  checkpoint: {b['checkpoint']}")
+        lines.append(f"best: trial {str(b['trial_id']).rsplit('_', 1)[-1]} ({metric} = {num(b.get(metric))}, "
+                     f"clean {num(b.get('clean_acc'))})\n  checkpoint: {b['checkpoint']}")
         if b.get("flags"):
             lines.append(f"  warning: every finished trial is flagged; this one's {metric} is not credible: "
                          f"{'; '.join(b['flags'].get(metric, []))}")
+    if not summary["best"]:
+        lines.append("no trial finished: nothing to choose from")
     lines.append(f"results: {summary['study_dir']}")
     if summary.get("interrupted"):
         cmd = summary.get("resume_command") or "the same command with --resume"
         lines.append(f"interrupted ({summary.get('interrupted_by') or 'stopped'}): finish the unfinished trials "
                      f"with\n  {cmd}")
+    elif summary["best"]:
+        b = summary["best"][0]
+        lines.append("next:\n"
+                     f"  ancra-tune eval {b['checkpoint']}   # the full evaluation (AutoAttack standard) of the best\n"
+                     f"  ancra-tune best {summary['study']}   # register it in MLflow as @champion")
     if summary.get("mlflow"):
         m = summary["mlflow"]
-        ui = "ancra-tune ui" if m["tracking_uri"].startswith("sqlite:") else m["tracking_uri"]
-        lines.append(f"MLflow: study run {m['study_run_id']} (experiment {summary['study']}) in "
-                     f"{m['tracking_uri']}; browse it with `{ui}`, register the best model with "
-                     f"`ancra-tune best {summary['study']}`")
+        ui = f"ancra-tune ui {summary['study']}" if m["tracking_uri"].startswith("sqlite:") else m["tracking_uri"]
+        lines.append(f"  {ui}   # every trial in MLflow (study run {m['study_run_id']})")
     return "\n".join(lines)
 
 
@@ -313,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
                                               "$MLFLOW_TRACKING_URI, else mlflow.db in this folder")
         p.add_argument("--no-mlflow", action="store_true", help="log nothing to MLflow")
         p.add_argument("--json", action="store_true", help="also print the summary as JSON")
+        p.add_argument("--verbose", action="store_true", help="Ray's own log lines and status tables")
         p.set_defaults(func=lambda a, k=kind: _study(a, k))
 
     b = sub.add_parser("best", help="register a study's best trial model in MLflow with the alias `champion`")

@@ -85,7 +85,11 @@ def test_study_spreads_over_two_nodes_with_shared_storage_and_mlflow(two_node_cl
     shared = tmp_path / "shared"  # both nodes see it: the stand-in for the cluster's bucket
     # Two trials of 1.5 CPU (2 Train workers of 0.5 + 0.5 for the trial) on nodes of 1 and 2 CPUs:
     # running both at once needs both nodes.
-    out = subprocess.run([sys.executable, "-m", "ancra_tune.cli", "sweep", "search_spaces/quickstart.yaml",
+    study = tmp_path / "quickstart.yaml"
+    study.write_text((ROOT / "search_spaces" / "quickstart.yaml").read_text().replace(
+        "  workers: 1                # one Ray Train worker per trial: two trials fit a 2-core laptop at once",
+        "  workers: 2"))
+    out = subprocess.run([sys.executable, "-m", "ancra_tune.cli", "sweep", str(study),
                           "--smoke-test", "--address", address, "--storage", str(shared),
                           "--tracking-uri", mlflow_server, "--json"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

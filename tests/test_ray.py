@@ -46,13 +46,13 @@ def _results(trial_dir: str | Path) -> list[dict]:
 
 
 def test_quickstart_study_end_to_end(ray_local, tmp_path: Path, mlflow_server: str) -> None:
-    """>= 3 trials of 2 Train workers; ASHA stops one; every sample respects the conditional space;
+    """8 trials, two at a time; ASHA stops some; every sample respects the conditional space;
     MLflow (a real server) gets one parent and one child per trial; `best` registers the winner."""
     from trainables.study import load_study
     from trainables.tuner import run_study
 
     study = load_study(QUICKSTART)
-    assert study.resources.workers == 2 and study.num_samples >= 3
+    assert study.num_samples >= 6
     summary = run_study(study, storage=str(tmp_path / "studies"), tracking_uri=mlflow_server)
     trials = summary["trials"]
     assert len(trials) == study.num_samples

@@ -83,8 +83,8 @@ def test_eval_section_is_a_typed_suite(tmp_path: Path) -> None:
 
 def test_conditional_space_define_by_run() -> None:
     s = load_study(SPACES / "quickstart.yaml")
-    assert s.default_point() == {"method.anc": True, "method.alpha": 1.0, "method.zeta": 3.0, "model.ra": True,
-                                 "method.gamma": 2.0}
+    assert s.default_point() == {"method.base_loss": "trades", "method.anc": True, "method.alpha": 1.0,
+                                 "method.zeta": 3.0, "model.ra": True, "method.gamma": 2.0}
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     seen_anc = set()
     for _ in range(40):
@@ -97,7 +97,8 @@ def test_conditional_space_define_by_run() -> None:
         seen_anc.add(point["method.anc"])
         study.tell(trial, 0.0)
     assert seen_anc == {True, False}
-    assert not s.is_valid_point({"method.anc": False, "method.alpha": 0.5, "model.ra": False})
+    assert not s.is_valid_point({"method.base_loss": "pgd_at", "method.anc": False, "method.alpha": 0.5,
+                                 "model.ra": False})
     cfg = s.train_config({"method.anc": False, "model.ra": False}, seed=3)
     assert (cfg.method.anc, cfg.model.ra, cfg.seed, cfg.data.dataset) == (False, False, 3, "digits")
 
@@ -113,7 +114,7 @@ def test_infeasible_resources_fail_with_what_was_asked(tmp_path: Path) -> None:
     with pytest.raises(InfeasibleResourcesError, match="0 GPU"):
         check_resources(gpu, [{"CPU": 16.0}])
     # A 2-CPU laptop runs 1.5-CPU trials one at a time; a GPU cluster fits one trial per GPU.
-    assert check_resources(load_study(SPACES / "quickstart.yaml"), [{"CPU": 2.0}]) == 1
+    assert check_resources(load_study(SPACES / "quickstart.yaml"), [{"CPU": 2.0}]) == 2  # two trials at once
     assert check_resources(load_study(SPACES / "negatives.yaml"), [{"CPU": 8, "GPU": 1}] * 4) == 4
     assert check_resources(load_study(SPACES / "hparams.yaml"), [{"CPU": 48, "GPU": 4}]) == 8
 

@@ -66,7 +66,8 @@ def _free_port() -> int:
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 
 
-def init_ray(address: str | None, *, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
+def init_ray(address: str | None, *, num_cpus: int | None = None, num_gpus: int | None = None,
+             verbose: bool = True) -> None:
     """Join ``address`` (e.g. "auto" or "ray://..."), or start a local Ray (never a stale one).
 
     A local instance gets its own API server (the dashboard on a free loopback port), and every
@@ -88,7 +89,8 @@ def init_ray(address: str | None, *, num_cpus: int | None = None, num_gpus: int 
         return
     env = worker_env()
     if address:
-        ctx = ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
+        ctx = ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False,
+                       logging_level=logging.INFO if verbose else logging.WARNING)
         if ctx.dashboard_url:  # the joined cluster's own API server, never one inherited from elsewhere
             url = ctx.dashboard_url
             os.environ[API_SERVER_ENV] = url if "://" in url else f"http://{url}"
@@ -99,7 +101,8 @@ def init_ray(address: str | None, *, num_cpus: int | None = None, num_gpus: int 
     env[API_SERVER_ENV] = os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
     # "local" always starts a fresh instance: a stale ray_current_cluster file cannot stall it.
     ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, runtime_env={"env_vars": env},
-             include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=False)
+             include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=False,
+             logging_level=logging.INFO if verbose else logging.WARNING)
 
 
 def check_resources(study: Study, nodes: Sequence[dict[str, float]]) -> int:
@@ -259,6 +262,37 @@ def _scheduler(study: Study, *, storage: str | None = None, resume: bool = False
     return PersistentASHA(state_path=_join(storage, study.name, SCHEDULER_STATE), resume=resume, **kw)
 
 
+class TrialLines(Callback):
+    """One compact line per trial event on the console instead of Ray's status tables: the trial,
+    what it searched, epoch k/n and the scheduler's metric; its end (finished, stopped, error)."""
+
+    def __init__(self, study: Study, epochs: int) -> None:
+        self.metric, self.epochs = study.scheduler.metric, epochs
+        self.objective = study.metrics[0]
+
+    @staticmethod
+    def _name(trial: Any) -> str:
+        params = {k: v for k, v in (trial.config or {}).items() if k != SEED_KEY}
+        shown = " ".join(f"{k.rsplit('.', 1)[-1]}={v:.3g}" if isinstance(v, float) else
+                         f"{k.rsplit('.', 1)[-1]}={v}" for k, v in sorted(params.items()))
+        return f"{trial.trial_id.rsplit('_', 1)[-1]} {shown}".strip()
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if R.is_final(result):
+            value = result.get(self.objective)
+            shown = f"{value:.4f}" if isinstance(value, float) else "-"
+            print(f"  trial {self._name(trial)}: evaluated, {self.objective} = {shown} "
+                  f"(clean {result.get('clean_acc', float('nan')):.4f})", flush=True)
+        elif R.EPOCH in result and "epoch_time_s" in result:
+            value = result.get(self.metric, result.get("val_robust_acc"))
+            shown = f"{self.metric} {value:.4f}" if isinstance(value, float) else ""
+            print(f"  trial {self._name(trial)}: epoch {int(result[R.EPOCH])}/{self.epochs} {shown} "
+                  f"({result['epoch_time_s']:.1f} s)", flush=True)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        print(f"  trial {self._name(trial)}: error (its log is in {trial.local_path})", flush=True)
+
+
 class TrackingWatch(Callback):
     """On the driver's console: which trials' MLflow records an outage holds back (rank 0 logs to
     MLflow from Ray workers, whose logs the console does not show), and when it is over."""
@@ -330,7 +364,7 @@ def _local_checkpoint(path: str) -> Iterator[Path]:
 
 
 def build_tuner(study: Study, *, storage: str, smoke_test: bool = False, resume: bool = False,
-                max_concurrent: int, tracking: StudyTracking | None = None) -> Any:
+                max_concurrent: int, tracking: StudyTracking | None = None, verbose: bool = False) -> Any:
     from ray import tune
 
     if smoke_test:
@@ -344,9 +378,13 @@ def build_tuner(study: Study, *, storage: str, smoke_test: bool = False, resume:
             raise FileNotFoundError(f"no study to resume at {path}; run it first without --resume")
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                   restart_errored=False)  # the scheduler's state: PersistentASHA
-    run_config = tune.RunConfig(name=name, storage_path=storage, verbose=1,
+    callbacks: list[Any] = [] if verbose else [TrialLines(study, study.train.optim.epochs)]
+    if tracking is not None:
+        callbacks.append(TrackingWatch(tracking.uri))
+    # Ray's per-trial status tables only with --verbose; the compact lines above otherwise.
+    run_config = tune.RunConfig(name=name, storage_path=storage, verbose=1 if verbose else 0,
                                 failure_config=tune.FailureConfig(max_failures=study.max_failures),
-                                callbacks=[TrackingWatch(tracking.uri)] if tracking is not None else [])
+                                callbacks=callbacks)
     if study.kind == "ablation":
         param_space = {**{k: tune.grid_search(list(v)) for k, v in study.grid.items()},
                        SEED_KEY: tune.grid_search(list(study.seeds))}
@@ -371,7 +409,7 @@ def _smoke(study: Study) -> Study:
 def run_study(study: Study, *, address: str | None = None, storage: str | None = None, resume: bool = False,
               smoke_test: bool = False, num_cpus: int | None = None, wait_for_resources: bool = False,
               tracking_uri: str | None = None, track: bool = True,
-              resume_command: str | None = None) -> dict[str, Any]:
+              resume_command: str | None = None, verbose: bool = False) -> dict[str, Any]:
     """Run a sweep or an ablation to the end, or until Ctrl+C / SIGTERM; return its summary (also
     written as JSON). An interrupted study says so (summary, MLflow) and is continued by ``--resume``.
 
@@ -396,17 +434,17 @@ def run_study(study: Study, *, address: str | None = None, storage: str | None =
         check_tracking(uri)
     interruption = Interruption()
     with study_lock(study_path):
-        init_ray(address, num_cpus=num_cpus)
+        init_ray(address, num_cpus=num_cpus, verbose=verbose)
         # After Ray's start: its core worker installs a SIGTERM handler of its own that kills the driver.
         with interruption.installed():
             return _run_locked(study, interruption, address=address, storage=storage, resume=resume,
                                smoke_test=smoke_test, wait_for_resources=wait_for_resources, uri=uri,
-                               study_path=study_path, resume_command=resume_command)
+                               study_path=study_path, resume_command=resume_command, verbose=verbose)
 
 
 def _run_locked(study: Study, interruption: Interruption, *, address: str | None, storage: str, resume: bool,
                 smoke_test: bool, wait_for_resources: bool, uri: str | None, study_path: str,
-                resume_command: str | None) -> dict[str, Any]:
+                resume_command: str | None, verbose: bool = False) -> dict[str, Any]:
     """The study once its lock is held and Ray runs: resources, MLflow, Tune, the summary."""
     try:
         fits = check_resources(study, alive_nodes())
@@ -429,7 +467,7 @@ def _run_locked(study: Study, interruption: Interruption, *, address: str | None
     t0 = time.perf_counter()
     try:
         tuner = build_tuner(study, storage=storage, smoke_test=smoke_test, resume=resume,
-                            max_concurrent=max_concurrent, tracking=tracking)
+                            max_concurrent=max_concurrent, tracking=tracking, verbose=verbose)
         results = tuner.fit()
     except KeyboardInterrupt:  # a second signal: stopped at once; the last saved state resumes
         if tracking is not None:
