@@ -17,25 +17,9 @@ import time
 
 import torch
 
-from ancra_tune.attacks import pgd
 from ancra_tune.checkpoint import load_model
 from ancra_tune.robustness import SuiteConfig, build_report, evaluate_model, load_eval_data, seeded_subset
-from ancra_tune.robustness.masked import KINDS, MaskedModel
-from ancra_tune.robustness.runner import LogitsOnly
-
-
-def reference(model, base, x, y, eps: float) -> float:
-    from pyautoattack.square import SquareAttack
-
-    torch.manual_seed(1)
-    transfer = pgd(base, x, y, eps=eps, step_size=eps / 4, steps=40, bn="eval",
-                   generator=torch.Generator().manual_seed(7))
-    sq = SquareAttack(LogitsOnly(model), p_init=0.8, n_queries=5000, eps=eps, norm="Linf", n_restarts=1, seed=123,
-                      verbose=False, device=x.device, resc_schedule=False)
-    with torch.no_grad():
-        square = sq.perturb(x, y)
-        ok = (model(transfer).logits.argmax(1) == y) & (model(square).logits.argmax(1) == y)
-    return ok.float().mean().item()
+from ancra_tune.robustness.masked import KINDS, MaskedModel, reference_accuracy
 
 
 def main() -> None:
@@ -57,7 +41,7 @@ def main() -> None:
     print("| model | preset | worst case | reference | flagged | failing checks | time (s) |")
     print("|---|---|---|---|---|---|---|")
     for name, model in models.items():
-        ref = reference(model, base, x, y, eps)
+        ref = reference_accuracy(model, base, x, y, eps=eps)
         for preset in a.presets.split(","):
             suite = SuiteConfig.preset_config(preset, eps=eps, n_examples=None, features=False)
             torch.manual_seed(0)

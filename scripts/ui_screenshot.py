@@ -1,5 +1,6 @@
-"""Screenshot the MLflow UI as a user sees it: a study's runs list with its nested trials and
-their robust-accuracy columns, taken with headless Chromium.
+"""Screenshot the MLflow UI as a user sees it after `ancra-tune ui STUDY`: the study's runs list
+in the view ancra-tune saves for it (trials sorted by the worst case, robust metrics, parameters,
+outcomes and flags as columns), taken with headless Chromium.
 
     python scripts/ui_screenshot.py --experiment quickstart --out ui.png
 
@@ -23,12 +24,6 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-METRICS = ("robust_acc_worst", "clean_acc", "acc_pgd10_final", "acc_pgd10_sum", "val_robust_acc")
-PARAMS = ("method.anc", "model.ra", "method.gamma")
-TAGS = ("ancra.status", "check.final_output_not_masked")
-HIDDEN = ("Dataset", "Source")
-
-
 def find_browser() -> tuple[str, str] | None:
     """(chromium, chromedriver) paths, or None when either is missing."""
     browser = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)),
@@ -43,16 +38,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def screenshot(url: str, experiment_id: str, out: Path, *, width: int = 1900, height: int = 1000,
-               metrics: tuple[str, ...] = METRICS, params: tuple[str, ...] = PARAMS,
-               tags: tuple[str, ...] = TAGS) -> dict[str, Any]:
-    """Open the experiment's runs table, expand the study runs, show the columns, save a PNG.
-    Returns what the page showed: the column headers and the run names in the table."""
+def screenshot(url: str, out: Path, *, width: int = 1900, height: int = 1000) -> dict[str, Any]:
+    """Open ``url`` (what `ancra-tune ui` prints: the study's runs list in its shared view), save a
+    PNG. Returns what the page showed: the column headers and the run names in the table."""
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -67,44 +59,13 @@ def screenshot(url: str, experiment_id: str, out: Path, *, width: int = 1900, he
     driver = webdriver.Chrome(service=Service(found[1]), options=options)
     wait = WebDriverWait(driver, 60)
     try:
-        driver.get(f"{url}/#/experiments/{experiment_id}/runs")
-        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "[data-testid='column-selection-dropdown']")))
+        driver.get(url)
         wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "[role='gridcell'] a")))
-        time.sleep(1)
+        time.sleep(2)
         for close in driver.find_elements(By.CSS_SELECTOR, "button[aria-label='Close']"):  # assistant panel
             if close.is_displayed():
                 close.click()
-        # Expand every parent (study) row: its trials appear nested beneath it.
-        for _ in range(3):
-            expanders = [b for b in driver.find_elements(By.CSS_SELECTOR, "[role='gridcell'] button")
-                         if "btn-link" in (b.get_attribute("class") or "") and b.is_displayed()]
-            if not expanders:
-                break
-            for b in expanders:
-                if b.get_attribute("aria-expanded") != "true":
-                    b.click()
-                    time.sleep(0.5)
-            break
-        # Columns: hide two attributes, show the robust metrics, the searched params, the verdicts.
-        driver.find_element(By.XPATH, "//button[@data-testid='column-selection-dropdown'][.//*[text()='Columns'] "
-                                      "or contains(., 'Columns')]").click()
-        box = wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, "input[placeholder='Search columns']")))
-        for name in (*HIDDEN, *metrics, *params, *tags):
-            box.send_keys(Keys.CONTROL, "a")
-            box.send_keys(Keys.DELETE)
-            box.send_keys(name)
-            time.sleep(0.4)
-            # The filter highlights the typed text inside longer names (val_clean_acc): take only
-            # an item whose whole label is the name.
-            items = driver.find_elements(By.XPATH, f"//*[normalize-space(text())='{name}']")
-            items = [i for i in items if i.is_displayed() and
-                     i.find_element(By.XPATH, "..").text.strip() == name]
-            if items:
-                items[-1].click()
-                time.sleep(0.3)
-        box.send_keys(Keys.ESCAPE)
-        driver.find_element(By.TAG_NAME, "body").click()
-        time.sleep(1.5)
+        time.sleep(1)
         headers = list(dict.fromkeys(h.text.strip() for h in driver.find_elements(By.CSS_SELECTOR,
                                                                                   "[role='columnheader']")
                                      if h.text.strip()))
@@ -112,13 +73,13 @@ def screenshot(url: str, experiment_id: str, out: Path, *, width: int = 1900, he
                 if a.text.strip()]
         out.parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(out))
-        return {"headers": headers, "links": rows, "screenshot": str(out)}
+        return {"url": url, "headers": headers, "links": rows, "screenshot": str(out)}
     finally:
         driver.quit()
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainables.tracking import client, is_local, resolve_tracking_uri, serve_ui, wait_for_server
+    from trainables.tracking import client, is_local, resolve_tracking_uri, serve_ui, study_url, wait_for_server
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--experiment", default="quickstart", help="the study's name (its MLflow experiment)")
@@ -134,10 +95,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if is_local(uri):  # the UI of the local store, for the time of the screenshot
         with serve_ui(uri, port=args.port or _free_port()) as (url, _):
-            seen = screenshot(url, exp.experiment_id, Path(args.out))
+            seen = screenshot(study_url(uri, url, args.experiment), Path(args.out))
     else:
         wait_for_server(uri)
-        seen = screenshot(uri.rstrip("/"), exp.experiment_id, Path(args.out))
+        seen = screenshot(study_url(uri, uri, args.experiment), Path(args.out))
     print(json.dumps(seen, indent=1))
     return 0
 

@@ -12,10 +12,8 @@ import pytest
 import torch
 from helpers import digits_splits, trained_digits_model
 
-from ancra_tune.attacks import pgd
 from ancra_tune.robustness import SuiteConfig, build_report, evaluate_model
-from ancra_tune.robustness.masked import MaskedModel
-from ancra_tune.robustness.runner import LogitsOnly
+from ancra_tune.robustness.masked import MaskedModel, reference_accuracy
 
 EPS = 0.1
 N = 64
@@ -39,19 +37,7 @@ def _evaluate(model, x, y):
 
 
 def _strong_reference(model, base, x, y) -> float:
-    """Accuracy under the stronger of two independent attacks: PGD-40 on the unmasked model, transferred,
-    and Square with 2000 queries (another seed)."""
-    from pyautoattack.square import SquareAttack
-
-    torch.manual_seed(1)
-    transfer = pgd(base, x, y, eps=EPS, step_size=EPS / 4, steps=40, bn="eval",
-                   generator=torch.Generator().manual_seed(7))
-    sq = SquareAttack(LogitsOnly(model), p_init=0.8, n_queries=2000, eps=EPS, norm="Linf", n_restarts=1, seed=123,
-                      verbose=False, device=x.device, resc_schedule=False)
-    with torch.no_grad():
-        square = sq.perturb(x, y)
-        ok = (model(transfer).logits.argmax(1) == y) & (model(square).logits.argmax(1) == y)
-    return ok.float().mean().item()
+    return reference_accuracy(model, base, x, y, eps=EPS, square_queries=2000)
 
 
 def _verdicts(report) -> dict[str, bool | None]:

@@ -6,6 +6,7 @@ Ray in ``test_ray.py``; these check the tracking layer's own promises directly.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -250,10 +251,13 @@ def test_ui_serves_the_local_store_on_loopback_only(tmp_path: Path) -> None:
             api = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=seen_in_ui"
             with urllib.request.urlopen(api, timeout=10) as r:
                 assert b"seen_in_ui" in r.read()
-            # It opens on the study's runs list (not MLflow's home page), sorted by the worst case.
+            # It opens on the study's runs list (not MLflow's home page) in the view it saved: sorted by
+            # the worst case, robust metrics and flags as columns.
             lines = [proc.stdout.readline() for _ in range(2)]
-            assert f"http://127.0.0.1:{port}/#/experiments/{exp}/runs?orderByKey=metrics.%60robust_acc_worst%60" \
-                   "&orderByAsc=false" in "".join(lines), lines
+            assert f"http://127.0.0.1:{port}/#/experiments/{exp}/runs?viewStateShareKey=ancra" in "".join(lines), lines
+            view = json.loads(tr.client(uri).get_experiment(exp).tags["mlflow.sharedViewState.ancra"])
+            assert view["orderByKey"] == "metrics.`robust_acc_worst`" and view["orderByAsc"] is False
+            assert {"metrics.`robust_acc_worst`", "tags.`ancra.flagged`"} <= set(view["selectedColumns"])
             host_ip = socket.gethostbyname(socket.gethostname())
             if not host_ip.startswith("127."):  # bound to loopback: another interface is refused
                 with socket.socket() as s:

@@ -32,10 +32,11 @@ def test_runs_list_shows_nested_trials_and_robust_columns(tmp_path: Path) -> Non
     assert shown.returncode == 0, shown.stderr[-3000:]
 
     seen = json.loads(shown.stdout[shown.stdout.index("{"):])
-    for column in ("robust_acc_worst", "clean_acc", "acc_pgd10_sum", "val_robust_acc", "method.anc", "model.ra",
-                   "ancra.status", "check.final_output_not_masked"):
+    for column in ("robust_acc_worst", "clean_acc", "val_robust_acc", "method.anc", "model.ra", "ancra.status",
+                   "ancra.flagged", "check.final_output_not_masked"):
         assert column in seen["headers"], seen["headers"]
     trials = [name for name in seen["links"] if name.startswith("trial ")]
-    assert "quickstart" in seen["links"] and len(trials) == 2  # the study and its two nested trials
+    assert "quickstart" in seen["links"] and len(trials) == 2  # the study and its two trials
+    assert "viewStateShareKey=ancra" in seen["url"]
     png = out.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000

@@ -657,28 +657,40 @@ def download_checkpoint(uri: str, model_uri: str, dst: str | Path) -> tuple[Path
 # --------------------------------------------------------------------------- the UI
 
 
+VIEW_KEY = "ancra"  # the experiment's shared view: MLflow keeps it as tag mlflow.sharedViewState.<key>
+VIEW_COLUMNS = (*(f"metrics.`{m}`" for m in (DEFAULT_METRIC, "clean_acc", "autoattack_acc", "val_robust_acc")),
+                *(f"params.`{p}`" for p in ("method.base_loss", "method.anc", "model.ra", "method.alpha", "method.zeta",
+                                            "method.gamma", "seed")),
+                *(f"tags.`{t}`" for t in (STATUS, "ancra.flagged", "check.final_output_not_masked")))
+
+
+def share_view(mc: Any, experiment_id: str, *, expand: list[str] = ()) -> str:
+    """Save the view a study is read in as the experiment's shared view (MLflow's own mechanism:
+    the tag ``mlflow.sharedViewState.<key>``, opened by ``?viewStateShareKey=<key>``): its trials
+    sorted by the worst-case robust accuracy, best first, with the robust metrics, the searched
+    parameters, each trial's outcome and flags as columns, the study runs expanded."""
+    state = {"orderByKey": f"metrics.`{DEFAULT_METRIC}`", "orderByAsc": False, "selectedColumns": list(VIEW_COLUMNS),
+             "runsExpanded": dict.fromkeys(expand, True)}
+    mc.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps(state))
+    return VIEW_KEY
+
+
 def study_url(uri: str, ui: str, study: str | None = None) -> str:
     """The UI address of a study's runs list (the experiment ``study``, else the one whose study run
-    started last), sorted by the worst-case robust accuracy so that column is shown, best first.
-    Experiments are model-training experiments, so the UI opens on their runs table."""
-    from urllib.parse import quote
-
+    started last) in its shared view (:func:`share_view`). Experiments are model-training
+    experiments, so the UI opens on their runs table, not on MLflow's GenAI home."""
     mc = client(uri)
-    if study is not None:
-        exp = mc.get_experiment_by_name(study)
-        if exp is None:
-            raise TrackingError(f"no study {study!r} in {uri}")
-        exp_id = exp.experiment_id
-    else:
-        exps = [e.experiment_id for e in mc.search_experiments(max_results=1000)]
-        latest = mc.search_runs(exps, filter_string=f"tags.`{ROLE}` = 'study'",
-                                order_by=["attributes.start_time DESC"], max_results=1) if exps else []
-        if not latest:
-            return ui.rstrip("/")
-        exp_id = latest[0].info.experiment_id
-    order = quote(f"metrics.`{DEFAULT_METRIC}`")
-    return f"{ui.rstrip('/')}/#/experiments/{exp_id}/runs?orderByKey={order}&orderByAsc=false"
-
+    exps = [mc.get_experiment_by_name(study)] if study is not None else mc.search_experiments(max_results=1000)
+    if study is not None and exps[0] is None:
+        raise TrackingError(f"no study {study!r} in {uri}")
+    ids = [e.experiment_id for e in exps if e is not None]
+    runs = mc.search_runs(ids, filter_string=f"tags.`{ROLE}` = 'study'", order_by=["attributes.start_time DESC"],
+                          max_results=1) if ids else []
+    if not runs and study is None:
+        return ui.rstrip("/")
+    exp_id = runs[0].info.experiment_id if runs else ids[0]
+    key = share_view(mc, exp_id, expand=[r.info.run_id for r in runs])
+    return f"{ui.rstrip('/')}/#/experiments/{exp_id}/runs?viewStateShareKey={key}"
 
 
 @contextlib.contextmanager

@@ -432,6 +432,11 @@ def run_study(study: Study, *, address: str | None = None, storage: str | None =
     if track:  # before Ray starts: an unreachable tracking server fails in seconds
         uri = resolve_tracking_uri(tracking_uri)
         check_tracking(uri)
+    if not verbose:  # no Tune tables or TensorBoard hints on the console; TrialLines speaks instead
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
     interruption = Interruption()
     with study_lock(study_path):
         init_ray(address, num_cpus=num_cpus, verbose=verbose)

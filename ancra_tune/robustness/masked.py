@@ -68,3 +68,24 @@ class MaskedModel(nn.Module):
             return ModelOutput(logits=out.logits * self.scale, aux_logits=tuple(a * self.scale for a in out.aux_logits),
                                features=out.features)
         return out
+
+
+def reference_accuracy(model: nn.Module, base: nn.Module, x: Tensor, y: Tensor, *, eps: float,
+                       square_queries: int = 5000, seed: int = 123) -> float:
+    """What an independent strong attack leaves of ``model`` (a masked wrapper of ``base``): examples
+    that survive both PGD-40 crafted on the unmasked ``base`` and transferred, and a Square run of
+    ``square_queries`` queries with its own seed. The evaluation's worst case must not exceed it."""
+    from pyautoattack.square import SquareAttack
+
+    from ..attacks import pgd
+    from .runner import LogitsOnly
+
+    torch.manual_seed(seed)
+    transfer = pgd(base, x, y, eps=eps, step_size=eps / 4, steps=40, bn="eval",
+                   generator=torch.Generator().manual_seed(seed))
+    sq = SquareAttack(LogitsOnly(model), p_init=0.8, n_queries=square_queries, eps=eps, norm="Linf", n_restarts=1,
+                      seed=seed, verbose=False, device=x.device, resc_schedule=False)
+    with torch.no_grad():
+        square = sq.perturb(x, y)
+        ok = (model(transfer).logits.argmax(1) == y) & (model(square).logits.argmax(1) == y)
+    return ok.float().mean().item()
