@@ -4,7 +4,7 @@ works on CPU/gloo, and collective checks.
 With DDP each worker sees B/W examples. Plain BatchNorm then normalises with per-worker
 statistics, so W workers do not train the same model as one worker with the whole batch.
 :class:`SyncBatchNorm2d` all-reduces the batch sums (differentiably) so the statistics are
-those of the global batch, on any device; torch's own SyncBatchNorm needs CUDA.
+those of the global batch, on any device; on CUDA torch's own SyncBatchNorm is used instead.
 """
 
 from __future__ import annotations
@@ -46,7 +46,16 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
 
 
 def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
-    """Replace every BatchNorm2d by :class:`SyncBatchNorm2d`, keeping parameters and buffers."""
+    """Synchronise every BatchNorm2d across the workers, keeping parameters and buffers: torch's
+    own :class:`torch.nn.SyncBatchNorm` (CUDA kernels, NCCL) for a model on a GPU, else
+    :class:`SyncBatchNorm2d`. In place for a model that is not itself a BatchNorm layer."""
+    first = next(iter(module.parameters()), None)
+    if first is not None and first.is_cuda:
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return _convert_portable(module)
+
+
+def _convert_portable(module: nn.Module) -> nn.Module:
     if isinstance(module, nn.BatchNorm2d) and not isinstance(module, SyncBatchNorm2d):
         new = SyncBatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
                               module.track_running_stats)
@@ -54,8 +63,26 @@ def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
         new.train(module.training)
         return new.to(next(iter(module.state_dict().values())).device)
     for name, child in module.named_children():
-        setattr(module, name, convert_sync_batchnorm(child))
+        setattr(module, name, _convert_portable(child))
     return module
+
+
+def ddp_wrap(model: nn.Module, device: torch.device, *, sync_batchnorm: bool = True) -> nn.Module:
+    """The model as a data-parallel worker trains it: BatchNorm synchronised (in place, so the
+    bare model that attacks, checkpoints and validates sees the same layers), wrapped in DDP.
+
+    DDP does not broadcast buffers. Its broadcast writes rank 0's running statistics into every
+    BatchNorm in place before each forward, and an ANCRA step makes three train-mode forwards
+    before one backward; on CUDA, cuDNN's BatchNorm keeps the running statistics for its
+    backward, so the second broadcast invalidates the first forward's graph (autograd: "modified
+    by an inplace operation"). With synchronised BatchNorm every rank computes the same running
+    statistics anyway; without it each rank keeps its own, and rank 0's are the ones saved.
+    """
+    if sync_batchnorm:
+        convert_sync_batchnorm(model)
+    ids = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
 
 
 def all_true(flag: bool, device: torch.device) -> bool:

@@ -308,7 +308,10 @@ class Trainer:
         steps, images = 0, 0
         t0 = time.perf_counter()
         bar = self._progress(loader, epoch)
+        to_nhwc = self.cfg.channels_last and self.device.type == "cuda"
         for step, (x, y) in enumerate(bar):
+            if to_nhwc:  # inputs in the weights' memory format: no layout conversion per convolution
+                x = x.contiguous(memory_format=torch.channels_last)
             loss, parts = ancra_step(self.train_model, x, y, cfg=self.cfg, epoch=epoch, generator=gen)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -13,6 +13,9 @@ arithmetic, Python) is overhead. Run:
     python benchmarks/bench_step.py                      # small CNN and ResNet-18, CPU
     python benchmarks/bench_step.py --models resnet18 --batch 128 --device cuda   # adds bf16 and channels-last
 
+Each model runs the released schedule and the speed options (attack.schedule batched,
+method.joint_forward true: see the README for what they change).
+
 Prints a table and writes JSON with --json PATH.
 """
 
@@ -50,10 +53,13 @@ def _sync(device: torch.device) -> None:
 
 
 def bench(model_name: str, batch: int, device: torch.device, *, precision: str, channels_last: bool,
-          rounds: int, warmup: int) -> dict[str, float | str]:
+          rounds: int, warmup: int, fast: bool = False) -> dict[str, float | str]:
+    """fast: the speed options (one AE+OE attack batch of 2B, one loss forward of 3B) instead of
+    the released schedule (OE attack, then AE attack; three loss forwards)."""
+    speed = {"attack.schedule": "batched", "method.joint_forward": True} if fast else {}
     cfg = TrainConfig.from_dict({"model.name": model_name, "method.base_loss": "trades", "method.anc": True,
                                  "method.targeted": True, "model.ra": True, "precision": precision,
-                                 "channels_last": channels_last, "progress": False})
+                                 "channels_last": channels_last, "progress": False, **speed})
     info = DataInfo(num_classes=10, in_channels=3, image_size=32, mean=(0.4914, 0.4822, 0.4465),
                     std=(0.2471, 0.2435, 0.2616), classes=tuple(map(str, range(10))))
     torch.manual_seed(0)
@@ -114,7 +120,8 @@ def bench(model_name: str, batch: int, device: torch.device, *, precision: str, 
     step = statistics.median(t_step)
     unavoidable = steps * statistics.median(t_attack) + statistics.median(t_loss)
     return {"model": model_name, "device": str(device), "precision": precision,
-            "channels_last": channels_last, "batch": batch, "step_s": step, "unavoidable_s": unavoidable,
+            "channels_last": channels_last, "schedule": "fast" if fast else "released", "batch": batch,
+            "step_s": step, "unavoidable_s": unavoidable,
             "efficiency": unavoidable / step, "images_per_s": batch / step}
 
 
@@ -129,17 +136,19 @@ def main() -> int:
     a = p.parse_args()
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if a.device == "auto" else a.device))
-    variants = [("fp32", False)]
+    variants = [("fp32", False, False), ("fp32", False, True)]
     if device.type == "cuda":
-        variants += [("bf16", False), ("fp32", True), ("bf16", True)]
+        variants += [("bf16", False, False), ("fp32", True, False), ("bf16", True, False), ("bf16", True, True)]
     rows = []
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}", file=sys.stderr)
     for name in a.models:
         batch = a.batch or (32 if name != "small_cnn" and device.type == "cpu" else 128)
-        for precision, cl in variants:
-            r = bench(name, batch, device, precision=precision, channels_last=cl, rounds=a.rounds, warmup=a.warmup)
+        for precision, cl, fast in variants:
+            r = bench(name, batch, device, precision=precision, channels_last=cl, rounds=a.rounds, warmup=a.warmup,
+                      fast=fast)
             rows.append(r)
-            print(f"{r['model']:<12} {r['device']:<5} {r['precision']:<5} cl={int(cl)} batch={batch:<4} "
+            print(f"{r['model']:<12} {r['device']:<5} {r['precision']:<5} cl={int(cl)} {r['schedule']:<8} "
+                  f"batch={batch:<4} "
                   f"step={r['step_s'] * 1e3:8.1f} ms  unavoidable={r['unavoidable_s'] * 1e3:8.1f} ms  "
                   f"efficiency={r['efficiency']:.3f}  {r['images_per_s']:8.1f} img/s", flush=True)
     if a.json:

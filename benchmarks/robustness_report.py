@@ -41,6 +41,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--n", type=int, default=500, help="validation examples evaluated")
     p.add_argument("--preset", choices=("full", "quick"), default="full")
+    p.add_argument("--models", nargs="+", choices=tuple(MODELS), default=list(MODELS),
+                   help="which models to evaluate (each is still the other's transfer source)")
     a = p.parse_args()
     root = a.eval_only or a.out
     ckpts = {name: root / name / "checkpoint.pt" for name in MODELS}
@@ -53,6 +55,8 @@ def main() -> None:
             print(f"{name}: trained in {time.perf_counter() - t:.0f} s", flush=True)
     suite = SuiteConfig.preset_config(a.preset, eps=0.3, n_examples=a.n)
     for name, other in (("pgd_at", "trades_ancra"), ("trades_ancra", "pgd_at")):
+        if name not in a.models:
+            continue
         t = time.perf_counter()
         report = evaluate_checkpoint(ckpts[name], suite, split="val", source=ckpts[other],
                                      out_dir=a.out / name / f"eval_{a.preset}", progress=False)

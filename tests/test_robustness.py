@@ -16,6 +16,7 @@ from ancra_tune.robustness import (
     plan_attacks,
     run_attack,
 )
+from ancra_tune.robustness.suite import SURROGATES
 
 EPS = 0.15
 
@@ -96,7 +97,10 @@ def test_ra_attacked_only_through_final_output_is_flagged(tmp_path: Path) -> Non
     assert check.passed is False and check.scope == "final", check
     assert "pgd10_final" in report.masked_metrics
     assert report.flags("acc_pgd10_final") and report.credible("acc_pgd10_final") == report.robust_acc_worst
-    assert report.robust_acc_worst < min(a.accuracy for a in report.attacks if a.in_worst_case)
+    # The gate masks PGD on P': an adaptive attack leaves fewer examples correct than PGD on P' does.
+    pgd_final = next(a.accuracy for a in report.attacks if a.name == "pgd10_final")
+    adaptive = min(a.accuracy for a in report.attacks if a.target in SURROGATES)
+    assert report.robust_acc_worst <= adaptive < pgd_final
 
 
 def _fake(batch_idx, clean, **correct):

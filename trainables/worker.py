@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ancra_tune.config import TrainConfig
-from ancra_tune.distributed import convert_sync_batchnorm
+from ancra_tune.distributed import ddp_wrap
 from ancra_tune.robustness import EvalReport, SuiteConfig
 from ancra_tune.trainer import CHECKPOINT_NAME, Callback, DivergedError, Trainer
 
@@ -91,12 +91,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def wrap(model: torch.nn.Module) -> torch.nn.Module:
         if world == 1:
             return model
-        if config.get("sync_batchnorm", True):
-            # In place: the trainer's model and the DDP module are one object, so checkpoints,
-            # attacks and validation all see the synchronised layers.
-            convert_sync_batchnorm(model)
-        ids = [device.index] if device.type == "cuda" else None
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        return ddp_wrap(model, device, sync_batchnorm=config.get("sync_batchnorm", True))
 
     # One folder per Train run and rank, emptied first: a restarted worker group reuses (and so
     # cleans up) what a killed one left behind.
