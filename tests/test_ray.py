@@ -45,6 +45,8 @@ def _results(trial_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_quickstart_study_end_to_end(ray_local, tmp_path: Path, mlflow_server: str) -> None:
     """8 trials, two at a time; ASHA stops some; every sample respects the conditional space;
     MLflow (a real server) gets one parent and one child per trial; `best` registers the winner."""
@@ -153,7 +155,8 @@ def _check_tracked_study(uri: str, study, summary: dict) -> None:
                 assert run.data.tags["attack.apgd-t_softgate"] == "apgd-t on softgate"
             assert run.data.tags["ancra.model_uri"].startswith("models:/")
             arts = {a.path for a in mc.list_artifacts(run.info.run_id, "evaluation")}
-            assert arts == {"evaluation/report.json", "evaluation/features_hist.png", "evaluation/embedding.png"}
+            assert arts == {"evaluation/report.json", "evaluation/features_hist.png", "evaluation/embedding.png",
+                            "evaluation/robustness_card.png"}
             assert [a.path for a in mc.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/checkpoint.pt"]
             local = mc.download_artifacts(run.info.run_id, "evaluation/report.json", str(t["trial_dir"]))
             report = json.loads(Path(local).read_text())

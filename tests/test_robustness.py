@@ -170,7 +170,7 @@ def test_cli_eval_writes_report_and_pngs(tmp_path: Path, capsys) -> None:
 
     ckpt = tmp_path / "std"
     assert main(["train", "quickstart", "--set", "optim.epochs=1", "--set", "model.ra=false", "--set",
-                 "method.anc=false", "--out", str(ckpt), "--quiet"]) == 0
+                 "method.anc=false", "--set", "data.train_limit=256", "--out", str(ckpt), "--quiet"]) == 0
     out = tmp_path / "eval"
     rc = main(["eval", str(ckpt / "checkpoint.pt"), "--quick", "--n", "64", "--no-autoattack", "--deploy-ra",
                "--out", str(out), "--quiet"])
@@ -186,6 +186,7 @@ def test_cli_eval_writes_report_and_pngs(tmp_path: Path, capsys) -> None:
     assert "deployment_ra" in text and "gradient-masking checks" in text
     # The RA model's quickstart checkpoint cannot be "deployed": it already has RA.
     ra_ckpt = tmp_path / "ra"
-    assert main(["train", "quickstart", "--set", "optim.epochs=1", "--out", str(ra_ckpt), "--quiet"]) == 0
+    assert main(["train", "quickstart", "--set", "optim.epochs=1", "--set", "data.train_limit=64", "--set",
+                 "eval.max_examples=32", "--out", str(ra_ckpt), "--quiet"]) == 0
     assert main(["eval", str(ra_ckpt / "checkpoint.pt"), "--deploy-ra", "--quiet"]) == 2
     assert "trained with RA" in capsys.readouterr().err

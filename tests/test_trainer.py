@@ -154,7 +154,7 @@ def test_real_training_lowers_loss_and_raises_robust_accuracy(shared_data: Path,
         "data.dataset": "npz", "data.train_file": str(shared_data / "mnist" / "train60000.npz"),
         "data.train_limit": 2000, "data.val_size": 1000, "data.batch_size": 100, "model.name": "small_cnn",
         "attack.eps": 0.1, "attack.step_size": 0.03, "attack.steps": 5, "eval.pgd_step_size": 0.03,
-        "eval.pgd_steps": 5, "eval.max_examples": 300, "optim.epochs": 2, "optim.lr": 0.05,
+        "eval.pgd_steps": 5, "eval.max_examples": 200, "optim.epochs": 2, "optim.lr": 0.05,
         "optim.milestones": [1.0], "progress": False, "out_dir": str(tmp_path)})
     trainer = Trainer(cfg)
     before = trainer.validate()
