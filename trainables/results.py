@@ -24,6 +24,7 @@ CHECKPOINT_PATH = "checkpoint_path"  # added by Ray's TuneReportCallback when a 
 MLFLOW_PENDING = "mlflow_pending"  # epochs (and an evaluation) rank 0 could not log yet: the driver warns
 MLFLOW_ERROR = "mlflow_error"
 OBJECTIVE_PREFIX = "objective."
+TIMING_PREFIX = "timing."  # where a trial's wall time went (benchmarks/trial_overhead.py reads them)
 #: files of a finished Train run's last checkpoint, beside checkpoint.pt: their presence marks it complete
 FINAL_NAME = "final.json"
 REPORT_NAME = "report.json"
@@ -73,4 +74,5 @@ def is_epoch(row: Mapping[str, Any]) -> bool:
 
 def metrics_of(row: Mapping[str, Any]) -> dict[str, Any]:
     """A row without its bookkeeping keys."""
-    return {k: v for k, v in row.items() if k not in BOOKKEEPING and not k.startswith(OBJECTIVE_PREFIX)}
+    return {k: v for k, v in row.items()
+            if k not in BOOKKEEPING and not k.startswith((OBJECTIVE_PREFIX, TIMING_PREFIX))}

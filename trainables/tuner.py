@@ -154,6 +154,7 @@ def run_trial(params: dict[str, Any], *, study: Study, storage: str,
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    trial_start = time.time()
     params = dict(params)
     seed = int(params.pop(SEED_KEY, study.seeds[0]))
     cfg = study.train_config(params, seed)
@@ -190,6 +191,20 @@ def run_trial(params: dict[str, Any], *, study: Study, storage: str,
         # Train restored a run that had already finished (the study was interrupted between the
         # run's end and the trial's): its evaluation never reached this trial, so forward it.
         ray.tune.report(final)
+    _write_timing(trial_start, started, final)
+
+
+def _write_timing(trial_start: float, fit_start: float, final: dict[str, Any]) -> None:
+    """Where the trial's wall time went, beside its results (benchmarks/trial_overhead.py)."""
+    import ray.tune
+
+    timing = {k[len(R.TIMING_PREFIX):]: v for k, v in final.items() if k.startswith(R.TIMING_PREFIX)}
+    timing.update(trial_start=trial_start, fit_start=fit_start, fit_end=time.time(),
+                  train_time_s=final.get("train_time_s"))
+    try:
+        Path(ray.tune.get_context().get_trial_dir(), "timing.json").write_text(json.dumps(timing))
+    except OSError as e:  # a remote trial folder: the numbers are also in the trial's final result
+        log.debug("timing.json not written: %s", e)
 
 
 def trial_spec(tracking: StudyTracking, trial_id: str, params: dict[str, Any], seed: int, cfg: Any) -> TrialSpec:

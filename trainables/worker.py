@@ -82,6 +82,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    timing = {R.TIMING_PREFIX + "worker_start": time.time()}
     torch.set_num_threads(_threads(config.get("cpus_per_worker", 1.0)))
     cfg = TrainConfig.from_dict(config["train"])
     ctx = ray.train.get_context()
@@ -108,6 +109,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     callbacks = ([MlflowEpochs(recorder)] if recorder is not None and rank == 0 else []) + [RayReport(recorder)]
     trainer = Trainer(cfg, device=device, rank=rank, world_size=world, out_dir=out_dir, wrap_model=wrap,
                       callbacks=callbacks)
+    timing[R.TIMING_PREFIX + "setup_s"] = time.time() - timing[R.TIMING_PREFIX + "worker_start"]
     try:
         checkpoint = ray.train.get_checkpoint()  # set when the worker group restarts after a failure
         if checkpoint is not None:
@@ -126,7 +128,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 # none is left: the run stopped between its last epoch and its evaluation).
                 shutil.copy2(Path(d) / CHECKPOINT_NAME, out_dir / CHECKPOINT_NAME)
         try:
+            t = time.time()
             trainer.fit()
+            timing[R.TIMING_PREFIX + "fit_s"] = time.time() - t
         except DivergedError as e:
             # Every worker raises at the same step (a collective check): report and end cleanly,
             # so the trial ends as `diverged` instead of being retried.
@@ -135,13 +139,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             return
         if config.get("eval") is not None:  # the end-of-trial evaluation, unless none is asked for
             suite = SuiteConfig.from_mapping(config["eval"], section="eval")
-            _report_final(trainer, suite, rank, recorder, objective=config.get("objective", ()))
+            _report_final(trainer, suite, rank, recorder, objective=config.get("objective", ()), timing=timing)
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
 
 
 def _report_final(trainer: Trainer, suite: SuiteConfig, rank: int, recorder: TrialRecorder | None, *,
-                  objective: list[str] | tuple[str, ...]) -> None:
+                  objective: list[str] | tuple[str, ...], timing: dict[str, float] | None = None) -> None:
     import ray.train
 
     if rank != 0:
@@ -150,15 +154,20 @@ def _report_final(trainer: Trainer, suite: SuiteConfig, rank: int, recorder: Tri
     with tempfile.TemporaryDirectory() as d:
         # The evaluation travels with the last checkpoint: its presence marks the run as complete.
         shutil.copy2(trainer.out_dir / CHECKPOINT_NAME, Path(d) / CHECKPOINT_NAME)
+        t = time.time()
         report = evaluate_trial(trainer, suite, plots_dir=Path(d) if recorder else None)
+        timing = {**(timing or {}), R.TIMING_PREFIX + "eval_s": time.time() - t}
         final = R.final_row(report, training_times(trainer), objective)
         (Path(d) / FINAL_NAME).write_text(json.dumps(final))
         report.save(Path(d) / REPORT_NAME)
+        t = time.time()
         if recorder is not None:
             recorder.epochs(trainer.history)  # a last chance for epochs an outage held back
             _track_final(recorder, Path(d), epochs=trainer.cfg.optim.epochs)
             final[R.MLFLOW_PENDING] = recorder.pending
-        ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(d))
+        timing[R.TIMING_PREFIX + "track_s"] = time.time() - t
+        timing[R.TIMING_PREFIX + "worker_end"] = time.time()
+        ray.train.report({**final, **timing}, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
 def _track_final(recorder: TrialRecorder, folder: Path, *, epochs: int) -> None:
@@ -218,4 +227,8 @@ def worker_env() -> dict[str, str]:
     # torch in two new processes, or an autoscaler to add a GPU node; a timed-out attempt can
     # leave its placement group reserved and starve the retry. Give startup ten minutes.
     env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
+    # Train's controller looks at its worker group every 2 s by default: each trial waits up to that
+    # long for its workers to be seen started and again to be seen finished
+    # (benchmarks/trial_overhead.py). A poll is one cheap actor call; poll every 0.25 s.
+    env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     return env

@@ -1,0 +1,127 @@
+"""Where a study's wall time goes, per trial: Ray's start, the Train worker group's start and
+distributed init, data and model setup, training, per-epoch validation and reporting, the
+end-of-trial evaluation, MLflow logging and model export, Train's shutdown, Tune's bookkeeping.
+
+Runs a study of N short trials of the quickstart's kind (digits, small CNN) one at a time, so
+that each trial's phases add up to the wall time, with a real MLflow store (sqlite in the output
+folder), and prints one row per trial and the mean:
+
+    python benchmarks/trial_overhead.py --trials 4 --out runs/trial_overhead
+    python benchmarks/trial_overhead.py --study search_spaces/quickstart.yaml   # a shipped study as is
+
+Phases come from each trial's timing.json (written by the trial) and Tune's wall time. The fixed
+cost per trial is everything but training, validation and evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+STUDY = """
+name: trial_overhead
+kind: sweep
+base: quickstart
+train: {{optim.epochs: {epochs}, data.train_limit: 640, attack.eps: 0.2, attack.step_size: 0.05, attack.steps: 5,
+        eval.pgd_steps: 5, eval.pgd_step_size: 0.05, eval.max_examples: 128, eval.final_suite: none}}
+resources: {{workers: {workers}, cpus_per_worker: {cpw}, trial_cpus: {tcpu}}}
+objective: {{metric: robust_acc_worst, mode: max}}
+eval: {{preset: quick, n_examples: 128, autoattack: null, square_queries: 50}}
+search:
+  sampler: random
+  num_samples: {trials}
+  max_concurrent: 1
+  space:
+    method.base_loss: [trades, pgd_at]
+    model.ra: [true, false]
+scheduler: {{type: none}}
+seeds: [0]
+"""
+
+PHASES = ("worker_group_start", "setup", "training", "validation_and_reports", "evaluation", "mlflow_and_export",
+          "train_shutdown", "trial_bookkeeping")
+
+
+def phases(t: dict) -> dict[str, float]:
+    """One trial's phases in seconds, from its timing.json."""
+    fit_s, train_s = t.get("fit_s", 0.0), t.get("train_time_s") or 0.0
+    return {
+        "worker_group_start": t["worker_start"] - t["fit_start"],
+        "setup": t.get("setup_s", 0.0),
+        "training": train_s,
+        "validation_and_reports": fit_s - train_s,
+        "evaluation": t.get("eval_s", 0.0),
+        "mlflow_and_export": t.get("track_s", 0.0),
+        "train_shutdown": t["fit_end"] - t.get("worker_end", t["fit_end"]),
+        "trial_bookkeeping": t["fit_start"] - t["trial_start"],
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("runs/trial_overhead"))
+    p.add_argument("--trials", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--study", type=Path, help="run this study file instead (its own concurrency)")
+    p.add_argument("--json", type=Path, help="write the rows here")
+    a = p.parse_args()
+
+    from trainables.study import load_study
+    from trainables.tuner import init_ray, run_study
+
+    a.out.mkdir(parents=True, exist_ok=True)
+    if a.study is None:
+        cpw = 0.5 if a.workers > 1 else 1.0
+        f = a.out / "study.yaml"
+        f.write_text(STUDY.format(epochs=a.epochs, workers=a.workers, cpw=cpw, tcpu=0.5, trials=a.trials))
+        study = load_study(f)
+    else:
+        study = load_study(a.study)
+    t0 = time.perf_counter()
+    init_ray(None, num_cpus=2, verbose=False)
+    ray_start = time.perf_counter() - t0
+    summary = run_study(study, storage=str((a.out / "studies").resolve()),
+                        tracking_uri=f"sqlite:///{(a.out / 'mlflow.db').resolve()}")
+    total = time.perf_counter() - t0
+    rows = []
+    for tr in sorted(summary["trials"], key=lambda t: t["trial_id"]):
+        f = Path(tr["trial_dir"]) / "timing.json"
+        if f.is_file():
+            t = json.loads(f.read_text())
+            rows.append({"trial": tr["trial_id"].rsplit("_", 1)[-1], "status": tr["status"], **phases(t),
+                         "trial_s": t["fit_end"] - t["trial_start"]})
+    tune_s = summary["wall_time_s"]
+    concurrent = study.max_concurrent or 1
+    # Tune's own time: the study's Tune wall time not spent inside a trial function (one at a time).
+    inside = sum(r["trial_s"] for r in rows) / max(1, concurrent)
+    head = f"{'trial':<10}{'status':<10}" + "".join(f"{k[:14]:>15}" for k in PHASES) + f"{'trial total':>13}"
+    print(head)
+    for r in rows:
+        print(f"{r['trial']:<10}{r['status']:<10}" + "".join(f"{r[k]:>15.2f}" for k in PHASES) +
+              f"{r['trial_s']:>13.2f}")
+    mean = {k: statistics.mean(r[k] for r in rows) for k in (*PHASES, "trial_s")} if rows else {}
+    if rows:
+        print(f"{'mean':<20}" + "".join(f"{mean[k]:>15.2f}" for k in PHASES) + f"{mean['trial_s']:>13.2f}")
+    useful = sum(r["training"] + r["validation_and_reports"] + r["evaluation"] for r in rows)
+    fixed = [r["trial_s"] - r["training"] - r["validation_and_reports"] - r["evaluation"] for r in rows]
+    print(f"\nRay start {ray_start:.1f} s; Tune wall {tune_s:.1f} s, of which outside trial functions "
+          f"{max(0.0, tune_s - inside):.1f} s; whole run {total:.1f} s")
+    if rows:
+        print(f"fixed cost per trial (trial total - training - validation - evaluation): mean "
+              f"{statistics.mean(fixed):.1f} s; training + validation + evaluation = {useful:.1f} s of "
+              f"{total:.1f} s wall ({100 * useful / total:.0f}%)")
+    if a.json:
+        a.json.write_text(json.dumps({"ray_start_s": ray_start, "tune_wall_s": tune_s, "total_s": total,
+                                      "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
