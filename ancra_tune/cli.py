@@ -144,6 +144,10 @@ def _study(args: argparse.Namespace, kind: str) -> int:
     return 130 if summary.get("interrupted") else 0
 
 
+def _short(v: object) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
 def format_summary(summary: dict) -> str:
     """The study's answer: every trial in one table, best first (trials the checks flag last),
     then the best trial and what to run next."""
@@ -173,7 +177,7 @@ def format_summary(summary: dict) -> str:
     header = f"  {'trial':<10} {'status':<12} {'clean':>7} {metric:>17} {'autoattack':>10} {'val_robust':>10}  params"
     lines.append(header)
     for t in rows:
-        params = ", ".join(f"{k.rsplit('.', 1)[-1]}={'inactive' if k in t.get('inactive', ()) else v}"
+        params = ", ".join(f"{k.rsplit('.', 1)[-1]}={'inactive' if k in t.get('inactive', ()) else _short(v)}"
                            for k, v in t["params"].items() if k != "seed")
         flag = " !" if t.get("flags", {}).get(metric) else "  "
         tid = str(t["trial_id"]).rsplit("_", 1)[-1]
