@@ -234,6 +234,19 @@ def _best(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from trainables.study_report import build_page, find_summary, log_page
+
+    summary = find_summary(args.study, args.storage)
+    page = build_page(summary, args.out)
+    print(f"report: {page}")
+    if not args.no_mlflow:
+        run = log_page(summary, page)
+        if run:
+            print(f"logged to MLflow study run {run} (artifacts: report/)")
+    return 0
+
+
 def _ui(args: argparse.Namespace) -> int:
     from trainables.tracking import TrackingError, is_local, resolve_tracking_uri, serve_ui, sqlite_path, study_url
 
@@ -364,6 +377,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model-name", help="registered model name (default: ancra-<study>)")
     b.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else mlflow.db in this folder")
     b.set_defaults(func=_best)
+
+    r = sub.add_parser("report", help="a finished study's answer as one page (Markdown + PNGs), logged to its "
+                                      "MLflow study run")
+    r.add_argument("study", help="the study's name (under --storage), its folder, or its summary.json")
+    r.add_argument("--storage", help="default: $ANCRA_STORAGE, else runs/studies")
+    r.add_argument("--out", type=Path, help="folder for the page (default: the study folder's report/)")
+    r.add_argument("--no-mlflow", action="store_true", help="do not log the page to the study's MLflow run")
+    r.set_defaults(func=_report)
 
     u = sub.add_parser("ui", help="the MLflow UI of the local store, on http://127.0.0.1:PORT, opened on a study")
     u.add_argument("study", nargs="?", help="the study to open (default: the one that ran last)")

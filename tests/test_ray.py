@@ -82,6 +82,18 @@ def test_quickstart_study_end_to_end(ray_local, tmp_path: Path, mlflow_server: s
     assert Path(summary["study_dir"], "summary.json").is_file()
     _check_tracked_study(mlflow_server, study, summary)
     _check_best_is_registered(mlflow_server, summary, tmp_path)
+    # The study's page: the best-so-far curve ends at the best trial's value, the plots exist.
+    from ancra_tune.cli import main
+
+    assert main(["report", summary["study_dir"]]) == 0
+    page_dir = Path(summary["study_dir"], "report")
+    curve = json.loads((page_dir / "best_so_far.json").read_text())
+    assert [c["trial"] for c in curve] == list(range(1, len(trials) + 1))
+    assert [c["epochs"] for c in curve][-1] == sum(t["epochs_run"] for t in trials)
+    trusted = [t["robust_acc_worst"] for t in trials if t["status"] == "finished" and not t.get("flags")]
+    assert curve[-1]["best"] == (pytest.approx(max(trusted)) if trusted else None)
+    assert all((page_dir / f).stat().st_size > 1000 for f in ("best_so_far.png", "pareto.png", "params.png"))
+    assert f"| {best['trial_id']} |" in (page_dir / "report.md").read_text()
 
 
 def _mlflow_runs(uri: str, experiment: str, study_path: Path) -> tuple[object, list]:
@@ -318,6 +330,38 @@ def test_ablation_table_and_a_diverging_trial(ray_local, tmp_path: Path, monkeyp
         else:
             assert run.info.status == "FINISHED" and run.data.tags["ancra.status"] == "finished"
             assert "robust_acc_worst" in run.data.metrics and "ancra.model_uri" in run.data.tags
+    _check_study_page(summary, parent.info.run_id, mc)
+
+
+def _check_study_page(summary: dict, parent_run_id: str, mc) -> None:
+    """`ancra-tune report` on the finished ablation: its numbers are the trials' own reports'."""
+    import statistics
+
+    from ancra_tune.cli import main
+
+    out = Path(summary["study_dir"])
+    assert main(["report", str(out)]) == 0
+    page = (out / "report" / "report.md").read_text()
+    assert "| configuration | seeds | clean (%) | PGD on P' (%) |" in page and "## How this page was made" in page
+    rows = {r["config"]["optim.lr"]: r for r in json.loads((out / "report" / "table.json").read_text())}
+    for lr, row in rows.items():
+        group = [t for t in summary["trials"] if t["params"]["optim.lr"] == lr]
+        reports = [json.loads((Path(t["checkpoint"]) / "report.json").read_text())
+                   for t in group if t["status"] == "finished"]
+        assert row["seeds"] == len(group) == 2 and row["finished"] == len(reports)
+        if not reports:  # the diverged configuration
+            assert row["worst"] == [None, None] and f"| optim.lr={lr} | 0/2 | n/a |" in page
+            continue
+        worst = [r["robust_acc_worst"] for r in reports]
+        assert row["worst"][0] == pytest.approx(statistics.fmean(worst))
+        assert row["worst"][1] == pytest.approx(statistics.stdev(worst))
+        assert row["clean"][0] == pytest.approx(statistics.fmean(r["clean_acc"] for r in reports))
+        pgd = [max((a for a in r["attacks"] if a["kind"] == "pgd" and a["target"] == "final"),
+                   key=lambda a: a["steps"])["accuracy"] for r in reports]
+        assert row["pgd_final"][0] == pytest.approx(statistics.fmean(pgd))
+        assert f"{100 * statistics.fmean(worst):.1f} ± {100 * statistics.stdev(worst):.1f}" in page
+    logged = {a.path for a in mc.list_artifacts(parent_run_id, "report")}
+    assert "report/report.md" in logged and "report/table.json" in logged
 
 
 @pytest.mark.slow

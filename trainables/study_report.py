@@ -1,0 +1,362 @@
+"""A finished study's answer as one page: ``ancra-tune report STUDY``.
+
+Built from the study's own records (its ``summary.json`` and each finished trial's evaluation
+report, stored with the trial's last checkpoint), so it needs neither Ray nor MLflow; when the
+summary names an MLflow study run that answers, the page is logged to it (``report/``).
+
+Ablation: one row per configuration, mean ± std over seeds of clean accuracy, PGD on P' (how
+the paper measures), the strongest adaptive attack through RA's gate, the worst case over every
+attack, AutoAttack, each column saying what it attacked; masked metrics marked, the masking
+checks counted; time per epoch. Sweep: the best trials, Optuna's parameter importance, the
+best-so-far curve over trials and epochs spent, the clean/robust Pareto front, and each searched
+parameter against the objective. Every page ends with how it was made.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ancra_tune.robustness import EvalReport
+from ancra_tune.robustness.suite import SURROGATES
+
+WORST = "robust_acc_worst"
+
+
+class StudyNotFoundError(FileNotFoundError):
+    pass
+
+
+def find_summary(study: str, storage: str | None = None) -> Path:
+    """``study``: a summary.json, a study folder, or a study name under the storage folder
+    (``--storage``, ``$ANCRA_STORAGE``, else ``runs/studies``)."""
+    p = Path(study)
+    candidates = [p, p / "summary.json"]
+    root = Path(storage or os.environ.get("ANCRA_STORAGE") or "runs/studies")
+    if "://" not in str(root):
+        candidates.append(root / study / "summary.json")
+    for c in candidates:
+        if c.is_file() and c.name == "summary.json":
+            return c
+    raise StudyNotFoundError(f"no finished study {study!r}: looked for {', '.join(map(str, candidates[1:]))} "
+                             "(run the study first, or give its folder or summary.json)")
+
+
+# --------------------------------------------------------------------------- numbers
+
+
+def trial_report(row: dict[str, Any]) -> EvalReport | None:
+    from .tuner import read_report
+
+    return read_report(row.get("checkpoint")) if row.get("status") == "finished" else None
+
+
+def columns_of(report: EvalReport) -> dict[str, tuple[float | None, bool]]:
+    """The page's columns for one trial: value and whether the checks flag it."""
+    def attack_col(attacks: list[Any]) -> tuple[float | None, bool]:
+        if not attacks:
+            return None, False
+        best = min(attacks, key=lambda a: a.accuracy)
+        return best.accuracy, bool(report.flags(best.metric))
+
+    pgd_final = [a for a in report.attacks if a.kind == "pgd" and a.target == "final" and a.in_worst_case]
+    pgd_final = [max(pgd_final, key=lambda a: a.steps)] if pgd_final else []  # the paper's PGD-k on P'
+    adaptive = [a for a in report.attacks if a.target in SURROGATES and a.in_worst_case]
+    aa = [a for a in report.attacks if a.kind == "autoattack"]
+    return {"clean": (report.clean_acc, False),
+            "pgd_final": attack_col(pgd_final),
+            "adaptive": attack_col(adaptive),
+            "worst": (report.robust_acc_worst, bool(report.flags(WORST))),
+            "autoattack": attack_col(aa)}
+
+
+COLUMNS = (("clean", "clean", "no attack"),
+           ("pgd_final", "PGD on P'", "the final output alone, as the paper measures"),
+           ("adaptive", "adaptive", "the strongest attack through RA's gate (surrogates: aux, P+P', label, "
+                                     "straight-through and soft gates), scored on P'"),
+           ("worst", "worst case", "per example, over every attack at the evaluation budget"),
+           ("autoattack", "AutoAttack", "AutoAttack on the final output"))
+
+
+def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def pct(m: float | None, s: float | None = None) -> str:
+    if m is None:
+        return "n/a"
+    return f"{100 * m:.1f}" + (f" ± {100 * s:.1f}" if s is not None else "")
+
+
+def ablation_rows(summary: dict[str, Any], reports: dict[str, EvalReport | None]) -> list[dict[str, Any]]:
+    keys = [k for k in summary.get("grid", {})] or sorted({k for t in summary["trials"] for k in t["params"]
+                                                           if k != "seed"})
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for t in summary["trials"]:
+        point = tuple((k, t["params"].get(k)) for k in keys)
+        groups.setdefault(point, []).append(t)
+    rows = []
+    for point, trials in groups.items():
+        row: dict[str, Any] = {"config": dict(point), "seeds": len(trials),
+                               "finished": sum(t["status"] == "finished" for t in trials)}
+        cols = [columns_of(r) for t in trials if (r := reports.get(str(t["trial_id"]))) is not None]
+        for name, _, _ in COLUMNS:
+            vals = [c[name][0] for c in cols if c[name][0] is not None]
+            row[name] = mean_std(vals)
+            row[name + "_flagged"] = sum(c[name][1] for c in cols)
+        checked = [r for t in trials if (r := reports.get(str(t["trial_id"]))) is not None]
+        row["checks_clean"] = sum(r.checks_passed for r in checked)
+        row["checks_failed"] = sorted({c.name for r in checked for c in r.checks if c.failed})
+        times = [t["time_per_epoch_s"] for t in trials if t.get("time_per_epoch_s")]
+        row["time_per_epoch_s"] = mean_std(times)
+        rows.append(row)
+    return rows
+
+
+def _flag(n: int) -> str:
+    return f" ⚠{n}" if n else ""
+
+
+def ablation_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    head = ["configuration", "seeds"] + [f"{title} (%)" for _, title, _ in COLUMNS] + \
+        ["checks pass", "time/epoch (s)"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        conf = ", ".join(f"{k}={v}" for k, v in r["config"].items())
+        cells = [conf, f"{r['finished']}/{r['seeds']}"]
+        cells += [pct(*r[name]) + _flag(r[name + "_flagged"]) for name, _, _ in COLUMNS]
+        checks = f"{r['checks_clean']}/{r['finished']}"
+        if r["checks_failed"]:
+            checks += " (failed: " + ", ".join(r["checks_failed"]) + ")"
+        m, s = r["time_per_epoch_s"]
+        cells += [checks, "n/a" if m is None else f"{m:.1f}" + ("" if s is None else f" ± {s:.1f}")]
+        out.append("| " + " | ".join(cells) + " |")
+    out += ["", "Mean ± standard deviation over seeds (finished trials). Columns:"]
+    out += [f"- **{title}**: {what}." for _, title, what in COLUMNS]
+    out += ["- ⚠n: flagged in n seeds: a stronger attack or a failed masking check shows that it overstates "
+            "robustness (read the worst case).", "- checks pass: seeds whose every masking check passed."]
+    return out
+
+
+# --------------------------------------------------------------------------- sweeps
+
+
+def creation_order(trial: dict[str, Any]) -> int:
+    """Tune names trial folders run_trial_<id>_<counter>_...: the counter is the creation order."""
+    try:
+        return int(Path(trial["trial_dir"]).name.split("_")[3])
+    except (KeyError, IndexError, ValueError):
+        return 0
+
+
+def best_so_far(summary: dict[str, Any], metric: str, mode: str) -> list[dict[str, float]]:
+    """One point per trial in creation order: epochs spent so far and the best objective so far."""
+    sign = 1 if mode == "max" else -1
+    best, epochs, out = None, 0, []
+    for i, t in enumerate(sorted(summary["trials"], key=creation_order), 1):
+        epochs += int(t.get("epochs_run") or 0)
+        v = t.get(metric) if t["status"] == "finished" and not t.get("flags", {}).get(metric) else None
+        if v is not None and (best is None or sign * v > sign * best):
+            best = v
+        out.append({"trial": i, "epochs": epochs, "best": best})
+    return out
+
+
+def importance(summary: dict[str, Any], metric: str, mode: str, space: dict[str, Any]) -> dict[str, float]:
+    """Optuna's parameter importance (fANOVA) over the finished trials; {} when too few."""
+    import optuna
+
+    finished = [t for t in summary["trials"] if t["status"] == "finished" and t.get(metric) is not None]
+    if len(finished) < 3 or not space:
+        return {}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    st = optuna.create_study(direction="maximize" if mode == "max" else "minimize")
+    for t in finished:
+        params = {k: v for k, v in t["params"].items() if k in space and k not in t.get("inactive", ())}
+        dists = {k: space[k] for k in params}
+        st.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=float(t[metric])))
+    try:
+        return dict(optuna.importance.get_param_importances(st))
+    except (RuntimeError, ValueError, ZeroDivisionError):  # e.g. every value equal
+        return {}
+
+
+def distributions(study: Any) -> dict[str, Any]:
+    import optuna
+
+    out: dict[str, Any] = {}
+    for p in getattr(study, "space", ()):
+        if p.choices is not None:
+            out[p.name] = optuna.distributions.CategoricalDistribution(list(p.choices))
+        elif p.integer:
+            out[p.name] = optuna.distributions.IntDistribution(int(p.low), int(p.high), log=p.log)
+        else:
+            out[p.name] = optuna.distributions.FloatDistribution(p.low, p.high, log=p.log)
+    return out
+
+
+def sweep_plots(summary: dict[str, Any], metric: str, mode: str, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    curve = best_so_far(summary, metric, mode)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, x, label in ((axes[0], "trial", "trials started"), (axes[1], "epochs", "epochs trained")):
+        ax.step([c[x] for c in curve], [c["best"] if c["best"] is not None else math.nan for c in curve],
+                where="post")
+        ax.set_xlabel(label)
+        ax.set_ylabel(f"best {metric}")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "best_so_far.png", dpi=110)
+    plt.close(fig)
+    files.append("best_so_far.png")
+
+    done = [t for t in summary["trials"] if t["status"] == "finished" and t.get(metric) is not None]
+    if done:
+        from .tuner import pareto_front
+
+        front = pareto_front(done, ["clean_acc", metric], ["max", mode])
+        fig, ax = plt.subplots(figsize=(4.6, 3.6))
+        ax.scatter([t["clean_acc"] for t in done], [t[metric] for t in done], c="tab:blue", label="trials")
+        fr = sorted(front, key=lambda t: t["clean_acc"])
+        ax.plot([t["clean_acc"] for t in fr], [t[metric] for t in fr], "o-", c="tab:red", label="Pareto front")
+        flagged = [t for t in done if t.get("flags", {}).get(metric)]
+        if flagged:
+            ax.scatter([t["clean_acc"] for t in flagged], [t[metric] for t in flagged], marker="x", c="k",
+                       label="flagged by the checks")
+        ax.set_xlabel("clean accuracy")
+        ax.set_ylabel(metric)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / "pareto.png", dpi=110)
+        plt.close(fig)
+        files.append("pareto.png")
+        names = sorted({k for t in done for k in t["params"] if k != "seed"})
+        if names:
+            fig, axes = plt.subplots(1, len(names), figsize=(2.8 * len(names), 2.8), squeeze=False)
+            for ax, name in zip(axes[0], names, strict=True):
+                pts = [(t["params"][name], t[metric]) for t in done
+                       if name in t["params"] and name not in t.get("inactive", ())]
+                xs = [str(x) if isinstance(x, (bool, str)) else x for x, _ in pts]
+                ax.scatter(xs, [y for _, y in pts], s=18)
+                ax.set_xlabel(name.rsplit(".", 1)[-1])
+                ax.grid(alpha=0.3)
+            axes[0][0].set_ylabel(metric)
+            fig.tight_layout()
+            fig.savefig(out / "params.png", dpi=110)
+            plt.close(fig)
+            files.append("params.png")
+    return files
+
+
+# --------------------------------------------------------------------------- the page
+
+
+def provenance(summary: dict[str, Any]) -> list[str]:
+    import torch
+
+    study_file = Path(summary.get("study_file", ""))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=study_file.parent if study_file.parent.is_dir()
+                                else None, capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    lines = ["## How this page was made", "",
+             f"- study file: `{study_file}`; storage: `{summary.get('study_dir')}`",
+             f"- commit: `{commit}` (of the study file's repository when the page was built)",
+             f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, GPU {gpu}; Python "
+             f"{platform.python_version()}, torch {torch.__version__}",
+             f"- study wall time: {summary.get('wall_time_s', 0):.0f} s (trials' training "
+             f"{summary.get('trial_train_time_s', 0):.0f} s); trials: " +
+             ", ".join(f"{n} {k}" for k, n in summary.get("status_counts", {}).items() if n),
+             f"- built by: `ancra-tune report {summary.get('study')}`"]
+    if study_file.is_file():
+        lines += ["", "<details><summary>study file</summary>", "", "```yaml", study_file.read_text().rstrip(),
+                  "```", "", "</details>"]
+    return lines
+
+
+def build_page(summary_path: Path, out: Path | None = None) -> Path:
+    """Write report.md (and its PNGs) for the study of ``summary_path``; return the page's path."""
+    summary = json.loads(summary_path.read_text())
+    out = out or summary_path.parent / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    reports = {str(t["trial_id"]): trial_report(t) for t in summary["trials"]}
+    metric, mode = next(iter(summary["objective"].items()))
+    lines = [f"# Study `{summary['study']}` ({summary['kind']})", ""]
+    if summary["kind"] == "ablation":
+        rows = ablation_rows(summary, reports)
+        lines += ["## Accuracy by configuration", ""] + ablation_markdown(rows)
+        (out / "table.json").write_text(json.dumps(rows, indent=1, default=str))
+    else:
+        from .study import load_study
+
+        space: dict[str, Any] = {}
+        try:
+            space = distributions(load_study(summary["study_file"]))
+        except Exception:  # noqa: BLE001 (the study file moved: no importance, the rest stands)
+            space = {}
+        done = sorted((t for t in summary["trials"] if t["status"] == "finished" and t.get(metric) is not None),
+                      key=lambda t: (not t.get("flags", {}).get(metric), t[metric] if mode == "max" else -t[metric]),
+                      reverse=True)
+        lines += [f"Objective: `{metric}` ({mode}), validation split. {len(done)} of {summary['n_trials']} "
+                  "trials finished; the others were stopped early (ASHA) or did not finish.", "",
+                  "## Best trials", "",
+                  "| trial | " + " | ".join(f"{t} (%)" for _, t, _ in COLUMNS) + " | parameters |",
+                  "|" + "---|" * (len(COLUMNS) + 2)]
+        for t in done[:5]:
+            r = reports.get(str(t["trial_id"]))
+            cols = columns_of(r) if r is not None else {}
+            cells = [pct(cols[n][0]) + _flag(int(cols[n][1])) if n in cols else "n/a" for n, _, _ in COLUMNS]
+            params = ", ".join(f"{k.rsplit('.', 1)[-1]}={'inactive' if k in t.get('inactive', ()) else _short(v)}"
+                               for k, v in t["params"].items() if k != "seed")
+            lines.append(f"| {t['trial_id']} | " + " | ".join(cells) + f" | {params} |")
+        imp = importance(summary, metric, mode, space)
+        lines += ["", "## Parameter importance (Optuna, fANOVA over finished trials)", ""]
+        lines += ([f"- `{k}`: {v:.2f}" for k, v in imp.items()] if imp else
+                  ["Too few finished trials (or no spread in the objective) to say."])
+        files = sweep_plots(summary, metric, mode, out)
+        lines += ["", "## Search", ""] + [f"![{f}]({f})" for f in files]
+        curve = best_so_far(summary, metric, mode)
+        (out / "best_so_far.json").write_text(json.dumps(curve))
+    lines += [""] + provenance(summary)
+    page = out / "report.md"
+    page.write_text("\n".join(lines) + "\n")
+    return page
+
+
+def _short(v: object) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def log_page(summary_path: Path, page: Path) -> str | None:
+    """Log the page's folder to the study's MLflow run; the run id, or None if there is none."""
+    summary = json.loads(summary_path.read_text())
+    info = summary.get("mlflow") or {}
+    if not info.get("study_run_id"):
+        return None
+    from .tracking import check_tracking, client
+
+    try:
+        check_tracking(info["tracking_uri"])
+        client(info["tracking_uri"]).log_artifacts(info["study_run_id"], str(page.parent), artifact_path="report")
+    except Exception as e:  # noqa: BLE001 (the page is on disk either way)
+        print(f"warning: the page was not logged to MLflow ({e})", file=sys.stderr)
+        return None
+    return str(info["study_run_id"])
