@@ -377,6 +377,8 @@ def test_interrupted_study_resumes_each_trial_once(ray_local, tmp_path: Path, ml
     try:
         text = ABLATION.replace("lr_ablation", "resume_me").replace("optim.epochs: 2", "optim.epochs: 5")
         text = text.replace("[0.05, 1.0e+12]", "[0.05, 0.02]").replace("seeds: [0, 1]", "seeds: [0]")
+        # Epochs long enough (~1.5 s here) that the second trial is seen running before it ends.
+        text = text.replace("data.train_limit: 256", "data.train_limit: 1024")
         f = _study_file(tmp_path, text)
         storage = tmp_path / "studies"
         cmd = [sys.executable, "-m", "ancra_tune.cli", "ablate", str(f), "--storage", str(storage),
