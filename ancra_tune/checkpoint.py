@@ -110,7 +110,15 @@ def load_model(path: str | Path, *, ra: bool | None = None,
     try:
         model.load_state_dict(state["model"], strict=True)
     except RuntimeError as e:
-        first = str(e).split("\n\t")[1] if "\n\t" in str(e) else str(e)[:300]
+        expected, saved = model.state_dict(), state["model"]
+        missing = [k for k in expected if k not in saved]
+        unexpected = [k for k in saved if k not in expected]
+        shapes = [f"{k} is {tuple(saved[k].shape)} in the file, {tuple(v.shape)} in the model"
+                  for k, v in expected.items() if k in saved and tuple(saved[k].shape) != tuple(v.shape)]
+        parts = [f"{len(missing)} weight(s) missing (first: {missing[0]})" if missing else "",
+                 f"{len(unexpected)} unknown (first: {unexpected[0]})" if unexpected else "",
+                 "; ".join(shapes[:2]) + (f" and {len(shapes) - 2} more" if len(shapes) > 2 else "")]
+        first = ", ".join(x for x in parts if x) or str(e)[:300]
         raise CheckpointError(f"{path}: its weights do not fit the model its config names ({cfg.model.name}, "
                               f"{info.num_classes} classes, {info.in_channels} channels): {first}") from None
     return model.to(map_location).eval(), cfg, info
