@@ -548,6 +548,39 @@ def test_two_sweeps_at_once_on_one_machine_both_finish(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_a_sweep_runs_on_when_rays_dashboard_does_not_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            capfd) -> None:
+    """Ray's dashboard dies at start-up (here: every start with it fails): the local sweep starts
+    Ray without it, says so, and finishes, ASHA-stopped trials included. (Slow: without the API
+    server, Ray Train waits minutes before the next trials' workers start.)"""
+    import ray
+
+    from trainables.study import load_study
+    from trainables.tuner import API_SERVER_ENV, init_ray, run_study
+
+    ray.shutdown()
+    real_init = ray.init
+
+    def dashboard_dies(*args, **kwargs):
+        if kwargs.get("include_dashboard"):
+            raise RuntimeError("the dashboard process exited at start-up")
+        return real_init(*args, **kwargs)
+
+    monkeypatch.setattr(ray, "init", dashboard_dies)
+    try:
+        study = load_study(_study_file(tmp_path, CONCURRENT.format(name="no_dashboard")))
+        summary = run_study(study, storage=str(tmp_path / "studies"), track=False, num_cpus=2)
+        assert "the sweep runs without it" in capfd.readouterr().err
+        assert API_SERVER_ENV not in os.environ
+        assert summary["n_trials"] == 4 and summary["status_counts"]["error"] == 0, summary["status_counts"]
+        assert summary["status_counts"]["stopped"] >= 1 and summary["status_counts"]["finished"] >= 1
+    finally:
+        monkeypatch.undo()
+        ray.shutdown()
+        init_ray(None, num_cpus=2)
+
+
+@pytest.mark.slow
 @pytest.mark.ci
 def test_tracking_outage_costs_no_training(ray_local, tmp_path: Path) -> None:
     """The MLflow server dies after the first epoch is logged and stays down to the end: every trial

@@ -64,6 +64,7 @@ def _free_port() -> int:
 
 
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+DASHBOARD_TRIES = 3
 
 
 def init_ray(address: str | None, *, num_cpus: int | None = None, num_gpus: int | None = None,
@@ -97,12 +98,30 @@ def init_ray(address: str | None, *, num_cpus: int | None = None, num_gpus: int 
         else:
             os.environ.pop(API_SERVER_ENV, None)
         return
-    port = _free_port()
-    env[API_SERVER_ENV] = os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
-    # "local" always starts a fresh instance: a stale ray_current_cluster file cannot stall it.
+    level = logging.INFO if verbose else logging.WARNING
+    error: Exception | None = None
+    for _ in range(DASHBOARD_TRIES):
+        port = _free_port()
+        env[API_SERVER_ENV] = os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+        try:
+            # "local" always starts a fresh instance: a stale ray_current_cluster file cannot stall it.
+            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, runtime_env={"env_vars": env},
+                     include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=False,
+                     logging_level=level)
+            return
+        except Exception as e:  # noqa: BLE001 (the port was taken meanwhile, or the dashboard died)
+            error = e
+            ray.shutdown()
+            log.warning("Ray's dashboard did not start on 127.0.0.1:%d (%s); trying again", port, e)
+    # A local sweep runs without the dashboard; only the isolation from other local Ray instances
+    # on this machine (the API server address) is lost, so say so.
+    env.pop(API_SERVER_ENV, None)
+    os.environ.pop(API_SERVER_ENV, None)
+    print(f"warning: Ray's dashboard did not start ({error}); the sweep runs without it. Do not run another "
+          "Ray instance on this machine meanwhile (Ray Train may not release a stopped trial's workers).",
+          file=sys.stderr, flush=True)
     ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, runtime_env={"env_vars": env},
-             include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=False,
-             logging_level=logging.INFO if verbose else logging.WARNING)
+             include_dashboard=False, log_to_driver=False, logging_level=level)
 
 
 def check_resources(study: Study, nodes: Sequence[dict[str, float]]) -> int:
