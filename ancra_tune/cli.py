@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import PRESETS, ConfigError, TrainConfig, load_yaml_with_overrides, resolve_config_path
+from .config import PRESETS, ConfigError, TrainConfig, load_yaml_with_overrides, params_text, resolve_config_path
 from .data import DatasetUnavailableError
 
 
@@ -144,10 +144,6 @@ def _study(args: argparse.Namespace, kind: str) -> int:
     return 130 if summary.get("interrupted") else 0
 
 
-def _short(v: object) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
-
-
 def format_summary(summary: dict) -> str:
     """The study's answer: every trial in one table, best first (trials the checks flag last),
     then the best trial and what to run next."""
@@ -177,8 +173,7 @@ def format_summary(summary: dict) -> str:
     header = f"  {'trial':<10} {'status':<12} {'clean':>7} {metric:>17} {'autoattack':>10} {'val_robust':>10}  params"
     lines.append(header)
     for t in rows:
-        params = ", ".join(f"{k.rsplit('.', 1)[-1]}={'inactive' if k in t.get('inactive', ()) else _short(v)}"
-                           for k, v in t["params"].items() if k != "seed")
+        params = params_text(t["params"], inactive=t.get("inactive", ()))
         flag = " !" if t.get("flags", {}).get(metric) else "  "
         tid = str(t["trial_id"]).rsplit("_", 1)[-1]
         lines.append(f"  {tid:<10} {status(t):<12} {num(t.get('clean_acc')):>7} {num(t.get(metric)):>15}{flag} "

@@ -16,7 +16,7 @@ import dataclasses
 import re
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -276,6 +276,16 @@ class TrainConfig:
     def replace(self, **dotted: Any) -> TrainConfig:
         """A copy with dotted-key changes: ``cfg.replace(**{"method.alpha": 0.5})``."""
         return TrainConfig.from_dict(_merge(self.to_dict(), _nest(dotted)))
+
+
+def params_text(params: Mapping[str, Any], *, inactive: Collection[str] = (), sep: str = ", ") -> str:
+    """Searched settings as a person reads them: the last part of each key, floats to three
+    digits, settings the configuration does not use as "inactive"; the seed left out."""
+    def short(v: Any) -> str:
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    return sep.join(f"{k.rsplit('.', 1)[-1]}={'inactive' if k in inactive else short(v)}"
+                    for k, v in params.items() if k != "seed")
 
 
 def flatten(cfg: TrainConfig, *, resolved: bool = False) -> dict[str, Any]:

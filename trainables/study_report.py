@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ancra_tune.config import params_text
 from ancra_tune.robustness import EvalReport
 from ancra_tune.robustness.suite import SURROGATES
 
@@ -99,8 +100,7 @@ def pct(m: float | None, s: float | None = None) -> str:
 
 
 def ablation_rows(summary: dict[str, Any], reports: dict[str, EvalReport | None]) -> list[dict[str, Any]]:
-    keys = [k for k in summary.get("grid", {})] or sorted({k for t in summary["trials"] for k in t["params"]
-                                                           if k != "seed"})
+    keys = sorted({k for t in summary["trials"] for k in t["params"] if k != "seed"})  # the grid's keys
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for t in summary["trials"]:
         point = tuple((k, t["params"].get(k)) for k in keys)
@@ -109,12 +109,12 @@ def ablation_rows(summary: dict[str, Any], reports: dict[str, EvalReport | None]
     for point, trials in groups.items():
         row: dict[str, Any] = {"config": dict(point), "seeds": len(trials),
                                "finished": sum(t["status"] == "finished" for t in trials)}
-        cols = [columns_of(r) for t in trials if (r := reports.get(str(t["trial_id"]))) is not None]
+        checked = [r for t in trials if (r := reports.get(str(t["trial_id"]))) is not None]
+        cols = [columns_of(r) for r in checked]
         for name, _, _ in COLUMNS:
             vals = [c[name][0] for c in cols if c[name][0] is not None]
             row[name] = mean_std(vals)
             row[name + "_flagged"] = sum(c[name][1] for c in cols)
-        checked = [r for t in trials if (r := reports.get(str(t["trial_id"]))) is not None]
         row["checks_clean"] = sum(r.checks_passed for r in checked)
         row["checks_failed"] = sorted({c.name for r in checked for c in r.checks if c.failed})
         times = [t["time_per_epoch_s"] for t in trials if t.get("time_per_epoch_s")]
@@ -324,8 +324,7 @@ def build_page(summary_path: Path, out: Path | None = None) -> Path:
             r = reports.get(str(t["trial_id"]))
             cols = columns_of(r) if r is not None else {}
             cells = [pct(cols[n][0]) + _flag(int(cols[n][1])) if n in cols else "n/a" for n, _, _ in COLUMNS]
-            params = ", ".join(f"{k.rsplit('.', 1)[-1]}={'inactive' if k in t.get('inactive', ()) else _short(v)}"
-                               for k, v in t["params"].items() if k != "seed")
+            params = params_text(t["params"], inactive=t.get("inactive", ()))
             lines.append(f"| {t['trial_id']} | " + " | ".join(cells) + f" | {params} |")
         imp = importance(summary, metric, mode, space)
         lines += ["", "## Parameter importance (Optuna, fANOVA over finished trials)", ""]
@@ -339,10 +338,6 @@ def build_page(summary_path: Path, out: Path | None = None) -> Path:
     page = out / "report.md"
     page.write_text("\n".join(lines) + "\n")
     return page
-
-
-def _short(v: object) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
 def log_page(summary_path: Path, page: Path) -> str | None:

@@ -24,7 +24,7 @@ from typing import Any
 from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
-from ancra_tune.config import inactive_keys
+from ancra_tune.config import inactive_keys, params_text
 from ancra_tune.robustness import EvalReport
 
 from . import results as R
@@ -89,16 +89,15 @@ def init_ray(address: str | None, *, num_cpus: int | None = None, num_gpus: int 
     if ray.is_initialized():
         return
     env = worker_env()
+    level = logging.INFO if verbose else logging.WARNING
     if address:
-        ctx = ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False,
-                       logging_level=logging.INFO if verbose else logging.WARNING)
+        ctx = ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False, logging_level=level)
         if ctx.dashboard_url:  # the joined cluster's own API server, never one inherited from elsewhere
             url = ctx.dashboard_url
             os.environ[API_SERVER_ENV] = url if "://" in url else f"http://{url}"
         else:
             os.environ.pop(API_SERVER_ENV, None)
         return
-    level = logging.INFO if verbose else logging.WARNING
     error: Exception | None = None
     for _ in range(DASHBOARD_TRIES):
         port = _free_port()
@@ -239,10 +238,7 @@ def trial_spec(tracking: StudyTracking, trial_id: str, params: dict[str, Any], s
 
 def trial_name(trial_id: str, params: dict[str, Any], seed: int) -> str:
     """A readable MLflow run name: the trial number and what it searched (short keys)."""
-    def short(v: Any) -> str:
-        return f"{v:.3g}" if isinstance(v, float) else str(v)
-
-    shown = " ".join(f"{k.rsplit('.', 1)[-1]}={short(v)}" for k, v in sorted(params.items()))
+    shown = params_text(dict(sorted(params.items())), sep=" ")
     return f"trial {trial_id.rsplit('_', 1)[-1]} {shown} seed={seed}".strip()
 
 
@@ -306,9 +302,7 @@ class TrialLines(Callback):
 
     @staticmethod
     def _name(trial: Any) -> str:
-        params = {k: v for k, v in (trial.config or {}).items() if k != SEED_KEY}
-        shown = " ".join(f"{k.rsplit('.', 1)[-1]}={v:.3g}" if isinstance(v, float) else
-                         f"{k.rsplit('.', 1)[-1]}={v}" for k, v in sorted(params.items()))
+        shown = params_text(dict(sorted((trial.config or {}).items())), sep=" ")
         return f"{trial.trial_id.rsplit('_', 1)[-1]} {shown}".strip()
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
