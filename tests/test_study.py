@@ -20,6 +20,24 @@ def test_shipped_studies_load(name: str) -> None:
         assert s.grid_points() and len(s.seeds) >= 3
 
 
+def test_table8_study_is_trades_x_anc_x_ra_on_the_shared_cifar10(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)  # its data path is relative to the folder the command runs in
+    s = load_study(SPACES / "table8_cifar10_cpu.yaml")
+    assert {(p["method.anc"], p["model.ra"]) for p in s.grid_points()} == {(a, r) for a in (False, True)
+                                                                          for r in (False, True)}
+    assert s.train.method.base_loss == "trades" and len(s.seeds) >= 2 and s.suite.preset == "full"
+    assert s.train.data.train_file == str((ROOT.parent / "shared/data/cifar10/train10000.npz").resolve())
+
+
+def test_relative_data_files_are_read_from_the_working_folder(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    f = _write(tmp_path, "train: {data.dataset: npz, data.train_file: d/train.npz, data.test_file: /abs/t.npz}\n")
+    monkeypatch.chdir(tmp_path / "..")
+    s = load_study(f)  # Ray's workers run in other folders: the study hands them absolute paths
+    assert s.train.data.train_file == str((tmp_path / ".." / "d/train.npz").resolve())
+    assert s.train.data.test_file == "/abs/t.npz"
+
+
 def test_components_and_negatives_are_the_papers_tables() -> None:
     comp = load_study(SPACES / "components.yaml")
     assert len(comp.grid_points()) == 3 * 2 * 2  # base loss x ANC x RA (Table VIII)

@@ -262,6 +262,14 @@ def _param(path: Path, name: str, spec: Any, flat_base: Mapping[str, Any]) -> Pa
                  integer=bool(spec.get("int", False)), when=dict(when))
 
 
+def _absolute_data_files(train: TrainConfig) -> TrainConfig:
+    """Relative ``data.train_file``/``test_file`` are read from the folder the command runs in:
+    made absolute here, because Ray's workers run elsewhere."""
+    files = {k: str(Path(v).expanduser().resolve()) for k in ("train_file", "test_file")
+             if (v := getattr(train.data, k)) and "://" not in v and not Path(v).expanduser().is_absolute()}
+    return dataclasses.replace(train, data=dataclasses.replace(train.data, **files)) if files else train
+
+
 def load_study(path: str | Path) -> Study:
     """Read and validate a study file: every mistake fails here, naming the file and the key."""
     p = Path(path)
@@ -295,6 +303,7 @@ def _load(p: Path) -> Study:
         train = TrainConfig.from_dict(merge_config(base_dict, train_over))
     except ConfigError as e:
         raise StudyError(f"{p}: train: {e}") from None
+    train = _absolute_data_files(train)
     # Trials are compared on metrics of a split held out from training, never on the test set.
     if train.data.val_size <= 0:
         raise _err(p, "train.data.val_size", f"= {train.data.val_size} is invalid: a study scores its trials on "
