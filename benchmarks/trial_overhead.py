@@ -7,6 +7,7 @@ that each trial's phases add up to the wall time, with a real MLflow store (sqli
 folder), and prints one row per trial and the mean:
 
     python benchmarks/trial_overhead.py --trials 4 --out runs/trial_overhead
+    python benchmarks/trial_overhead.py --trials 4 --worker-group --out runs/trial_overhead_wg   # as before
     python benchmarks/trial_overhead.py --study search_spaces/quickstart.yaml   # a shipped study as is
 
 Phases come from each trial's timing.json (written by the trial) and Tune's wall time. The fixed
@@ -31,7 +32,7 @@ kind: sweep
 base: quickstart
 train: {{optim.epochs: {epochs}, data.train_limit: 640, attack.eps: 0.2, attack.step_size: 0.05, attack.steps: 5,
         eval.pgd_steps: 5, eval.pgd_step_size: 0.05, eval.max_examples: 128, eval.final_suite: none}}
-resources: {{workers: {workers}, cpus_per_worker: {cpw}, trial_cpus: {tcpu}}}
+resources: {{workers: {workers}, cpus_per_worker: {cpw}, trial_cpus: {tcpu}, in_process: {in_process}}}
 objective: {{metric: robust_acc_worst, mode: max}}
 eval: {{preset: quick, n_examples: 128, autoattack: null, square_queries: 50}}
 search:
@@ -70,6 +71,9 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=4)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--worker-group", action="store_true",
+                   help="one-worker trials start a Ray Train worker group (resources.in_process: false), "
+                        "as every trial did before trials trained in their own process")
     p.add_argument("--study", type=Path, help="run this study file instead (its own concurrency)")
     p.add_argument("--json", type=Path, help="write the rows here")
     a = p.parse_args()
@@ -81,7 +85,8 @@ def main() -> None:
     if a.study is None:
         cpw = 0.5 if a.workers > 1 else 1.0
         f = a.out / "study.yaml"
-        f.write_text(STUDY.format(epochs=a.epochs, workers=a.workers, cpw=cpw, tcpu=0.5, trials=a.trials))
+        f.write_text(STUDY.format(epochs=a.epochs, workers=a.workers, cpw=cpw, tcpu=0.5, trials=a.trials,
+                                  in_process=str(not a.worker_group).lower()))
         study = load_study(f)
     else:
         study = load_study(a.study)

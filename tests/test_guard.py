@@ -91,6 +91,31 @@ def test_first_signal_asks_tune_to_stop_the_second_stops_at_once() -> None:
         signal.signal(signal.SIGUSR1, previous)
 
 
+def test_low_disk_space_stops_the_study_once_as_a_signal_would(tmp_path: Path, monkeypatch, capsys) -> None:
+    from trainables import guard
+
+    monkeypatch.setenv("ANCRA_DISK_RESERVE_MB", "100")
+    free = {"bytes": 500 * 2**20}
+    monkeypatch.setattr(guard, "free_bytes", lambda p: free["bytes"])
+    interruption = Interruption()
+    seen: list[int] = []
+    previous = signal.signal(signal.SIGUSR1, lambda s, f: seen.append(s))  # stands for Tune's handler
+    try:
+        g = guard.DiskGuard(str(tmp_path), interruption, every_s=0)
+        assert not g.check() and interruption.signal is None and not seen  # room enough
+        free["bytes"] = 99 * 2**20
+        assert g.check() and interruption.signal == guard.DISK_FULL and seen == [signal.SIGUSR1]
+        assert not g.check() and seen == [signal.SIGUSR1]  # asked once
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    err = capsys.readouterr().err
+    assert "disk full: 99 MiB free" in err and "100 MiB" in err and "--resume" in err
+    # A study does not start (or resume) on a disk already below the reserve.
+    monkeypatch.setattr(guard.shutil, "disk_usage", lambda p: type("U", (), {"free": 10 * 2**20})())
+    with pytest.raises(StorageError, match="10 MiB free.*ANCRA_DISK_RESERVE_MB"):
+        check_storage(str(tmp_path / "s"))
+
+
 class _Trial:
     def __init__(self, trial_id: str) -> None:
         self.trial_id = trial_id
@@ -138,3 +163,36 @@ def test_asha_makes_the_same_decisions_after_resume(tmp_path: Path) -> None:
     run(plain, ["t0", "t1", "t2"])
     fresh = run(ASHAScheduler(**kw), ["t3", "t4"])
     assert fresh != {k: straight[k] for k in ("t3", "t4")}
+
+
+def test_asha_never_stops_a_trial_at_its_last_epoch(tmp_path: Path) -> None:
+    """Ray's ASHA has a rung at max_t and would stop a weak trial there, after all its training and
+    before its evaluation; ours lets it finish, records its last epoch, and still stops weak trials
+    at the earlier rungs."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    from trainables.scheduler import LastEpochASHA, PersistentASHA
+
+    kw = dict(metric="val_robust_acc", mode="max", time_attr="epoch", max_t=4, grace_period=1, reduction_factor=2,
+              stop_last_trials=False)
+    # t1 passes rungs 1 and 2 (it beats t0 there) but ends below t0 at epoch 4.
+    curves = {"t0": [0.5, 0.6, 0.7, 0.9], "t1": [0.6, 0.7, 0.8, 0.3], "t2": [0.1, 0.2, 0.3, 0.4]}
+
+    def last_action(scheduler) -> dict[str, tuple[int, str]]:
+        out = {}
+        for tid, curve in curves.items():
+            t = _Trial(tid)
+            scheduler.on_trial_add(None, t)
+            for epoch, value in enumerate(curve, start=1):
+                action = scheduler.on_trial_result(None, t, {"epoch": epoch, "val_robust_acc": value})
+                if action == "STOP":
+                    break
+            out[tid] = (epoch, action)
+        return out
+
+    assert last_action(ASHAScheduler(**kw))["t1"] == (4, "STOP")  # Ray's: trained, then thrown away
+    for scheduler in (LastEpochASHA(**kw), PersistentASHA(state_path=str(tmp_path / "s.json"), **kw)):
+        got = last_action(scheduler)
+        assert got["t1"] == (4, "CONTINUE") and got["t2"] == (1, "STOP"), got
+        assert scheduler._num_stopped == 1
+        assert [tid for tid in getattr(scheduler, "stopped", ["t2"])] == ["t2"]

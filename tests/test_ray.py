@@ -5,8 +5,10 @@ Marked ``ray``; CI runs these on its CPUs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -144,10 +146,11 @@ def _check_tracked_study(uri: str, study, summary: dict) -> None:
             assert run.data.params[k] == str(v)
         assert run.data.tags["ancra.status"] == t["status"]
         assert run.info.status == {"finished": "FINISHED", "stopped": "KILLED"}[t["status"]]
-        # One value per epoch trained, step = epoch, for every per-epoch metric. A trial that ASHA
-        # stops may finish one more epoch before Tune kills it: MLflow has it, Tune drops its report.
+        # One value per epoch trained, step = epoch, for every per-epoch metric. A one-worker trial
+        # trains in the Tune trial, whose report waits for ASHA's decision: a stopped trial trains
+        # no epoch beyond the one it was stopped at.
         trained = len(mc.get_metric_history(run.info.run_id, "epoch_time_s"))
-        assert trained == t["epochs_run"] if t["status"] == "finished" else t["epochs_run"] <= trained < 4
+        assert trained == t["epochs_run"] and (t["status"] == "finished" or trained < 4)
         for key in ("loss", "loss_at", "loss_aux_at", "val_clean_acc", "val_robust_acc", "val_pgd_acc_final",
                     "epoch_time_s", "train_images_per_s", "lr"):
             hist = mc.get_metric_history(run.info.run_id, key)
@@ -498,6 +501,136 @@ def test_crashed_worker_restarts_from_its_checkpoint(ray_local, tmp_path: Path) 
     result = trainer.fit()
     assert (tmp_path / "crashed").exists()  # the crash happened
     assert result.metrics["epoch"] == 2
+    with result.checkpoint.as_directory() as d:
+        weights = load_checkpoint(Path(d) / "checkpoint.pt")["model"]
+    for k, v in reference.model.state_dict().items():
+        torch.testing.assert_close(weights[k], v, rtol=0, atol=1e-6, msg=k)
+
+
+@contextlib.contextmanager
+def _small_disk(path: Path, mib: int):
+    """A real filesystem of ``mib`` MiB at ``path`` (a tmpfs; needs root), unmounted afterwards."""
+    path.mkdir(parents=True)
+    out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mib}m", "tmpfs", str(path)], capture_output=True)
+    if out.returncode != 0:
+        pytest.skip(f"cannot mount a small filesystem here ({out.stderr.decode().strip()[:200]})")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_a_full_disk_stops_the_study_and_resume_finishes_it(ray_local, tmp_path: Path, mlflow_server: str) -> None:
+    """The study's disk fills up mid-study (a real 96 MiB filesystem, filled by another file): the
+    study stops with a clear message, its MLflow runs end FAILED (none RUNNING); resuming on the still
+    full disk is refused at once; once space is back --resume finishes it, every epoch in MLflow once."""
+    import ray
+
+    ray.shutdown()  # the CLI process starts its own Ray
+    try:
+        with _small_disk(tmp_path / "disk", 96) as disk:
+            text = ABLATION.replace("lr_ablation", "full_disk").replace("optim.epochs: 2", "optim.epochs: 4")
+            text = text.replace("[0.05, 1.0e+12]", "[0.05, 0.02]").replace("seeds: [0, 1]", "seeds: [0]")
+            text = text.replace("data.train_limit: 256", "data.train_limit: 1024")
+            f = _study_file(tmp_path, text)
+            storage = disk / "studies"
+            cmd = [sys.executable, "-m", "ancra_tune.cli", "ablate", str(f), "--storage", str(storage),
+                   "--num-cpus", "1", "--tracking-uri", mlflow_server]
+            env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "ANCRA_DISK_RESERVE_MB": "32"}
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True)
+            study_dir = storage / "full_disk"
+            deadline = time.time() + 300
+            while time.time() < deadline and not list(study_dir.glob("run_trial_*/checkpoint_*")):
+                time.sleep(0.2)
+                assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            # Another program takes the disk: 24 MiB stay free, less than the 32 the study keeps.
+            free = shutil.disk_usage(disk).free
+            filler = disk / "filler.bin"
+            with filler.open("wb") as fh:
+                fh.truncate(free - 24 * 2**20)
+                os.posix_fallocate(fh.fileno(), 0, free - 24 * 2**20)
+            stdout, _ = proc.communicate(timeout=180)
+            assert proc.returncode == 1, stdout[-3000:]
+            assert "disk full" in stdout and "--resume" in stdout, stdout[-3000:]
+            first = json.loads((study_dir / "summary.json").read_text())
+            assert first["interrupted"] and first["interrupted_by"] == "disk full"
+            assert first["status_counts"]["interrupted"] >= 1
+            parent, children = _mlflow_runs(mlflow_server, "full_disk", study_dir)
+            assert parent.info.status == "FAILED" and parent.data.tags["ancra.status"] == "disk_full"
+            assert "full disk" in parent.data.tags["ancra.resume"]
+            assert all(r.info.status != "RUNNING" for r in children)
+            assert {r.info.status for r in children if r.data.tags["ancra.status"] == "interrupted"} == {"FAILED"}
+            # Still full: refused before Ray starts, saying how much is free.
+            out = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+            assert out.returncode == 2 and "MiB free" in out.stderr and "ANCRA_DISK_RESERVE_MB" in out.stderr, \
+                out.stderr[-2000:]
+            filler.unlink()  # space is back
+            out = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+            assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+            summary = json.loads((study_dir / "summary.json").read_text())
+            assert summary["status_counts"]["finished"] == 2 and not summary["interrupted"]
+            from trainables.tracking import client
+
+            mc = client(mlflow_server)
+            parent, children = _mlflow_runs(mlflow_server, "full_disk", study_dir)
+            assert parent.info.status == "FINISHED" and len(children) == 2
+            for run in children:
+                steps = [m.step for m in mc.get_metric_history(run.info.run_id, "epoch_time_s")]
+                assert sorted(steps) == [1, 2, 3, 4], steps  # every epoch once, across the stop
+                assert run.info.status == "FINISHED"
+                assert len(mc.get_metric_history(run.info.run_id, "robust_acc_worst")) == 1
+    finally:
+        from trainables.tuner import init_ray
+
+        init_ray(None, num_cpus=2)
+
+
+def _crash_once_trial(config: dict) -> None:
+    """A one-worker trial as the tuner runs it (in the Tune trial), crashing once after epoch 1."""
+    from trainables import worker
+
+    marker = Path(config["marker"])
+    original = worker.RayReport.on_epoch_end
+
+    def crashing(self, trainer, epoch, metrics, checkpoint):
+        original(self, trainer, epoch, metrics, checkpoint)
+        if epoch == 0 and not marker.exists():
+            marker.touch()
+            raise RuntimeError("injected trial crash")
+
+    worker.RayReport.on_epoch_end = crashing
+    worker.run_worker(config, worker.TuneSession(use_gpu=False))
+
+
+def test_crashed_in_process_trial_restarts_from_its_checkpoint(ray_local, tmp_path: Path) -> None:
+    """Tune's FailureConfig restarts a trial that trains in its own process from its last epoch's
+    checkpoint; the weights equal an uninterrupted run's, each epoch is reported once."""
+    from ray import tune
+
+    from ancra_tune.checkpoint import load_checkpoint
+    from ancra_tune.config import TrainConfig
+    from ancra_tune.trainer import Trainer
+
+    _crash_once_trial.__module__ = "__main__"
+    cfg = TrainConfig.from_dict({
+        "data.dataset": "digits", "data.batch_size": 64, "data.train_limit": 128, "data.val_size": 0.1,
+        "model.name": "small_cnn", "attack.steps": 2, "attack.eps": 0.2, "attack.step_size": 0.1,
+        "eval.pgd_steps": 0, "optim.epochs": 2, "optim.lr": 0.05, "progress": False,
+        "out_dir": str(tmp_path / "single")})
+    reference = Trainer(cfg)
+    reference.fit()
+    config = {"train": cfg.to_dict(), "eval": None, "cpus_per_worker": 1.0, "marker": str(tmp_path / "crashed")}
+    tuner = tune.Tuner(tune.with_resources(lambda c: _crash_once_trial(config), {"CPU": 1}),
+                       run_config=tune.RunConfig(name="crash", storage_path=str(tmp_path / "ray"), verbose=0,
+                                                 failure_config=tune.FailureConfig(max_failures=1)))
+    result = tuner.fit()[0]
+    assert result.error is None and (tmp_path / "crashed").exists()  # it crashed, and recovered
+    assert result.metrics["epoch"] == 2
+    # Resumed, not retrained: epoch 1 (before the crash) and epoch 2 (after it), each once.
+    assert [int(e) for e in result.metrics_dataframe["epoch"]] == [1, 2]
     with result.checkpoint.as_directory() as d:
         weights = load_checkpoint(Path(d) / "checkpoint.pt")["model"]
     for k, v in reference.model.state_dict().items():

@@ -47,7 +47,21 @@ def read_state(path: str) -> dict[str, Any] | None:
         return None
 
 
-class PersistentASHA(ASHAScheduler):
+class LastEpochASHA(ASHAScheduler):
+    """ASHA that never stops a trial at its last epoch. Ray's ASHA has a rung at ``max_t`` itself
+    and may stop a trial there, after all its training and before its end-of-trial evaluation,
+    the result the study is run for; here the last epoch is recorded in that rung (later trials are
+    still compared with it) and the trial goes on to its evaluation."""
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        action = super().on_trial_result(tune_controller, trial, result)
+        if action == TrialScheduler.STOP and result.get(self._time_attr, 0) >= self._max_t:
+            self._num_stopped -= 1
+            return TrialScheduler.CONTINUE
+        return action
+
+
+class PersistentASHA(LastEpochASHA):
     """:class:`ASHAScheduler` whose decisions survive an interruption (see the module doc)."""
 
     def __init__(self, *, state_path: str, resume: bool = False, **kwargs: Any) -> None:

@@ -15,6 +15,7 @@ the file is read; a mistake names the file, the key and what is allowed::
       num_samples: 8
       max_concurrent: auto
       defaults_first: true      # evaluate the paper's defaults as the first trial
+      startup_trials: null      # TPE's random trials first (default: a quarter of num_samples, 2 to 10)
       space:
         method.anc: [true, false]                              # categorical
         method.alpha: {low: 0.0, high: 1.0, when: method.anc}  # only when ANC is on
@@ -64,13 +65,23 @@ class StudyError(ConfigError):
 
 @dataclass(frozen=True)
 class Resources:
-    """What one trial occupies: the Tune trial itself (the Train driver) and its workers."""
+    """What one trial occupies: the Tune trial itself (the Train driver) and its workers.
+
+    A one-worker trial trains inside the Tune trial (``in_process``, the default): it occupies the
+    same resources in one process, and skips the Train worker group's start-up (seconds per
+    trial, see benchmarks/trial_overhead.py). ``in_process: false`` starts one anyway.
+    """
 
     workers: int = 1
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0  # fractions share a GPU between small trials
     trial_cpus: float = 0.5  # the function trainable that drives the Train run (must be > 0)
     sync_batchnorm: bool = True  # global BatchNorm statistics across workers (see ancra_tune.distributed)
+    in_process: bool = True  # one worker: train in the Tune trial, no Ray Train worker group
+
+    @property
+    def train_in_trial(self) -> bool:
+        return self.in_process and self.workers == 1
 
     def __post_init__(self) -> None:
         s = "resources"
@@ -140,6 +151,16 @@ class Study:
     seeds: tuple[int, ...]
     grid: dict[str, tuple[Any, ...]]
     max_failures: int
+    startup_trials: int | None = None  # TPE's random trials before it models; None: see `tpe_startup`
+
+    @property
+    def tpe_startup(self) -> int:
+        """Trials TPE samples at random before it models the results: ``search.startup_trials``, else
+        a quarter of the trials (2 to 10). Optuna's own default, 10, makes a sweep of 10 trials or
+        fewer a random search (benchmarks/search_efficiency.py)."""
+        if self.startup_trials is not None:
+            return self.startup_trials
+        return max(2, min(10, self.num_samples // 4))
 
     @property
     def multi_objective(self) -> bool:
@@ -336,7 +357,8 @@ def _load(p: Path) -> Study:
     # The trials' training budget is the evaluation's default: `eps: 8/255` may still override it.
     suite = SuiteConfig.from_mapping(ev, defaults={"eps": train.attack.eps})
 
-    s = _section(p, raw, "search", ("sampler", "num_samples", "max_concurrent", "defaults_first", "space"))
+    s = _section(p, raw, "search", ("sampler", "num_samples", "max_concurrent", "defaults_first", "startup_trials",
+                                    "space"))
     sampler = s.get("sampler", "nsga2" if len(metrics) > 1 else "tpe")
     check_choice("search", "sampler", sampler, SAMPLERS)
     if len(metrics) > 1 and sampler == "tpe":
@@ -355,6 +377,9 @@ def _load(p: Path) -> Study:
     num_samples = s.get("num_samples", 8)
     check_field(isinstance(num_samples, int) and not isinstance(num_samples, bool) and num_samples >= 1, "search",
                 "num_samples", num_samples, "an integer >= 1")
+    startup = s.get("startup_trials")
+    check_field(startup is None or (isinstance(startup, int) and not isinstance(startup, bool) and startup >= 1),
+                "search", "startup_trials", startup, "an integer >= 1, or null (a quarter of the trials, 2 to 10)")
 
     sch = _section(p, raw, "scheduler", _fields(SchedulerConfig))
     sch.setdefault("type", "asha" if len(metrics) == 1 and kind == "sweep" else "none")
@@ -386,7 +411,8 @@ def _load(p: Path) -> Study:
     study = Study(name=str(raw.get("name", p.stem)), kind=kind, path=p, train=train, resources=resources,
                   metrics=metrics, modes=modes, suite=suite, sampler=sampler, num_samples=num_samples,
                   max_concurrent=None if mc == "auto" else mc, defaults_first=bool(s.get("defaults_first", True)),
-                  space=space, scheduler=scheduler, seeds=tuple(seeds), grid=grid, max_failures=max_failures)
+                  space=space, scheduler=scheduler, seeds=tuple(seeds), grid=grid, max_failures=max_failures,
+                  startup_trials=startup)
     known = study.objective_metrics()
     for m in metrics:
         if m not in known:

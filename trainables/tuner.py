@@ -1,7 +1,9 @@
 """Ray Tune over Ray Train: studies, resources, resume, and their summaries.
 
-Each Tune trial is a function trainable that builds and fits a ``TorchTrainer`` (the pattern
-Ray 2.60 supports) and forwards its reports with ``TuneReportCallback``. Sweeps search with
+Each Tune trial is a function trainable. A one-worker trial trains in that process and reports
+to Tune itself (no worker group to start: seconds saved per trial); a trial of several workers
+builds and fits a ``TorchTrainer`` (the pattern Ray 2.60 supports) and forwards its reports
+with ``TuneReportCallback``. Sweeps search with
 Optuna (define-by-run conditional spaces, the paper's defaults first) and stop bad trials
 with ASHA; ablations run a full grid x seeds and write a summary table.
 """
@@ -28,7 +30,7 @@ from ancra_tune.config import inactive_keys, params_text
 from ancra_tune.robustness import EvalReport
 
 from . import results as R
-from .guard import Interruption, check_storage, study_lock
+from .guard import DISK_FULL, DiskGuard, Interruption, StorageError, check_storage, study_lock
 from .scheduler import STATE_NAME as SCHEDULER_STATE
 from .scheduler import PersistentASHA, read_state
 from .study import Study
@@ -41,7 +43,8 @@ from .tracking import (
     resolve_tracking_uri,
     start_study_run,
 )
-from .worker import REPORT_NAME, train_loop_per_worker, worker_env
+from .tracking import FAST_FAIL_ENV
+from .worker import REPORT_NAME, TuneSession, run_worker, train_loop_per_worker, worker_env
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +88,8 @@ def init_ray(address: str | None, *, num_cpus: int | None = None, num_gpus: int 
     # trial's final evaluation, so Tune must not insist on it in every result.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     for k, v in worker_env().items():  # the trial actors read Train's settings from their environment
-        os.environ.setdefault(k, v)
+        if k not in FAST_FAIL_ENV:  # the driver's own MLflow calls keep MLflow's patient retries
+            os.environ.setdefault(k, v)
     if ray.is_initialized():
         return
     env = worker_env()
@@ -132,10 +136,12 @@ def check_resources(study: Study, nodes: Sequence[dict[str, float]]) -> int:
     asked = (f"{r.workers} worker(s) x ({r.cpus_per_worker:g} CPU, {r.gpus_per_worker:g} GPU) "
              f"+ {r.trial_cpus:g} CPU for the trial")
     have = ", ".join(f"node {i}: {n.get('CPU', 0):g} CPU, {n.get('GPU', 0):g} GPU" for i, n in enumerate(nodes))
-    fits_one = [n for n in nodes if n.get("CPU", 0) >= r.cpus_per_worker and n.get("GPU", 0) >= r.gpus_per_worker]
+    need = r.trial_total
+    # A trial that trains in its own process needs all of it on one node; workers may spread.
+    one = need if r.train_in_trial else {"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker}
+    fits_one = [n for n in nodes if n.get("CPU", 0) >= one["CPU"] - 1e-9 and n.get("GPU", 0) >= one["GPU"] - 1e-9]
     total_cpu = sum(n.get("CPU", 0) for n in nodes)
     total_gpu = sum(n.get("GPU", 0) for n in nodes)
-    need = r.trial_total
     if not fits_one or need["CPU"] > total_cpu + 1e-9 or need["GPU"] > total_gpu + 1e-9 or \
             not any(n.get("CPU", 0) >= r.trial_cpus for n in nodes):
         raise InfeasibleResourcesError(
@@ -166,7 +172,8 @@ def _join(storage: str, *parts: str) -> str:
 
 def run_trial(params: dict[str, Any], *, study: Study, storage: str,
               tracking: StudyTracking | None = None) -> None:
-    """Tune function trainable: build and fit the trial's Ray Train run."""
+    """Tune function trainable: train the trial here (one worker), or build and fit its Ray Train
+    run (several workers, or ``resources.in_process: false``)."""
     import ray.train
     import ray.tune
     from ray.train.torch import TorchTrainer
@@ -184,11 +191,17 @@ def run_trial(params: dict[str, Any], *, study: Study, storage: str,
         # (this process, rank 0, or the driver at the end), so an outage cannot fail the trial.
         mlflow_run = trial_spec(tracking, trial_id, params, seed, cfg)
         TrialRecorder(mlflow_run).tag_node("ray.node.trial")
+    loop_config = {"train": cfg.to_dict(), "eval": study.suite.to_dict(), "objective": list(study.metrics),
+                   "modes": list(study.modes), "cpus_per_worker": r.cpus_per_worker,
+                   "sync_batchnorm": r.sync_batchnorm, "mlflow": mlflow_run}
+    if r.train_in_trial:  # one worker: this process trains, Tune restarts it from its checkpoints
+        started = time.time()
+        final = run_worker(loop_config, TuneSession(use_gpu=r.gpus_per_worker > 0))
+        _write_timing(trial_start, started, final)
+        return
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": cfg.to_dict(), "eval": study.suite.to_dict(), "objective": list(study.metrics),
-                           "modes": list(study.modes), "cpus_per_worker": r.cpus_per_worker,
-                           "sync_batchnorm": r.sync_batchnorm, "mlflow": mlflow_run},
+        train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=r.workers, use_gpu=r.gpus_per_worker > 0,
             resources_per_worker={"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker}
@@ -255,13 +268,42 @@ class FinalObjectiveOptunaSearch(OptunaSearch):
             super().on_trial_result(trial_id, result)
 
 
-def _searcher(study: Study) -> Any:
+#: the running study's Interruption: Tune pickles its callbacks with the experiment (tuner.pkl), so
+#: a resumed study's callbacks find the live one here
+_ACTIVE: dict[str, Interruption] = {}
+
+
+class DiskWatch(Callback):
+    """Stops the study before its local storage folder fills up (see :class:`guard.DiskGuard`)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self._guard: DiskGuard | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"folder": self.folder, "_guard": None}
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        interruption = _ACTIVE.get("interruption")
+        if interruption is None:
+            return
+        if self._guard is None or self._guard.interruption is not interruption:
+            self._guard = DiskGuard(self.folder, interruption)
+        self._guard.check()
+
+
+def optuna_sampler(study: Study, seed: int | None = None) -> Any:
+    """The study's Optuna sampler (seeded with its first seed unless ``seed`` is given)."""
     import optuna
 
-    seed = study.seeds[0]
-    sampler = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed),
-               "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
-               "random": lambda: optuna.samplers.RandomSampler(seed=seed)}[study.sampler]()
+    seed = study.seeds[0] if seed is None else seed
+    return {"tpe": lambda: optuna.samplers.TPESampler(seed=seed, n_startup_trials=study.tpe_startup),
+            "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
+            "random": lambda: optuna.samplers.RandomSampler(seed=seed)}[study.sampler]()
+
+
+def _searcher(study: Study) -> Any:
+    sampler = optuna_sampler(study)
     keys = [R.objective_key(m) for m in study.metrics]
     metric: Any = keys if study.multi_objective else keys[0]
     mode: Any = list(study.modes) if study.multi_objective else study.modes[0]
@@ -284,9 +326,9 @@ def _scheduler(study: Study, *, storage: str | None = None, resume: bool = False
     kw = dict(metric=sch.metric, mode=sch.mode, time_attr=R.EPOCH, max_t=epochs, grace_period=sch.grace_period,
               reduction_factor=sch.reduction_factor, stop_last_trials=False)
     if storage is None:
-        from ray.tune.schedulers import ASHAScheduler
+        from .scheduler import LastEpochASHA
 
-        return ASHAScheduler(**kw)
+        return LastEpochASHA(**kw)
     # Its rung records and stopped trials are saved beside the study: --resume stops what an
     # uninterrupted study would.
     return PersistentASHA(state_path=_join(storage, study.name, SCHEDULER_STATE), resume=resume, **kw)
@@ -391,6 +433,15 @@ def _local_checkpoint(path: str) -> Iterator[Path]:
         yield Path(d)
 
 
+def trial_resources(study: Study) -> dict[str, float]:
+    """What Tune reserves for the trial process: all of it when the trial trains itself, else the
+    Train driver only (Ray Train reserves its workers)."""
+    r = study.resources
+    if r.train_in_trial:
+        return {"CPU": r.trial_cpus + r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})}
+    return {"CPU": r.trial_cpus}
+
+
 def build_tuner(study: Study, *, storage: str, smoke_test: bool = False, resume: bool = False,
                 max_concurrent: int, tracking: StudyTracking | None = None, verbose: bool = False) -> Any:
     from ray import tune
@@ -398,7 +449,7 @@ def build_tuner(study: Study, *, storage: str, smoke_test: bool = False, resume:
     if smoke_test:
         study = _smoke(study)
     trainable = tune.with_resources(tune.with_parameters(run_trial, study=study, storage=storage, tracking=tracking),
-                                    {"CPU": study.resources.trial_cpus})
+                                    trial_resources(study))
     name = study.name
     path = _join(storage, name)
     if resume:
@@ -409,18 +460,25 @@ def build_tuner(study: Study, *, storage: str, smoke_test: bool = False, resume:
     callbacks: list[Any] = [] if verbose else [TrialLines(study, study.train.optim.epochs)]
     if tracking is not None:
         callbacks.append(TrackingWatch(tracking.uri))
+    if "://" not in storage:
+        callbacks.append(DiskWatch(storage))
     # Ray's per-trial status tables only with --verbose; the compact lines above otherwise.
     run_config = tune.RunConfig(name=name, storage_path=storage, verbose=1 if verbose else 0,
                                 failure_config=tune.FailureConfig(max_failures=study.max_failures),
+                                # trials that train in the trial keep their last two epochs' checkpoints
+                                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                                 callbacks=callbacks)
+    # A trial that trains in its own process leaves it warm (torch, the data's imports) for the next.
+    reuse = study.resources.train_in_trial
     if study.kind == "ablation":
         param_space = {**{k: tune.grid_search(list(v)) for k, v in study.grid.items()},
                        SEED_KEY: tune.grid_search(list(study.seeds))}
-        tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=max_concurrent)
+        tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=max_concurrent, reuse_actors=reuse)
     else:
         param_space = {SEED_KEY: study.seeds[0]}
         tune_config = tune.TuneConfig(search_alg=_searcher(study), scheduler=_scheduler(study, storage=storage),
-                                      num_samples=study.num_samples, max_concurrent_trials=max_concurrent)
+                                      num_samples=study.num_samples, max_concurrent_trials=max_concurrent,
+                                      reuse_actors=reuse)
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
 
 
@@ -470,9 +528,13 @@ def run_study(study: Study, *, address: str | None = None, storage: str | None =
         init_ray(address, num_cpus=num_cpus, verbose=verbose)
         # After Ray's start: its core worker installs a SIGTERM handler of its own that kills the driver.
         with interruption.installed():
-            return _run_locked(study, interruption, address=address, storage=storage, resume=resume,
+            _ACTIVE["interruption"] = interruption
+            try:
+                return _run_locked(study, interruption, address=address, storage=storage, resume=resume,
                                smoke_test=smoke_test, wait_for_resources=wait_for_resources, uri=uri,
                                study_path=study_path, resume_command=resume_command, verbose=verbose)
+            finally:
+                _ACTIVE.pop("interruption", None)
 
 
 def _run_locked(study: Study, interruption: Interruption, *, address: str | None, storage: str, resume: bool,
@@ -506,9 +568,13 @@ def _run_locked(study: Study, interruption: Interruption, *, address: str | None
         if tracking is not None:
             end_study_run(tracking, None, status="KILLED", outcome="interrupted")
         raise
-    except BaseException:
+    except BaseException as e:
+        full = "://" not in storage and _disk_full(storage)
         if tracking is not None:
-            end_study_run(tracking, None, status="FAILED")
+            end_study_run(tracking, None, status="FAILED", outcome="disk_full" if full else None)
+        if full:  # what Tune raises on a full disk (often EOFError from a state file cut short) says little
+            raise StorageError(f"disk full under {storage}: the study stopped ({type(e).__name__}: {e}). Free some "
+                               f"space, then run {resume_command or 'the same command with --resume'}") from e
         raise
     wall = time.perf_counter() - t0
     stopped = set((read_state(_join(study_path, SCHEDULER_STATE)) or {}).get("stopped", []))
@@ -516,6 +582,8 @@ def _run_locked(study: Study, interruption: Interruption, *, address: str | None
     summary["interrupted"] = interruption.signal is not None or summary["status_counts"]["interrupted"] > 0
     if summary["interrupted"]:
         summary["interrupted_by"] = interruption.signal
+        if interruption.message:
+            summary["interrupted_because"] = interruption.message
         summary["resume_command"] = resume_command
     if tracking is not None:
         summary["mlflow"] = {"tracking_uri": tracking.uri, "experiment_id": tracking.experiment_id,
@@ -539,11 +607,22 @@ def _run_locked(study: Study, interruption: Interruption, *, address: str | None
             summary["mlflow"]["undelivered"] = True
             files[0].write_text(json.dumps(summary, indent=1, default=str))
             return summary
-        if summary["interrupted"]:
+        if interruption.signal == DISK_FULL:  # a fault, not a choice: the runs it cut short failed
+            end_study_run(tracking, summary, status="FAILED", outcome="disk_full", files=files)
+        elif summary["interrupted"]:
             end_study_run(tracking, summary, status="KILLED", outcome="interrupted", files=files)
         else:
             end_study_run(tracking, summary, status="FINISHED", files=files)
     return summary
+
+
+def _disk_full(folder: str) -> bool:
+    from .guard import disk_reserve_bytes, free_bytes
+
+    try:
+        return free_bytes(folder) < disk_reserve_bytes()
+    except OSError:
+        return False
 
 
 def _study_params(study: Study, storage: str, smoke_test: bool) -> dict[str, Any]:
@@ -601,7 +680,8 @@ def _trial_rows(results: Any, study: Study, stopped_by_scheduler: set[str]) -> l
                                              "stopped" if trial_id in stopped_by_scheduler else "interrupted")
         row = {"trial_id": trial_id, "status": status,
                "params": cfg,
-               "checkpoint": metrics.get(R.CHECKPOINT_PATH) or _last(records, R.CHECKPOINT_PATH),
+               "checkpoint": (metrics.get(R.CHECKPOINT_PATH) or _last(records, R.CHECKPOINT_PATH)
+                              or _tune_checkpoint(res)),
                # The last epoch number, not the count of rows: after a worker-group restart or a
                # resumed study, Tune's fresh result file holds only the epochs trained since.
                "epochs_run": max((int(m[R.EPOCH]) for m in epochs if not _nan(m.get(R.EPOCH))), default=0),
@@ -634,6 +714,19 @@ def _trial_rows(results: Any, study: Study, stopped_by_scheduler: set[str]) -> l
                 row[k] = last_epoch[k]
         rows.append(row)
     return rows
+
+
+def _tune_checkpoint(res: Any) -> str | None:
+    """The last checkpoint of a trial that trained in its own process (Tune's, not Train's), as a
+    path or a URI."""
+    ckpt = getattr(res, "checkpoint", None)
+    if ckpt is None:
+        return None
+    kind = getattr(ckpt.filesystem, "type_name", "local")
+    if kind == "local":
+        return ckpt.path
+    scheme = {"gcs": "gs"}.get(kind, kind)
+    return f"{scheme}://{ckpt.path.lstrip('/')}"
 
 
 def _nan(v: Any) -> bool:

@@ -1,10 +1,12 @@
-"""The Ray Train worker loop: the core Trainer under DDP, with Ray touch points marked.
+"""The worker loop: the core Trainer under DDP, with Ray touch points marked.
 
 Each worker builds the same model (same seed), wraps it in DDP (gloo on CPU, NCCL on GPU),
-reads its shard of every global batch, and reports per-epoch metrics through
-``ray.train.report``; rank 0 attaches the epoch's checkpoint. A restarted worker group
-resumes from the latest reported checkpoint. After the last epoch rank 0 runs the quick
-robustness evaluation on the validation split and reports it as the trial's final result.
+reads its shard of every global batch, and reports per-epoch metrics through its
+:class:`Session` (``ray.train.report`` in a Ray Train worker group; ``ray.tune.report`` when a
+one-worker trial trains inside the Tune trial itself); rank 0 attaches the epoch's checkpoint.
+A restarted worker group (or trial) resumes from the latest reported checkpoint. After the last
+epoch rank 0 runs the robustness evaluation on the validation split and reports it as the
+trial's final result.
 """
 
 from __future__ import annotations
@@ -50,24 +52,88 @@ class RayReport(Callback):
     """Ray touch point: every worker reports each epoch; rank 0 attaches its checkpoint and says how
     many epochs MLflow still lacks (the driver warns on the console)."""
 
-    def __init__(self, recorder: TrialRecorder | None = None) -> None:
+    def __init__(self, session: Session, recorder: TrialRecorder | None = None) -> None:
+        self.session = session
         self.recorder = recorder
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float],
                      checkpoint: Path | None) -> None:
-        import ray.train
-
         m = R.epoch_row(metrics, epoch + 1)
         if self.recorder is not None and trainer.rank == 0:
             m[R.MLFLOW_PENDING] = self.recorder.pending
             if self.recorder.error:
                 m[R.MLFLOW_ERROR] = self.recorder.error
         if checkpoint is None:
-            ray.train.report(m)
+            self.session.report(m)
             return
         with tempfile.TemporaryDirectory() as d:
             shutil.copy2(checkpoint, Path(d) / CHECKPOINT_NAME)
-            ray.train.report(m, checkpoint=ray.train.Checkpoint.from_directory(d))
+            self.session.report(m, checkpoint=Path(d))
+
+
+class Session:
+    """What the training loop needs from Ray: its rank, device and run name, reporting a row (with a
+    checkpoint folder, persisted before ``report`` returns) and the checkpoint to resume from.
+
+    :class:`TrainSession` is a Ray Train worker (any number of workers under DDP, the Train run
+    retried from its checkpoint by Train's FailureConfig); :class:`TuneSession` is the Tune trial
+    itself, for one-worker trials: no worker group to start, no second process, no distributed
+    init, and Tune's FailureConfig restarts the trial from the same checkpoints.
+    """
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+    name: str = "run"
+
+    def report(self, metrics: dict[str, Any], checkpoint: Path | None = None) -> None:
+        raise NotImplementedError
+
+    def checkpoint(self) -> Any:
+        """A ``ray.train.Checkpoint`` to resume from, or None."""
+        raise NotImplementedError
+
+
+class TrainSession(Session):
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()  # the worker's GPU, or CPU
+        self.name = ctx.get_experiment_name()
+
+    def report(self, metrics: dict[str, Any], checkpoint: Path | None = None) -> None:
+        import ray.train
+
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint) if checkpoint else None)
+
+    def checkpoint(self) -> Any:
+        import ray.train
+
+        return ray.train.get_checkpoint()  # set when the worker group restarts after a failure
+
+
+class TuneSession(Session):
+    def __init__(self, *, use_gpu: bool) -> None:
+        import ray.tune
+
+        self.name = f"trial-{ray.tune.get_context().get_trial_id()}"
+        # Tune gives the trial its GPU(s) through CUDA_VISIBLE_DEVICES.
+        self.device = torch.device("cuda", 0) if use_gpu and torch.cuda.is_available() else torch.device("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
+    def report(self, metrics: dict[str, Any], checkpoint: Path | None = None) -> None:
+        import ray.tune
+
+        ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(checkpoint) if checkpoint else None)
+
+    def checkpoint(self) -> Any:
+        import ray.tune
+
+        return ray.tune.get_checkpoint()  # set when Tune restarts the trial or the study resumes
 
 
 def _threads(cpus_per_worker: float) -> int:
@@ -79,24 +145,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. ``config``: {"train": TrainConfig dict, "eval": SuiteConfig dict or None,
     "objective": [metric, ...], "modes": [...], "cpus_per_worker": float, "sync_batchnorm": bool,
     "mlflow": {"uri", "run_id"} or None}."""
-    import ray.train
-    import ray.train.torch
+    run_worker(config, TrainSession())
 
+
+def run_worker(config: dict[str, Any], session: Session) -> dict[str, Any]:
+    """One worker's whole run (see :func:`train_loop_per_worker`), reporting through ``session``;
+    returns the final row rank 0 reported (empty when none was)."""
     timing = {R.TIMING_PREFIX + "worker_start": time.time()}
     torch.set_num_threads(_threads(config.get("cpus_per_worker", 1.0)))
     cfg = TrainConfig.from_dict(config["train"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()  # the worker's GPU, or CPU
+    rank, world, device = session.rank, session.world, session.device
 
     def wrap(model: torch.nn.Module) -> torch.nn.Module:
         if world == 1:
             return model
         return ddp_wrap(model, device, sync_batchnorm=config.get("sync_batchnorm", True))
 
-    # One folder per Train run and rank, emptied first: a restarted worker group reuses (and so
-    # cleans up) what a killed one left behind.
-    out_dir = Path(tempfile.gettempdir()) / f"ancra-{ctx.get_experiment_name()}-rank{rank}"
+    # One folder per run and rank, emptied first: a restarted worker group (or trial) reuses, and
+    # so cleans up, what a killed one left behind.
+    out_dir = Path(tempfile.gettempdir()) / f"ancra-{session.name}-rank{rank}"
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
     cfg = cfg.replace(progress=False)
@@ -106,12 +173,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         recorder = TrialRecorder(spec)
         recorder.tag_node(f"ray.node.rank{rank}")
     # MLflow first: an epoch is in the run before the report that may let ASHA stop the trial.
-    callbacks = ([MlflowEpochs(recorder)] if recorder is not None and rank == 0 else []) + [RayReport(recorder)]
+    callbacks = ([MlflowEpochs(recorder)] if recorder is not None and rank == 0 else []) + \
+        [RayReport(session, recorder)]
     trainer = Trainer(cfg, device=device, rank=rank, world_size=world, out_dir=out_dir, wrap_model=wrap,
                       callbacks=callbacks)
     timing[R.TIMING_PREFIX + "setup_s"] = time.time() - timing[R.TIMING_PREFIX + "worker_start"]
     try:
-        checkpoint = ray.train.get_checkpoint()  # set when the worker group restarts after a failure
+        checkpoint = session.checkpoint()
         if checkpoint is not None:
             with checkpoint.as_directory() as d:
                 if (Path(d) / FINAL_NAME).is_file():
@@ -121,8 +189,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     final = json.loads((Path(d) / FINAL_NAME).read_text()) if rank == 0 else {}
                     if rank == 0 and recorder is not None:
                         _track_final(recorder, Path(d), epochs=cfg.optim.epochs)
-                    ray.train.report({**final, R.DIVERGED: 0, R.FINAL: 1, R.REPORTED_AT: time.time()})
-                    return
+                    final = {**final, R.DIVERGED: 0, R.FINAL: 1, R.REPORTED_AT: time.time()}
+                    session.report(final)
+                    return final
                 trainer.resume(Path(d) / CHECKPOINT_NAME)
                 # The last epoch's state is the run's checkpoint until another epoch ends (also when
                 # none is left: the run stopped between its last epoch and its evaluation).
@@ -134,23 +203,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         except DivergedError as e:
             # Every worker raises at the same step (a collective check): report and end cleanly,
             # so the trial ends as `diverged` instead of being retried.
-            ray.train.report(R.diverged_row(e.epoch + 1, e.step, config.get("objective", ()),
-                                            config.get("modes", ())))
-            return
+            session.report(R.diverged_row(e.epoch + 1, e.step, config.get("objective", ()),
+                                          config.get("modes", ())))
+            return {}
         if config.get("eval") is not None:  # the end-of-trial evaluation, unless none is asked for
             suite = SuiteConfig.from_mapping(config["eval"], section="eval")
-            _report_final(trainer, suite, rank, recorder, objective=config.get("objective", ()), timing=timing)
+            return _report_final(trainer, suite, session, recorder, objective=config.get("objective", ()),
+                                 timing=timing)
+        return {}
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
 
 
-def _report_final(trainer: Trainer, suite: SuiteConfig, rank: int, recorder: TrialRecorder | None, *,
-                  objective: list[str] | tuple[str, ...], timing: dict[str, float] | None = None) -> None:
-    import ray.train
-
-    if rank != 0:
-        ray.train.report({R.DIVERGED: 0, R.FINAL: 1})
-        return
+def _report_final(trainer: Trainer, suite: SuiteConfig, session: Session, recorder: TrialRecorder | None, *,
+                  objective: list[str] | tuple[str, ...], timing: dict[str, float] | None = None) -> dict[str, Any]:
+    if session.rank != 0:
+        session.report({R.DIVERGED: 0, R.FINAL: 1})
+        return {}
     with tempfile.TemporaryDirectory() as d:
         # The evaluation travels with the last checkpoint: its presence marks the run as complete.
         shutil.copy2(trainer.out_dir / CHECKPOINT_NAME, Path(d) / CHECKPOINT_NAME)
@@ -167,7 +236,8 @@ def _report_final(trainer: Trainer, suite: SuiteConfig, rank: int, recorder: Tri
             final[R.MLFLOW_PENDING] = recorder.pending
         timing[R.TIMING_PREFIX + "track_s"] = time.time() - t
         timing[R.TIMING_PREFIX + "worker_end"] = time.time()
-        ray.train.report({**final, **timing}, checkpoint=ray.train.Checkpoint.from_directory(d))
+        session.report({**final, **timing}, checkpoint=Path(d))
+    return {**final, **timing}
 
 
 def _track_final(recorder: TrialRecorder, folder: Path, *, epochs: int) -> None:
