@@ -141,6 +141,8 @@ def _study(args: argparse.Namespace, kind: str) -> int:
     print(format_summary(summary))
     if args.json:
         print(json.dumps(summary, indent=1, default=str))
+    if summary.get("interrupted_by") == "disk full":
+        return 1
     return 130 if summary.get("interrupted") else 0
 
 
@@ -196,8 +198,12 @@ def format_summary(summary: dict) -> str:
     lines.append(f"results: {summary['study_dir']}")
     if summary.get("interrupted"):
         cmd = summary.get("resume_command") or "the same command with --resume"
-        lines.append(f"interrupted ({summary.get('interrupted_by') or 'stopped'}): finish the unfinished trials "
-                     f"with\n  {cmd}")
+        if summary.get("interrupted_by") == "disk full":
+            lines.append(f"stopped by a full disk ({summary.get('interrupted_because', '')}): free some space, then "
+                         f"finish the unfinished trials with\n  {cmd}")
+        else:
+            lines.append(f"interrupted ({summary.get('interrupted_by') or 'stopped'}): finish the unfinished trials "
+                         f"with\n  {cmd}")
     elif summary["best"]:
         b = summary["best"][0]
         lines.append("next:\n"

@@ -19,6 +19,9 @@ from typing import Any
 
 LOCK_NAME = ".ancra-study.lock"
 LOW_SPACE_BYTES = 1 << 30  # warn below 1 GiB free
+RESERVE_ENV = "ANCRA_DISK_RESERVE_MB"
+DEFAULT_RESERVE_MB = 256  # a study stops (to be resumed) before its storage has less free than this
+DISK_FULL = "disk full"
 
 
 class StorageError(RuntimeError):
@@ -48,6 +51,11 @@ def check_storage(storage: str) -> dict[str, Any]:
         raise StorageError(f"storage {storage} is not writable ({e.strerror or e}). Pass --storage with a folder "
                            "you can write, or fix its permissions") from None
     free = shutil.disk_usage(p).free
+    reserve = disk_reserve_bytes()
+    if free < reserve:
+        raise StorageError(f"storage {storage} has {free / 2**20:.0f} MiB free, less than the {reserve / 2**20:.0f} MiB a "
+                           f"study keeps for its checkpoints and state ({RESERVE_ENV}): free some space (a stopped "
+                           "study then continues with --resume) or pass another --storage")
     out: dict[str, Any] = {"storage": str(p.resolve()), "free_bytes": free}
     if free < LOW_SPACE_BYTES:
         out["warning"] = (f"only {free / 2**20:.0f} MiB free under {storage}: checkpoints of every trial go there; "
@@ -106,12 +114,37 @@ def study_lock(study_dir: str) -> Iterator[Path | None]:
                 path.unlink()
 
 
+def free_bytes(path: str | Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+def disk_reserve_bytes() -> int:
+    """Free space a study keeps on its storage (``ANCRA_DISK_RESERVE_MB``, default 256 MiB): room for
+    the experiment state and the checkpoints in flight when it stops."""
+    raw = os.environ.get(RESERVE_ENV, str(DEFAULT_RESERVE_MB))
+    try:
+        mb = float(raw)
+    except ValueError:
+        raise StorageError(f"{RESERVE_ENV}={raw!r} is not a number of MiB") from None
+    return int(mb * 2**20)
+
+
 class Interruption:
     """Ctrl+C and SIGTERM during a study: the first asks Tune to stop gracefully (it saves the
-    experiment state, so ``--resume`` continues) and is remembered; a second stops at once."""
+    experiment state, so ``--resume`` continues) and is remembered; a second stops at once.
+    :meth:`stop` does the same for the platform's own reasons (a full disk)."""
 
     def __init__(self) -> None:
         self.signal: str | None = None
+        self.message: str | None = None
+
+    def stop(self, reason: str, message: str) -> None:
+        """Stop the running study as Ctrl+C does, for ``reason`` (recorded as ``signal``)."""
+        if self.signal is not None:
+            return
+        self.signal, self.message = reason, message
+        print(f"\n{message}", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGUSR1)  # Tune's own graceful stop
 
     def _handler(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
@@ -137,3 +170,33 @@ class Interruption:
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
+
+
+class DiskGuard:
+    """Watches the free space of a local study folder: below the reserve it stops the study
+    gracefully (state saved, runs marked failed, ``--resume`` continues once space is back) instead
+    of letting a checkpoint or Tune's state file be cut short by a full disk. Tune calls
+    :meth:`check` at every step of its loop (``trainables.tuner.DiskWatch``)."""
+
+    def __init__(self, folder: str, interruption: Interruption, *, every_s: float = 2.0) -> None:
+        self.folder, self.interruption, self.every_s = folder, interruption, every_s
+        self.reserve = disk_reserve_bytes()
+        self._last = float("-inf")
+
+    def check(self) -> bool:
+        """True when the study must stop (and asks it to, once)."""
+        now = time.monotonic()
+        if now - self._last < self.every_s or self.interruption.signal is not None:
+            return False
+        self._last = now
+        try:
+            free = free_bytes(self.folder)
+        except OSError:
+            return False
+        if free >= self.reserve:
+            return False
+        self.interruption.stop(DISK_FULL, (
+            f"disk full: {free / 2**20:.0f} MiB free under {self.folder}, below the {self.reserve / 2**20:.0f} MiB "
+            f"the study keeps ({RESERVE_ENV}); stopping it after saving its state. Free some space, then resume it "
+            "with --resume"))
+        return True

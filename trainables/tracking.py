@@ -233,10 +233,12 @@ def end_study_run(tracking: StudyTracking, summary: Mapping[str, Any] | None, *,
     """Close the parent run: each child's outcome, the summary's counts and best values, and
     ``files`` (summary.json, ablation tables) as artifacts. An interrupted study (``outcome`` =
     "interrupted") logs no summary metrics, so that after ``--resume`` each has one value, and
-    leaves no child run RUNNING."""
+    leaves no child run RUNNING; a study stopped by a full disk (``outcome`` = "disk_full",
+    ``status`` = FAILED) is resumed the same way, and the runs it cut short end FAILED."""
     mc = client(tracking.uri)
     rid = tracking.parent_run_id
-    interrupted = outcome == "interrupted"
+    interrupted = outcome in ("interrupted", "disk_full")
+    cut_short = "FAILED" if status == "FAILED" else "KILLED"
     if summary is not None:
         for row in summary["trials"]:
             child = find_trial_run(mc, tracking, str(row["trial_id"]))
@@ -249,7 +251,7 @@ def end_study_run(tracking: StudyTracking, summary: Mapping[str, Any] | None, *,
             if row.get("flags"):
                 mc.set_tag(child.info.run_id, "ancra.selection", "ranked last: " + "; ".join(
                     f"{m}: {', '.join(r)}" for m, r in row["flags"].items())[:4000])
-            mlflow_status = {"finished": "FINISHED", "stopped": "KILLED", "interrupted": "KILLED"}.get(result, "FAILED")
+            mlflow_status = {"finished": "FINISHED", "stopped": "KILLED", "interrupted": cut_short}.get(result, "FAILED")
             mc.set_terminated(child.info.run_id, status=mlflow_status)
         if not interrupted:
             counts = summary["status_counts"]
@@ -271,7 +273,8 @@ def end_study_run(tracking: StudyTracking, summary: Mapping[str, Any] | None, *,
         mc.log_artifact(rid, str(f))
     mc.set_tag(rid, STATUS, outcome or status.lower())
     if interrupted:
-        mc.set_tag(rid, "ancra.resume", "interrupted: run the same command with --resume to finish it")
+        why = "stopped by a full disk: free some space, then" if outcome == "disk_full" else "interrupted:"
+        mc.set_tag(rid, "ancra.resume", f"{why} run the same command with --resume to finish it")
     elif "ancra.resume" in mc.get_run(rid).data.tags:
         mc.delete_tag(rid, "ancra.resume")
     mc.set_terminated(rid, status=status)

@@ -1,0 +1,292 @@
+"""Does the search find a good configuration for less compute than a grid? Measured, not assumed.
+
+One search space on real data (MNIST from ../shared/data, the small CNN, a training subset and a
+few epochs): the learning rate x ANC on/off x RA on/off, 16 configurations. The benchmark
+
+1. runs the platform's own ablation over the whole grid (seed 0): every configuration trained
+   for every epoch and scored by the quick robustness evaluation on held-out images (the worst
+   case over its attacks, adaptive ones on RA's gate included, the credible value the searcher
+   sees). That is the space's true best, and a table of what every trial reports, epoch by epoch,
+   with the time each took;
+2. searches the same space with the same per-trial budget (a trial is the grid's trial: same
+   data, epochs, seed and evaluation, so it reports what the grid recorded) four ways, two trials
+   at a time as on this 2-core machine: the grid in its order; random search and TPE (Optuna's
+   samplers, the platform's define-by-run space) with --trials trials, TPE both with Optuna's
+   default of 10 random trials first (`tpe_optuna_default`: with 10 trials or fewer, a random
+   search) and with the platform's (`search.startup_trials`, default a quarter of the trials); TPE + ASHA (the
+   platform's scheduler, stopping trials on the per-epoch validation robust accuracy; stopped
+   trials are pruned in Optuna as Tune's OptunaSearch does). Each searcher is repeated with
+   --reps sampler seeds, replaying the recorded trials (a tabular benchmark: training is
+   deterministic for a configuration and seed, so a replayed trial is the trial);
+3. reports for each the best value found, how often it came within --within (default 1 point)
+   of the grid's best, and the epochs (every epoch of every trial, stopped ones included) and
+   wall time (the recorded trials' own times, two at a time) spent until it did; and plots the
+   median best-so-far against epochs spent.
+
+    python benchmarks/search_efficiency.py --out runs/search_efficiency     # ~15 min on 2 cores
+    python benchmarks/search_efficiency.py --out runs/search_efficiency --reps 50   # replay only
+
+Writes grid.json (the recorded trials), table.md, results.json and best_so_far.png to --out; a
+second call reuses grid.json (delete it to train again).
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist" / "train60000.npz"
+SPACE = {"optim.lr": [0.003, 0.01, 0.03, 0.1], "method.anc": [False, True], "model.ra": [False, True]}
+METRIC, SCHED_METRIC = "robust_acc_worst", "val_robust_acc"
+
+STUDY = """
+name: {name}
+kind: {kind}
+base: mnist_small_cnn
+train:
+  data.dataset: npz
+  data.train_file: {data}
+  data.val_size: 1000
+  data.train_limit: {train_limit}
+  data.batch_size: 64
+  attack.eps: {eps}
+  attack.step_size: {step}
+  attack.steps: 3
+  optim.epochs: {epochs}
+  eval.pgd_steps: 5
+  eval.pgd_step_size: {step}
+  eval.max_examples: 200
+  eval.final_suite: none
+resources: {{workers: 1, cpus_per_worker: 0.5, trial_cpus: 0.5}}
+objective: {{metric: {metric}, mode: max}}
+eval: {{preset: quick, n_examples: {n_eval}, autoattack: null, square_queries: 100, features: false}}
+seeds: [0]
+"""
+
+
+def study_text(kind: str, a: argparse.Namespace) -> str:
+    """The grid as an ablation, or the same space as a sweep (sampler and scheduler filled in)."""
+    text = STUDY.format(name=f"search_{kind}", kind=kind, data=a.data, train_limit=a.train_limit, eps=a.eps,
+                        step=round(a.eps * 0.4, 4), epochs=a.epochs, n_eval=a.n_eval, metric=METRIC)
+    space = "".join(f"    {k}: {json.dumps(v)}\n" for k, v in SPACE.items())
+    if kind == "ablation":
+        return text + "ablation:\n  grid:\n" + space
+    return text + (f"search:\n  sampler: tpe\n  num_samples: {a.trials}\n  defaults_first: false\n  space:\n{space}"
+                   f"scheduler: {{type: asha, metric: {SCHED_METRIC}, grace_period: {a.grace}, "
+                   f"reduction_factor: {a.reduction}}}\n")
+
+
+def key(point: dict[str, Any]) -> str:
+    return json.dumps({k: point[k] for k in SPACE}, sort_keys=True)
+
+
+def record_grid(a: argparse.Namespace) -> dict[str, Any]:
+    """Train and evaluate every configuration once (the platform's ablation); keep what each reported."""
+    from trainables.study import load_study
+    from trainables.tuner import init_ray, run_study
+
+    f = a.out / "search_grid.yaml"
+    f.write_text(study_text("ablation", a))
+    init_ray(None, num_cpus=2, verbose=False)
+    t0 = time.perf_counter()
+    summary = run_study(load_study(f), storage=str((a.out / "studies").resolve()),
+                        tracking_uri=f"sqlite:///{(a.out / 'mlflow.db').resolve()}")
+    wall = time.perf_counter() - t0
+    trials = {}
+    for t in summary["trials"]:
+        rows = [json.loads(x) for x in Path(t["trial_dir"], "result.json").read_text().splitlines() if x.strip()]
+        epochs = sorted((r for r in rows if "epoch_time_s" in r and r.get("final") != 1), key=lambda r: r["epoch"])
+        final = next((r for r in rows if r.get("final") == 1), None)
+        trials[key(t["params"])] = {
+            "params": {k: t["params"][k] for k in SPACE}, "status": t["status"],
+            "curve": [r[SCHED_METRIC] for r in epochs],  # what ASHA sees, epoch by epoch
+            "epoch_end_s": [r["time_total_s"] for r in epochs],  # since the trial's start
+            "end_s": final["time_total_s"] if final else (epochs[-1]["time_total_s"] if epochs else 0.0),
+            "value": final.get(f"objective.{METRIC}") if final else None,  # the credible value
+            "raw_value": final.get(METRIC) if final else None}
+    return {"wall_s": wall, "epochs": a.epochs, "trials": trials, "study": study_text("ablation", a)}
+
+
+def simulate(grid: dict[str, Any], method: str, *, trials: int, seed: int, concurrency: int,
+             study: Any = None, scheduler: Any = None) -> list[dict[str, Any]]:
+    """One search over the recorded trials, ``concurrency`` at a time. Returns an event per trial
+    end: the time, the epochs spent by then (all trials), and the best credible value so far."""
+    import optuna
+    from optuna.trial import TrialState
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    table = grid["trials"]
+    if method == "grid":
+        order = list(table)
+        trials = len(order)
+        ostudy = None
+    else:
+        from trainables.tuner import optuna_sampler
+
+        sampler = (optuna.samplers.RandomSampler(seed=seed) if method == "random" else
+                   optuna.samplers.TPESampler(seed=seed) if method == "tpe_optuna_default" else
+                   optuna_sampler(study, seed))
+        ostudy = optuna.create_study(direction="maximize", sampler=sampler)
+    clock, spent, started, best = 0.0, 0, 0, None
+    events: list[tuple[float, int, int, str, Any]] = []  # (time, order, epoch, trial key, optuna trial)
+    seq = 0
+    out: list[dict[str, Any]] = []
+    running = 0
+
+    def start(now: float) -> None:
+        nonlocal started, seq, running
+        if ostudy is None:
+            k, ot = order[started], None
+        else:
+            ot = ostudy.ask()
+            k = key(study.sample(ot))
+        started += 1
+        running += 1
+        rec = table[k]
+        if scheduler is not None:
+            scheduler.on_trial_add(None, _Trial(f"{seed}-{started}"))
+        seq += 1
+        heapq.heappush(events, (now + rec["epoch_end_s"][0], seq, 1, k, (ot, f"{seed}-{started}", now)))
+
+    for _ in range(min(concurrency, trials)):
+        start(0.0)
+    while events:
+        clock, _, epoch, k, (ot, tid, t_start) = heapq.heappop(events)
+        rec = table[k]
+        done = False
+        if epoch <= len(rec["curve"]):  # an epoch ended
+            spent += 1
+            action = "CONTINUE"
+            if scheduler is not None:
+                action = scheduler.on_trial_result(None, _Trial(tid), {"epoch": epoch, SCHED_METRIC: rec["curve"][epoch - 1]})
+            if action == "STOP":
+                if ostudy is not None:
+                    ostudy.tell(ot, state=TrialState.PRUNED)
+                done = True
+                out.append({"t": clock, "epochs": spent, "best": best, "trial": k, "status": "stopped"})
+            else:
+                seq += 1
+                nxt = t_start + (rec["epoch_end_s"][epoch] if epoch < len(rec["curve"]) else rec["end_s"])
+                heapq.heappush(events, (nxt, seq, epoch + 1, k, (ot, tid, t_start)))
+        else:  # the evaluation ended
+            value = rec["value"]
+            if ostudy is not None:
+                ostudy.tell(ot, value if value is not None else 0.0)
+            if value is not None and (best is None or value > best):
+                best = value
+            done = True
+            out.append({"t": clock, "epochs": spent, "best": best, "trial": k, "status": "finished"})
+        if done:
+            running -= 1
+            if started < trials:
+                start(clock)
+    return out
+
+
+class _Trial:
+    def __init__(self, trial_id: str) -> None:
+        self.trial_id = trial_id
+
+
+def first_hit(events: list[dict[str, Any]], target: float) -> dict[str, Any] | None:
+    return next((e for e in events if e["best"] is not None and e["best"] >= target - 1e-9), None)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("runs/search_efficiency"))
+    p.add_argument("--trials", type=int, default=8, help="trials of random, TPE and TPE + ASHA (the grid has 16)")
+    p.add_argument("--reps", type=int, default=20, help="searches per method (sampler seeds 0..reps-1)")
+    p.add_argument("--concurrency", type=int, default=2)
+    p.add_argument("--train-limit", type=int, default=1024)
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--eps", type=float, default=0.1)
+    p.add_argument("--n-eval", type=int, default=200, help="held-out images each trial is evaluated on")
+    p.add_argument("--grace", type=int, default=1, help="ASHA's grace period (epochs)")
+    p.add_argument("--reduction", type=int, default=2, help="ASHA's reduction factor")
+    p.add_argument("--within", type=float, default=0.01, help="how close to the grid's best counts as found")
+    p.add_argument("--data", type=Path, default=MNIST)
+    a = p.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    grid_file = a.out / "grid.json"
+    if grid_file.is_file():
+        grid = json.loads(grid_file.read_text())
+    else:
+        grid = record_grid(a)
+        grid_file.write_text(json.dumps(grid, indent=1))
+    values = [t["value"] for t in grid["trials"].values() if t["value"] is not None]
+    target = max(values) - a.within
+
+    from trainables.study import load_study
+    from trainables.tuner import _scheduler
+
+    f = a.out / "search_sweep.yaml"
+    f.write_text(study_text("sweep", a))
+    study = load_study(f)
+    results: dict[str, Any] = {"target": target, "grid_best": max(values), "args": {k: str(v) for k, v in vars(a).items()}}
+    runs: dict[str, list[list[dict[str, Any]]]] = {}
+    for method in ("grid", "random", "tpe_optuna_default", "tpe", "tpe_asha"):
+        reps = 1 if method == "grid" else a.reps
+        runs[method] = [simulate(grid, method, trials=a.trials, seed=r, concurrency=a.concurrency, study=study,
+                                 scheduler=_scheduler(study) if method == "tpe_asha" else None)
+                        for r in range(reps)]
+    lines = [f"Space: {', '.join(f'{k} {v}' for k, v in SPACE.items())} ({len(grid['trials'])} configurations, "
+             f"{grid['epochs']} epochs each). Grid's best {METRIC} = {max(values):.3f}; target = within "
+             f"{a.within:g}: {target:.3f}. Searches: {a.trials} trials, {a.concurrency} at a time, {a.reps} sampler "
+             "seeds each (the grid: once, in its order).", "",
+             "| method | trials | epochs spent (all) | best found: median (min–max) | reached target | "
+             "epochs to target: median (max) | wall to target (s): median |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for method, reps in runs.items():
+        bests = [r[-1]["best"] or 0.0 for r in reps]
+        hits = [first_hit(r, target) for r in reps]
+        got = [h for h in hits if h is not None]
+        ep = [h["epochs"] for h in got]
+        wall = [h["t"] for h in got]
+        n_trials = len(reps[0])
+        results[method] = {"bests": bests, "epochs_to_target": [h["epochs"] if h else None for h in hits],
+                           "wall_to_target_s": [h["t"] if h else None for h in hits],
+                           "epochs_spent": [r[-1]["epochs"] for r in reps], "events": reps}
+        lines.append(f"| {method} | {n_trials} | {statistics.median(r[-1]['epochs'] for r in reps):g} | "
+                     f"{statistics.median(bests):.3f} ({min(bests):.3f}–{max(bests):.3f}) | {len(got)}/{len(reps)} | "
+                     + (f"{statistics.median(ep):g} ({max(ep)}) | {statistics.median(wall):.0f} |" if got else "– | – |"))
+    table = "\n".join(lines)
+    (a.out / "table.md").write_text(table + "\n")
+    (a.out / "results.json").write_text(json.dumps(results, indent=1))
+    print(table)
+    _plot(runs, target, grid["epochs"] * len(grid["trials"]), a.out / "best_so_far.png")
+
+
+def _plot(runs: dict[str, list[list[dict[str, Any]]]], target: float, max_epochs: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    xs = list(range(0, max_epochs + 1))
+    for method, reps in runs.items():
+        ys = []
+        for x in xs:
+            at = [max((e["best"] or 0.0 for e in r if e["epochs"] <= x), default=0.0) for r in reps]
+            ys.append(statistics.median(at))
+        ax.step(xs, ys, where="post", label=method)
+    ax.axhline(target, color="grey", ls="--", lw=1, label="grid's best - 1 point")
+    ax.set_xlabel("epochs spent (all trials)")
+    ax.set_ylabel(f"best {METRIC} so far (median)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
