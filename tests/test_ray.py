@@ -455,8 +455,9 @@ def test_interrupted_study_resumes_each_trial_once(ray_local, tmp_path: Path, ml
         init_ray(None, num_cpus=2)
 
 
-def _crash_once_loop(config: dict) -> None:
-    """The real worker loop, with one injected crash right after the first epoch's checkpoint."""
+def _crash_once_loop(config: dict, in_trial: bool = False) -> None:
+    """The real worker loop (in a Train worker, or in the Tune trial itself), with one injected
+    crash right after the first epoch's checkpoint."""
     from trainables import worker
 
     marker = Path(config["marker"])
@@ -466,10 +467,37 @@ def _crash_once_loop(config: dict) -> None:
         original(self, trainer, epoch, metrics, checkpoint)
         if epoch == 0 and not marker.exists():
             marker.touch()
-            raise RuntimeError("injected worker crash")
+            raise RuntimeError("injected crash")
 
     worker.RayReport.on_epoch_end = crashing
-    worker.train_loop_per_worker(config)
+    if in_trial:
+        worker.run_worker(config, worker.TuneSession(use_gpu=False))
+    else:
+        worker.train_loop_per_worker(config)
+
+
+def _two_epoch_reference(tmp_path: Path):
+    """A tiny two-epoch config and its uninterrupted run, in this process."""
+    from ancra_tune.config import TrainConfig
+    from ancra_tune.trainer import Trainer
+
+    cfg = TrainConfig.from_dict({
+        "data.dataset": "digits", "data.batch_size": 64, "data.train_limit": 128, "data.val_size": 0.1,
+        "model.name": "small_cnn", "attack.steps": 2, "attack.eps": 0.2, "attack.step_size": 0.1,
+        "eval.pgd_steps": 0, "optim.epochs": 2, "optim.lr": 0.05, "progress": False,
+        "out_dir": str(tmp_path / "single")})
+    reference = Trainer(cfg)
+    reference.fit()
+    return cfg, reference
+
+
+def _assert_same_weights(checkpoint, reference) -> None:
+    from ancra_tune.checkpoint import load_checkpoint
+
+    with checkpoint.as_directory() as d:
+        weights = load_checkpoint(Path(d) / "checkpoint.pt")["model"]
+    for k, v in reference.model.state_dict().items():
+        torch.testing.assert_close(weights[k], v, rtol=0, atol=1e-6, msg=k)
 
 
 def test_crashed_worker_restarts_from_its_checkpoint(ray_local, tmp_path: Path) -> None:
@@ -478,19 +506,9 @@ def test_crashed_worker_restarts_from_its_checkpoint(ray_local, tmp_path: Path) 
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from ancra_tune.checkpoint import load_checkpoint
-    from ancra_tune.config import TrainConfig
-    from ancra_tune.trainer import Trainer
-
     # Ray workers cannot import this test module: ship the loop by value.
     _crash_once_loop.__module__ = "__main__"
-    cfg = TrainConfig.from_dict({
-        "data.dataset": "digits", "data.batch_size": 64, "data.train_limit": 128, "data.val_size": 0.1,
-        "model.name": "small_cnn", "attack.steps": 2, "attack.eps": 0.2, "attack.step_size": 0.1,
-        "eval.pgd_steps": 0, "optim.epochs": 2, "optim.lr": 0.05, "progress": False,
-        "out_dir": str(tmp_path / "single")})
-    reference = Trainer(cfg)
-    reference.fit()
+    cfg, reference = _two_epoch_reference(tmp_path)
     trainer = TorchTrainer(
         _crash_once_loop,
         train_loop_config={"train": cfg.to_dict(), "eval": None, "cpus_per_worker": 1.0,
@@ -501,10 +519,7 @@ def test_crashed_worker_restarts_from_its_checkpoint(ray_local, tmp_path: Path) 
     result = trainer.fit()
     assert (tmp_path / "crashed").exists()  # the crash happened
     assert result.metrics["epoch"] == 2
-    with result.checkpoint.as_directory() as d:
-        weights = load_checkpoint(Path(d) / "checkpoint.pt")["model"]
-    for k, v in reference.model.state_dict().items():
-        torch.testing.assert_close(weights[k], v, rtol=0, atol=1e-6, msg=k)
+    _assert_same_weights(result.checkpoint, reference)
 
 
 @contextlib.contextmanager
@@ -588,42 +603,15 @@ def test_a_full_disk_stops_the_study_and_resume_finishes_it(ray_local, tmp_path:
         init_ray(None, num_cpus=2)
 
 
-def _crash_once_trial(config: dict) -> None:
-    """A one-worker trial as the tuner runs it (in the Tune trial), crashing once after epoch 1."""
-    from trainables import worker
-
-    marker = Path(config["marker"])
-    original = worker.RayReport.on_epoch_end
-
-    def crashing(self, trainer, epoch, metrics, checkpoint):
-        original(self, trainer, epoch, metrics, checkpoint)
-        if epoch == 0 and not marker.exists():
-            marker.touch()
-            raise RuntimeError("injected trial crash")
-
-    worker.RayReport.on_epoch_end = crashing
-    worker.run_worker(config, worker.TuneSession(use_gpu=False))
-
-
 def test_crashed_in_process_trial_restarts_from_its_checkpoint(ray_local, tmp_path: Path) -> None:
     """Tune's FailureConfig restarts a trial that trains in its own process from its last epoch's
     checkpoint; the weights equal an uninterrupted run's, each epoch is reported once."""
     from ray import tune
 
-    from ancra_tune.checkpoint import load_checkpoint
-    from ancra_tune.config import TrainConfig
-    from ancra_tune.trainer import Trainer
-
-    _crash_once_trial.__module__ = "__main__"
-    cfg = TrainConfig.from_dict({
-        "data.dataset": "digits", "data.batch_size": 64, "data.train_limit": 128, "data.val_size": 0.1,
-        "model.name": "small_cnn", "attack.steps": 2, "attack.eps": 0.2, "attack.step_size": 0.1,
-        "eval.pgd_steps": 0, "optim.epochs": 2, "optim.lr": 0.05, "progress": False,
-        "out_dir": str(tmp_path / "single")})
-    reference = Trainer(cfg)
-    reference.fit()
+    _crash_once_loop.__module__ = "__main__"
+    cfg, reference = _two_epoch_reference(tmp_path)
     config = {"train": cfg.to_dict(), "eval": None, "cpus_per_worker": 1.0, "marker": str(tmp_path / "crashed")}
-    tuner = tune.Tuner(tune.with_resources(lambda c: _crash_once_trial(config), {"CPU": 1}),
+    tuner = tune.Tuner(tune.with_resources(lambda c: _crash_once_loop(config, in_trial=True), {"CPU": 1}),
                        run_config=tune.RunConfig(name="crash", storage_path=str(tmp_path / "ray"), verbose=0,
                                                  failure_config=tune.FailureConfig(max_failures=1)))
     result = tuner.fit()[0]
@@ -631,10 +619,7 @@ def test_crashed_in_process_trial_restarts_from_its_checkpoint(ray_local, tmp_pa
     assert result.metrics["epoch"] == 2
     # Resumed, not retrained: epoch 1 (before the crash) and epoch 2 (after it), each once.
     assert [int(e) for e in result.metrics_dataframe["epoch"]] == [1, 2]
-    with result.checkpoint.as_directory() as d:
-        weights = load_checkpoint(Path(d) / "checkpoint.pt")["model"]
-    for k, v in reference.model.state_dict().items():
-        torch.testing.assert_close(weights[k], v, rtol=0, atol=1e-6, msg=k)
+    _assert_same_weights(result.checkpoint, reference)
 
 
 CONCURRENT = """
