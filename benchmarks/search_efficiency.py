@@ -140,17 +140,15 @@ def simulate(grid: dict[str, Any], method: str, *, trials: int, seed: int, concu
     events: list[tuple[float, int, int, str, Any]] = []  # (time, order, epoch, trial key, optuna trial)
     seq = 0
     out: list[dict[str, Any]] = []
-    running = 0
 
     def start(now: float) -> None:
-        nonlocal started, seq, running
+        nonlocal started, seq
         if ostudy is None:
             k, ot = order[started], None
         else:
             ot = ostudy.ask()
             k = key(study.sample(ot))
         started += 1
-        running += 1
         rec = table[k]
         if scheduler is not None:
             scheduler.on_trial_add(None, _Trial(f"{seed}-{started}"))
@@ -167,7 +165,8 @@ def simulate(grid: dict[str, Any], method: str, *, trials: int, seed: int, concu
             spent += 1
             action = "CONTINUE"
             if scheduler is not None:
-                action = scheduler.on_trial_result(None, _Trial(tid), {"epoch": epoch, SCHED_METRIC: rec["curve"][epoch - 1]})
+                row = {"epoch": epoch, SCHED_METRIC: rec["curve"][epoch - 1]}
+                action = scheduler.on_trial_result(None, _Trial(tid), row)
             if action == "STOP":
                 if ostudy is not None:
                     ostudy.tell(ot, state=TrialState.PRUNED)
@@ -186,7 +185,6 @@ def simulate(grid: dict[str, Any], method: str, *, trials: int, seed: int, concu
             done = True
             out.append({"t": clock, "epochs": spent, "best": best, "trial": k, "status": "finished"})
         if done:
-            running -= 1
             if started < trials:
                 start(clock)
     return out
@@ -232,7 +230,8 @@ def main() -> None:
     f = a.out / "search_sweep.yaml"
     f.write_text(study_text("sweep", a))
     study = load_study(f)
-    results: dict[str, Any] = {"target": target, "grid_best": max(values), "args": {k: str(v) for k, v in vars(a).items()}}
+    results: dict[str, Any] = {"target": target, "grid_best": max(values),
+                               "args": {k: str(v) for k, v in vars(a).items()}}
     runs: dict[str, list[list[dict[str, Any]]]] = {}
     for method in ("grid", "random", "tpe_optuna_default", "tpe", "tpe_asha"):
         reps = 1 if method == "grid" else a.reps
@@ -256,9 +255,11 @@ def main() -> None:
         results[method] = {"bests": bests, "epochs_to_target": [h["epochs"] if h else None for h in hits],
                            "wall_to_target_s": [h["t"] if h else None for h in hits],
                            "epochs_spent": [r[-1]["epochs"] for r in reps], "events": reps}
-        lines.append(f"| {method} | {n_trials} | {statistics.median(r[-1]['epochs'] for r in reps):g} | "
+        spent = statistics.median(r[-1]["epochs"] for r in reps)
+        lines.append(f"| {method} | {n_trials} | {spent:g} | "
                      f"{statistics.median(bests):.3f} ({min(bests):.3f}–{max(bests):.3f}) | {len(got)}/{len(reps)} | "
-                     + (f"{statistics.median(ep):g} ({max(ep)}) | {statistics.median(wall):.0f} |" if got else "– | – |"))
+                     + (f"{statistics.median(ep):g} ({max(ep)}) | {statistics.median(wall):.0f} |"
+                        if got else "– | – |"))
     table = "\n".join(lines)
     (a.out / "table.md").write_text(table + "\n")
     (a.out / "results.json").write_text(json.dumps(results, indent=1))

@@ -367,6 +367,18 @@ def _check_study_page(summary: dict, parent_run_id: str, mc) -> None:
     assert "report/report.md" in logged and "report/table.json" in logged
 
 
+def _two_trial_cli(tmp_path: Path, name: str, *, epochs: int, storage: Path, tracking_uri: str,
+                   train_limit: int = 256) -> tuple[Path, list[str]]:
+    """ABLATION cut to two finishing trials (lr 0.05 and 0.02, seed 0) as a study file, and the
+    `ancra-tune ablate` command that runs them one at a time."""
+    text = ABLATION.replace("lr_ablation", name).replace("optim.epochs: 2", f"optim.epochs: {epochs}")
+    text = text.replace("[0.05, 1.0e+12]", "[0.05, 0.02]").replace("seeds: [0, 1]", "seeds: [0]")
+    text = text.replace("data.train_limit: 256", f"data.train_limit: {train_limit}")
+    f = _study_file(tmp_path, text)
+    return f, [sys.executable, "-m", "ancra_tune.cli", "ablate", str(f), "--storage", str(storage),
+               "--num-cpus", "1", "--tracking-uri", tracking_uri]  # one trial at a time
+
+
 @pytest.mark.slow
 @pytest.mark.ci
 def test_interrupted_study_resumes_each_trial_once(ray_local, tmp_path: Path, mlflow_server: str) -> None:
@@ -378,14 +390,10 @@ def test_interrupted_study_resumes_each_trial_once(ray_local, tmp_path: Path, ml
 
     ray.shutdown()  # the CLI process starts its own Ray
     try:
-        text = ABLATION.replace("lr_ablation", "resume_me").replace("optim.epochs: 2", "optim.epochs: 5")
-        text = text.replace("[0.05, 1.0e+12]", "[0.05, 0.02]").replace("seeds: [0, 1]", "seeds: [0]")
-        # Epochs long enough (~1.5 s here) that the second trial is seen running before it ends.
-        text = text.replace("data.train_limit: 256", "data.train_limit: 1024")
-        f = _study_file(tmp_path, text)
         storage = tmp_path / "studies"
-        cmd = [sys.executable, "-m", "ancra_tune.cli", "ablate", str(f), "--storage", str(storage),
-               "--num-cpus", "1", "--tracking-uri", mlflow_server]  # one trial at a time
+        # Epochs long enough (~1.5 s here) that the second trial is seen running before it ends.
+        f, cmd = _two_trial_cli(tmp_path, "resume_me", epochs=5, storage=storage, tracking_uri=mlflow_server,
+                                train_limit=1024)
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         study_dir = storage / "resume_me"
@@ -546,13 +554,9 @@ def test_a_full_disk_stops_the_study_and_resume_finishes_it(ray_local, tmp_path:
     ray.shutdown()  # the CLI process starts its own Ray
     try:
         with _small_disk(tmp_path / "disk", 96) as disk:
-            text = ABLATION.replace("lr_ablation", "full_disk").replace("optim.epochs: 2", "optim.epochs: 4")
-            text = text.replace("[0.05, 1.0e+12]", "[0.05, 0.02]").replace("seeds: [0, 1]", "seeds: [0]")
-            text = text.replace("data.train_limit: 256", "data.train_limit: 1024")
-            f = _study_file(tmp_path, text)
             storage = disk / "studies"
-            cmd = [sys.executable, "-m", "ancra_tune.cli", "ablate", str(f), "--storage", str(storage),
-                   "--num-cpus", "1", "--tracking-uri", mlflow_server]
+            f, cmd = _two_trial_cli(tmp_path, "full_disk", epochs=4, storage=storage, tracking_uri=mlflow_server,
+                                    train_limit=1024)
             env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "ANCRA_DISK_RESERVE_MB": "32"}
             proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     text=True)
@@ -718,12 +722,8 @@ def test_tracking_outage_costs_no_training(ray_local, tmp_path: Path) -> None:
         port = s.getsockname()[1]
     backend = f"sqlite:///{root / 'mlflow.db'}"
     uri = f"http://127.0.0.1:{port}"
-    text = ABLATION.replace("lr_ablation", "outage").replace("optim.epochs: 2", "optim.epochs: 4")
-    text = text.replace("[0.05, 1.0e+12]", "[0.05, 0.02]").replace("seeds: [0, 1]", "seeds: [0]")
-    f = _study_file(tmp_path, text)
     storage = tmp_path / "studies"
-    cmd = [sys.executable, "-m", "ancra_tune.cli", "ablate", str(f), "--storage", str(storage), "--num-cpus", "1",
-           "--tracking-uri", uri]
+    f, cmd = _two_trial_cli(tmp_path, "outage", epochs=4, storage=storage, tracking_uri=uri)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     try:
         with serve_ui(backend, port=port, timeout=120, log_file=root / "server1.log"):

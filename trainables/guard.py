@@ -53,9 +53,9 @@ def check_storage(storage: str) -> dict[str, Any]:
     free = shutil.disk_usage(p).free
     reserve = disk_reserve_bytes()
     if free < reserve:
-        raise StorageError(f"storage {storage} has {free / 2**20:.0f} MiB free, less than the {reserve / 2**20:.0f} MiB a "
-                           f"study keeps for its checkpoints and state ({RESERVE_ENV}): free some space (a stopped "
-                           "study then continues with --resume) or pass another --storage")
+        raise StorageError(f"storage {storage} has {free / 2**20:.0f} MiB free, less than the "
+                           f"{reserve / 2**20:.0f} MiB a study keeps for its checkpoints and state ({RESERVE_ENV}): "
+                           "free some space (a stopped study then continues with --resume) or pass another --storage")
     out: dict[str, Any] = {"storage": str(p.resolve()), "free_bytes": free}
     if free < LOW_SPACE_BYTES:
         out["warning"] = (f"only {free / 2**20:.0f} MiB free under {storage}: checkpoints of every trial go there; "
@@ -127,6 +127,14 @@ def disk_reserve_bytes() -> int:
     except ValueError:
         raise StorageError(f"{RESERVE_ENV}={raw!r} is not a number of MiB") from None
     return int(mb * 2**20)
+
+
+def below_reserve(folder: str | Path) -> bool:
+    """True when ``folder``'s disk has less free space than a study keeps (False if unknown)."""
+    try:
+        return free_bytes(folder) < disk_reserve_bytes()
+    except OSError:
+        return False
 
 
 class Interruption:

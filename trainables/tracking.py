@@ -251,7 +251,8 @@ def end_study_run(tracking: StudyTracking, summary: Mapping[str, Any] | None, *,
             if row.get("flags"):
                 mc.set_tag(child.info.run_id, "ancra.selection", "ranked last: " + "; ".join(
                     f"{m}: {', '.join(r)}" for m, r in row["flags"].items())[:4000])
-            mlflow_status = {"finished": "FINISHED", "stopped": "KILLED", "interrupted": cut_short}.get(result, "FAILED")
+            mlflow_status = {"finished": "FINISHED", "stopped": "KILLED",
+                             "interrupted": cut_short}.get(result, "FAILED")
             mc.set_terminated(child.info.run_id, status=mlflow_status)
         if not interrupted:
             counts = summary["status_counts"]

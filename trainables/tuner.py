@@ -30,11 +30,12 @@ from ancra_tune.config import inactive_keys, params_text
 from ancra_tune.robustness import EvalReport
 
 from . import results as R
-from .guard import DISK_FULL, DiskGuard, Interruption, StorageError, check_storage, study_lock
+from .guard import DISK_FULL, DiskGuard, Interruption, StorageError, below_reserve, check_storage, study_lock
 from .scheduler import STATE_NAME as SCHEDULER_STATE
 from .scheduler import PersistentASHA, read_state
 from .study import Study
 from .tracking import (
+    FAST_FAIL_ENV,
     StudyTracking,
     TrialRecorder,
     TrialSpec,
@@ -43,7 +44,6 @@ from .tracking import (
     resolve_tracking_uri,
     start_study_run,
 )
-from .tracking import FAST_FAIL_ENV
 from .worker import REPORT_NAME, TuneSession, run_worker, train_loop_per_worker, worker_env
 
 log = logging.getLogger(__name__)
@@ -569,7 +569,7 @@ def _run_locked(study: Study, interruption: Interruption, *, address: str | None
             end_study_run(tracking, None, status="KILLED", outcome="interrupted")
         raise
     except BaseException as e:
-        full = "://" not in storage and _disk_full(storage)
+        full = "://" not in storage and below_reserve(storage)
         if tracking is not None:
             end_study_run(tracking, None, status="FAILED", outcome="disk_full" if full else None)
         if full:  # what Tune raises on a full disk (often EOFError from a state file cut short) says little
@@ -614,15 +614,6 @@ def _run_locked(study: Study, interruption: Interruption, *, address: str | None
         else:
             end_study_run(tracking, summary, status="FINISHED", files=files)
     return summary
-
-
-def _disk_full(folder: str) -> bool:
-    from .guard import disk_reserve_bytes, free_bytes
-
-    try:
-        return free_bytes(folder) < disk_reserve_bytes()
-    except OSError:
-        return False
 
 
 def _study_params(study: Study, storage: str, smoke_test: bool) -> dict[str, Any]:
