@@ -68,13 +68,16 @@ def _free_port() -> int:
 
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 DASHBOARD_TRIES = 3
+_LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": a local node's address is 127.0.0.1
 
 
 def init_ray(address: str | None, *, num_cpus: int | None = None, num_gpus: int | None = None,
              verbose: bool = True) -> None:
     """Join ``address`` (e.g. "auto" or "ray://..."), or start a local Ray (never a stale one).
 
-    A local instance gets its own API server (the dashboard on a free loopback port), and every
+    A local instance lives on the loopback address: Ray's Prometheus endpoints (the dashboard's,
+    the autoscaler's, each node's metrics export) listen on 127.0.0.1 only, not on every interface.
+    It gets its own API server (the dashboard on a free loopback port), and every
     process of the instance, driver and workers, is told its address (``RAY_API_SERVER_ADDRESS``).
     Without that, Ray's State API finds "the" cluster by scanning the machine; beside another Ray
     instance (a second sweep, a test) that fails with "Found multiple active Ray instances", Ray
@@ -102,6 +105,34 @@ def init_ray(address: str | None, *, num_cpus: int | None = None, num_gpus: int 
         else:
             os.environ.pop(API_SERVER_ENV, None)
         return
+    with _loopback_node():
+        _init_local(env, num_cpus=num_cpus, num_gpus=num_gpus, level=level)
+
+
+@contextlib.contextmanager
+def _loopback_node() -> Iterator[None]:
+    """Start a local instance on 127.0.0.1, as Ray does on macOS and Windows: ``ray.init`` turns
+    "127.0.0.1" into the machine's routable address on Linux, and Ray's Prometheus endpoints
+    listen on every interface unless the node's address is loopback. The processes started
+    meanwhile (GCS, raylet, dashboard, autoscaler) inherit the setting; later ones are not touched."""
+    from ray._private import ray_constants
+
+    old_env, old_flag = os.environ.get(_LOCAL_ONLY_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_LOCAL_ONLY_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = old_flag
+        if old_env is None:
+            os.environ.pop(_LOCAL_ONLY_ENV, None)
+        else:
+            os.environ[_LOCAL_ONLY_ENV] = old_env
+
+
+def _init_local(env: dict[str, str], *, num_cpus: int | None, num_gpus: int | None, level: int) -> None:
+    import ray
+
     error: Exception | None = None
     for _ in range(DASHBOARD_TRIES):
         port = _free_port()
@@ -233,9 +264,13 @@ def _write_timing(trial_start: float, fit_start: float, final: dict[str, Any]) -
     timing.update(trial_start=trial_start, fit_start=fit_start, fit_end=time.time(),
                   train_time_s=final.get("train_time_s"))
     try:
-        Path(ray.tune.get_context().get_trial_dir(), "timing.json").write_text(json.dumps(timing))
-    except OSError as e:  # a remote trial folder: the numbers are also in the trial's final result
-        log.debug("timing.json not written: %s", e)
+        # Into the trial's folder in the study's storage (local or a bucket), not its working
+        # directory: an actor Tune reuses for the next trial keeps the first trial's folder there.
+        st = ray.tune.get_context().get_storage()
+        with st.storage_filesystem.open_output_stream(f"{st.trial_fs_path}/timing.json") as f:
+            f.write(json.dumps(timing).encode())
+    except (OSError, AttributeError) as e:  # the numbers are also in the trial's final result
+        log.warning("timing.json not written: %s", e)
 
 
 def trial_spec(tracking: StudyTracking, trial_id: str, params: dict[str, Any], seed: int, cfg: Any) -> TrialSpec:
