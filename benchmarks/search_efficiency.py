@@ -18,6 +18,8 @@ few epochs): the learning rate x ANC on/off x RA on/off, 16 configurations. The 
    trials are pruned in Optuna as Tune's OptunaSearch does). Each searcher is repeated with
    --reps sampler seeds, replaying the recorded trials (a tabular benchmark: training is
    deterministic for a configuration and seed, so a replayed trial is the trial);
+   Then TPE + ASHA again with other grace periods, reduction factors and numbers of trials
+   (--asha), to choose the shipped studies' settings from measurements;
 3. reports for each the best value found, how often it came within --within (default 1 point)
    of the grid's best, and the epochs (every epoch of every trial, stopped ones included) and
    wall time (the recorded trials' own times, two at a time) spent until it did; and plots the
@@ -211,6 +213,8 @@ def main() -> None:
     p.add_argument("--n-eval", type=int, default=200, help="held-out images each trial is evaluated on")
     p.add_argument("--grace", type=int, default=1, help="ASHA's grace period (epochs)")
     p.add_argument("--reduction", type=int, default=2, help="ASHA's reduction factor")
+    p.add_argument("--asha", nargs="*", default=["1:3:8", "2:2:8", "1:2:12", "2:2:12", "1:2:16"],
+                   help="more TPE + ASHA runs to replay, as grace:reduction:trials")
     p.add_argument("--within", type=float, default=0.01, help="how close to the grid's best counts as found")
     p.add_argument("--data", type=Path, default=MNIST)
     a = p.parse_args()
@@ -227,9 +231,13 @@ def main() -> None:
     from trainables.study import load_study
     from trainables.tuner import _scheduler
 
-    f = a.out / "search_sweep.yaml"
-    f.write_text(study_text("sweep", a))
-    study = load_study(f)
+    def sweep(grace: int, reduction: int, trials: int) -> Any:
+        f = a.out / f"search_sweep_g{grace}_r{reduction}_n{trials}.yaml"
+        f.write_text(study_text("sweep", argparse.Namespace(**{**vars(a), "grace": grace, "reduction": reduction,
+                                                               "trials": trials})))
+        return load_study(f)
+
+    study = sweep(a.grace, a.reduction, a.trials)
     results: dict[str, Any] = {"target": target, "grid_best": max(values),
                                "args": {k: str(v) for k, v in vars(a).items()}}
     runs: dict[str, list[list[dict[str, Any]]]] = {}
@@ -238,6 +246,15 @@ def main() -> None:
         runs[method] = [simulate(grid, method, trials=a.trials, seed=r, concurrency=a.concurrency, study=study,
                                  scheduler=_scheduler(study) if method == "tpe_asha" else None)
                         for r in range(reps)]
+    # ASHA's settings and the number of trials, replayed over the same table: what to ship.
+    for variant in a.asha:
+        grace, reduction, trials = (int(x) for x in variant.split(":"))
+        if (grace, reduction, trials) == (a.grace, a.reduction, a.trials):
+            continue
+        st = sweep(grace, reduction, trials)
+        runs[f"tpe_asha g{grace} r{reduction} n{trials}"] = [
+            simulate(grid, "tpe_asha", trials=trials, seed=r, concurrency=a.concurrency, study=st,
+                     scheduler=_scheduler(st)) for r in range(a.reps)]
     lines = [f"Space: {', '.join(f'{k} {v}' for k, v in SPACE.items())} ({len(grid['trials'])} configurations, "
              f"{grid['epochs']} epochs each). Grid's best {METRIC} = {max(values):.3f}; target = within "
              f"{a.within:g}: {target:.3f}. Searches: {a.trials} trials, {a.concurrency} at a time, {a.reps} sampler "
@@ -247,11 +264,11 @@ def main() -> None:
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for method, reps in runs.items():
         bests = [r[-1]["best"] or 0.0 for r in reps]
+        n_trials = len(reps[0])
         hits = [first_hit(r, target) for r in reps]
         got = [h for h in hits if h is not None]
         ep = [h["epochs"] for h in got]
         wall = [h["t"] for h in got]
-        n_trials = len(reps[0])
         results[method] = {"bests": bests, "epochs_to_target": [h["epochs"] if h else None for h in hits],
                            "wall_to_target_s": [h["t"] if h else None for h in hits],
                            "epochs_spent": [r[-1]["epochs"] for r in reps], "events": reps}
@@ -280,7 +297,7 @@ def _plot(runs: dict[str, list[list[dict[str, Any]]]], target: float, max_epochs
         for x in xs:
             at = [max((e["best"] or 0.0 for e in r if e["epochs"] <= x), default=0.0) for r in reps]
             ys.append(statistics.median(at))
-        ax.step(xs, ys, where="post", label=method)
+        ax.step(xs, ys, where="post", label=method, ls=":" if " " in method else "-")
     ax.axhline(target, color="grey", ls="--", lw=1, label="grid's best - 1 point")
     ax.set_xlabel("epochs spent (all trials)")
     ax.set_ylabel(f"best {METRIC} so far (median)")
