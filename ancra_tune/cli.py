@@ -146,13 +146,25 @@ def _study(args: argparse.Namespace, kind: str) -> int:
     return 130 if summary.get("interrupted") else 0
 
 
+def _useful_time(summary: dict) -> str:
+    """Validation and evaluation time, and the share of the trial slots' time spent on neither
+    them nor training (older summaries lack these)."""
+    if summary.get("overhead_share") is None or "trial_eval_time_s" not in summary:
+        return ""
+    slots = summary.get("slots", 1)
+    return (f", validation {summary['trial_val_time_s']:.0f} s, evaluation {summary['trial_eval_time_s']:.0f} s"
+            f" ({slots} at a time: {100 * summary['overhead_share']:.0f}% of the trial slots' time spent on "
+            "anything else)")
+
+
 def format_summary(summary: dict) -> str:
     """The study's answer: every trial in one table, best first (trials the checks flag last),
     then the best trial and what to run next."""
     metric, mode = next(iter(summary["objective"].items()))
     lines = [f"study {summary['study']} ({summary['kind']}): {summary['n_trials']} trials, "
              + ", ".join(f"{n} {k}" for k, n in summary["status_counts"].items() if n)
-             + f"; wall {summary['wall_time_s']:.0f} s, training {summary['trial_train_time_s']:.0f} s; objective "
+             + f"; wall {summary['wall_time_s']:.0f} s, training {summary['trial_train_time_s']:.0f} s"
+             + _useful_time(summary) + "; objective "
              + ", ".join(f"{k} ({v})" for k, v in summary["objective"].items())]
 
     def num(v: object) -> str:

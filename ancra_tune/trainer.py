@@ -383,7 +383,9 @@ class Trainer:
             metrics = {"epoch": float(epoch), **self.train_epoch(epoch, loader)}
             path = None
             if self.rank == 0:
+                t_val = time.perf_counter()
                 metrics.update(self.validate())
+                metrics["val_time_s"] = time.perf_counter() - t_val
                 self.history.append(metrics)
                 with open(self.out_dir / METRICS_NAME, "a") as f:
                     f.write(json.dumps(metrics) + "\n")

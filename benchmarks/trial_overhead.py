@@ -104,7 +104,7 @@ def main() -> None:
             rows.append({"trial": tr["trial_id"].rsplit("_", 1)[-1], "status": tr["status"], **phases(t),
                          "trial_s": t["fit_end"] - t["trial_start"]})
     tune_s = summary["wall_time_s"]
-    concurrent = study.max_concurrent or 1
+    concurrent = summary.get("slots") or 1  # trials at once
     # Tune's own time: the study's Tune wall time not spent inside a trial function (one at a time).
     inside = sum(r["trial_s"] for r in rows) / max(1, concurrent)
     head = f"{'trial':<10}{'status':<10}" + "".join(f"{k[:14]:>15}" for k in PHASES) + f"{'trial total':>13}"
@@ -115,17 +115,23 @@ def main() -> None:
     mean = {k: statistics.mean(r[k] for r in rows) for k in (*PHASES, "trial_s")} if rows else {}
     if rows:
         print(f"{'mean':<20}" + "".join(f"{mean[k]:>15.2f}" for k in PHASES) + f"{mean['trial_s']:>13.2f}")
-    useful = sum(r["training"] + r["validation_and_reports"] + r["evaluation"] for r in rows)
     fixed = [r["trial_s"] - r["training"] - r["validation_and_reports"] - r["evaluation"] for r in rows]
+    # Every trial, stopped ones included (a trial stopped by ASHA may leave no timing.json): the
+    # summary's training, per-epoch validation and evaluation times.
+    all_useful = summary["trial_train_time_s"] + summary["trial_val_time_s"] + summary["trial_eval_time_s"]
     print(f"\nRay start {ray_start:.1f} s; Tune wall {tune_s:.1f} s, of which outside trial functions "
           f"{max(0.0, tune_s - inside):.1f} s; whole run {total:.1f} s")
     if rows:
         print(f"fixed cost per trial (trial total - training - validation - evaluation): mean "
-              f"{statistics.mean(fixed):.1f} s; training + validation + evaluation = {useful:.1f} s of "
-              f"{total:.1f} s wall ({100 * useful / total:.0f}%)")
+              f"{statistics.mean(fixed):.1f} s (the {len(rows)} trials with a timing.json)")
+    print(f"all {summary['n_trials']} trials, {concurrent} at a time: training {summary['trial_train_time_s']:.1f} s "
+          f"+ validation {summary['trial_val_time_s']:.1f} s + evaluation {summary['trial_eval_time_s']:.1f} s = "
+          f"{all_useful:.1f} s of {total:.1f} s wall x {concurrent} slots: "
+          f"{100 * (1 - all_useful / (total * concurrent)):.0f}% outside training and evaluation (whole run); "
+          f"{100 * summary['overhead_share']:.0f}% of Tune's wall")
     if a.json:
         a.json.write_text(json.dumps({"ray_start_s": ray_start, "tune_wall_s": tune_s, "total_s": total,
-                                      "rows": rows}, indent=1))
+                                      "slots": concurrent, "useful_s": all_useful, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -62,6 +62,11 @@ def test_quickstart_study_end_to_end(ray_local, tmp_path: Path, mlflow_server: s
     assert len(trials) == study.num_samples
     assert summary["status_counts"]["stopped"] >= 1, summary["status_counts"]
     assert summary["status_counts"]["finished"] >= 1
+    # Where the time went: training, validation every epoch, evaluation of finished trials only;
+    # the rest of the two trial slots' time is the platform's own.
+    assert summary["slots"] == 2 and 0 < summary["overhead_share"] < 1
+    assert all(t["val_time_s"] > 0 and (t["eval_time_s"] > 0) == (t["status"] == "finished") for t in trials)
+    assert summary["trial_eval_time_s"] == pytest.approx(sum(t["eval_time_s"] for t in trials))
     # Tune names trial folders run_trial_<id>_<counter>_...: the counter is the creation order.
     first = min(trials, key=lambda t: int(Path(t["trial_dir"]).name.split("_")[3]))
     for t in trials:

@@ -90,6 +90,9 @@ def init_ray(address: str | None, *, num_cpus: int | None = None, num_gpus: int 
     # Per-epoch results carry the scheduler's metric; the searcher's objective arrives with the
     # trial's final evaluation, so Tune must not insist on it in every result.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    # Trials checkpoint every epoch and keep two: Tune then snapshots the experiment often (measured:
+    # no cost worth the name here) and says so on the console each time, which a user cannot act on.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     for k, v in worker_env().items():  # the trial actors read Train's settings from their environment
         if k not in FAST_FAIL_ENV:  # the driver's own MLflow calls keep MLflow's patient retries
             os.environ.setdefault(k, v)
@@ -613,7 +616,8 @@ def _run_locked(study: Study, interruption: Interruption, *, address: str | None
         raise
     wall = time.perf_counter() - t0
     stopped = set((read_state(_join(study_path, SCHEDULER_STATE)) or {}).get("stopped", []))
-    summary = summarize(study, results, wall_s=wall, storage=storage, stopped_by_scheduler=stopped)
+    summary = summarize(study, results, wall_s=wall, storage=storage, stopped_by_scheduler=stopped,
+                        slots=max_concurrent)
     summary["interrupted"] = interruption.signal is not None or summary["status_counts"]["interrupted"] > 0
     if summary["interrupted"]:
         summary["interrupted_by"] = interruption.signal
@@ -712,6 +716,9 @@ def _trial_rows(results: Any, study: Study, stopped_by_scheduler: set[str]) -> l
                # resumed study, Tune's fresh result file holds only the epochs trained since.
                "epochs_run": max((int(m[R.EPOCH]) for m in epochs if not _nan(m.get(R.EPOCH))), default=0),
                "train_time_s": sum(m["epoch_time_s"] for m in epochs),
+               # Per-epoch validation and the end-of-trial evaluation: the rest of a trial's useful time.
+               "val_time_s": sum(m.get("val_time_s") or 0.0 for m in epochs),
+               "eval_time_s": (last_final or {}).get(R.TIMING_PREFIX + "eval_s") or 0.0,
                "time_per_epoch_s": (sum(m["epoch_time_s"] for m in epochs) / len(epochs)) if epochs else None,
                "trial_dir": res.path}
         try:  # parameters this configuration does not use (alpha with ANC off, ...): shown as such
@@ -776,7 +783,10 @@ def rank_key(row: dict[str, Any], metric: str, mode: str) -> tuple[int, float, f
 
 
 def summarize(study: Study, results: Any, *, wall_s: float, storage: str,
-              stopped_by_scheduler: set[str] = frozenset()) -> dict[str, Any]:  # type: ignore[assignment]
+              stopped_by_scheduler: set[str] = frozenset(), slots: int = 1) -> dict[str, Any]:  # type: ignore[assignment]
+    """The study's answer. ``slots``: trials run at once; ``overhead_share`` is the part of the
+    trial slots' time (wall time x slots) not spent training, validating or evaluating: start-up,
+    tracking, Tune's bookkeeping, and slots left idle."""
     rows = _trial_rows(results, study, set(stopped_by_scheduler))
     metric, mode = study.metrics[0], study.modes[0]
     scored = [r for r in rows if r["status"] == "finished" and r.get(metric) is not None]
@@ -787,11 +797,15 @@ def summarize(study: Study, results: Any, *, wall_s: float, storage: str,
     elif scored:
         best = [max(scored, key=lambda r: rank_key(r, metric, mode))]
     train_total = sum(r["train_time_s"] for r in rows)
+    slots = max(1, min(slots, len(rows)))
+    useful = train_total + sum(r["val_time_s"] + r["eval_time_s"] for r in rows)
     return {"study": study.name, "kind": study.kind, "study_file": str(study.path),
             "study_dir": str(Path(storage) / study.name), "objective": dict(zip(study.metrics, study.modes,
                                                                                  strict=True)),
             "wall_time_s": wall_s, "trial_train_time_s": train_total,
-            "overhead_share": (1 - train_total / wall_s) if wall_s > 0 else None,
+            "trial_val_time_s": sum(r["val_time_s"] for r in rows),
+            "trial_eval_time_s": sum(r["eval_time_s"] for r in rows), "slots": slots,
+            "overhead_share": (1 - useful / (wall_s * slots)) if wall_s > 0 else None,
             "n_trials": len(rows), "status_counts": {s: sum(r["status"] == s for r in rows)
                                                       for s in ("finished", "stopped", "interrupted", "diverged",
                                                                 "error")},
