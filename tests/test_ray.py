@@ -302,6 +302,8 @@ def _descendants(pid: int) -> set[int]:
 
 def _listening_sockets(pids: set[int]) -> list[tuple[str, int]]:
     """(address, port) of the IPv4/IPv6 TCP sockets ``pids`` listen on, from /proc."""
+    import ipaddress
+
     inodes = set()
     for pid in pids:
         with contextlib.suppress(OSError):
@@ -323,8 +325,6 @@ def _listening_sockets(pids: set[int]) -> list[tuple[str, int]]:
                 ip = ".".join(str(b) for b in raw[::-1])
             else:  # four little-endian 32-bit words
                 words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
-                import ipaddress
-
                 addr = ipaddress.IPv6Address(words)
                 ip = str(addr.ipv4_mapped or addr)
             out.append((ip, int(port_hex, 16)))

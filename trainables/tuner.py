@@ -797,15 +797,14 @@ def summarize(study: Study, results: Any, *, wall_s: float, storage: str,
     elif scored:
         best = [max(scored, key=lambda r: rank_key(r, metric, mode))]
     train_total = sum(r["train_time_s"] for r in rows)
+    val_total, eval_total = sum(r["val_time_s"] for r in rows), sum(r["eval_time_s"] for r in rows)
     slots = max(1, min(slots, len(rows)))
-    useful = train_total + sum(r["val_time_s"] + r["eval_time_s"] for r in rows)
     return {"study": study.name, "kind": study.kind, "study_file": str(study.path),
             "study_dir": str(Path(storage) / study.name), "objective": dict(zip(study.metrics, study.modes,
                                                                                  strict=True)),
             "wall_time_s": wall_s, "trial_train_time_s": train_total,
-            "trial_val_time_s": sum(r["val_time_s"] for r in rows),
-            "trial_eval_time_s": sum(r["eval_time_s"] for r in rows), "slots": slots,
-            "overhead_share": (1 - useful / (wall_s * slots)) if wall_s > 0 else None,
+            "trial_val_time_s": val_total, "trial_eval_time_s": eval_total, "slots": slots,
+            "overhead_share": (1 - (train_total + val_total + eval_total) / (wall_s * slots)) if wall_s > 0 else None,
             "n_trials": len(rows), "status_counts": {s: sum(r["status"] == s for r in rows)
                                                       for s in ("finished", "stopped", "interrupted", "diverged",
                                                                 "error")},
