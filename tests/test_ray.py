@@ -751,6 +751,60 @@ def test_two_sweeps_at_once_on_one_machine_both_finish(tmp_path: Path) -> None:
         init_ray(None, num_cpus=2)
 
 
+MULTI_WORKER = CONCURRENT.format(name="multi_worker").replace(
+    "resources: {workers: 1, cpus_per_worker: 0.5, trial_cpus: 0.5}",
+    "resources: {workers: 2, cpus_per_worker: 0.25, trial_cpus: 0.25}").replace(
+    "optim.epochs: 3", "optim.epochs: 4")
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_a_multi_worker_trial_asha_stops_trains_no_epoch_more(ray_local, tmp_path: Path, mlflow_server: str,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trials of two Ray Train workers (DDP): their workers report through Train's controller and
+    used to train (and log to MLflow) the epoch after the one ASHA stopped them at, while a busy
+    driver (here: 3 s per epoch result) got round to stopping them. Now every worker waits for the
+    decision: MLflow holds exactly the epochs Tune counts, stopped or not."""
+    from trainables import tuner
+    from trainables.study import load_study
+    from trainables.tracking import client
+    from trainables.tuner import run_study
+
+    console = tuner.TrialLines.on_trial_result
+
+    def busy_driver(self, *args, **kwargs):  # before the scheduler's decision reaches the trial
+        time.sleep(3)
+        return console(self, *args, **kwargs)
+
+    monkeypatch.setattr(tuner.TrialLines, "on_trial_result", busy_driver)
+    study = load_study(_study_file(tmp_path, MULTI_WORKER))
+    assert study.resources.workers == 2 and not study.resources.train_in_trial
+    summary = run_study(study, storage=str(tmp_path / "studies"), tracking_uri=mlflow_server)
+    counts = summary["status_counts"]
+    assert summary["n_trials"] == 4 and counts["error"] == 0, counts
+    assert counts["stopped"] >= 1 and counts["finished"] >= 1, counts
+    mc = client(mlflow_server)
+    _, children = _mlflow_runs(mlflow_server, study.name, Path(summary["study_dir"]))
+    by_trial = {r.data.tags["ancra.trial_id"]: r for r in children}
+    for t in summary["trials"]:
+        tune_epochs = [r["epoch"] for r in _results(t["trial_dir"]) if R_is_epoch(r)]
+        assert tune_epochs == list(range(1, t["epochs_run"] + 1))
+        logged = sorted(m.step for m in mc.get_metric_history(by_trial[str(t["trial_id"])].info.run_id,
+                                                               "epoch_time_s"))
+        assert logged == tune_epochs, (t["status"], logged, tune_epochs)  # not one epoch more
+        assert (t["epochs_run"] == 4) == (t["status"] == "finished"), t
+    for t in summary["trials"]:
+        if t["status"] == "finished":  # the workers' wait for decisions is accounted for
+            timing = json.loads(Path(t["trial_dir"], "timing.json").read_text())
+            assert 0 < timing["decision_wait_s"] < timing["fit_end"] - timing["fit_start"]
+
+
+def R_is_epoch(row: dict) -> bool:
+    from trainables.results import is_epoch
+
+    return is_epoch(row) and row.get("epoch") is not None
+
+
 @pytest.mark.slow
 def test_a_sweep_runs_on_when_rays_dashboard_does_not_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                             capfd) -> None:

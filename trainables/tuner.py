@@ -30,6 +30,7 @@ from ancra_tune.config import inactive_keys, params_text
 from ancra_tune.robustness import EvalReport
 
 from . import results as R
+from .decisions import Decisions, board_name
 from .guard import DISK_FULL, DiskGuard, Interruption, StorageError, below_reserve, check_storage, study_lock
 from .scheduler import STATE_NAME as SCHEDULER_STATE
 from .scheduler import PersistentASHA, read_state
@@ -233,6 +234,8 @@ def run_trial(params: dict[str, Any], *, study: Study, storage: str,
         final = run_worker(loop_config, TuneSession(use_gpu=r.gpus_per_worker > 0))
         _write_timing(trial_start, started, final)
         return
+    if _decided_by_scheduler(study):  # the workers wait for ASHA's decision on each epoch
+        loop_config["decisions"] = {"board": board_name(_join(storage, study.name)), "trial_id": trial_id}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -257,6 +260,12 @@ def run_trial(params: dict[str, Any], *, study: Study, storage: str,
         # run's end and the trial's): its evaluation never reached this trial, so forward it.
         ray.tune.report(final)
     _write_timing(trial_start, started, final)
+
+
+def _decided_by_scheduler(study: Study) -> bool:
+    """Whether the study's trials are Ray Train runs that a scheduler may stop between epochs: their
+    workers learn its decisions from the study's board (:mod:`trainables.decisions`)."""
+    return study.kind != "ablation" and study.scheduler.type == "asha" and not study.resources.train_in_trial
 
 
 def _write_timing(trial_start: float, fit_start: float, final: dict[str, Any]) -> None:
@@ -500,6 +509,8 @@ def build_tuner(study: Study, *, storage: str, smoke_test: bool = False, resume:
         callbacks.append(TrackingWatch(tracking.uri))
     if "://" not in storage:
         callbacks.append(DiskWatch(storage))
+    if _decided_by_scheduler(study):
+        callbacks.append(Decisions(board_name(path)))
     # Ray's per-trial status tables only with --verbose; the compact lines above otherwise.
     run_config = tune.RunConfig(name=name, storage_path=storage, verbose=1 if verbose else 0,
                                 failure_config=tune.FailureConfig(max_failures=study.max_failures),

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ancra_tune.config import TrainConfig
-from ancra_tune.distributed import ddp_wrap
+from ancra_tune.distributed import all_true, ddp_wrap
 from ancra_tune.robustness import EvalReport, SuiteConfig
 from ancra_tune.trainer import CHECKPOINT_NAME, Callback, DivergedError, Trainer
 
@@ -48,9 +48,19 @@ class MlflowEpochs(Callback):
             self.recorder.epochs(trainer.history)
 
 
+class TrialStopped(Exception):
+    """The scheduler stopped the trial at ``epoch`` (a multi-worker trial learns it from the study's
+    decision board, see :mod:`trainables.decisions`)."""
+
+    def __init__(self, epoch: int) -> None:
+        super().__init__(f"stopped by the scheduler at epoch {epoch}")
+        self.epoch = epoch
+
+
 class RayReport(Callback):
     """Ray touch point: every worker reports each epoch; rank 0 attaches its checkpoint and says how
-    many epochs MLflow still lacks (the driver warns on the console)."""
+    many epochs MLflow still lacks (the driver warns on the console). Before another epoch starts,
+    the scheduler's decision on this one: a stopped trial trains (and logs) nothing more."""
 
     def __init__(self, session: Session, recorder: TrialRecorder | None = None) -> None:
         self.session = session
@@ -65,10 +75,12 @@ class RayReport(Callback):
                 m[R.MLFLOW_ERROR] = self.recorder.error
         if checkpoint is None:
             self.session.report(m)
-            return
-        with tempfile.TemporaryDirectory() as d:
-            shutil.copy2(checkpoint, Path(d) / CHECKPOINT_NAME)
-            self.session.report(m, checkpoint=Path(d))
+        else:
+            with tempfile.TemporaryDirectory() as d:
+                shutil.copy2(checkpoint, Path(d) / CHECKPOINT_NAME)
+                self.session.report(m, checkpoint=Path(d))
+        if epoch + 1 < trainer.cfg.optim.epochs and self.session.stopped_at(epoch + 1):
+            raise TrialStopped(epoch + 1)
 
 
 class Session:
@@ -85,9 +97,15 @@ class Session:
     world: int = 1
     device: torch.device = torch.device("cpu")
     name: str = "run"
+    decision_wait_s: float = 0.0  # time spent waiting for the scheduler's decisions
 
     def report(self, metrics: dict[str, Any], checkpoint: Path | None = None) -> None:
         raise NotImplementedError
+
+    def stopped_at(self, epoch: int) -> bool:
+        """Whether the scheduler stopped the trial at ``epoch``, just reported (on every worker
+        alike). Tune's own report already waits for it: False."""
+        return False
 
     def checkpoint(self) -> Any:
         """A ``ray.train.Checkpoint`` to resume from, or None."""
@@ -95,7 +113,7 @@ class Session:
 
 
 class TrainSession(Session):
-    def __init__(self) -> None:
+    def __init__(self, decisions: dict[str, str] | None = None) -> None:
         import ray.train
         import ray.train.torch
 
@@ -103,6 +121,21 @@ class TrainSession(Session):
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()  # the worker's GPU, or CPU
         self.name = ctx.get_experiment_name()
+        self.decisions = decisions  # {"board", "trial_id"}: the study's decision board, or None
+        self._waiter = None
+        if decisions is not None and self.rank == 0:
+            from .decisions import Waiter
+
+            self._waiter = Waiter(decisions["board"], decisions["trial_id"])
+
+    def stopped_at(self, epoch: int) -> bool:
+        if self.decisions is None:
+            return False
+        stop = self._waiter.stopped_at(epoch) if self._waiter is not None else False
+        if self._waiter is not None:
+            self.decision_wait_s = self._waiter.waited_s
+        # Rank 0 asked; every worker stops, or none does (no DDP hang).
+        return not all_true(not stop, self.device)
 
     def report(self, metrics: dict[str, Any], checkpoint: Path | None = None) -> None:
         import ray.train
@@ -144,8 +177,8 @@ def _threads(cpus_per_worker: float) -> int:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. ``config``: {"train": TrainConfig dict, "eval": SuiteConfig dict or None,
     "objective": [metric, ...], "modes": [...], "cpus_per_worker": float, "sync_batchnorm": bool,
-    "mlflow": {"uri", "run_id"} or None}."""
-    run_worker(config, TrainSession())
+    "mlflow": {"uri", "run_id"} or None, "decisions": {"board", "trial_id"} or None}."""
+    run_worker(config, TrainSession(config.get("decisions")))
 
 
 def run_worker(config: dict[str, Any], session: Session) -> dict[str, Any]:
@@ -200,6 +233,10 @@ def run_worker(config: dict[str, Any], session: Session) -> dict[str, Any]:
             t = time.time()
             trainer.fit()
             timing[R.TIMING_PREFIX + "fit_s"] = time.time() - t
+            timing[R.TIMING_PREFIX + "decision_wait_s"] = session.decision_wait_s
+        except TrialStopped as e:
+            log.info("%s: %s", session.name, e)  # Tune ends the trial; nothing to evaluate
+            return {}
         except DivergedError as e:
             # Every worker raises at the same step (a collective check): report and end cleanly,
             # so the trial ends as `diverged` instead of being retried.
