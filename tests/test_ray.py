@@ -787,7 +787,7 @@ def test_a_multi_worker_trial_asha_stops_trains_no_epoch_more(ray_local, tmp_pat
     _, children = _mlflow_runs(mlflow_server, study.name, Path(summary["study_dir"]))
     by_trial = {r.data.tags["ancra.trial_id"]: r for r in children}
     for t in summary["trials"]:
-        tune_epochs = [r["epoch"] for r in _results(t["trial_dir"]) if R_is_epoch(r)]
+        tune_epochs = [r["epoch"] for r in _results(t["trial_dir"]) if _is_epoch_row(r)]
         assert tune_epochs == list(range(1, t["epochs_run"] + 1))
         logged = sorted(m.step for m in mc.get_metric_history(by_trial[str(t["trial_id"])].info.run_id,
                                                                "epoch_time_s"))
@@ -799,7 +799,28 @@ def test_a_multi_worker_trial_asha_stops_trains_no_epoch_more(ray_local, tmp_pat
             assert 0 < timing["decision_wait_s"] < timing["fit_end"] - timing["fit_start"]
 
 
-def R_is_epoch(row: dict) -> bool:
+def test_the_decision_board_answers_waiting_workers(ray_local, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The board answers a decision posted before or after a worker asks; without an answer, or
+    without a board, a worker goes on (a study can never hang on it)."""
+    import threading
+
+    from trainables.decisions import TIMEOUT_ENV, Waiter, start_board
+
+    monkeypatch.setenv(TIMEOUT_ENV, "1")
+    assert not Waiter("decisions-absent", "t0").stopped_at(1)  # no board: go on
+    board = start_board("decisions-test")
+    ray_local.get(board.decide.remote("t1", 1, False))
+    ray_local.get(board.decide.remote("t1", 2, True))
+    waiter = Waiter("decisions-test", "t1")
+    assert waiter.stopped_at(1) is False and waiter.stopped_at(2) is True
+    assert waiter.stopped_at(3) is False and waiter.waited_s >= 1  # no decision in time: go on
+    later = threading.Timer(0.5, lambda: board.decide.remote("t2", 1, True))
+    later.start()
+    assert Waiter("decisions-test", "t2").stopped_at(1) is True  # woken by a decision that came later
+    ray_local.kill(board)
+
+
+def _is_epoch_row(row: dict) -> bool:
     from trainables.results import is_epoch
 
     return is_epoch(row) and row.get("epoch") is not None
