@@ -11,7 +11,10 @@ folder), and prints one row per trial and the mean:
     python benchmarks/trial_overhead.py --study search_spaces/quickstart.yaml   # a shipped study as is
 
 Phases come from each trial's timing.json (written by the trial) and Tune's wall time. The fixed
-cost per trial is everything but training, validation and evaluation.
+cost per trial is everything but training, validation and evaluation. Two shares of the time
+outside training, validation and evaluation are printed: of the trial slots' time (wall x trials
+at once: an idle slot counts), and of the wall time during which no trial trained, validated or
+evaluated (the timeline of every trial, stopped ones included, from the reported epochs).
 """
 
 from __future__ import annotations
@@ -65,6 +68,38 @@ def phases(t: dict) -> dict[str, float]:
     }
 
 
+def busy_intervals(trial_dirs: list[str]) -> list[tuple[float, float]]:
+    """When each trial trained, validated or evaluated (wall-clock seconds), from its reported rows:
+    an epoch ends when it is reported, after ``epoch_time_s + val_time_s``; an evaluation ends when
+    its final row is made, after ``timing.eval_s``."""
+    out = []
+    for d in trial_dirs:
+        p = Path(d) / "result.json"
+        rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.is_file() else []
+        for r in rows:
+            end = r.get("reported_at")
+            if end is None:
+                continue
+            if r.get("final") == 1:
+                length = r.get("timing.eval_s") or 0.0
+            else:
+                length = (r.get("epoch_time_s") or 0.0) + (r.get("val_time_s") or 0.0)
+            if length > 0:
+                out.append((end - length, end))
+    return out
+
+
+def uncovered(intervals: list[tuple[float, float]], start: float, end: float) -> float:
+    """Seconds of [start, end] that no interval covers."""
+    covered, reach = 0.0, start
+    for a, b in sorted(intervals):
+        a, b = max(a, reach), min(b, end)
+        if b > a:
+            covered += b - a
+            reach = b
+    return (end - start) - covered
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/trial_overhead"))
@@ -90,12 +125,12 @@ def main() -> None:
         study = load_study(f)
     else:
         study = load_study(a.study)
-    t0 = time.perf_counter()
+    t0, wall0 = time.perf_counter(), time.time()
     init_ray(None, num_cpus=2, verbose=False)
     ray_start = time.perf_counter() - t0
     summary = run_study(study, storage=str((a.out / "studies").resolve()),
                         tracking_uri=f"sqlite:///{(a.out / 'mlflow.db').resolve()}")
-    total = time.perf_counter() - t0
+    total, wall1 = time.perf_counter() - t0, time.time()
     rows = []
     for tr in sorted(summary["trials"], key=lambda t: t["trial_id"]):
         f = Path(tr["trial_dir"]) / "timing.json"
@@ -129,9 +164,13 @@ def main() -> None:
           f"{all_useful:.1f} s of {total:.1f} s wall x {concurrent} slots: "
           f"{100 * (1 - all_useful / (total * concurrent)):.0f}% outside training and evaluation (whole run); "
           f"{100 * summary['overhead_share']:.0f}% of Tune's wall")
+    idle = uncovered(busy_intervals([t["trial_dir"] for t in summary["trials"]]), wall0, wall1)
+    print(f"no trial training, validating or evaluating: {idle:.1f} s of the whole run's {total:.1f} s "
+          f"({100 * idle / total:.0f}%), Ray's start included")
     if a.json:
         a.json.write_text(json.dumps({"ray_start_s": ray_start, "tune_wall_s": tune_s, "total_s": total,
-                                      "slots": concurrent, "useful_s": all_useful, "rows": rows}, indent=1))
+                                      "slots": concurrent, "useful_s": all_useful, "idle_s": idle, "rows": rows},
+                                     indent=1))
 
 
 if __name__ == "__main__":

@@ -343,6 +343,21 @@ def test_infeasible_request_fails_fast(ray_local, tmp_path: Path) -> None:
     assert "9 CPU" in str(e.value) and "2 CPU" in str(e.value)
 
 
+def test_a_broken_tracking_store_stops_the_study_before_any_trial(ray_local, tmp_path: Path) -> None:
+    """The store is opened while Ray starts; a file that is no MLflow store ends the study with a
+    clear error before any trial runs (nothing under the study's storage but its lock's folder)."""
+    from trainables.study import load_study
+    from trainables.tracking import TrackingError
+    from trainables.tuner import run_study
+
+    db = tmp_path / "mlflow.db"
+    db.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(TrackingError) as e:
+        run_study(load_study(QUICKSTART), storage=str(tmp_path / "s"), tracking_uri=f"sqlite:///{db}")
+    assert f"cannot open the MLflow store sqlite:///{db}" in str(e.value)
+    assert not list((tmp_path / "s").glob("quickstart/run_trial_*"))
+
+
 ABLATION = """
 name: lr_ablation
 kind: ablation

@@ -39,8 +39,9 @@ def objective_key(metric: str) -> str:
 
 
 def epoch_row(metrics: Mapping[str, float], epoch: int) -> dict[str, Any]:
-    """One epoch (``epoch`` counted from 1, ASHA's time attribute)."""
-    return {**metrics, EPOCH: epoch, DIVERGED: 0}
+    """One epoch (``epoch`` counted from 1, ASHA's time attribute), stamped with when it was reported
+    (the epoch's training and validation end then: benchmarks/trial_overhead.py draws the timeline)."""
+    return {**metrics, EPOCH: epoch, DIVERGED: 0, REPORTED_AT: time.time()}
 
 
 def final_row(report: EvalReport, extra: Mapping[str, float], objective: Sequence[str]) -> dict[str, Any]:

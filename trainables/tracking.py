@@ -85,8 +85,9 @@ def local_artifact_root(uri: str) -> str:
     return (sqlite_path(uri).parent / DEFAULT_ARTIFACTS).resolve().as_uri()
 
 
-def check_tracking(uri: str, *, timeout: float = 5.0) -> None:
-    """Fail fast, before any trial starts, when the store cannot be reached or written."""
+def check_tracking(uri: str, *, timeout: float = 5.0, prepare: bool = True) -> None:
+    """Fail fast, before any trial starts, when the store cannot be reached or written; with
+    ``prepare``, also open the store (:func:`prepare_store`)."""
     if uri.startswith(("http://", "https://")):
         url = uri.rstrip("/") + "/health"
         try:
@@ -109,7 +110,16 @@ def check_tracking(uri: str, *, timeout: float = 5.0) -> None:
             probe.unlink()
         except OSError as e:
             raise TrackingError(f"cannot write the MLflow store {db}: {e}") from None
-    client(uri).search_experiments(max_results=1)  # creates a new sqlite store's tables
+    if prepare:
+        prepare_store(uri)
+
+
+def prepare_store(uri: str) -> None:
+    """Open the store once: a new sqlite store's tables are created here (seconds, the first time)."""
+    try:
+        client(uri).search_experiments(max_results=1)
+    except Exception as e:  # noqa: BLE001 (a corrupt file, a server error: say which store)
+        raise TrackingError(f"cannot open the MLflow store {uri}: {type(e).__name__}: {str(e)[:300]}") from e
 
 
 def client(uri: str) -> Any:

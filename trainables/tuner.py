@@ -10,6 +10,7 @@ with ASHA; ablations run a full grid x seeds and write a summary table.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import json
@@ -42,6 +43,7 @@ from .tracking import (
     TrialSpec,
     check_tracking,
     end_study_run,
+    prepare_store,
     resolve_tracking_uri,
     start_study_run,
 )
@@ -564,9 +566,14 @@ def run_study(study: Study, *, address: str | None = None, storage: str | None =
     if resume and not tune.Tuner.can_restore(study_path):
         raise FileNotFoundError(f"no study to resume at {study_path}; run it first without --resume")
     uri = None
+    store: concurrent.futures.Future | None = None
     if track:  # before Ray starts: an unreachable tracking server fails in seconds
         uri = resolve_tracking_uri(tracking_uri)
-        check_tracking(uri)
+        check_tracking(uri, prepare=False)
+        # A new sqlite store builds its tables (2-3 s) while Ray starts.
+        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mlflow-store")
+        store = pool.submit(prepare_store, uri)
+        pool.shutdown(wait=False)
     if not verbose:  # no Tune tables or TensorBoard hints on the console; TrialLines speaks instead
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
         import optuna
@@ -575,6 +582,8 @@ def run_study(study: Study, *, address: str | None = None, storage: str | None =
     interruption = Interruption()
     with study_lock(study_path):
         init_ray(address, num_cpus=num_cpus, verbose=verbose)
+        if store is not None:
+            store.result()  # its error, if any, before a trial starts
         # After Ray's start: its core worker installs a SIGTERM handler of its own that kills the driver.
         with interruption.installed():
             _ACTIVE["interruption"] = interruption
