@@ -45,22 +45,24 @@ search:
   space:
     method.base_loss: [trades, pgd_at]
     model.ra: [true, false]
-scheduler: {{type: none}}
+scheduler: {scheduler}
 seeds: [0]
 """
 
-PHASES = ("worker_group_start", "setup", "training", "validation_and_reports", "evaluation", "mlflow_and_export",
-          "train_shutdown", "trial_bookkeeping")
+PHASES = ("worker_group_start", "setup", "training", "validation_and_reports", "asha_decisions", "evaluation",
+          "mlflow_and_export", "train_shutdown", "trial_bookkeeping")
 
 
 def phases(t: dict) -> dict[str, float]:
     """One trial's phases in seconds, from its timing.json."""
     fit_s, train_s = t.get("fit_s", 0.0), t.get("train_time_s") or 0.0
+    wait_s = t.get("decision_wait_s", 0.0)  # a multi-worker trial's wait for ASHA's decision on each epoch
     return {
         "worker_group_start": t["worker_start"] - t["fit_start"],
         "setup": t.get("setup_s", 0.0),
         "training": train_s,
-        "validation_and_reports": fit_s - train_s,
+        "validation_and_reports": fit_s - train_s - wait_s,
+        "asha_decisions": wait_s,
         "evaluation": t.get("eval_s", 0.0),
         "mlflow_and_export": t.get("track_s", 0.0),
         "train_shutdown": t["fit_end"] - t.get("worker_end", t["fit_end"]),
@@ -109,6 +111,8 @@ def main() -> None:
     p.add_argument("--worker-group", action="store_true",
                    help="one-worker trials start a Ray Train worker group (resources.in_process: false), "
                         "as every trial did before trials trained in their own process")
+    p.add_argument("--asha", action="store_true",
+                   help="ASHA (grace 1, factor 2) stops trials; multi-worker trials wait for its decisions")
     p.add_argument("--study", type=Path, help="run this study file instead (its own concurrency)")
     p.add_argument("--json", type=Path, help="write the rows here")
     a = p.parse_args()
@@ -121,7 +125,9 @@ def main() -> None:
         cpw = 0.5 if a.workers > 1 else 1.0
         f = a.out / "study.yaml"
         f.write_text(STUDY.format(epochs=a.epochs, workers=a.workers, cpw=cpw, tcpu=0.5, trials=a.trials,
-                                  in_process=str(not a.worker_group).lower()))
+                                  in_process=str(not a.worker_group).lower(),
+                                  scheduler="{type: asha, metric: val_robust_acc, grace_period: 1, reduction_factor: 2}"
+                                  if a.asha else "{type: none}"))
         study = load_study(f)
     else:
         study = load_study(a.study)
