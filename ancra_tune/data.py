@@ -159,13 +159,31 @@ def load_tinyimagenet(root: str | Path) -> tuple[ArrayData, ArrayData, tuple[str
     return train, test, tuple(wnids)
 
 
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled 8x8 digits as ``load_digits`` returns them (images with values 0..16,
+    targets), read from the file scikit-learn ships: importing scikit-learn itself takes 1-2 s,
+    which every fresh trial process would pay."""
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")  # finds the package without importing it
+    roots = list(spec.submodule_search_locations or []) if spec is not None else []
+    path = Path(roots[0], "datasets", "data", "digits.csv.gz") if roots else None
+    if path is None or not path.is_file():
+        from sklearn.datasets import load_digits  # another layout: let scikit-learn find its file
+
+        d = load_digits()
+        return d.images, d.target
+    with gzip.open(path, "rt") as f:
+        data = np.loadtxt(f, delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
+
+
 def _digits(split_seed: int) -> tuple[ArrayData, ArrayData]:
     """scikit-learn's bundled 8x8 digits (no download); a fixed 20% test split."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)  # values 0..16 -> 0..255
-    data = _from_nhwc(images, d.target)
+    images, target = digits_arrays()
+    images = np.round(images * (255.0 / 16.0)).astype(np.uint8)  # values 0..16 -> 0..255
+    data = _from_nhwc(images, target)
     perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(10_000 + split_seed))
     n_test = len(data) // 5
     return data.subset(perm[n_test:]), data.subset(perm[:n_test])

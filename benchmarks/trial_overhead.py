@@ -50,7 +50,7 @@ seeds: [0]
 """
 
 PHASES = ("worker_group_start", "setup", "training", "validation_and_reports", "asha_decisions", "evaluation",
-          "mlflow_and_export", "train_shutdown", "trial_bookkeeping")
+          "plots", "mlflow_and_export", "train_shutdown", "trial_bookkeeping")
 
 
 def phases(t: dict) -> dict[str, float]:
@@ -63,7 +63,8 @@ def phases(t: dict) -> dict[str, float]:
         "training": train_s,
         "validation_and_reports": fit_s - train_s - wait_s,
         "asha_decisions": wait_s,
-        "evaluation": t.get("eval_s", 0.0),
+        "evaluation": t.get("eval_s", 0.0),  # the attacks
+        "plots": t.get("plots_s", 0.0),  # the evaluation's plots, drawn for MLflow
         "mlflow_and_export": t.get("track_s", 0.0),
         "train_shutdown": t["fit_end"] - t.get("worker_end", t["fit_end"]),
         "trial_bookkeeping": t["fit_start"] - t["trial_start"],
@@ -73,7 +74,7 @@ def phases(t: dict) -> dict[str, float]:
 def busy_intervals(trial_dirs: list[str]) -> list[tuple[float, float]]:
     """When each trial trained, validated or evaluated (wall-clock seconds), from its reported rows:
     an epoch ends when it is reported, after ``epoch_time_s + val_time_s``; an evaluation ends when
-    its final row is made, after ``timing.eval_s``."""
+    its final row is made, after ``timing.eval_s`` (the attacks) and ``timing.plots_s``."""
     out = []
     for d in trial_dirs:
         p = Path(d) / "result.json"
@@ -83,6 +84,7 @@ def busy_intervals(trial_dirs: list[str]) -> list[tuple[float, float]]:
             if end is None:
                 continue
             if r.get("final") == 1:
+                end -= r.get("timing.plots_s") or 0.0
                 length = r.get("timing.eval_s") or 0.0
             else:
                 length = (r.get("epoch_time_s") or 0.0) + (r.get("val_time_s") or 0.0)

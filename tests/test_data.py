@@ -55,6 +55,26 @@ def test_digits_needs_no_files() -> None:
     assert s.info.num_classes == 10
 
 
+def test_digits_are_scikit_learns_without_importing_it() -> None:
+    """Read from the file scikit-learn ships, the digits are exactly what ``load_digits`` gives,
+    and loading them imports no scikit-learn (1-2 s in every fresh trial process)."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from ancra_tune.data import digits_arrays
+
+    images, target = digits_arrays()
+    d = load_digits()
+    np.testing.assert_array_equal(images, d.images)
+    np.testing.assert_array_equal(target, d.target)
+    code = ("import sys; from ancra_tune.data import digits_arrays; digits_arrays(); "
+            "print(any(m == 'sklearn' or m.startswith('sklearn.') for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stdout + out.stderr
+
+
 def test_augmentation_is_crop_and_flip() -> None:
     x = torch.rand(3, 2, 6, 6)
     pad = 4

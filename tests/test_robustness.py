@@ -193,3 +193,27 @@ def test_cli_eval_writes_report_and_pngs(tmp_path: Path, capsys) -> None:
                  "eval.max_examples=32", "--out", str(ra_ckpt), "--quiet"]) == 0
     assert main(["eval", str(ra_ckpt / "checkpoint.pt"), "--deploy-ra", "--quiet"]) == 2
     assert "trained with RA" in capsys.readouterr().err
+
+
+def test_pca_embedding_projects_on_the_leading_components() -> None:
+    """The quick preset's embedding: the two directions of largest variance (two clusters apart
+    along one feature land on either side of the first axis); other methods are refused."""
+    import numpy as np
+
+    from ancra_tune.config import ConfigError
+    from ancra_tune.robustness import SuiteConfig
+    from ancra_tune.robustness.plots import _embed
+
+    rng = np.random.default_rng(0)
+    data = rng.normal(0, 0.1, (100, 8)).astype(np.float32)
+    data[:50, 3] += 5
+    data[50:, 3] -= 5
+    emb, method = _embed(data, SuiteConfig(embedding="pca"), 50)
+    assert method == "PCA" and emb.shape == (100, 2)
+    first = emb[:, 0]
+    side = np.sign(first[0])
+    assert (np.sign(first[:50]) == side).all() and (np.sign(first[50:]) == -side).all()
+    assert abs(first[:50].mean() - first[50:].mean()) == pytest.approx(10, rel=0.05)
+    assert SuiteConfig.preset_config("quick").embedding == "pca" and SuiteConfig().embedding == "tsne"
+    with pytest.raises(ConfigError, match="embedding"):
+        SuiteConfig(embedding="umap-ish")

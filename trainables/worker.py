@@ -260,9 +260,11 @@ def _report_final(trainer: Trainer, suite: SuiteConfig, session: Session, record
     with tempfile.TemporaryDirectory() as d:
         # The evaluation travels with the last checkpoint: its presence marks the run as complete.
         shutil.copy2(trainer.out_dir / CHECKPOINT_NAME, Path(d) / CHECKPOINT_NAME)
-        t = time.time()
-        report = evaluate_trial(trainer, suite, plots_dir=Path(d) if recorder else None)
-        timing = {**(timing or {}), R.TIMING_PREFIX + "eval_s": time.time() - t}
+        spent: dict[str, float] = {}
+        report = evaluate_trial(trainer, suite, plots_dir=Path(d) if recorder else None, spent=spent)
+        # The attacks are the evaluation; drawing its plots for MLflow is tracking's time.
+        timing = {**(timing or {}), R.TIMING_PREFIX + "eval_s": spent["attacks_s"],
+                  R.TIMING_PREFIX + "plots_s": spent["report_s"]}
         final = R.final_row(report, training_times(trainer), objective)
         (Path(d) / FINAL_NAME).write_text(json.dumps(final))
         report.save(Path(d) / REPORT_NAME)
@@ -302,9 +304,11 @@ def training_times(trainer: Trainer) -> dict[str, float]:
     return out
 
 
-def evaluate_trial(trainer: Trainer, suite: SuiteConfig, *, plots_dir: Path | None = None) -> EvalReport:
+def evaluate_trial(trainer: Trainer, suite: SuiteConfig, *, plots_dir: Path | None = None,
+                   spent: dict[str, float] | None = None) -> EvalReport:
     """The end-of-trial suite on the validation split: the report trials are compared by. With
-    ``plots_dir`` the feature histograms and embedding are drawn there."""
+    ``plots_dir`` the feature histograms and embedding are drawn there. ``spent`` receives the
+    seconds the attacks took (``attacks_s``) and the report with its plots (``report_s``)."""
     import dataclasses
 
     from ancra_tune.robustness import build_report, evaluate_model, seeded_subset
@@ -314,9 +318,14 @@ def evaluate_trial(trainer: Trainer, suite: SuiteConfig, *, plots_dir: Path | No
     idx = seeded_subset(len(val), suite.n_examples, suite.seed)
     x, y = val.images[idx].float().div(255.0), val.labels[idx]
     model = trainer.model.eval()
+    t = time.perf_counter()
     results = evaluate_model(model, x, y, suite, progress=False)
-    return build_report(results, suite, ra=model.ra, n_classes=trainer.splits.info.num_classes,
-                        has_source=False, out_dir=plots_dir)
+    t_report = time.perf_counter()
+    report = build_report(results, suite, ra=model.ra, n_classes=trainer.splits.info.num_classes,
+                          has_source=False, out_dir=plots_dir)
+    if spent is not None:
+        spent.update(attacks_s=t_report - t, report_s=time.perf_counter() - t_report)
+    return report
 
 
 FORWARDED_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",

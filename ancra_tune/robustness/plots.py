@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -36,17 +37,7 @@ def plot_features(pairs: dict[str, Tensor], feat_nat: Tensor, feat_adv: Tensor, 
 
     m = min(cfg.embedding_max, feat_nat.shape[0])
     data = torch.cat([feat_nat[:m], feat_adv[:m]]).numpy()
-    method = "t-SNE"
-    try:
-        import umap  # type: ignore[import-not-found]
-
-        emb = umap.UMAP(random_state=cfg.seed).fit_transform(data)
-        method = "UMAP"
-    except ImportError:
-        from sklearn.manifold import TSNE
-
-        emb = TSNE(n_components=2, random_state=cfg.seed, init="pca",
-                   perplexity=float(min(30, max(2, (2 * m - 1) // 3)))).fit_transform(data)
+    emb, method = _embed(data, cfg, m)
     lab = labels[:m].numpy()
     fig, ax = plt.subplots(figsize=(7, 6))
     sc = ax.scatter(emb[:m, 0], emb[:m, 1], c=lab, cmap="tab10", s=12, marker="o", label="natural")
@@ -58,6 +49,23 @@ def plot_features(pairs: dict[str, Tensor], feat_nat: Tensor, feat_adv: Tensor, 
     fig.savefig(out_dir / "embedding.png", dpi=110)
     plt.close(fig)
     return ["features_hist.png", "embedding.png"]
+
+
+def _embed(data: np.ndarray, cfg: SuiteConfig, m: int) -> tuple[np.ndarray, str]:
+    """2-D coordinates of the rows of ``data`` and the method's name (``cfg.embedding``)."""
+    if cfg.embedding == "pca":
+        centered = data - data.mean(axis=0, keepdims=True)
+        _, _, vt = np.linalg.svd(centered, full_matrices=False)
+        return centered @ vt[:2].T, "PCA"
+    try:
+        import umap  # type: ignore[import-not-found]
+
+        return umap.UMAP(random_state=cfg.seed).fit_transform(data), "UMAP"
+    except ImportError:
+        from sklearn.manifold import TSNE
+
+        return TSNE(n_components=2, random_state=cfg.seed, init="pca",
+                    perplexity=float(min(30, max(2, (2 * m - 1) // 3)))).fit_transform(data), "t-SNE"
 
 
 GROUPS = (("final", "P' (final output)"), ("aux", "P (auxiliary)"), ("adaptive", "adaptive (RA gate)"),

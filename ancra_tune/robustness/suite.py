@@ -69,10 +69,14 @@ class SuiteConfig:
     tol: float = 0.02  # accuracy slack of the checks (sampling noise on a few hundred examples)
     features: bool = True
     embedding_max: int = 1000
+    # The features' 2-D picture: t-SNE (UMAP when installed), or PCA, a linear projection in
+    # milliseconds (the quick preset: a sweep draws one per finished trial; t-SNE takes ~1 s each)
+    embedding: str = "tsne"
 
     def __post_init__(self) -> None:
         s = "eval"
         check_choice(s, "preset", self.preset, PRESET_NAMES)
+        check_choice(s, "embedding", self.embedding, ("tsne", "pca"))
         check_field(self.eps > 0, s, "eps", self.eps, "> 0")
         if self.step_size is not None:
             check_field(self.step_size > 0, s, "step_size", self.step_size, "> 0 or null (eps / 4)")
@@ -144,7 +148,7 @@ PRESETS: dict[str, SuiteConfig] = {
     "quick": SuiteConfig(preset="quick", n_examples=500, pgd_steps=10, cw_steps=10, mim_steps=10, adaptive_steps=10,
                          apgd_iters=20, apgd_targets=3, sweep_steps=10, square_queries=200,
                          autoattack="apgd-ce,apgd-t", transfer_steps=20, eot_samples=5, grad_check_examples=8,
-                         embedding_max=300),
+                         embedding_max=300, embedding="pca"),
 }
 
 
