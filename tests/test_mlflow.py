@@ -117,6 +117,7 @@ def test_logged_model_has_a_dynamic_batch_and_matches_the_final_output(mlflow_se
     info = mlflow.models.get_model_info(uri)
     assert info.signature.inputs.inputs[0].shape == (-1, 1, 8, 8)
     assert np.dtype(info.signature.inputs.inputs[0].type) == np.float32
+    assert info.saved_input_example_info is not None  # the example is kept (only MLflow's serving check is off)
 
 
 def _report(pgd_final: float, worst: float, clean: float, failing: dict[str, str] = ()) -> EvalReport:
