@@ -128,12 +128,14 @@ class TrainSession(Session):
 
             self._waiter = Waiter(decisions["board"], decisions["trial_id"])
 
+    @property
+    def decision_wait_s(self) -> float:  # type: ignore[override]
+        return self._waiter.waited_s if self._waiter is not None else 0.0
+
     def stopped_at(self, epoch: int) -> bool:
         if self.decisions is None:
             return False
         stop = self._waiter.stopped_at(epoch) if self._waiter is not None else False
-        if self._waiter is not None:
-            self.decision_wait_s = self._waiter.waited_s
         # Rank 0 asked; every worker stops, or none does (no DDP hang).
         return not all_true(not stop, self.device)
 
