@@ -417,5 +417,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def entry() -> None:
+    """The ``ancra-tune`` program: :func:`main`, then a quick exit. Once the command is done (its
+    output printed, its files and MLflow runs written), Ray is shut down and the exit handlers
+    run as at any exit, but the interpreter does not tear down its modules one by one: with torch,
+    Ray Tune and MLflow loaded that took 2-3 s after a sweep's last line (measured)."""
+    import atexit
+    import os
+    import threading
+
+    rc = main()
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+    for t in threading.enumerate():  # what the interpreter does first at exit
+        if t is not threading.current_thread() and not t.daemon:
+            t.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be said
+            pass
+    os._exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -95,13 +95,23 @@ def busy_intervals(trial_dirs: list[str]) -> list[tuple[float, float]]:
 
 def uncovered(intervals: list[tuple[float, float]], start: float, end: float) -> float:
     """Seconds of [start, end] that no interval covers."""
-    covered, reach = 0.0, start
+    return sum(idle_parts(intervals, start, end).values())
+
+
+def idle_parts(intervals: list[tuple[float, float]], start: float, end: float) -> dict[str, float]:
+    """Seconds of [start, end] that no interval covers: before the first, between them, after the last."""
+    parts = {"before": 0.0, "between": 0.0, "after": 0.0}
+    reach, first = start, True
     for a, b in sorted(intervals):
-        a, b = max(a, reach), min(b, end)
-        if b > a:
-            covered += b - a
-            reach = b
-    return (end - start) - covered
+        a, b = max(a, start), min(b, end)
+        if b <= a:
+            continue
+        if a > reach:
+            parts["before" if first else "between"] += a - reach
+        first = False
+        reach = max(reach, b)
+    parts["before" if first else "after"] += max(0.0, end - reach)
+    return parts
 
 
 def main() -> None:
@@ -172,12 +182,15 @@ def main() -> None:
           f"{all_useful:.1f} s of {total:.1f} s wall x {concurrent} slots: "
           f"{100 * (1 - all_useful / (total * concurrent)):.0f}% outside training and evaluation (whole run); "
           f"{100 * summary['overhead_share']:.0f}% of Tune's wall")
-    idle = uncovered(busy_intervals([t["trial_dir"] for t in summary["trials"]]), wall0, wall1)
+    parts = idle_parts(busy_intervals([t["trial_dir"] for t in summary["trials"]]), wall0, wall1)
+    idle = sum(parts.values())
     print(f"no trial training, validating or evaluating: {idle:.1f} s of the whole run's {total:.1f} s "
-          f"({100 * idle / total:.0f}%), Ray's start included")
+          f"({100 * idle / total:.0f}%), Ray's start included: {parts['before']:.1f} s before the first epoch "
+          f"began, {parts['between']:.1f} s between, {parts['after']:.1f} s after the last evaluation ended")
     if a.json:
         a.json.write_text(json.dumps({"ray_start_s": ray_start, "tune_wall_s": tune_s, "total_s": total,
-                                      "slots": concurrent, "useful_s": all_useful, "idle_s": idle, "rows": rows},
+                                      "slots": concurrent, "useful_s": all_useful, "idle_s": idle, "idle_parts": parts,
+                                      "rows": rows},
                                      indent=1))
 
 
