@@ -430,6 +430,9 @@ def entry() -> None:
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         ray.shutdown()
+        guard = sys.modules.get("trainables.guard")
+        if guard is not None:  # a study ran here: its local workers are gone now, and so is their scratch
+            guard.sweep_run_dirs()
     for t in threading.enumerate():  # what the interpreter does first at exit
         if t is not threading.current_thread() and not t.daemon:
             t.join()

@@ -9,6 +9,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -196,3 +197,48 @@ def test_asha_never_stops_a_trial_at_its_last_epoch(tmp_path: Path) -> None:
         assert got["t1"] == (4, "CONTINUE") and got["t2"] == (1, "STOP"), got
         assert scheduler._num_stopped == 1
         assert [tid for tid in getattr(scheduler, "stopped", ["t2"])] == ["t2"]
+
+
+def test_scratch_folders_of_workers_that_are_gone_are_removed(tmp_path: Path) -> None:
+    """A killed worker cannot remove its scratch folder (its run's last checkpoint); the next worker
+    or study on the machine does. A live owner's folder, another machine's, a stranger's and an
+    unclaimed folder still being written are kept; an unclaimed one untouched for a day goes."""
+    import socket
+
+    from trainables.guard import ORPHAN_AGE_S, RUN_DIR_OWNER, claim_run_dir, sweep_run_dirs
+
+    def run_dir(name: str, owner: dict | None = None, *, age_s: float = 0.0) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "checkpoint.pt").write_bytes(b"\0" * 1024)
+        if owner is not None:
+            (d / RUN_DIR_OWNER).write_text(json.dumps(owner))
+        if age_s:
+            old = time.time() - age_s
+            for p in (*d.iterdir(), d):
+                os.utime(p, (old, old))
+        return d
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)  # exited: its pid is free
+    host = socket.gethostname()
+    dead = run_dir("ancra-trial-a_00001-rank0", {"pid": dead_pid, "started": "1", "host": host})
+    reused = run_dir("ancra-train-b-rank1", {"pid": os.getpid(), "started": "not-my-start-time", "host": host})
+    mine = tmp_path / "ancra-train-c-rank0"
+    mine.mkdir()
+    claim_run_dir(mine)
+    elsewhere = run_dir("ancra-train-d-rank0", {"pid": dead_pid, "started": "1", "host": host + "-other"})
+    old_unclaimed = run_dir("ancra-rank0-k3j2h1", age_s=ORPHAN_AGE_S + 60)  # an older version's folder
+    new_unclaimed = run_dir("ancra-train-e-rank0")  # a worker between its mkdir and its claim
+    stranger = tmp_path / "ancra-notes-rank1"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("not a run")
+    os.utime(stranger, (time.time() - 2 * ORPHAN_AGE_S,) * 2)
+
+    removed = sweep_run_dirs(tmp_path)
+    assert sorted(removed) == sorted([dead, reused, old_unclaimed])
+    assert not dead.exists() and not reused.exists() and not old_unclaimed.exists()
+    for kept in (mine, elsewhere, new_unclaimed, stranger):
+        assert kept.is_dir(), kept
+    assert json.loads((mine / RUN_DIR_OWNER).read_text())["pid"] == os.getpid()
+    assert sweep_run_dirs(tmp_path) == []  # nothing more to do

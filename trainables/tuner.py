@@ -32,7 +32,16 @@ from ancra_tune.robustness import EvalReport
 
 from . import results as R
 from .decisions import Decisions, board_name
-from .guard import DISK_FULL, DiskGuard, Interruption, StorageError, below_reserve, check_storage, study_lock
+from .guard import (
+    DISK_FULL,
+    DiskGuard,
+    Interruption,
+    StorageError,
+    below_reserve,
+    check_storage,
+    study_lock,
+    sweep_run_dirs,
+)
 from .scheduler import STATE_NAME as SCHEDULER_STATE
 from .scheduler import PersistentASHA, read_state
 from .study import Study
@@ -635,6 +644,7 @@ def _run_locked(study: Study, interruption: Interruption, *, address: str | None
                                f"space, then run {resume_command or 'the same command with --resume'}") from e
         raise
     wall = time.perf_counter() - t0
+    sweep_run_dirs()  # what this study's killed workers left on this machine (the CLI sweeps again once Ray is down)
     stopped = set((read_state(_join(study_path, SCHEDULER_STATE)) or {}).get("stopped", []))
     summary = summarize(study, results, wall_s=wall, storage=storage, stopped_by_scheduler=stopped,
                         slots=max_concurrent)

@@ -29,6 +29,7 @@ from ancra_tune.robustness import EvalReport, SuiteConfig
 from ancra_tune.trainer import CHECKPOINT_NAME, Callback, DivergedError, Trainer
 
 from . import results as R
+from .guard import claim_run_dir, sweep_run_dirs
 from .tracking import FAST_FAIL_ENV, TrialRecorder
 
 FINAL_NAME, REPORT_NAME = R.FINAL_NAME, R.REPORT_NAME
@@ -197,10 +198,16 @@ def run_worker(config: dict[str, Any], session: Session) -> dict[str, Any]:
         return ddp_wrap(model, device, sync_batchnorm=config.get("sync_batchnorm", True))
 
     # One folder per run and rank, emptied first: a restarted worker group (or trial) reuses, and
-    # so cleans up, what a killed one left behind.
+    # so cleans up, what a killed one left behind; what killed workers of other runs left on this
+    # machine goes too.
+    removed = sweep_run_dirs()
+    if removed:
+        log.info("removed %d scratch folder(s) of workers that are gone: %s", len(removed),
+                 ", ".join(d.name for d in removed))
     out_dir = Path(tempfile.gettempdir()) / f"ancra-{session.name}-rank{rank}"
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
+    claim_run_dir(out_dir)
     cfg = cfg.replace(progress=False)
     spec = config.get("mlflow")  # the trial's MLflow run (a TrialSpec), or None
     recorder = None
