@@ -9,12 +9,18 @@ folder), and prints one row per trial and the mean:
     python benchmarks/trial_overhead.py --trials 4 --out runs/trial_overhead
     python benchmarks/trial_overhead.py --trials 4 --worker-group --out runs/trial_overhead_wg   # as before
     python benchmarks/trial_overhead.py --study search_spaces/quickstart.yaml   # a shipped study as is
+    python benchmarks/trial_overhead.py --floor   # what no study can go below here (no study run)
 
 Phases come from each trial's timing.json (written by the trial) and Tune's wall time. The fixed
 cost per trial is everything but training, validation and evaluation. Two shares of the time
 outside training, validation and evaluation are printed: of the trial slots' time (wall x trials
 at once: an idle slot counts), and of the wall time during which no trial trained, validated or
 evaluated (the timeline of every trial, stopped ones included, from the reported epochs).
+
+``--floor`` measures what every local study pays before its first epoch can begin, whatever the
+platform does: the program's imports, Ray's start, and a new trial process (what Tune starts for
+each concurrent trial) importing what a trial needs and building its first optimizer, two at once
+as the quickstart runs them; and Ray's shutdown after the last.
 """
 
 from __future__ import annotations
@@ -114,6 +120,46 @@ def idle_parts(intervals: list[tuple[float, float]], start: float, end: float) -
     return parts
 
 
+def _trial_process_ready() -> float:
+    """In a new Ray worker process: what a trial imports before its first epoch, and its first
+    optimizer (torch imports torch._dynamo there). Returns when it was done (wall clock)."""
+    import mlflow  # noqa: F401
+    import torch
+
+    import trainables.tuner  # noqa: F401
+
+    torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    return time.time()
+
+
+def floor(slots: int = 2) -> dict[str, float]:
+    """Seconds every local study of ``slots`` concurrent trials spends before its first epoch and
+    after its last, measured here (see the module's docstring)."""
+    import subprocess
+    import sys
+
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import ancra_tune.cli, trainables.tuner, mlflow, optuna"], check=True)
+    imports = time.perf_counter() - t
+    import ray
+
+    from trainables.tuner import init_ray
+
+    t = time.perf_counter()
+    init_ray(None, num_cpus=2, verbose=False)
+    ray_start = time.perf_counter() - t
+    # As Tune starts a trial: an actor in a new process with an environment of its own.
+    actor = ray.remote(num_cpus=0.5, runtime_env={"env_vars": {"PL_DISABLE_FORK": "1"}})(
+        type("TrialProcess", (), {"ready": lambda self: _trial_process_ready()}))
+    t0 = time.time()
+    done = ray.get([actor.remote().ready.remote() for _ in range(slots)])
+    process = max(done) - t0
+    t = time.perf_counter()
+    ray.shutdown()
+    shutdown = time.perf_counter() - t
+    return {"imports_s": imports, "ray_start_s": ray_start, "trial_process_s": process, "ray_shutdown_s": shutdown}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/trial_overhead"))
@@ -127,7 +173,21 @@ def main() -> None:
                    help="ASHA (grace 1, factor 2) stops trials; multi-worker trials wait for its decisions")
     p.add_argument("--study", type=Path, help="run this study file instead (its own concurrency)")
     p.add_argument("--json", type=Path, help="write the rows here")
+    p.add_argument("--floor", action="store_true", help="measure what no local study can go below here, and stop")
     a = p.parse_args()
+    if a.floor:
+        f = floor()
+        before = f["ray_start_s"] + f["trial_process_s"]
+        print(f"the program's imports {f['imports_s']:.1f} s; Ray's start {f['ray_start_s']:.1f} s; two new trial "
+              f"processes ready (imports, first optimizer) {f['trial_process_s']:.1f} s after Tune would start them; "
+              f"Ray's shutdown {f['ray_shutdown_s']:.1f} s")
+        print(f"no local study's first epoch begins before {before:.1f} s after Ray's start is called "
+              f"({before + f['imports_s']:.1f} s after the program starts); with the shutdown, "
+              f"{before + f['imports_s'] + f['ray_shutdown_s']:.1f} s of every run of the program is outside "
+              "training and evaluation")
+        if a.json:
+            a.json.write_text(json.dumps(f, indent=1))
+        return
 
     from trainables.study import load_study
     from trainables.tuner import init_ray, run_study
