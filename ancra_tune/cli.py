@@ -433,9 +433,12 @@ def entry() -> None:
         guard = sys.modules.get("trainables.guard")
         if guard is not None:  # a study ran here: its local workers are gone now, and so is their scratch
             guard.sweep_run_dirs()
-    for t in threading.enumerate():  # what the interpreter does first at exit
-        if t is not threading.current_thread() and not t.daemon:
-            t.join()
+    # What the interpreter does first at exit: tell idle thread pools to end (MLflow and Tune hold
+    # some), then wait for the threads that are not daemons.
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is None:  # not CPython's threading: leave the whole exit to the interpreter
+        sys.exit(rc)
+    shutdown()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
