@@ -20,6 +20,22 @@ def test_shipped_studies_load(name: str) -> None:
         assert s.grid_points() and len(s.seeds) >= 3
 
 
+@pytest.mark.parametrize("path", sorted(SPACES.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_study_and_its_smoke_test_build_their_scheduler(path: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--smoke-test` trains one epoch: ASHA's grace period follows it (a grace period of 2 made Tune
+    fail with an assertion before the first trial)."""
+    from trainables.tuner import _scheduler, _smoke
+
+    monkeypatch.chdir(ROOT)
+    study = load_study(path)
+    for s in (study, _smoke(study)):
+        scheduler = _scheduler(s, storage=str(tmp_path), resume=False)
+        assert (scheduler is None) == (s.scheduler.type != "asha")
+        assert s.scheduler.grace_period <= s.train_config({}, s.seeds[0]).optim.epochs
+    assert _smoke(study).train.optim.epochs == 1 and _smoke(study).num_samples <= 2
+
+
 def test_table8_study_is_trades_x_anc_x_ra_on_the_shared_cifar10(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)  # its data path is relative to the folder the command runs in
     s = load_study(SPACES / "table8_cifar10_cpu.yaml")
@@ -72,6 +88,7 @@ def _write(tmp_path: Path, text: str) -> Path:
     ("scheduler: {grace: 2}\n", ["scheduler", "grace", "grace_period"]),
     ("scheduler: {metric: robust_acc_worst}\n", ["scheduler.metric", "per-epoch validation metric"]),
     ("scheduler: {reduction_factor: two}\n", ["scheduler.reduction_factor", "integer"]),
+    ("train: {optim.epochs: 2}\nscheduler: {grace_period: 3}\n", ["scheduler.grace_period", "= 3", "2 epoch(s)"]),
     # Trials are scored on a validation split, never on test.
     ("train: {data.val_size: 0}\n", ["train.data.val_size", "validation split"]),
     ("train: {eval.split: test}\n", ["train.eval.split", "never on test"]),

@@ -386,6 +386,10 @@ def _load(p: Path) -> Study:
     scheduler = build_dataclass(SchedulerConfig, sch, "scheduler")
     if scheduler.type == "asha" and len(metrics) > 1:
         raise _err(p, "scheduler.type", "ASHA needs a single objective; use type: none for multi-objective")
+    if scheduler.type == "asha" and scheduler.grace_period > train.optim.epochs:
+        raise _err(p, "scheduler.grace_period", f"= {scheduler.grace_period} is more than the trials' "
+                   f"{train.optim.epochs} epoch(s) (train.optim.epochs): ASHA's first decision would come after "
+                   "the last epoch; lower it or train longer")
 
     seeds = raw.get("seeds", [0])
     if isinstance(seeds, int) and not isinstance(seeds, bool):

@@ -549,7 +549,9 @@ def _smoke(study: Study) -> Study:
     train = study.train.replace(**{"optim.epochs": 1, "data.train_limit": 4 * study.train.data.batch_size,
                                    "eval.max_examples": 64})
     suite = replace(study.suite, n_examples=64, autoattack=None, square_queries=20, apgd_iters=5, apgd_targets=2)
-    return replace(study, train=train, num_samples=min(2, study.num_samples), suite=suite, seeds=study.seeds[:1])
+    scheduler = replace(study.scheduler, grace_period=1)  # the one epoch: ASHA decides after it
+    return replace(study, train=train, num_samples=min(2, study.num_samples), suite=suite, seeds=study.seeds[:1],
+                   scheduler=scheduler)
 
 
 def run_study(study: Study, *, address: str | None = None, storage: str | None = None, resume: bool = False,
