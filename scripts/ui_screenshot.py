@@ -38,6 +38,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Scroll every horizontally scrollable element of the page to ``step`` x its visible width (0: back
+# to the left); true while one of them has further to go.
+_SCROLL_RIGHT = """
+const step = arguments[0];
+let more = false;
+for (const el of document.querySelectorAll('*')) {
+  const style = getComputedStyle(el);
+  if (el.scrollWidth > el.clientWidth + 1 && ['auto', 'scroll'].includes(style.overflowX)) {
+    el.scrollLeft = step * el.clientWidth * 0.8;
+    if (el.scrollLeft + el.clientWidth < el.scrollWidth - 1) { more = true; }
+  }
+}
+return more;
+"""
+
+
 def screenshot(url: str, out: Path, *, width: int = 1900, height: int = 1000) -> dict[str, Any]:
     """Open ``url`` (what `ancra-tune ui` prints: the study's runs list in its shared view), save a
     PNG. Returns what the page showed: the column headers and the run names in the table."""
@@ -66,9 +82,20 @@ def screenshot(url: str, out: Path, *, width: int = 1900, height: int = 1000) ->
             if close.is_displayed():
                 close.click()
         time.sleep(1)
-        headers = list(dict.fromkeys(h.text.strip() for h in driver.find_elements(By.CSS_SELECTOR,
-                                                                                  "[role='columnheader']")
-                                     if h.text.strip()))
+        def shown_headers() -> list[str]:
+            return [h.text.strip() for h in driver.find_elements(By.CSS_SELECTOR, "[role='columnheader']")
+                    if h.text.strip()]
+
+        # The table draws only the columns in view: scroll it right, as a person would, to read them all.
+        headers = list(dict.fromkeys(shown_headers()))
+        for step in range(1, 20):
+            moved = driver.execute_script(_SCROLL_RIGHT, step)
+            time.sleep(0.5)
+            headers = list(dict.fromkeys([*headers, *shown_headers()]))
+            if not moved:
+                break
+        driver.execute_script(_SCROLL_RIGHT, 0)
+        time.sleep(0.5)
         rows = [a.text.strip() for a in driver.find_elements(By.CSS_SELECTOR, "[role='gridcell'] a")
                 if a.text.strip()]
         out.parent.mkdir(parents=True, exist_ok=True)
