@@ -99,11 +99,6 @@ def busy_intervals(trial_dirs: list[str]) -> list[tuple[float, float]]:
     return out
 
 
-def uncovered(intervals: list[tuple[float, float]], start: float, end: float) -> float:
-    """Seconds of [start, end] that no interval covers."""
-    return sum(idle_parts(intervals, start, end).values())
-
-
 def idle_parts(intervals: list[tuple[float, float]], start: float, end: float) -> dict[str, float]:
     """Seconds of [start, end] that no interval covers: before the first, between them, after the last."""
     parts = {"before": 0.0, "between": 0.0, "after": 0.0}
