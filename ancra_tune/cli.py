@@ -11,6 +11,10 @@ from pathlib import Path
 from .config import PRESETS, ConfigError, TrainConfig, load_yaml_with_overrides, params_text, resolve_config_path
 from .data import DatasetUnavailableError
 
+#: exit codes of every command (README: "Exit codes"): done; failed (a study without a finished
+#: trial, a full disk, a diverged training run); usage or configuration error; interrupted
+EXIT_DONE, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
 
 def _train(args: argparse.Namespace) -> int:
     from .trainer import DivergedError, Trainer  # torch loads only for commands that need it
@@ -94,23 +98,25 @@ def _eval(args: argparse.Namespace) -> int:
         kwargs["evaluate"] = ray_evaluator(args.workers, address=args.address, cpus_per_worker=args.cpus_per_worker,
                                            gpus_per_worker=1.0 if device == "cuda" else 0.0)
         kwargs["device"] = "cpu"  # the workers move the model to their own device
+    text = sys.stderr if args.json else sys.stdout  # --json: stdout holds the JSON alone
     if args.deploy_ra:
         reports = evaluate_deployment(args.checkpoint, cfg, **kwargs)
         for name, r in reports.items():
-            print(f"== {name} ==\n{format_report(r)}\n")
+            print(f"== {name} ==\n{format_report(r)}\n", file=text)
         shown = {k: r.to_dict(per_example=False) for k, r in reports.items()}
     else:
         report = evaluate_checkpoint(args.checkpoint, cfg, **kwargs)
-        print(format_report(report))
+        print(format_report(report), file=text)
         shown = report.to_dict(per_example=False)
-        print(f"robustness card: {out / 'robustness_card.png'}")
-    print(f"report: {out / 'report.json'}")
+        print(f"robustness card: {out / 'robustness_card.png'}", file=text)
+    print(f"report: {out / 'report.json'}", file=text, flush=True)
     if args.json:
         print(json.dumps(shown, indent=1))
-    return 0
+    return EXIT_DONE
 
 
 def _study(args: argparse.Namespace, kind: str) -> int:
+    import contextlib
     import json
     import shlex
 
@@ -123,38 +129,54 @@ def _study(args: argparse.Namespace, kind: str) -> int:
     if study.kind != kind:
         print(f"error: {args.file} is a {study.kind} study; run it with `ancra-tune "
               f"{'sweep' if study.kind == 'sweep' else 'ablate'}`", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     argv = [a for a in sys.argv[1:] if a != "--resume"] if sys.argv[1:2] == [args.command] else \
         [args.command, args.file]
     resume_command = shlex.join(["ancra-tune", *argv, "--resume"])
+    # --json: stdout holds the JSON alone (it can be piped); every line for people goes to stderr.
+    console = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
     try:
-        summary = run_study(study, address=args.address, storage=args.storage, resume=args.resume,
-                            smoke_test=args.smoke_test, num_cpus=args.num_cpus,
-                            wait_for_resources=args.wait_for_resources, tracking_uri=args.tracking_uri,
-                            track=not args.no_mlflow, resume_command=resume_command, verbose=args.verbose)
+        with console:
+            summary = run_study(study, address=args.address, storage=args.storage, resume=args.resume,
+                                smoke_test=args.smoke_test, num_cpus=args.num_cpus,
+                                wait_for_resources=args.wait_for_resources, tracking_uri=args.tracking_uri,
+                                track=not args.no_mlflow, resume_command=resume_command, verbose=args.verbose)
     except (InfeasibleResourcesError, TrackingError, StorageError, StudyLockedError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"\nstopped at once; the last saved state resumes with: {resume_command}", file=sys.stderr)
-        return 130
-    print(format_summary(summary))
+        return EXIT_INTERRUPTED
+    print(format_summary(summary), file=sys.stderr if args.json else sys.stdout, flush=True)
     if args.json:
         print(json.dumps(summary, indent=1, default=str))
-    if summary.get("interrupted_by") == "disk full":
-        return 1
-    return 130 if summary.get("interrupted") else 0
+    return study_exit_code(summary)
+
+
+def study_exit_code(summary: dict) -> int:
+    """0: the study finished and at least one trial did; 1: it ended without a finished trial, or a full
+    disk stopped it; 130: interrupted (``--resume`` continues). Usage and config errors exit 2 earlier."""
+    outcome = summary.get("outcome")
+    if outcome is None:  # a summary of an older version
+        outcome = ("disk_full" if summary.get("interrupted_by") == "disk full" else
+                   "interrupted" if summary.get("interrupted") else
+                   "finished" if summary["status_counts"].get("finished") else "failed")
+    return {"finished": EXIT_DONE, "failed": EXIT_FAILED, "disk_full": EXIT_FAILED,
+            "interrupted": EXIT_INTERRUPTED}[outcome]
 
 
 def _useful_time(summary: dict) -> str:
     """Validation and evaluation time, and the share of the trial slots' time spent on neither
     them nor training (older summaries lack these)."""
-    if summary.get("overhead_share") is None or "trial_eval_time_s" not in summary:
+    if "trial_eval_time_s" not in summary:
         return ""
-    slots = summary.get("slots", 1)
-    return (f", validation {summary['trial_val_time_s']:.0f} s, evaluation {summary['trial_eval_time_s']:.0f} s"
-            f" ({slots} at a time: {100 * summary['overhead_share']:.0f}% of the trial slots' time spent on "
-            "anything else)")
+    text = f", validation {summary['trial_val_time_s']:.0f} s, evaluation {summary['trial_eval_time_s']:.0f} s"
+    if summary.get("overhead_share") is None:
+        return text
+    sessions = summary.get("sessions", 1)
+    over = f" over {sessions} sessions" if sessions > 1 else ""
+    return (text + f" ({summary.get('slots', 1)} at a time{over}: {100 * summary['overhead_share']:.0f}% of the "
+            "trial slots' time spent on anything else)")
 
 
 def format_summary(summary: dict) -> str:
@@ -207,6 +229,11 @@ def format_summary(summary: dict) -> str:
                          f"{'; '.join(b['flags'].get(metric, []))}")
     if not summary["best"]:
         lines.append("no trial finished: nothing to choose from")
+    errored = [str(t["trial_id"]).rsplit("_", 1)[-1] for t in summary["trials"] if t["status"] == "error"]
+    if errored and not summary.get("interrupted"):
+        lines.append(f"{len(errored)} trial(s) failed with an error ({', '.join(errored[:8])}"
+                     f"{', ...' if len(errored) > 8 else ''}): their logs are in their trial folders; --resume "
+                     "runs them again from their last checkpoint")
     lines.append(f"results: {summary['study_dir']}")
     if summary.get("interrupted"):
         cmd = summary.get("resume_command") or "the same command with --resume"
@@ -357,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                "the merged report equals a single-process run")
     e.add_argument("--address", help="with --workers: a running Ray cluster (e.g. auto); default: a local Ray")
     e.add_argument("--cpus-per-worker", type=float, default=1.0, help="with --workers (default 1)")
-    e.add_argument("--json", action="store_true", help="also print the report (without per-example data)")
+    e.add_argument("--json", action="store_true", help="print the report (without per-example data) as JSON on "
+                                                       "stdout; the table goes to stderr")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_eval)
 
@@ -377,7 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--tracking-uri", help="MLflow tracking server (http://HOST:PORT) or sqlite:///PATH; default: "
                                               "$MLFLOW_TRACKING_URI, else mlflow.db in this folder")
         p.add_argument("--no-mlflow", action="store_true", help="log nothing to MLflow")
-        p.add_argument("--json", action="store_true", help="also print the summary as JSON")
+        p.add_argument("--json", action="store_true",
+                       help="print the summary as JSON on stdout (the table goes to stderr)")
         p.add_argument("--verbose", action="store_true", help="Ray's own log lines and status tables")
         p.set_defaults(func=lambda a, k=kind: _study(a, k))
 
@@ -424,8 +453,15 @@ def entry() -> None:
     Ray Tune and MLflow loaded that took 2-3 s after a sweep's last line (measured)."""
     import atexit
     import os
+    import signal
     import threading
 
+    # A job started in the background by a shell without job control (`cmd &` in a script, nohup,
+    # many CI runners and batch systems) inherits SIGINT ignored, and Python then never raises
+    # KeyboardInterrupt: `kill -INT` would not stop `ancra-tune ui` or `train`. Every command takes
+    # SIGINT as Ctrl+C wherever it was started (sweeps install their own handler on top).
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     rc = main()
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():

@@ -148,11 +148,11 @@ def test_asha_makes_the_same_decisions_after_resume(tmp_path: Path) -> None:
             decisions[tid] = epoch
         return decisions
 
-    reference = PersistentASHA(state_path=str(tmp_path / "a.json"), **kw)
+    reference = PersistentASHA(study_dir=str(tmp_path / "a"), **kw)
     straight = run(reference, list(curves))
     assert any(e < 4 for e in straight.values())  # ASHA did stop something
 
-    first = PersistentASHA(state_path=str(tmp_path / "b.json"), **kw)
+    first = PersistentASHA(study_dir=str(tmp_path / "b"), **kw)
     blob = pickle.dumps(first)  # what tuner.pkl holds: the scheduler as created
     part = run(first, ["t0", "t1", "t2"])
     resumed = pickle.loads(blob)  # --resume
@@ -164,6 +164,38 @@ def test_asha_makes_the_same_decisions_after_resume(tmp_path: Path) -> None:
     run(plain, ["t0", "t1", "t2"])
     fresh = run(ASHAScheduler(**kw), ["t3", "t4"])
     assert fresh != {k: straight[k] for k in ("t3", "t4")}
+    # Its state lives in the study's study_state/ folder, never beside Tune's own .json files (Tune's
+    # resume copies those to its staging folder and uploads them back over newer content).
+    assert (tmp_path / "b" / "study_state" / "scheduler.json").is_file()
+    assert not list((tmp_path / "b").glob("*.json"))
+
+
+def test_a_study_interrupted_by_an_older_version_resumes_with_its_decisions(tmp_path: Path) -> None:
+    """tuner.pkl of an older version holds a scheduler that kept its state beside Tune's files
+    (scheduler_state.json): it is read once, and the decisions go on in study_state/."""
+    import json
+
+    from trainables.scheduler import PersistentASHA, read_state
+
+    kw = dict(metric="val_robust_acc", mode="max", time_attr="epoch", max_t=4, grace_period=1, reduction_factor=2,
+              stop_last_trials=False)
+    study = tmp_path / "old"
+    first = PersistentASHA(study_dir=str(study), **kw)
+    state = first.__dict__.copy()
+    del state["study_dir"]
+    state["state_path"] = str(study / "scheduler_state.json")  # what the older version pickled
+    (study / "scheduler_state.json").write_text(json.dumps(
+        {"brackets": [[{"milestone": 4, "recorded": {}}, {"milestone": 2, "recorded": {}},
+                       {"milestone": 1, "recorded": {"t0": 0.5, "t2": 0.1}}]], "stopped": ["t2"]}))
+    (study / "study_state" / "scheduler.json").unlink()
+    old = PersistentASHA.__new__(PersistentASHA)
+    old.__setstate__(state)
+    assert old.study_dir == str(study) and old.stopped == ["t2"]
+    t = _Trial("t3")
+    old.on_trial_add(None, t)
+    assert old.on_trial_result(None, t, {"epoch": 1, "val_robust_acc": 0.05}) == "STOP"
+    assert read_state(str(study))["stopped"] == ["t2", "t3"]
+    assert (study / "study_state" / "scheduler.json").is_file()
 
 
 def test_asha_never_stops_a_trial_at_its_last_epoch(tmp_path: Path) -> None:
@@ -192,7 +224,7 @@ def test_asha_never_stops_a_trial_at_its_last_epoch(tmp_path: Path) -> None:
         return out
 
     assert last_action(ASHAScheduler(**kw))["t1"] == (4, "STOP")  # Ray's: trained, then thrown away
-    for scheduler in (LastEpochASHA(**kw), PersistentASHA(state_path=str(tmp_path / "s.json"), **kw)):
+    for scheduler in (LastEpochASHA(**kw), PersistentASHA(study_dir=str(tmp_path / "s"), **kw)):
         got = last_action(scheduler)
         assert got["t1"] == (4, "CONTINUE") and got["t2"] == (1, "STOP"), got
         assert scheduler._num_stopped == 1

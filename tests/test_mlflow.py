@@ -97,6 +97,38 @@ def test_trial_run_is_created_once_per_trial(mlflow_server: str) -> None:
     assert mc.get_run(b).data.params == {"method.alpha": "0.7"}
 
 
+def test_a_trial_ends_with_one_run_whatever_creates_reached_mlflow(mlflow_server: str) -> None:
+    """A create whose answer was lost (a timeout, a retried request) leaves a run the caller never saw:
+    the next call adopts it (params filled in); a second run of the same trial, the newer one, is never
+    used, and the study's end deletes it, keeping the run with the epochs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    mc = tr.client(mlflow_server)
+    exp = tr.ensure_experiment(mc, "lost_answers", mlflow_server)
+    parent = mc.create_run(exp, tags={tr.ROLE: "study"}).info.run_id
+    tracking = tr.StudyTracking(mlflow_server, exp, parent)
+    tags = {tr.PARENT: parent, tr.TRIAL_ID: "t1", tr.ROLE: "trial"}
+    lost = mc.create_run(exp, tags=tags).info.run_id  # MLflow made it; its caller timed out
+    got = tr.trial_run(tracking, "t1", name="trial 1", params={"method.alpha": 0.5}, tags={"ray.node.rank0": "n0"})
+    assert got == lost and mc.get_run(lost).data.params == {"method.alpha": "0.5"}
+    assert mc.get_run(lost).data.tags["ray.node.rank0"] == "n0"
+    phantom = mc.create_run(exp, tags=tags).info.run_id  # a retried create, answered
+    assert tr.trial_run(tracking, "t1", name="trial 1", params={"method.alpha": 0.5}) == lost  # the oldest
+    tr.EpochLogger(mlflow_server, lost).sync([{"epoch": 0, "epoch_time_s": 1.0}])
+    assert tr.merge_trial_runs(mc, tracking, "t1").info.run_id == lost
+    assert mc.get_run(phantom).info.lifecycle_stage == "deleted"
+    # Several processes creating at once (what ranks and the trial process did): one run is left once
+    # the study ends, the one that holds the epochs.
+    with ThreadPoolExecutor(4) as pool:
+        ids = list(pool.map(lambda _: tr.trial_run(tracking, "t2", name="trial 2", params={"method.alpha": 0.7}),
+                            range(4)))
+    tr.EpochLogger(mlflow_server, ids[-1]).sync([{"epoch": 0, "epoch_time_s": 1.0}])
+    kept = tr.merge_trial_runs(mc, tracking, "t2")
+    assert kept.info.run_id == ids[-1]
+    live = mc.search_runs([exp], filter_string=f"tags.`{tr.PARENT}` = '{parent}'")
+    assert sorted(r.data.tags[tr.TRIAL_ID] for r in live) == ["t1", "t2"]
+
+
 def test_logged_model_has_a_dynamic_batch_and_matches_the_final_output(mlflow_server: str) -> None:
     import mlflow.pytorch
 
@@ -243,10 +275,15 @@ def test_ui_serves_the_local_store_on_loopback_only(tmp_path: Path) -> None:
     tr.check_tracking(uri)
     exp = tr.ensure_experiment(tr.client(uri), "seen_in_ui", uri)
     tr.client(uri).create_run(exp, tags={tr.ROLE: "study"})
-    for stop in (signal.SIGINT, signal.SIGTERM):  # Ctrl+C, and `kill PID`: both stop the server too
+    # Ctrl+C in a terminal, `kill -INT` of a job started in the background (it inherits SIGINT ignored,
+    # as `cmd &` in a script, nohup and CI runners start it: the command takes SIGINT back itself), and
+    # `kill PID`: each stops the server too, whether this test itself runs in a terminal or not.
+    for stop, inherited in ((signal.SIGINT, signal.SIG_DFL), (signal.SIGINT, signal.SIG_IGN),
+                            (signal.SIGTERM, signal.SIG_DFL)):
         port = _closed_port()
         proc = subprocess.Popen([sys.executable, "-m", "ancra_tune.cli", "ui", "--port", str(port)], cwd=tmp_path,
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                preexec_fn=lambda inherited=inherited: signal.signal(signal.SIGINT, inherited))
         try:
             tr.wait_for_server(f"http://127.0.0.1:{port}", timeout=120, proc=proc)
             api = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=seen_in_ui"
@@ -268,4 +305,4 @@ def test_ui_serves_the_local_store_on_loopback_only(tmp_path: Path) -> None:
             proc.send_signal(stop)
             proc.wait(timeout=30)
         with socket.socket() as s:
-            assert s.connect_ex(("127.0.0.1", port)) != 0, f"{stop.name} left the MLflow server running"
+            assert s.connect_ex(("127.0.0.1", port)) != 0, f"{stop.name} ({inherited!r}) left the MLflow server running"

@@ -3,7 +3,8 @@
 Ray Tune restores trials and the searcher of an interrupted study, not the scheduler: a fresh
 ASHA would compare the resumed trials against empty rungs and stop other trials than an
 uninterrupted study does. This one writes its state (rung records and stopped trials, as JSON, so
-nothing is unpickled from storage) next to the study after every decision and reads it back.
+nothing is unpickled from storage) into the study folder's ``study_state/`` after every decision
+and reads it back.
 """
 
 from __future__ import annotations
@@ -13,38 +14,24 @@ from typing import Any
 
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-STATE_NAME = "scheduler_state.json"
+from . import storage
+
+#: inside the study folder's ``study_state/`` (see :mod:`trainables.storage` for why not beside Tune's files)
+STATE_NAME = "scheduler.json"
+#: where versions before 0.1.1 kept it, beside Tune's files (read once, then migrated)
+LEGACY_NAME = "scheduler_state.json"
 
 
-def _write(path: str, text: str) -> None:
-    if "://" in path:
-        import pyarrow.fs
-
-        fs, p = pyarrow.fs.FileSystem.from_uri(path)
-        with fs.open_output_stream(p) as f:
-            f.write(text.encode())
-        return
-    from pathlib import Path
-
-    tmp = Path(path + ".tmp")
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(text)
-    tmp.replace(path)
+def state_path(study_dir: str) -> str:
+    return storage.state_path(study_dir, STATE_NAME)
 
 
-def read_state(path: str) -> dict[str, Any] | None:
-    try:
-        if "://" in path:
-            import pyarrow.fs
-
-            fs, p = pyarrow.fs.FileSystem.from_uri(path)
-            with fs.open_input_stream(p) as f:
-                return json.loads(f.read().decode())
-        from pathlib import Path
-
-        return json.loads(Path(path).read_text()) if Path(path).is_file() else None
-    except (OSError, ValueError):
-        return None
+def read_state(study_dir: str) -> dict[str, Any] | None:
+    """The scheduler's saved state of the study in ``study_dir`` (or of an older version's layout)."""
+    state = storage.read_json(state_path(study_dir))
+    if state is None:
+        state = storage.read_json(storage.join(study_dir, LEGACY_NAME))
+    return state if isinstance(state, dict) else None
 
 
 class LastEpochASHA(ASHAScheduler):
@@ -64,9 +51,9 @@ class LastEpochASHA(ASHAScheduler):
 class PersistentASHA(LastEpochASHA):
     """:class:`ASHAScheduler` whose decisions survive an interruption (see the module doc)."""
 
-    def __init__(self, *, state_path: str, resume: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *, study_dir: str, resume: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.state_path = state_path
+        self.study_dir = study_dir
         self.stopped: list[str] = []
         if resume:
             self._load()
@@ -76,17 +63,20 @@ class PersistentASHA(LastEpochASHA):
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Tune's --resume unpickles the scheduler as it was created (empty rungs): read back what it
         # decided since then.
+        if "study_dir" not in state:  # pickled by a version that kept its state beside Tune's files
+            legacy = state.pop("state_path")
+            state["study_dir"] = legacy[: -len(LEGACY_NAME)].rstrip("/")
         self.__dict__.update(state)
         self._load()
 
     def _load(self) -> None:
-        state = read_state(self.state_path)
+        state = read_state(self.study_dir)
         if state is None:
             return
         for bracket, rungs in zip(self._brackets, state["brackets"], strict=True):
             for (milestone, recorded), saved in zip(bracket._rungs, rungs, strict=True):
                 if float(saved["milestone"]) != float(milestone):
-                    raise ValueError(f"{self.state_path} was written by another ASHA configuration")
+                    raise ValueError(f"{state_path(self.study_dir)} was written by another ASHA configuration")
                 recorded.clear()
                 recorded.update(saved["recorded"])
         self.stopped = list(state["stopped"])
@@ -112,4 +102,4 @@ class PersistentASHA(LastEpochASHA):
                 "stopped": self.stopped}
 
     def _save(self) -> None:
-        _write(self.state_path, json.dumps(self.state()))
+        storage.write_text(state_path(self.study_dir), json.dumps(self.state()))

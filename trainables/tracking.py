@@ -251,7 +251,7 @@ def end_study_run(tracking: StudyTracking, summary: Mapping[str, Any] | None, *,
     cut_short = "FAILED" if status == "FAILED" else "KILLED"
     if summary is not None:
         for row in summary["trials"]:
-            child = find_trial_run(mc, tracking, str(row["trial_id"]))
+            child = merge_trial_runs(mc, tracking, str(row["trial_id"]))
             if child is None:
                 continue
             result = row["status"]
@@ -294,40 +294,80 @@ def end_study_run(tracking: StudyTracking, summary: Mapping[str, Any] | None, *,
 # --------------------------------------------------------------------------- trial runs
 
 
-def find_trial_run(mc: Any, tracking: StudyTracking, trial_id: str) -> Any:
+def trial_runs(mc: Any, tracking: StudyTracking, trial_id: str) -> list[Any]:
+    """Every active run of the trial under the study's parent, the trial's own run first: the oldest
+    (then the smallest id), so that every process picks the same one."""
     runs = mc.search_runs([tracking.experiment_id],
                           filter_string=f"tags.`{PARENT}` = '{tracking.parent_run_id}' and "
                                         f"tags.`{TRIAL_ID}` = '{_quote(trial_id)}'",
-                          max_results=2)
-    if len(runs) > 1:
-        log.warning("trial %s has %d MLflow runs; using the first", trial_id, len(runs))
+                          max_results=100)
+    return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
+
+
+def find_trial_run(mc: Any, tracking: StudyTracking, trial_id: str) -> Any:
+    runs = trial_runs(mc, tracking, trial_id)
     return runs[0] if runs else None
 
 
-def trial_run(tracking: StudyTracking, trial_id: str, *, name: str, params: Mapping[str, Any]) -> str:
-    """The trial's child run: found again when the trial restarts, created exactly once otherwise."""
+def trial_run(tracking: StudyTracking, trial_id: str, *, name: str, params: Mapping[str, Any],
+              tags: Mapping[str, str] | None = None) -> str:
+    """The trial's child run: found again when the trial restarts, created once otherwise.
+
+    One process creates it (rank 0 of the trial, or the driver at the study's end for a trial that
+    could not). A create that MLflow carried out but whose answer was lost (a timeout, a retried
+    request) can still leave a second run: after creating, the oldest run of the trial wins and a
+    newer one this call made is deleted; :func:`merge_trial_runs` cleans up what is left at the end."""
     mc = client(tracking.uri)
     found = find_trial_run(mc, tracking, trial_id)
-    if found is not None:
-        if found.info.status != "RUNNING":
-            mc.update_run(found.info.run_id, status="RUNNING")
-        return found.info.run_id
-    run = mc.create_run(tracking.experiment_id, run_name=name,
-                        tags={PARENT: tracking.parent_run_id, TRIAL_ID: trial_id, ROLE: "trial",
-                              STATUS: "running", "mlflow.runName": name})
-    log_params(mc, run.info.run_id, params)
-    return run.info.run_id
+    if found is None:
+        mine = mc.create_run(tracking.experiment_id, run_name=name,
+                             tags={PARENT: tracking.parent_run_id, TRIAL_ID: trial_id, ROLE: "trial",
+                                   STATUS: "running", "mlflow.runName": name, **(tags or {})})
+        found = find_trial_run(mc, tracking, trial_id) or mine
+        if found.info.run_id != mine.info.run_id:  # another create of this trial came first
+            mc.delete_run(mine.info.run_id)
+    elif found.info.status != "RUNNING":
+        mc.update_run(found.info.run_id, status="RUNNING")
+    run_id = found.info.run_id
+    have = found.data.params
+    missing = {k: v for k, v in params.items() if k not in have}
+    if missing:  # a run created by a request whose answer was lost has none yet
+        log_params(mc, run_id, missing)
+    if tags and any(found.data.tags.get(k) != v for k, v in tags.items()):
+        from mlflow.entities import RunTag
+
+        mc.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    return run_id
 
 
-def tag_node(uri: str, run_id: str, key: str) -> None:
-    """Where the calling Ray process runs (its node id), as tag ``key`` of the trial's run:
-    which nodes did what. A tracking failure warns; it never stops training."""
-    import ray
+def merge_trial_runs(mc: Any, tracking: StudyTracking, trial_id: str) -> Any:
+    """The trial's one run at the study's end: of several (see :func:`trial_run`), the one with the
+    most logged epochs (then the oldest) is kept and the others, which hold no metrics, are deleted;
+    returns it (None when the trial has none)."""
+    runs = trial_runs(mc, tracking, trial_id)
+    if len(runs) <= 1:
+        return runs[0] if runs else None
+    epochs = {r.info.run_id: len(mc.get_metric_history(r.info.run_id, EpochLogger.KEY)) for r in runs}
+    keep = max(runs, key=lambda r: (epochs[r.info.run_id], -(r.info.start_time or 0)))
+    for r in runs:
+        if r.info.run_id == keep.info.run_id:
+            continue
+        if r.data.metrics:
+            log.warning("trial %s has a second MLflow run with metrics (%s); kept beside %s", trial_id,
+                        r.info.run_id, keep.info.run_id)
+            continue
+        mc.delete_run(r.info.run_id)
+    return keep
 
+
+def node_id() -> str | None:
+    """The Ray node the calling process runs on (None outside Ray)."""
     try:
-        client(uri).set_tag(run_id, key, ray.get_runtime_context().get_node_id())
-    except Exception as e:  # noqa: BLE001
-        log.warning("MLflow tag %s failed: %s", key, e)
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001
+        return None
 
 
 class EpochLogger:
@@ -385,13 +425,15 @@ class TrialSpec:
 
 
 class TrialRecorder:
-    """Rank 0's MLflow for one trial. Nothing here blocks training for more than a few seconds
-    or raises: whatever cannot be logged stays in the trial's checkpoint (its epoch history, its
-    evaluation) and is delivered at a later epoch, at the trial's end, or by the driver at the
-    study's end or on ``--resume`` (:func:`deliver_backlog`)."""
+    """Rank 0's MLflow for one trial (no other process of the trial creates its run). Nothing here
+    blocks training for more than a few seconds or raises: whatever cannot be logged stays in the
+    trial's checkpoint (its epoch history, its evaluation) and is delivered at a later epoch, at the
+    trial's end, or by the driver at the study's end or on ``--resume`` (:func:`deliver_backlog`).
+    ``tags``: set on the run when it is created or found (where the trial's processes run)."""
 
-    def __init__(self, spec: TrialSpec) -> None:
+    def __init__(self, spec: TrialSpec, tags: Mapping[str, str] | None = None) -> None:
         self.spec = spec
+        self.tags = {k: v for k, v in (tags or {}).items() if v}
         self._run_id: str | None = None
         self._epochs: EpochLogger | None = None
         self.pending = 0  # epochs not yet in MLflow
@@ -401,7 +443,7 @@ class TrialRecorder:
         if self._run_id is None:
             try:
                 self._run_id = trial_run(self.spec.study, self.spec.trial_id, name=self.spec.name,
-                                         params=self.spec.params)
+                                         params=self.spec.params, tags=self.tags)
                 self.error = None
             except Exception as e:  # noqa: BLE001
                 self.error = f"{type(e).__name__}: {e}"[:300]
@@ -417,11 +459,6 @@ class TrialRecorder:
             self._epochs = EpochLogger(self.spec.uri, rid)
         self.pending = self._epochs.sync(history)
         return self.pending
-
-    def tag_node(self, key: str) -> None:
-        rid = self.run_id()
-        if rid is not None:
-            tag_node(self.spec.uri, rid, key)
 
 
 def log_trial_result(uri: str, run_id: str, *, metrics: Mapping[str, Any], report: EvalReport,

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -31,9 +32,10 @@ from ancra_tune.config import inactive_keys, params_text
 from ancra_tune.robustness import EvalReport
 
 from . import results as R
+from . import sessions
+from . import storage as storage_mod
 from .decisions import Decisions, board_name
 from .guard import (
-    DISK_FULL,
     DiskGuard,
     Interruption,
     StorageError,
@@ -42,13 +44,11 @@ from .guard import (
     study_lock,
     sweep_run_dirs,
 )
-from .scheduler import STATE_NAME as SCHEDULER_STATE
 from .scheduler import PersistentASHA, read_state
 from .study import Study
 from .tracking import (
     FAST_FAIL_ENV,
     StudyTracking,
-    TrialRecorder,
     TrialSpec,
     check_tracking,
     end_study_run,
@@ -61,6 +61,7 @@ from .worker import REPORT_NAME, TuneSession, run_worker, train_loop_per_worker,
 log = logging.getLogger(__name__)
 
 SEED_KEY = "seed"
+REPORTED_TIMES = "_reported_at"  # a row's result times, used by summarize and dropped
 
 
 class InfeasibleResourcesError(RuntimeError):
@@ -233,13 +234,14 @@ def run_trial(params: dict[str, Any], *, study: Study, storage: str,
     trial_id = ray.tune.get_context().get_trial_id()
     mlflow_run = None
     if tracking is not None:
-        # Nothing here waits for MLflow: the run is found or created by whoever reaches it first
-        # (this process, rank 0, or the driver at the end), so an outage cannot fail the trial.
+        # Nothing here waits for MLflow: rank 0 finds or creates the run (the driver at the study's
+        # end if it never could), so an outage cannot fail the trial.
         mlflow_run = trial_spec(tracking, trial_id, params, seed, cfg)
-        TrialRecorder(mlflow_run).tag_node("ray.node.trial")
     loop_config = {"train": cfg.to_dict(), "eval": study.suite.to_dict(), "objective": list(study.metrics),
                    "modes": list(study.modes), "cpus_per_worker": r.cpus_per_worker,
-                   "sync_batchnorm": r.sync_batchnorm, "mlflow": mlflow_run}
+                   "sync_batchnorm": r.sync_batchnorm, "mlflow": mlflow_run,
+                   # rank 0 tags the trial's run with where each process ran (it alone talks to MLflow)
+                   "trial_node": ray.get_runtime_context().get_node_id()}
     if r.train_in_trial:  # one worker: this process trains, Tune restarts it from its checkpoints
         started = time.time()
         final = run_worker(loop_config, TuneSession(use_gpu=r.gpus_per_worker > 0))
@@ -389,7 +391,7 @@ def _scheduler(study: Study, *, storage: str | None = None, resume: bool = False
         return LastEpochASHA(**kw)
     # Its rung records and stopped trials are saved beside the study: --resume stops what an
     # uninterrupted study would.
-    return PersistentASHA(state_path=_join(storage, study.name, SCHEDULER_STATE), resume=resume, **kw)
+    return PersistentASHA(study_dir=_join(storage, study.name), resume=resume, **kw)
 
 
 class TrialLines(Callback):
@@ -469,6 +471,7 @@ def deliver_backlog(tracking: StudyTracking, study: Study, rows: list[dict[str, 
                 cfg = TrainConfig.from_dict(state["config"])
                 spec = trial_spec(tracking, str(row["trial_id"]), params, cfg.seed, cfg)
                 rid = trial_run(tracking, spec.trial_id, name=spec.name, params=spec.params)
+                run = None
             else:
                 rid = run.info.run_id
             if EpochLogger(tracking.uri, rid).sync(state.get("history", [])):
@@ -559,7 +562,9 @@ def run_study(study: Study, *, address: str | None = None, storage: str | None =
               tracking_uri: str | None = None, track: bool = True,
               resume_command: str | None = None, verbose: bool = False) -> dict[str, Any]:
     """Run a sweep or an ablation to the end, or until Ctrl+C / SIGTERM; return its summary (also
-    written as JSON). An interrupted study says so (summary, MLflow) and is continued by ``--resume``.
+    written as JSON). An interrupted study says so (summary, MLflow) and is continued by ``--resume``;
+    ``--resume`` of a study that finished trains nothing, delivers what an MLflow outage held back and
+    gives the same answer again. ``summary["outcome"]`` says how it ended (:mod:`trainables.sessions`).
 
     ``tracking_uri``: the MLflow store (default: ``MLFLOW_TRACKING_URI``, else ``mlflow.db`` in
     the working directory); ``track=False`` logs nothing to MLflow.
@@ -592,7 +597,9 @@ def run_study(study: Study, *, address: str | None = None, storage: str | None =
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     interruption = Interruption()
     with study_lock(study_path):
-        init_ray(address, num_cpus=num_cpus, verbose=verbose)
+        finished = resume and _finished_before(study_path, storage, study.name)
+        if not finished:
+            init_ray(address, num_cpus=num_cpus, verbose=verbose)
         if store is not None:
             store.result()  # its error, if any, before a trial starts
         # After Ray's start: its core worker installs a SIGTERM handler of its own that kills the driver.
@@ -600,27 +607,49 @@ def run_study(study: Study, *, address: str | None = None, storage: str | None =
             _ACTIVE["interruption"] = interruption
             try:
                 return _run_locked(study, interruption, address=address, storage=storage, resume=resume,
-                               smoke_test=smoke_test, wait_for_resources=wait_for_resources, uri=uri,
-                               study_path=study_path, resume_command=resume_command, verbose=verbose)
+                                   smoke_test=smoke_test, wait_for_resources=wait_for_resources, uri=uri,
+                                   study_path=study_path, resume_command=resume_command, verbose=verbose,
+                                   finished=finished)
             finally:
                 _ACTIVE.pop("interruption", None)
 
 
+def _finished_before(study_path: str, storage: str, name: str) -> bool:
+    """Whether the study's last session ran to its end (older versions: its summary says so)."""
+    outcome = sessions.last_outcome(study_path)
+    if outcome is not None:
+        return outcome == sessions.FINISHED
+    if sessions.load(study_path):  # its last driver was killed
+        return False
+    old = storage_mod.read_json(_join(_summary_dir(storage, name), "summary.json"))
+    return isinstance(old, dict) and not old.get("interrupted") and old.get("status_counts", {}).get("finished", 0) > 0
+
+
+def _summary_dir(storage: str, name: str) -> str:
+    """Where summary.json and the tables go: the study folder, or ``runs/studies/<name>`` here when the
+    study's storage is a URI."""
+    return _join(storage, name) if "://" not in storage else str(Path("runs/studies") / name)
+
+
 def _run_locked(study: Study, interruption: Interruption, *, address: str | None, storage: str, resume: bool,
                 smoke_test: bool, wait_for_resources: bool, uri: str | None, study_path: str,
-                resume_command: str | None, verbose: bool = False) -> dict[str, Any]:
-    """The study once its lock is held and Ray runs: resources, MLflow, Tune, the summary."""
-    try:
-        fits = check_resources(study, alive_nodes())
-    except InfeasibleResourcesError as e:
-        if not wait_for_resources:
-            hint = (" If this cluster autoscales (ray up cluster.yaml), pass --wait-for-resources."
-                    if address else "")
-            raise InfeasibleResourcesError(f"{e}{hint}") from None
-        # An autoscaling cluster adds nodes when trials ask for them: let Tune wait.
-        log.warning("%s Waiting for the autoscaler to add nodes.", e)
-        fits = 1
-    max_concurrent = min(fits, study.max_concurrent) if study.max_concurrent else fits
+                resume_command: str | None, verbose: bool = False, finished: bool = False) -> dict[str, Any]:
+    """The study once its lock is held and Ray runs: resources, MLflow, Tune, the summary.
+    ``finished``: the study ran to its end before (``--resume`` trains nothing)."""
+    if finished:
+        max_concurrent = study.max_concurrent or 1
+    else:
+        try:
+            fits = check_resources(study, alive_nodes())
+        except InfeasibleResourcesError as e:
+            if not wait_for_resources:
+                hint = (" If this cluster autoscales (ray up cluster.yaml), pass --wait-for-resources."
+                        if address else "")
+                raise InfeasibleResourcesError(f"{e}{hint}") from None
+            # An autoscaling cluster adds nodes when trials ask for them: let Tune wait.
+            log.warning("%s Waiting for the autoscaler to add nodes.", e)
+            fits = 1
+        max_concurrent = min(fits, study.max_concurrent) if study.max_concurrent else fits
     tracked = _smoke(study) if smoke_test else study
     tracking = None
     if uri is not None:
@@ -628,38 +657,53 @@ def _run_locked(study: Study, interruption: Interruption, *, address: str | None
                                    params=_study_params(tracked, storage, smoke_test),
                                    train_config=tracked.train_config({}, tracked.seeds[0]).to_dict())
         log.info("MLflow: study run %s in %s", tracking.parent_run_id, uri)
+    history = sessions.load(study_path)
+    if finished:
+        print(f"study {study.name} is finished (its last session ran to its end): nothing to train; its "
+              "answer again below", file=sys.stderr, flush=True)
+    else:
+        history = sessions.begin(study_path, resume=resume, command=shlex.join(sys.argv), slots=max_concurrent)
+    slots = max([s.slots for s in history] or [max_concurrent])  # trials at once, in any session
     t0 = time.perf_counter()
     try:
         tuner = build_tuner(study, storage=storage, smoke_test=smoke_test, resume=resume,
                             max_concurrent=max_concurrent, tracking=tracking, verbose=verbose)
-        results = tuner.fit()
+        results = tuner.get_results() if finished else tuner.fit()
     except KeyboardInterrupt:  # a second signal: stopped at once; the last saved state resumes
+        if not finished:
+            sessions.end(study_path, history, sessions.INTERRUPTED)
         if tracking is not None:
             end_study_run(tracking, None, status="KILLED", outcome="interrupted")
         raise
     except BaseException as e:
         full = "://" not in storage and below_reserve(storage)
+        if not finished:
+            sessions.end(study_path, history, sessions.DISK_FULL if full else sessions.FAILED)
         if tracking is not None:
             end_study_run(tracking, None, status="FAILED", outcome="disk_full" if full else None)
         if full:  # what Tune raises on a full disk (often EOFError from a state file cut short) says little
             raise StorageError(f"disk full under {storage}: the study stopped ({type(e).__name__}: {e}). Free some "
                                f"space, then run {resume_command or 'the same command with --resume'}") from e
         raise
-    wall = time.perf_counter() - t0
+    session_wall = time.perf_counter() - t0
     sweep_run_dirs()  # what this study's killed workers left on this machine (the CLI sweeps again once Ray is down)
-    stopped = set((read_state(_join(study_path, SCHEDULER_STATE)) or {}).get("stopped", []))
-    summary = summarize(study, results, wall_s=wall, storage=storage, stopped_by_scheduler=stopped,
-                        slots=max_concurrent)
-    summary["interrupted"] = interruption.signal is not None or summary["status_counts"]["interrupted"] > 0
+    stopped = set((read_state(study_path) or {}).get("stopped", []))
+    summary = summarize(study, results, wall_s=session_wall, storage=storage, stopped_by_scheduler=stopped,
+                        slots=slots, history=history,
+                        interrupted=interruption.signal is not None)
+    summary["interrupted"] = interruption.signal is not None
     if summary["interrupted"]:
         summary["interrupted_by"] = interruption.signal
         if interruption.message:
             summary["interrupted_because"] = interruption.message
         summary["resume_command"] = resume_command
+    summary["outcome"] = sessions.outcome_of(summary)
+    if not finished:
+        sessions.end(study_path, history, summary["outcome"])
     if tracking is not None:
         summary["mlflow"] = {"tracking_uri": tracking.uri, "experiment_id": tracking.experiment_id,
                              "study_run_id": tracking.parent_run_id}
-    out = Path(summary["study_dir"]) if "://" not in storage else Path("runs/studies") / study.name
+    out = Path(_summary_dir(storage, study.name))
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "summary.json"]
     files[0].write_text(json.dumps(summary, indent=1, default=str))
@@ -678,10 +722,13 @@ def _run_locked(study: Study, interruption: Interruption, *, address: str | None
             summary["mlflow"]["undelivered"] = True
             files[0].write_text(json.dumps(summary, indent=1, default=str))
             return summary
-        if interruption.signal == DISK_FULL:  # a fault, not a choice: the runs it cut short failed
+        outcome = summary["outcome"]
+        if outcome == sessions.DISK_FULL:  # a fault, not a choice: the runs it cut short failed
             end_study_run(tracking, summary, status="FAILED", outcome="disk_full", files=files)
-        elif summary["interrupted"]:
+        elif outcome == sessions.INTERRUPTED:
             end_study_run(tracking, summary, status="KILLED", outcome="interrupted", files=files)
+        elif outcome == sessions.FAILED:  # ran to its end, but no trial finished: nothing to choose from
+            end_study_run(tracking, summary, status="FAILED", outcome="failed", files=files)
         else:
             end_study_run(tracking, summary, status="FINISHED", files=files)
     return summary
@@ -726,9 +773,11 @@ def read_report(checkpoint: str | None) -> EvalReport | None:
         return None
 
 
-def _trial_rows(results: Any, study: Study, stopped_by_scheduler: set[str]) -> list[dict[str, Any]]:
+def _trial_rows(results: Any, study: Study, stopped_by_scheduler: set[str],
+                interrupted: bool = False) -> list[dict[str, Any]]:
     """One row per trial. A trial without a final evaluation was stopped by ASHA when the scheduler
-    says so, else interrupted (the study was stopped while it ran: ``--resume`` finishes it)."""
+    says so; otherwise, when the study was stopped (``interrupted``), it was cut short while it ran
+    (``--resume`` finishes it), and when the study ran to its end, Tune ended it early: stopped."""
     rows = []
     for res in results:
         metrics = dict(res.metrics or {})
@@ -739,7 +788,8 @@ def _trial_rows(results: Any, study: Study, stopped_by_scheduler: set[str]) -> l
         trial_id = str(metrics.get("trial_id") or Path(res.path).name)
         status = "error" if res.error else ("diverged" if R.is_diverged(metrics) else
                                              "finished" if last_final is not None else
-                                             "stopped" if trial_id in stopped_by_scheduler else "interrupted")
+                                             "stopped" if trial_id in stopped_by_scheduler or not interrupted
+                                             else "interrupted")
         row = {"trial_id": trial_id, "status": status,
                "params": cfg,
                "checkpoint": (metrics.get(R.CHECKPOINT_PATH) or _last(records, R.CHECKPOINT_PATH)
@@ -752,7 +802,9 @@ def _trial_rows(results: Any, study: Study, stopped_by_scheduler: set[str]) -> l
                "val_time_s": sum(m.get("val_time_s") or 0.0 for m in epochs),
                "eval_time_s": (last_final or {}).get(R.TIMING_PREFIX + "eval_s") or 0.0,
                "time_per_epoch_s": (sum(m["epoch_time_s"] for m in epochs) / len(epochs)) if epochs else None,
-               "trial_dir": res.path}
+               "trial_dir": res.path,
+               # when each of its results arrived: the study's wall time over killed sessions
+               REPORTED_TIMES: [m[R.REPORTED_AT] for m in records if not _nan(m.get(R.REPORTED_AT, math.nan))]}
         try:  # parameters this configuration does not use (alpha with ANC off, ...): shown as such
             point = {k: v for k, v in cfg.items() if k != SEED_KEY}
             unused = inactive_keys(study.train_config(point, int(cfg.get(SEED_KEY, study.seeds[0]))))
@@ -815,11 +867,15 @@ def rank_key(row: dict[str, Any], metric: str, mode: str) -> tuple[int, float, f
 
 
 def summarize(study: Study, results: Any, *, wall_s: float, storage: str,
-              stopped_by_scheduler: set[str] = frozenset(), slots: int = 1) -> dict[str, Any]:  # type: ignore[assignment]
-    """The study's answer. ``slots``: trials run at once; ``overhead_share`` is the part of the
-    trial slots' time (wall time x slots) not spent training, validating or evaluating: start-up,
-    tracking, Tune's bookkeeping, and slots left idle."""
-    rows = _trial_rows(results, study, set(stopped_by_scheduler))
+              stopped_by_scheduler: set[str] = frozenset(), slots: int = 1,  # type: ignore[assignment]
+              history: list[sessions.Session] | None = None, interrupted: bool = False) -> dict[str, Any]:
+    """The study's answer. ``wall_s``: this session's wall time; ``history``: every session of the
+    study (``wall_time_s`` is their sum, a killed one's estimated from its trials' results).
+    ``slots``: trials run at once; ``overhead_share`` is the part of the trial slots' time (wall time
+    x slots) not spent training, validating or evaluating: start-up, tracking, Tune's bookkeeping, and
+    slots left idle; between 0 and 1, or None when the study's wall time is not known."""
+    rows = _trial_rows(results, study, set(stopped_by_scheduler), interrupted=interrupted)
+    reported = [t for r in rows for t in r.pop(REPORTED_TIMES)]
     metric, mode = study.metrics[0], study.modes[0]
     scored = [r for r in rows if r["status"] == "finished" and r.get(metric) is not None]
     best: list[dict[str, Any]] = []
@@ -831,12 +887,18 @@ def summarize(study: Study, results: Any, *, wall_s: float, storage: str,
     train_total = sum(r["train_time_s"] for r in rows)
     val_total, eval_total = sum(r["val_time_s"] for r in rows), sum(r["eval_time_s"] for r in rows)
     slots = max(1, min(slots, len(rows)))
+    study_wall = sessions.wall_time_s(history, reported) if history else wall_s
+    useful = train_total + val_total + eval_total
+    share = None
+    if study_wall > 0 and useful <= study_wall * slots * 1.01:  # 1%: clocks of other processes
+        share = min(1.0, max(0.0, 1 - useful / (study_wall * slots)))
     return {"study": study.name, "kind": study.kind, "study_file": str(study.path),
             "study_dir": str(Path(storage) / study.name), "objective": dict(zip(study.metrics, study.modes,
                                                                                  strict=True)),
-            "wall_time_s": wall_s, "trial_train_time_s": train_total,
+            "wall_time_s": study_wall, "session_wall_time_s": wall_s,
+            "sessions": len(history) if history else 1, "trial_train_time_s": train_total,
             "trial_val_time_s": val_total, "trial_eval_time_s": eval_total, "slots": slots,
-            "overhead_share": (1 - (train_total + val_total + eval_total) / (wall_s * slots)) if wall_s > 0 else None,
+            "overhead_share": share,
             "n_trials": len(rows), "status_counts": {s: sum(r["status"] == s for r in rows)
                                                       for s in ("finished", "stopped", "interrupted", "diverged",
                                                                 "error")},

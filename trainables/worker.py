@@ -211,9 +211,11 @@ def run_worker(config: dict[str, Any], session: Session) -> dict[str, Any]:
     cfg = cfg.replace(progress=False)
     spec = config.get("mlflow")  # the trial's MLflow run (a TrialSpec), or None
     recorder = None
-    if spec is not None:
-        recorder = TrialRecorder(spec)
-        recorder.tag_node(f"ray.node.rank{rank}")
+    nodes = _node_ids(world) if spec is not None else {}  # every rank takes part (a collective)
+    if spec is not None and rank == 0:  # one process per trial talks to MLflow: one run per trial
+        recorder = TrialRecorder(spec, tags={"ray.node.trial": config.get("trial_node"),
+                                             **{f"ray.node.rank{r}": n for r, n in nodes.items()}})
+        recorder.run_id()  # the run exists from the start (an outage: created at a later epoch)
     # MLflow first: an epoch is in the run before the report that may let ASHA stop the trial.
     callbacks = ([MlflowEpochs(recorder)] if recorder is not None and rank == 0 else []) + \
         [RayReport(session, recorder)]
@@ -339,6 +341,19 @@ def evaluate_trial(trainer: Trainer, suite: SuiteConfig, *, plots_dir: Path | No
 
 FORWARDED_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
                  "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH")
+
+
+def _node_ids(world: int) -> dict[int, str | None]:
+    """The Ray node of each rank, known to every rank (gathered over the process group when there are
+    several): where the trial ran, as tags of its MLflow run."""
+    from .tracking import node_id
+
+    mine = node_id()
+    if world == 1 or not torch.distributed.is_initialized():
+        return {0: mine}
+    gathered: list[Any] = [None] * world
+    torch.distributed.all_gather_object(gathered, mine)
+    return dict(enumerate(gathered))
 
 
 def worker_env() -> dict[str, str]:

@@ -1,0 +1,98 @@
+"""A study's driver sessions and how each ended: what makes ``--resume`` and the exit code tell the truth.
+
+A study may take several sessions (Ctrl+C, a killed driver, a full disk, then ``--resume``). Each
+session is one entry of ``study_state/sessions.json`` in the study folder: when it started, when
+it ended and its outcome. The study's wall time is the sum of its sessions' (a killed session's
+end is taken from the last result its trials reported), so shares of it stay between 0 and 1, and
+a study whose last session finished is not run again by ``--resume``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from . import storage
+
+SESSIONS_NAME = "sessions.json"
+
+# A study's (and a session's) outcome; the CLI's exit code follows from it (README: "Exit codes").
+FINISHED = "finished"  # ran to its end and at least one trial finished
+FAILED = "failed"  # ran to its end but no trial finished (every one errored, diverged or was stopped)
+INTERRUPTED = "interrupted"  # Ctrl+C / SIGTERM: --resume continues
+DISK_FULL = "disk_full"  # stopped by the disk guard: --resume continues once space is back
+OUTCOMES = (FINISHED, FAILED, INTERRUPTED, DISK_FULL)
+EXIT_CODES = {FINISHED: 0, FAILED: 1, DISK_FULL: 1, INTERRUPTED: 130}
+
+
+@dataclass
+class Session:
+    started: float
+    ended: float | None = None  # None: still running, or its driver was killed
+    outcome: str | None = None
+    command: str | None = None
+    slots: int = 1  # trials it ran at once
+
+
+def path(study_dir: str) -> str:
+    return storage.state_path(study_dir, SESSIONS_NAME)
+
+
+def load(study_dir: str) -> list[Session]:
+    raw = storage.read_json(path(study_dir))
+    if not isinstance(raw, list):
+        return []
+    fields = set(Session.__dataclass_fields__)
+    return [Session(**{k: v for k, v in s.items() if k in fields}) for s in raw if isinstance(s, Mapping)]
+
+
+def save(study_dir: str, sessions: Iterable[Session]) -> None:
+    storage.write_json(path(study_dir), [asdict(s) for s in sessions])
+
+
+def begin(study_dir: str, *, resume: bool, command: str | None = None, slots: int = 1) -> list[Session]:
+    """Record a new session (a fresh study forgets the sessions of an earlier study of that name)."""
+    sessions = load(study_dir) if resume else []
+    sessions.append(Session(started=time.time(), command=command, slots=slots))
+    save(study_dir, sessions)
+    return sessions
+
+
+def end(study_dir: str, sessions: list[Session], outcome: str) -> None:
+    sessions[-1].ended, sessions[-1].outcome = time.time(), outcome
+    save(study_dir, sessions)
+
+
+def last_outcome(study_dir: str) -> str | None:
+    sessions = load(study_dir)
+    return sessions[-1].outcome if sessions else None
+
+
+def wall_time_s(sessions: list[Session], reported_at: Iterable[float], now: float | None = None) -> float:
+    """The study's wall time over all its sessions. A session without an end (its driver was killed)
+    lasted until the last result its trials reported before the next session began; the session
+    running now lasts until ``now``."""
+    now = time.time() if now is None else now
+    times = sorted(t for t in reported_at if isinstance(t, (int, float)))
+    total = 0.0
+    for i, s in enumerate(sessions):
+        if s.ended is not None:
+            end_t = s.ended
+        elif i == len(sessions) - 1:
+            end_t = now
+        else:
+            nxt = sessions[i + 1].started
+            end_t = max([s.started] + [t for t in times if s.started <= t <= nxt])
+        total += max(0.0, end_t - s.started)
+    return total
+
+
+def outcome_of(summary: Mapping[str, Any]) -> str:
+    """How a study (its summary) ended."""
+    if summary.get("interrupted_by") == "disk full":
+        return DISK_FULL
+    if summary.get("interrupted"):
+        return INTERRUPTED
+    return FINISHED if summary["status_counts"].get("finished", 0) > 0 else FAILED

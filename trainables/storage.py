@@ -1,0 +1,78 @@
+"""Where a study's files live: a local folder or a URI (s3://, gs://, ...), decided here only.
+
+A study folder is Tune's experiment folder (``<storage>/<study name>``) plus the platform's own
+state in ``study_state/``. That state cannot sit beside Tune's files: on ``--resume`` Tune copies
+every ``.json`` and ``.pkl`` of the experiment folder's top level into its local staging folder and
+from then on uploads that staging folder over the experiment folder, so a file the platform
+rewrote there during the resumed run (the scheduler's decisions) was put back to its old content.
+Tune does not look into sub-folders.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+#: the platform's own state inside a study folder (Tune never copies a sub-folder back over it)
+STATE_DIR = "study_state"
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def join(storage: str, *parts: str) -> str:
+    """A path under ``storage``, local or a URI."""
+    if is_uri(storage):
+        return "/".join([storage.rstrip("/"), *parts])
+    return str(Path(storage, *parts))
+
+
+def state_path(study_dir: str, name: str) -> str:
+    """``<study_dir>/study_state/<name>``."""
+    return join(study_dir, STATE_DIR, name)
+
+
+def write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path``: a local file atomically (temporary file, then rename), or an object."""
+    if is_uri(path):
+        import pyarrow.fs
+
+        fs, p = pyarrow.fs.FileSystem.from_uri(path)
+        with fs.open_output_stream(p) as f:
+            f.write(text.encode())
+        return
+    tmp = Path(path + ".tmp")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def read_text(path: str) -> str | None:
+    """The text at ``path``, or None when there is none (or it cannot be read)."""
+    try:
+        if is_uri(path):
+            import pyarrow.fs
+
+            fs, p = pyarrow.fs.FileSystem.from_uri(path)
+            with fs.open_input_stream(p) as f:
+                return f.read().decode()
+        return Path(path).read_text() if Path(path).is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def write_json(path: str, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=1, default=str))
+
+
+def read_json(path: str) -> Any:
+    """The JSON at ``path``, or None when there is none or it is not JSON."""
+    text = read_text(path)
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
