@@ -238,13 +238,21 @@ def start_study_run(uri: str, study: Any, *, study_path: str, resume: bool,
     return StudyTracking(uri, exp_id, run_id)
 
 
+LOST = "lost"  # ancra.status of a run whose trial Tune never saved (its driver was killed first)
+
+
 def end_study_run(tracking: StudyTracking, summary: Mapping[str, Any] | None, *, status: str,
-                  outcome: str | None = None, files: Iterable[Path] = ()) -> None:
+                  outcome: str | None = None, files: Iterable[Path] = ()) -> int:
     """Close the parent run: each child's outcome, the summary's counts and best values, and
     ``files`` (summary.json, ablation tables) as artifacts. An interrupted study (``outcome`` =
     "interrupted") logs no summary metrics, so that after ``--resume`` each has one value, and
     leaves no child run RUNNING; a study stopped by a full disk (``outcome`` = "disk_full",
-    ``status`` = FAILED) is resumed the same way, and the runs it cut short end FAILED."""
+    ``status`` = FAILED) is resumed the same way, and the runs it cut short end FAILED.
+
+    A child whose trial is not in the summary belongs to a trial that Tune never saved: a killed
+    driver started it after its last save, and ``--resume`` started a new trial in its place. Such
+    runs are tagged ``lost`` and moved to MLflow's trash (``mlflow gc`` purges it; the UI restores
+    a run): every trial of the study keeps exactly one run. Returns how many."""
     mc = client(tracking.uri)
     rid = tracking.parent_run_id
     interrupted = outcome in ("interrupted", "disk_full")
@@ -274,7 +282,20 @@ def end_study_run(tracking: StudyTracking, summary: Mapping[str, Any] | None, *,
                     if best.get(m) is not None:
                         metrics[f"best_{m}"] = best[m]
                 mc.set_tag(rid, "ancra.best_trial_id", str(best["trial_id"]))
-            log_metrics(mc, rid, metrics, step=0)
+            # Once each: --resume of a finished study (or one whose records an outage held back) ends
+            # the same run again with the same answer.
+            have = mc.get_run(rid).data.metrics
+            log_metrics(mc, rid, {k: v for k, v in metrics.items() if have.get(k) != v}, step=0)
+    lost = 0
+    if summary is not None:
+        known = {str(row["trial_id"]) for row in summary["trials"]}
+        for child in mc.search_runs([tracking.experiment_id], filter_string=f"tags.`{PARENT}` = '{rid}'",
+                                    max_results=5000):
+            if child.data.tags.get(TRIAL_ID) not in known:
+                mc.set_tag(child.info.run_id, STATUS, LOST)
+                mc.set_terminated(child.info.run_id, status="KILLED")
+                mc.delete_run(child.info.run_id)
+                lost += 1
     # Whatever is still RUNNING under this study (a trial that never reported) ends with the study.
     for child in mc.search_runs([tracking.experiment_id], filter_string=f"tags.`{PARENT}` = '{rid}' and "
                                 "attributes.status = 'RUNNING'", max_results=5000):
@@ -289,6 +310,7 @@ def end_study_run(tracking: StudyTracking, summary: Mapping[str, Any] | None, *,
     elif "ancra.resume" in mc.get_run(rid).data.tags:
         mc.delete_tag(rid, "ancra.resume")
     mc.set_terminated(rid, status=status)
+    return lost
 
 
 # --------------------------------------------------------------------------- trial runs

@@ -722,15 +722,15 @@ def _run_locked(study: Study, interruption: Interruption, *, address: str | None
             summary["mlflow"]["undelivered"] = True
             files[0].write_text(json.dumps(summary, indent=1, default=str))
             return summary
-        outcome = summary["outcome"]
-        if outcome == sessions.DISK_FULL:  # a fault, not a choice: the runs it cut short failed
-            end_study_run(tracking, summary, status="FAILED", outcome="disk_full", files=files)
-        elif outcome == sessions.INTERRUPTED:
-            end_study_run(tracking, summary, status="KILLED", outcome="interrupted", files=files)
-        elif outcome == sessions.FAILED:  # ran to its end, but no trial finished: nothing to choose from
-            end_study_run(tracking, summary, status="FAILED", outcome="failed", files=files)
-        else:
-            end_study_run(tracking, summary, status="FINISHED", files=files)
+        status, outcome = {sessions.DISK_FULL: ("FAILED", "disk_full"),  # a fault: the runs it cut short failed
+                           sessions.INTERRUPTED: ("KILLED", "interrupted"),
+                           sessions.FAILED: ("FAILED", "failed"),  # ran to its end, no trial finished
+                           sessions.FINISHED: ("FINISHED", None)}[summary["outcome"]]
+        lost = end_study_run(tracking, summary, status=status, outcome=outcome, files=files)
+        if lost:
+            print(f"MLflow: {lost} run(s) of trials a killed driver started but Tune never saved (--resume ran "
+                  "them again as new trials) moved to MLflow's trash, tagged ancra.status = lost",
+                  file=sys.stderr, flush=True)
     return summary
 
 

@@ -1,0 +1,196 @@
+"""Every study reaches an end: the end state after Ctrl+C + --resume and after a killed driver +
+--resume is the one an uninterrupted study has (exit code, each trial's status, the parent run and
+its children, the summary), a finished study is not run again, and the exit code tells the truth.
+
+Each test runs the ``ancra-tune`` program as a user does, in its own process with its own Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.ray
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Six short trials one at a time (--num-cpus 1), ASHA deciding after every epoch: the trials after an
+# interruption meet ASHA's rungs in the resumed session, where its decisions used to be lost.
+SWEEP = """
+name: {name}
+kind: sweep
+base: quickstart
+train: {{optim.epochs: 3, data.train_limit: 256, attack.steps: 2, eval.pgd_steps: 2, eval.max_examples: 64,
+        model.ra: false}}
+resources: {{workers: 1, cpus_per_worker: 0.5, trial_cpus: 0.5}}
+eval: {{preset: quick, n_examples: 64, autoattack: null, square_queries: 10, apgd_iters: 5}}
+search:
+  sampler: random
+  num_samples: 6
+  space:
+    optim.lr: {{low: 1.0e-4, high: 0.1, log: true}}
+scheduler: {{type: asha, metric: val_robust_acc, grace_period: 1, reduction_factor: 2}}
+max_failures: 0
+"""
+
+
+def _cli(study: Path, storage: Path, uri: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "ancra_tune.cli", "sweep", str(study), "--storage", str(storage),
+            "--num-cpus", "1", "--tracking-uri", uri, *extra]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def _default_sigint() -> None:
+    # The signal this test sends must arrive, even when the test itself runs as a background job
+    # (which inherits SIGINT ignored): the child starts with Python's default handling.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _epochs_reported(study_dir: Path) -> dict[str, int]:
+    out = {}
+    for td in study_dir.glob("run_trial_*"):
+        p = td / "result.json"
+        rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
+        out[td.name] = sum("epoch_time_s" in r for r in rows)
+    return out
+
+
+def _start_and_stop(cmd: list[str], study_dir: Path, how: signal.Signals) -> subprocess.CompletedProcess:
+    """Run the study until its second trial has reported an epoch, then send ``how`` to the driver."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=_default_sigint)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        time.sleep(0.3)
+        if sum(n > 0 for n in _epochs_reported(study_dir).values()) >= 2:
+            break
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+    else:
+        proc.kill()
+        pytest.fail("the second trial did not start in time")
+    proc.send_signal(how)
+    out, _ = proc.communicate(timeout=180)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+
+
+def _assert_ended_as_uninterrupted(study_dir: Path, uri: str, name: str, summary: dict) -> None:
+    """The end state of a study that ran to its end: exit code 0 was checked by the caller."""
+    from trainables.scheduler import read_state
+    from trainables.tracking import client
+
+    counts = summary["status_counts"]
+    assert summary["outcome"] == "finished" and not summary["interrupted"], counts
+    assert summary["n_trials"] == 6 and counts["interrupted"] == 0 and counts["error"] == 0, counts
+    assert counts["finished"] >= 1 and counts["stopped"] >= 1, counts
+    assert 0 <= summary["overhead_share"] <= 1 and summary["wall_time_s"] > 0
+    stopped = set(read_state(str(study_dir))["stopped"])
+    for t in summary["trials"]:
+        assert (t["status"] == "stopped") == (t["trial_id"] in stopped), t
+        assert t["status"] in ("finished", "stopped"), t
+        assert t["epochs_run"] == 3 if t["status"] == "finished" else t["epochs_run"] < 3, t
+    mc = client(uri)
+    exp = mc.get_experiment_by_name(name)
+    runs = mc.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("ancra.role") == "study"]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and parent.data.tags["ancra.status"] == "finished"
+    assert "ancra.resume" not in parent.data.tags
+    assert len(mc.get_metric_history(parent.info.run_id, "trials_finished")) == 1
+    assert parent.data.metrics["trials_stopped"] == counts["stopped"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    by_trial: dict[str, list] = {}
+    for r in children:
+        by_trial.setdefault(r.data.tags["ancra.trial_id"], []).append(r)
+    assert sorted(by_trial) == sorted(str(t["trial_id"]) for t in summary["trials"])  # one run per trial
+    assert all(len(v) == 1 for v in by_trial.values()), {k: len(v) for k, v in by_trial.items()}
+    for t in summary["trials"]:
+        run = by_trial[str(t["trial_id"])][0]
+        assert run.data.tags["ancra.status"] == t["status"]
+        assert run.info.status == {"finished": "FINISHED", "stopped": "KILLED"}[t["status"]]
+        steps = sorted(m.step for m in mc.get_metric_history(run.info.run_id, "epoch_time_s"))
+        assert steps == list(range(1, t["epochs_run"] + 1)), (t["trial_id"], steps)  # each epoch once
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_ctrl_c_then_resume_ends_as_an_uninterrupted_study(tmp_path: Path, mlflow_server: str) -> None:
+    name = "ctrl_c"
+    study = tmp_path / "study.yaml"
+    study.write_text(SWEEP.format(name=name))
+    storage = tmp_path / "studies"
+    study_dir = storage / name
+    cmd = _cli(study, storage, mlflow_server)
+    first = _start_and_stop(cmd, study_dir, signal.SIGINT)
+    assert first.returncode == 130, first.stdout[-3000:]
+    assert "interrupted (SIGINT)" in first.stdout and "--resume" in first.stdout
+    assert json.loads((study_dir / "summary.json").read_text())["outcome"] == "interrupted"
+
+    # --json: stdout is the summary alone, as JSON; the lines for people went to stderr.
+    again = subprocess.run(cmd + ["--resume", "--json"], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    summary = json.loads(again.stdout)
+    assert summary == json.loads((study_dir / "summary.json").read_text())
+    assert "epoch" in again.stderr and summary["sessions"] == 2
+    _assert_ended_as_uninterrupted(study_dir, mlflow_server, name, summary)
+
+    # --resume of a finished study: nothing trained, the same answer, exit 0.
+    third = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0, third.stdout[-2000:] + third.stderr[-2000:]
+    assert "is finished" in third.stderr and ": epoch" not in third.stdout
+    last = json.loads((study_dir / "summary.json").read_text())
+    assert last["status_counts"] == summary["status_counts"] and last["sessions"] == 2
+    assert last["wall_time_s"] == pytest.approx(summary["wall_time_s"], abs=1.0)
+    _assert_ended_as_uninterrupted(study_dir, mlflow_server, name, last)
+
+
+@pytest.mark.slow
+def test_a_killed_driver_then_resume_ends_as_an_uninterrupted_study(tmp_path: Path, mlflow_server: str) -> None:
+    name = "killed"
+    study = tmp_path / "study.yaml"
+    study.write_text(SWEEP.format(name=name))
+    storage = tmp_path / "studies"
+    study_dir = storage / name
+    cmd = _cli(study, storage, mlflow_server)
+    first = _start_and_stop(cmd, study_dir, signal.SIGKILL)
+    assert first.returncode == -signal.SIGKILL
+    assert not (study_dir / "summary.json").exists()
+    time.sleep(3)  # Ray's reaper ends the killed driver's local instance
+    again = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    summary = json.loads((study_dir / "summary.json").read_text())
+    assert summary["sessions"] == 2
+    _assert_ended_as_uninterrupted(study_dir, mlflow_server, name, summary)
+
+
+def test_a_study_whose_every_trial_fails_exits_1(tmp_path: Path) -> None:
+    """Every trial errors (its data file is missing): the study ran to its end without a finished
+    trial; exit code 1, the summary and the parent run say failed."""
+    text = SWEEP.format(name="broken").replace(
+        "train: {optim.epochs: 3,", f"train: {{data.dataset: npz, data.train_file: {tmp_path / 'missing.npz'}, "
+        "optim.epochs: 3,").replace("num_samples: 6", "num_samples: 2")
+    study = tmp_path / "study.yaml"
+    study.write_text(text)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = subprocess.run(_cli(study, tmp_path / "studies", uri, "--json"), cwd=ROOT, env=_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-3000:]
+    summary = json.loads(out.stdout)
+    assert summary["outcome"] == "failed" and summary["status_counts"]["error"] == 2
+    assert "2 trial(s) failed with an error" in out.stderr
+    from trainables.tracking import client
+
+    mc = client(uri)
+    parent = mc.get_run(summary["mlflow"]["study_run_id"])
+    assert parent.info.status == "FAILED" and parent.data.tags["ancra.status"] == "failed"
