@@ -287,6 +287,43 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _store(args: argparse.Namespace) -> int:
+    """Snapshot a sqlite MLflow store to the study storage, or restore it from there."""
+    from trainables.store_snapshot import SnapshotError, restore, snapshot, snapshot_every
+    from trainables.tracking import TrackingError, is_local, resolve_tracking_uri, sqlite_path
+
+    try:
+        uri = resolve_tracking_uri(args.tracking_uri)
+    except TrackingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if not is_local(uri):
+        print(f"error: {uri} is a tracking server: snapshot the sqlite file it serves (--tracking-uri "
+              "sqlite:///PATH) on its machine; a PostgreSQL store is backed up by the database", file=sys.stderr)
+        return EXIT_USAGE
+    db = sqlite_path(uri)
+    try:
+        if args.action == "restore":
+            manifest = restore(args.location, db, force=args.force)
+            if manifest is None:
+                why = f"{db} exists (--force replaces it)" if db.exists() else f"no snapshot at {args.location}"
+                print(f"nothing restored: {why}")
+            else:
+                print(f"restored {db} from {args.location} (taken {manifest.get('taken', '?')}, "
+                      f"{manifest.get('bytes', '?')} bytes)")
+            return EXIT_DONE
+        if args.every:
+            n = snapshot_every(db, args.location, every_s=args.every)
+            print(f"{n} snapshot(s) of {db} taken")
+            return EXIT_DONE
+        manifest = snapshot(db, args.location)
+        print(f"snapshot of {db} to {args.location}: {manifest['bytes']} bytes, sha256 {manifest['sha256'][:12]}")
+        return EXIT_DONE
+    except SnapshotError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+
+
 def _ui(args: argparse.Namespace) -> int:
     from trainables.tracking import TrackingError, is_local, resolve_tracking_uri, serve_ui, sqlite_path, study_url
 
@@ -427,6 +464,22 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", type=Path, help="folder for the page (default: the study folder's report/)")
     r.add_argument("--no-mlflow", action="store_true", help="do not log the page to the study's MLflow run")
     r.set_defaults(func=_report)
+
+    st = sub.add_parser("store", help="snapshot the local (sqlite) MLflow store to the study storage, or restore it "
+                                      "(what cluster.yaml's head does: the store outlives the head)")
+    st_sub = st.add_subparsers(dest="action", required=True)
+    snap = st_sub.add_parser("snapshot", help="a consistent copy of the store, taken while it is in use")
+    snap.add_argument("--to", dest="location", required=True,
+                      help="a path or URI for the snapshot, e.g. s3://BUCKET/ancra-tune/mlflow/mlflow.db")
+    snap.add_argument("--every", type=float, metavar="SECONDS",
+                      help="keep taking one (when the store changed) until SIGTERM/Ctrl+C, then a last one")
+    rest = st_sub.add_parser("restore", help="put the newest snapshot in place (only where no store is yet)")
+    rest.add_argument("--from", dest="location", required=True, help="the snapshot's path or URI")
+    rest.add_argument("--force", action="store_true", help="replace an existing store")
+    for q in (snap, rest):
+        q.add_argument("--tracking-uri", help="the sqlite store (sqlite:///PATH); default: $MLFLOW_TRACKING_URI, "
+                                              "else mlflow.db in this folder")
+    st.set_defaults(func=_store)
 
     u = sub.add_parser("ui", help="the MLflow UI of the local store, on http://127.0.0.1:PORT, opened on a study")
     u.add_argument("study", nargs="?", help="the study to open (default: the one that ran last)")

@@ -24,7 +24,18 @@ def test_cluster_yaml_passes_ray_validation() -> None:
     assert all("RAY_AUTH_MODE=token" in " ".join(config[k]) for k in ("head_start_ray_commands",
                                                                        "worker_start_ray_commands"))
     start = " ".join(config["head_start_ray_commands"])
-    assert "mlflow server" in start and "0.0.0.0" not in start
+    assert "scripts/mlflow_head.sh" in start and "0.0.0.0" not in start
+    # The head's MLflow store outlives the head: artifacts in the bucket, and the sqlite store restored
+    # from and snapshotted to it (or a PostgreSQL backend); the script it runs exists and parses.
+    setup = " ".join(config["head_setup_commands"])
+    assert "ANCRA_MLFLOW_ARTIFACTS=s3://" in setup and "ANCRA_MLFLOW_SNAPSHOT=s3://" in setup
+    assert "psycopg2" in setup and "ANCRA_MLFLOW_BACKEND_SSM" in CLUSTER.read_text()
+    script = CLUSTER.parent / "scripts" / "mlflow_head.sh"
+    text = script.read_text()
+    assert "mlflow server" in text and "store restore" in text and "store snapshot --every" in text
+    import subprocess
+
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     assert "ray[default,tune,train]==" in " ".join(config["setup_commands"])
     # Studies on the cluster use shared storage (an S3 placeholder) and the head's MLflow server.
     assert "export ANCRA_STORAGE=s3://" in start and "export MLFLOW_TRACKING_URI=http://" in start

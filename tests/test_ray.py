@@ -466,10 +466,13 @@ def _check_study_page(summary: dict, parent_run_id: str, mc) -> None:
 
 
 def _two_trial_cli(tmp_path: Path, name: str, *, epochs: int, storage: Path, tracking_uri: str,
-                   train_limit: int = 256) -> tuple[Path, list[str]]:
+                   train_limit: int = 256, workers: int = 1) -> tuple[Path, list[str]]:
     """ABLATION cut to two finishing trials (lr 0.05 and 0.02, seed 0) as a study file, and the
-    `ancra-tune ablate` command that runs them one at a time."""
+    `ancra-tune ablate` command that runs them one at a time (``workers``: Ray Train workers each)."""
     text = ABLATION.replace("lr_ablation", name).replace("optim.epochs: 2", f"optim.epochs: {epochs}")
+    if workers > 1:
+        text = text.replace("resources: {workers: 1, cpus_per_worker: 0.5, trial_cpus: 0.5}",
+                            f"resources: {{workers: {workers}, cpus_per_worker: {0.5 / workers}, trial_cpus: 0.5}}")
     text = text.replace("[0.05, 1.0e+12]", "[0.05, 0.02]").replace("seeds: [0, 1]", "seeds: [0]")
     text = text.replace("data.train_limit: 256", f"data.train_limit: {train_limit}")
     f = _study_file(tmp_path, text)
@@ -886,7 +889,19 @@ def test_a_sweep_runs_on_when_rays_dashboard_does_not_start(tmp_path: Path, monk
 def test_tracking_outage_costs_no_training(ray_local, tmp_path: Path) -> None:
     """The MLflow server dies after the first epoch is logged and stays down to the end: every trial
     still trains and is evaluated, the console says so, no tracking call stalls the study; once the
-    server is back, --resume delivers what was held back: every epoch and evaluation exactly once."""
+    server is back, --resume delivers what was held back: every epoch and evaluation exactly once, one
+    run per trial."""
+    _tracking_outage(tmp_path, workers=1)
+
+
+@pytest.mark.slow  # 6 min here (Ray Train worker groups, MLflow calls timing out): ANCRA_RUN_SLOW=1
+def test_tracking_outage_with_two_worker_trials_leaves_one_run_per_trial(ray_local, tmp_path: Path) -> None:
+    """The same with trials of two Ray Train workers each: where a second, empty run of a trial
+    appeared (every rank and the trial process created runs)."""
+    _tracking_outage(tmp_path, workers=2)
+
+
+def _tracking_outage(tmp_path: Path, *, workers: int) -> None:
     import socket
 
     import ray
@@ -902,7 +917,7 @@ def test_tracking_outage_costs_no_training(ray_local, tmp_path: Path) -> None:
     backend = f"sqlite:///{root / 'mlflow.db'}"
     uri = f"http://127.0.0.1:{port}"
     storage = tmp_path / "studies"
-    f, cmd = _two_trial_cli(tmp_path, "outage", epochs=4, storage=storage, tracking_uri=uri)
+    f, cmd = _two_trial_cli(tmp_path, "outage", epochs=4, storage=storage, tracking_uri=uri, workers=workers)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     try:
         with serve_ui(backend, port=port, timeout=120, log_file=root / "server1.log"):
@@ -931,6 +946,10 @@ def test_tracking_outage_costs_no_training(ray_local, tmp_path: Path) -> None:
             mc = client(uri)
             parent, children = _mlflow_runs(uri, "outage", storage / "outage")
             assert parent.info.status == "FINISHED" and len(children) == 2
+            assert len({r.data.tags["ancra.trial_id"] for r in children}) == 2  # one run per trial
+            # Rank 0 tags where each process ran (the driver, creating a run an outage kept rank 0 from, cannot).
+            nodes = {"ray.node.trial", *(f"ray.node.rank{k}" for k in range(workers))}
+            assert any(nodes <= set(r.data.tags) for r in children), [r.data.tags for r in children]
             for run in children:
                 steps = sorted(m.step for m in mc.get_metric_history(run.info.run_id, "epoch_time_s"))
                 assert steps == [1, 2, 3, 4], steps  # every epoch, once

@@ -63,6 +63,46 @@ def read_text(path: str) -> str | None:
         return None
 
 
+def upload(local: Path, dest: str) -> None:
+    """Copy the file ``local`` to ``dest`` (a path or a URI); a local destination is replaced
+    atomically, so a reader never sees half a file."""
+    if is_uri(dest):
+        import pyarrow.fs
+
+        fs, p = pyarrow.fs.FileSystem.from_uri(dest)
+        with fs.open_output_stream(p) as out, open(local, "rb") as f:
+            while chunk := f.read(1 << 20):
+                out.write(chunk)
+        return
+    import shutil
+
+    tmp = Path(dest + ".tmp")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(local, tmp)
+    tmp.replace(dest)
+
+
+def download(src: str, local: Path) -> bool:
+    """Copy ``src`` (a path or a URI) to the file ``local``; False when there is no such file."""
+    import shutil
+
+    local.parent.mkdir(parents=True, exist_ok=True)
+    if is_uri(src):
+        import pyarrow.fs
+
+        fs, p = pyarrow.fs.FileSystem.from_uri(src)
+        if fs.get_file_info(p).type != pyarrow.fs.FileType.File:
+            return False
+        with fs.open_input_stream(p) as f, open(local, "wb") as out:
+            while chunk := f.read(1 << 20):
+                out.write(chunk)
+        return True
+    if not Path(src).is_file():
+        return False
+    shutil.copyfile(src, local)
+    return True
+
+
 def write_json(path: str, data: Any) -> None:
     write_text(path, json.dumps(data, indent=1, default=str))
 
