@@ -32,7 +32,6 @@ def clean_accuracy(model: nn.Module, data: ArrayData, *, batch_size: int, device
 
 
 GATE_TARGETS = {"stgate": "straight_through", "softgate": "soft"}
-VALIDATION_TARGETS = ("final", "aux", "softgate")  # per-epoch validation of RA models
 
 
 class SurrogateGate(nn.Module):

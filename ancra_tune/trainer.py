@@ -25,12 +25,13 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
+from . import metric_names as M
 from .attacks import bn_mode, pgd
 from .checkpoint import CHECKPOINT_NAME, build_model, data_info_to_dict, load_checkpoint, save_checkpoint
 from .config import MethodConfig, TrainConfig
 from .data import ArrayData, BatchLoader, DataSplits, epoch_generator, load_dataset
 from .distributed import all_true, is_distributed
-from .evaluate import VALIDATION_TARGETS, clean_accuracy, pgd_correct
+from .evaluate import clean_accuracy, pgd_correct
 from .losses import ancra_loss
 from .models import ModelOutput, unwrap
 from .negatives import select_negatives
@@ -336,7 +337,7 @@ class Trainer:
         means = {k: v.item() / max(1, steps) for k, v in sums.items()}
         if not all_true(math.isfinite(means.get("loss", 0.0)), self.device):
             raise DivergedError(epoch, steps - 1, means.get("loss", float("nan")))
-        means.update(lr=lr, epoch_time_s=elapsed, train_images_per_s=images * self.world_size / elapsed)
+        means.update({M.LR: lr, M.EPOCH_TIME_S: elapsed, M.TRAIN_IMAGES_PER_S: images * self.world_size / elapsed})
         return means
 
     def eval_split(self) -> tuple[str, ArrayData]:
@@ -357,17 +358,17 @@ class Trainer:
         if len(data) == 0:
             return {}
         kw = dict(batch_size=c.data.eval_batch_size, device=self.device)
-        out = {f"{prefix}_clean_acc": clean_accuracy(model, data, **kw)}
+        out = {M.clean_acc(prefix): clean_accuracy(model, data, **kw)}
         if c.eval.pgd_steps > 0:
             sub = data.subset(torch.arange(min(len(data), c.eval.max_examples)))
             worst = None
-            for target in (VALIDATION_TARGETS if model.ra else ("final",)):
+            for target in (M.VALIDATION_TARGETS if model.ra else ("final",)):
                 correct = pgd_correct(model, sub, target=target, eps=c.attack.eps, step_size=c.eval.pgd_step_size,
                                       steps=c.eval.pgd_steps, seed=c.seed, **kw)
-                out[f"{prefix}_pgd_acc_{target}"] = correct.float().mean().item()
+                out[M.pgd_acc(prefix, target)] = correct.float().mean().item()
                 worst = correct if worst is None else worst & correct
             assert worst is not None
-            out[f"{prefix}_robust_acc"] = worst.float().mean().item()
+            out[M.robust_acc(prefix)] = worst.float().mean().item()
         return out
 
     def fit(self, *, resume: bool = False) -> dict[str, float]:
@@ -385,7 +386,7 @@ class Trainer:
             if self.rank == 0:
                 t_val = time.perf_counter()
                 metrics.update(self.validate())
-                metrics["val_time_s"] = time.perf_counter() - t_val
+                metrics[M.VAL_TIME_S] = time.perf_counter() - t_val
                 self.history.append(metrics)
                 with open(self.out_dir / METRICS_NAME, "a") as f:
                     f.write(json.dumps(metrics) + "\n")
@@ -408,8 +409,8 @@ class Trainer:
 
     def _log_epoch(self, epoch: int, m: dict[str, float]) -> None:
         p = self.eval_split()[0]
-        keys = ("loss", "train_adv_acc", f"{p}_clean_acc", f"{p}_pgd_acc_final", f"{p}_robust_acc",
-                "neg_fallback_rate", "epoch_time_s")
+        keys = (M.LOSS, M.TRAIN_ADV_ACC, M.clean_acc(p), M.pgd_acc(p, "final"), M.robust_acc(p),
+                M.NEG_FALLBACK_RATE, M.EPOCH_TIME_S)
         text = "  ".join(f"{k}={m[k]:.4g}" for k in keys if k in m)
         msg = f"epoch {epoch + 1}/{self.cfg.optim.epochs}  {text}"
         if self.cfg.progress:

@@ -87,6 +87,9 @@ def _write(tmp_path: Path, text: str) -> Path:
     ("scheduler: {grace_period: 0}\n", ["scheduler.grace_period", ">= 1"]),
     ("scheduler: {grace: 2}\n", ["scheduler", "grace", "grace_period"]),
     ("scheduler: {metric: robust_acc_worst}\n", ["scheduler.metric", "per-epoch validation metric"]),
+    # A misspelled metric used to run with ASHA silently off (no result ever carried it).
+    ("scheduler: {metric: val_robust_ac}\n", ["scheduler.metric", "'val_robust_ac'", "val_robust_acc",
+                                               "val_pgd_acc_softgate"]),
     ("scheduler: {reduction_factor: two}\n", ["scheduler.reduction_factor", "integer"]),
     ("train: {optim.epochs: 2}\nscheduler: {grace_period: 3}\n", ["scheduler.grace_period", "= 3", "2 epoch(s)"]),
     # Trials are scored on a validation split, never on test.

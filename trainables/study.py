@@ -46,6 +46,7 @@ from ancra_tune.config import (
     read_yaml_mapping,
     resolve_config_path,
 )
+from ancra_tune.metric_names import SCHEDULER_METRICS
 from ancra_tune.robustness.suite import SuiteConfig, plan_attacks
 
 KINDS = ("sweep", "ablation")
@@ -110,8 +111,8 @@ class SchedulerConfig:
         s = "scheduler"
         check_choice(s, "type", self.type, SCHEDULERS)
         check_choice(s, "mode", self.mode, MODES)
-        check_field(self.metric.startswith("val_"), s, "metric", self.metric,
-                    "a per-epoch validation metric (val_robust_acc, val_clean_acc, val_pgd_acc_final, ...)")
+        check_field(self.metric in SCHEDULER_METRICS, s, "metric", self.metric,
+                    f"a per-epoch validation metric: one of {', '.join(SCHEDULER_METRICS)}")
         check_field(self.grace_period >= 1, s, "grace_period", self.grace_period, ">= 1")
         check_field(self.reduction_factor >= 2, s, "reduction_factor", self.reduction_factor, ">= 2")
 
