@@ -121,9 +121,10 @@ def _study(args: argparse.Namespace, kind: str) -> int:
     import shlex
 
     from trainables.guard import StorageError, StudyLockedError
+    from trainables.ray_session import InfeasibleResourcesError
     from trainables.study import load_study  # Ray loads only for these commands
+    from trainables.study_run import run_study
     from trainables.tracking import TrackingError
-    from trainables.tuner import InfeasibleResourcesError, run_study
 
     study = load_study(args.file)
     if study.kind != kind:

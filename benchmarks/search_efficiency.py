@@ -93,8 +93,9 @@ def key(point: dict[str, Any]) -> str:
 
 def record_grid(a: argparse.Namespace) -> dict[str, Any]:
     """Train and evaluate every configuration once (the platform's ablation); keep what each reported."""
+    from trainables.ray_session import init_ray
     from trainables.study import load_study
-    from trainables.tuner import init_ray, run_study
+    from trainables.study_run import run_study
 
     f = a.out / "search_grid.yaml"
     f.write_text(study_text("ablation", a))
@@ -132,7 +133,7 @@ def simulate(grid: dict[str, Any], method: str, *, trials: int, seed: int, concu
         trials = len(order)
         ostudy = None
     else:
-        from trainables.tuner import optuna_sampler
+        from trainables.search import optuna_sampler
 
         sampler = (optuna.samplers.RandomSampler(seed=seed) if method == "random" else
                    optuna.samplers.TPESampler(seed=seed) if method == "tpe_optuna_default" else
@@ -228,8 +229,8 @@ def main() -> None:
     values = [t["value"] for t in grid["trials"].values() if t["value"] is not None]
     target = max(values) - a.within
 
+    from trainables.search import build_scheduler
     from trainables.study import load_study
-    from trainables.tuner import _scheduler
 
     def sweep(grace: int, reduction: int, trials: int) -> Any:
         f = a.out / f"search_sweep_g{grace}_r{reduction}_n{trials}.yaml"
@@ -244,7 +245,7 @@ def main() -> None:
     for method in ("grid", "random", "tpe_optuna_default", "tpe", "tpe_asha"):
         reps = 1 if method == "grid" else a.reps
         runs[method] = [simulate(grid, method, trials=a.trials, seed=r, concurrency=a.concurrency, study=study,
-                                 scheduler=_scheduler(study) if method == "tpe_asha" else None)
+                                 scheduler=build_scheduler(study) if method == "tpe_asha" else None)
                         for r in range(reps)]
     # ASHA's settings and the number of trials, replayed over the same table: what to ship.
     for variant in a.asha:
@@ -254,7 +255,7 @@ def main() -> None:
         st = sweep(grace, reduction, trials)
         runs[f"tpe_asha g{grace} r{reduction} n{trials}"] = [
             simulate(grid, "tpe_asha", trials=trials, seed=r, concurrency=a.concurrency, study=st,
-                     scheduler=_scheduler(st)) for r in range(a.reps)]
+                     scheduler=build_scheduler(st)) for r in range(a.reps)]
     lines = [f"Space: {', '.join(f'{k} {v}' for k, v in SPACE.items())} ({len(grid['trials'])} configurations, "
              f"{grid['epochs']} epochs each). Grid's best {METRIC} = {max(values):.3f}; target = within "
              f"{a.within:g}: {target:.3f}. Searches: {a.trials} trials, {a.concurrency} at a time, {a.reps} sampler "

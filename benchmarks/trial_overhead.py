@@ -120,7 +120,6 @@ def _trial_process_ready() -> float:
     optimizer (torch imports torch._dynamo there). Returns when it was done (wall clock)."""
     import mlflow  # noqa: F401
     import torch
-
     import trainables.tuner  # noqa: F401
 
     torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
@@ -138,7 +137,7 @@ def floor(slots: int = 2) -> dict[str, float]:
     imports = time.perf_counter() - t
     import ray
 
-    from trainables.tuner import init_ray
+    from trainables.ray_session import init_ray
 
     t = time.perf_counter()
     init_ray(None, num_cpus=2, verbose=False)
@@ -184,8 +183,9 @@ def main() -> None:
             a.json.write_text(json.dumps(f, indent=1))
         return
 
+    from trainables.ray_session import init_ray
     from trainables.study import load_study
-    from trainables.tuner import init_ray, run_study
+    from trainables.study_run import run_study
 
     a.out.mkdir(parents=True, exist_ok=True)
     if a.study is None:

@@ -29,7 +29,7 @@ def ray_local():
     import ray
 
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    from trainables.tuner import init_ray
+    from trainables.ray_session import init_ray
 
     init_ray(None, num_cpus=2)
     yield ray
@@ -53,7 +53,7 @@ def test_quickstart_study_end_to_end(ray_local, tmp_path: Path, mlflow_server: s
     """8 trials, two at a time; ASHA stops some; every sample respects the conditional space;
     MLflow (a real server) gets one parent and one child per trial; `best` registers the winner."""
     from trainables.study import load_study
-    from trainables.tuner import run_study
+    from trainables.study_run import run_study
 
     study = load_study(QUICKSTART)
     assert study.num_samples >= 6
@@ -341,8 +341,9 @@ def _listening_sockets(pids: set[int]) -> list[tuple[str, int]]:
 
 
 def test_infeasible_request_fails_fast(ray_local, tmp_path: Path) -> None:
+    from trainables.ray_session import InfeasibleResourcesError
     from trainables.study import load_study
-    from trainables.tuner import InfeasibleResourcesError, run_study
+    from trainables.study_run import run_study
 
     f = _study_file(tmp_path, "base: quickstart\nresources: {workers: 2, cpus_per_worker: 4, trial_cpus: 1}\n")
     t = time.perf_counter()
@@ -356,8 +357,8 @@ def test_a_broken_tracking_store_stops_the_study_before_any_trial(ray_local, tmp
     """The store is opened while Ray starts; a file that is no MLflow store ends the study with a
     clear error before any trial runs (nothing under the study's storage but its lock's folder)."""
     from trainables.study import load_study
+    from trainables.study_run import run_study
     from trainables.tracking import TrackingError
-    from trainables.tuner import run_study
 
     db = tmp_path / "mlflow.db"
     db.write_bytes(b"this is not a database" * 100)
@@ -388,7 +389,7 @@ def test_ablation_table_and_a_diverging_trial(ray_local, tmp_path: Path, monkeyp
     """lr = 1e12 diverges: reported as such with its epoch, while the other trials finish.
     With no tracking settings, MLflow runs land in mlflow.db in the working directory."""
     from trainables.study import load_study
-    from trainables.tuner import run_study
+    from trainables.study_run import run_study
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
@@ -559,7 +560,7 @@ def test_interrupted_study_resumes_each_trial_once(ray_local, tmp_path: Path, ml
             assert run.info.status == "FINISHED" and run.data.tags["ancra.final_logged"] == "true"
             assert len(mc.get_metric_history(run.info.run_id, "robust_acc_worst")) == 1
     finally:
-        from trainables.tuner import init_ray
+        from trainables.ray_session import init_ray
 
         init_ray(None, num_cpus=2)
 
@@ -706,7 +707,7 @@ def test_a_full_disk_stops_the_study_and_resume_finishes_it(ray_local, tmp_path:
                 assert run.info.status == "FINISHED"
                 assert len(mc.get_metric_history(run.info.run_id, "robust_acc_worst")) == 1
     finally:
-        from trainables.tuner import init_ray
+        from trainables.ray_session import init_ray
 
         init_ray(None, num_cpus=2)
 
@@ -773,7 +774,7 @@ def test_two_sweeps_at_once_on_one_machine_both_finish(tmp_path: Path) -> None:
             assert summary["status_counts"]["stopped"] >= 1  # the case that used to hang
             assert summary["status_counts"]["finished"] >= 1
     finally:
-        from trainables.tuner import init_ray
+        from trainables.ray_session import init_ray
 
         init_ray(None, num_cpus=2)
 
@@ -790,18 +791,18 @@ def test_a_multi_worker_trial_asha_stops_trains_no_epoch_more(ray_local, tmp_pat
     used to train (and log to MLflow) the epoch after the one ASHA stopped them at, while a busy
     driver (here: 2 s per epoch result) got round to stopping them. Now every worker waits for the
     decision: MLflow holds exactly the epochs Tune counts, stopped or not."""
-    from trainables import tuner
+    from trainables import console
     from trainables.study import load_study
+    from trainables.study_run import run_study
     from trainables.tracking import client
-    from trainables.tuner import run_study
 
-    console = tuner.TrialLines.on_trial_result
+    console_line = console.TrialLines.on_trial_result
 
     def busy_driver(self, *args, **kwargs):  # before the scheduler's decision reaches the trial
         time.sleep(2)
-        return console(self, *args, **kwargs)
+        return console_line(self, *args, **kwargs)
 
-    monkeypatch.setattr(tuner.TrialLines, "on_trial_result", busy_driver)
+    monkeypatch.setattr(console.TrialLines, "on_trial_result", busy_driver)
     study = load_study(_study_file(tmp_path, MULTI_WORKER))
     assert study.resources.workers == 2 and not study.resources.train_in_trial
     summary = run_study(study, storage=str(tmp_path / "studies"), tracking_uri=mlflow_server)
@@ -859,8 +860,9 @@ def test_a_sweep_runs_on_when_rays_dashboard_does_not_start(tmp_path: Path, monk
     server, Ray Train waits minutes before the next trials' workers start.)"""
     import ray
 
+    from trainables.ray_session import API_SERVER_ENV, init_ray
     from trainables.study import load_study
-    from trainables.tuner import API_SERVER_ENV, init_ray, run_study
+    from trainables.study_run import run_study
 
     ray.shutdown()
     real_init = ray.init
@@ -958,6 +960,6 @@ def _tracking_outage(tmp_path: Path, *, workers: int) -> None:
                 assert len(mc.search_logged_models([run.info.experiment_id],
                                                    filter_string=f"source_run_id = '{run.info.run_id}'")) == 1
     finally:
-        from trainables.tuner import init_ray
+        from trainables.ray_session import init_ray
 
         init_ray(None, num_cpus=2)

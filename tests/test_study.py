@@ -5,8 +5,9 @@ from pathlib import Path
 import optuna
 import pytest
 
+from trainables.ray_session import InfeasibleResourcesError, check_resources
 from trainables.study import StudyError, load_study
-from trainables.tuner import InfeasibleResourcesError, ablation_table, check_resources, pareto_front
+from trainables.summary import ablation_table, pareto_front
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACES = ROOT / "search_spaces"
@@ -25,15 +26,15 @@ def test_every_shipped_study_and_its_smoke_test_build_their_scheduler(path: Path
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """`--smoke-test` trains one epoch: ASHA's grace period follows it (a grace period of 2 made Tune
     fail with an assertion before the first trial)."""
-    from trainables.tuner import _scheduler, _smoke
+    from trainables.search import build_scheduler, smoke_study
 
     monkeypatch.chdir(ROOT)
     study = load_study(path)
-    for s in (study, _smoke(study)):
-        scheduler = _scheduler(s, storage=str(tmp_path), resume=False)
+    for s in (study, smoke_study(study)):
+        scheduler = build_scheduler(s, storage=str(tmp_path), resume=False)
         assert (scheduler is None) == (s.scheduler.type != "asha")
         assert s.scheduler.grace_period <= s.train_config({}, s.seeds[0]).optim.epochs
-    assert _smoke(study).train.optim.epochs == 1 and _smoke(study).num_samples <= 2
+    assert smoke_study(study).train.optim.epochs == 1 and smoke_study(study).num_samples <= 2
 
 
 def test_table8_study_is_trades_x_anc_x_ra_on_the_shared_cifar10(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -179,17 +180,17 @@ def test_pareto_front() -> None:
 
 
 def test_multi_objective_uses_nsga2_and_no_asha(tmp_path: Path) -> None:
-    from trainables.tuner import FinalObjectiveOptunaSearch, _scheduler, _searcher
+    from trainables.search import FinalObjectiveOptunaSearch, build_scheduler, build_searcher
 
     f = _write(tmp_path, "base: quickstart\nobjective: {metrics: [clean_acc, robust_acc_worst], modes: [max, max]}\n"
                          "search: {space: {method.zeta: {low: 1, high: 4}}}\n")
     s = load_study(f)
     assert s.multi_objective and s.sampler == "nsga2" and s.scheduler.type == "none"
-    searcher = _searcher(s)
+    searcher = build_searcher(s)
     assert isinstance(searcher, FinalObjectiveOptunaSearch)
     # The searcher reads each metric's credible value (never a masked one).
     assert searcher.metric == ["objective.clean_acc", "objective.robust_acc_worst"]
     assert isinstance(searcher._sampler, optuna.samplers.NSGAIISampler)
-    assert _scheduler(s) is None
+    assert build_scheduler(s) is None
     with pytest.raises(StudyError, match="ASHA needs a single objective"):
         load_study(_write(tmp_path, "objective: {metrics: [clean_acc, robust_acc_worst]}\nscheduler: {type: asha}\n"))

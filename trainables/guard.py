@@ -251,7 +251,7 @@ class DiskGuard:
     """Watches the free space of a local study folder: below the reserve it stops the study
     gracefully (state saved, runs marked failed, ``--resume`` continues once space is back) instead
     of letting a checkpoint or Tune's state file be cut short by a full disk. Tune calls
-    :meth:`check` at every step of its loop (``trainables.tuner.DiskWatch``)."""
+    :meth:`check` at every step of its loop (``trainables.study_run.DiskWatch``)."""
 
     def __init__(self, folder: str, interruption: Interruption, *, every_s: float = 2.0) -> None:
         self.folder, self.interruption, self.every_s = folder, interruption, every_s

@@ -1,0 +1,370 @@
+"""Running a study to its end: its lock, Ray, MLflow's parent run, Tune (a new study, a resumed one,
+or one that finished and only answers again), the summary and the records an outage held back.
+
+Each Tune trial is a function trainable (:mod:`trainables.trial`). A one-worker trial trains in that
+process and reports to Tune itself; a trial of several workers builds and fits a ``TorchTrainer``
+(the pattern Ray 2.60 supports) and forwards its reports with ``TuneReportCallback``. Sweeps search
+with Optuna and stop bad trials with ASHA (:mod:`trainables.search`); ablations run a full grid x
+seeds and write a summary table (:mod:`trainables.summary`).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import json
+import logging
+import os
+import shlex
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+
+from . import results as R
+from . import sessions
+from . import storage as storage_mod
+from .console import TrackingWatch, TrialLines
+from .decisions import Decisions, board_name
+from .guard import (
+    DiskGuard,
+    Interruption,
+    StorageError,
+    below_reserve,
+    check_storage,
+    study_lock,
+    sweep_run_dirs,
+)
+from .ray_session import InfeasibleResourcesError, alive_nodes, check_resources, init_ray
+from .scheduler import read_state
+from .search import build_scheduler, build_searcher, decided_by_scheduler, smoke_study
+from .storage import join
+from .study import Study
+from .summary import summarize, write_ablation_tables
+from .tracking import (
+    StudyTracking,
+    check_tracking,
+    end_study_run,
+    prepare_store,
+    resolve_tracking_uri,
+    start_study_run,
+)
+from .trial import SEED_KEY, run_trial, trial_resources, trial_spec
+
+log = logging.getLogger(__name__)
+
+
+
+#: the running study's Interruption: Tune pickles its callbacks with the experiment (tuner.pkl), so
+#: a resumed study's callbacks find the live one here
+_ACTIVE: dict[str, Interruption] = {}
+
+
+class DiskWatch(Callback):
+    """Stops the study before its local storage folder fills up (see :class:`guard.DiskGuard`)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self._guard: DiskGuard | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"folder": self.folder, "_guard": None}
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        interruption = _ACTIVE.get("interruption")
+        if interruption is None:
+            return
+        if self._guard is None or self._guard.interruption is not interruption:
+            self._guard = DiskGuard(self.folder, interruption)
+        self._guard.check()
+
+
+def deliver_backlog(tracking: StudyTracking, study: Study, rows: list[dict[str, Any]]) -> int:
+    """Give MLflow what outages held back, from each trial's last checkpoint: the run itself if no
+    process could create it, every epoch of the checkpoint's history, and a finished trial's
+    evaluation and model. Idempotent (each epoch and evaluation lands once); returns how many
+    trials needed it. Raises if MLflow is unreachable (the caller warns; ``--resume`` retries)."""
+    from ancra_tune.checkpoint import load_checkpoint
+
+    from .tracking import EpochLogger, client, find_trial_run, log_trial_folder, run_is_complete, trial_run
+
+    mc = client(tracking.uri)
+    delivered = 0
+    for row in rows:
+        if not row.get("checkpoint"):
+            continue
+        finished = row["status"] == "finished"
+        run = find_trial_run(mc, tracking, str(row["trial_id"]))
+        if run is not None and run_is_complete(mc, run.info.run_id, epochs=row["epochs_run"], finished=finished):
+            continue
+        with _local_checkpoint(row["checkpoint"]) as folder:
+            state = load_checkpoint(folder / "checkpoint.pt")
+            if run is None:
+                from ancra_tune.config import TrainConfig
+
+                params = {k: v for k, v in row["params"].items() if k != SEED_KEY}
+                cfg = TrainConfig.from_dict(state["config"])
+                spec = trial_spec(tracking, str(row["trial_id"]), params, cfg.seed, cfg)
+                rid = trial_run(tracking, spec.trial_id, name=spec.name, params=spec.params)
+                run = None
+            else:
+                rid = run.info.run_id
+            if EpochLogger(tracking.uri, rid).sync(state.get("history", [])):
+                raise RuntimeError(f"MLflow did not take the epochs of trial {row['trial_id']}")
+            if finished and (folder / R.FINAL_NAME).is_file():
+                log_trial_folder(tracking.uri, rid, folder, epochs=study.train.optim.epochs)
+        delivered += 1
+    return delivered
+
+
+@contextlib.contextmanager
+def _local_checkpoint(path: str) -> Iterator[Path]:
+    """A checkpoint folder on this machine (downloaded when the storage is a URI)."""
+    if "://" not in path:
+        yield Path(path)
+        return
+    import ray.train
+
+    with ray.train.Checkpoint(path).as_directory() as d:
+        yield Path(d)
+
+
+def build_tuner(study: Study, *, storage: str, smoke_test: bool = False, resume: bool = False,
+                max_concurrent: int, tracking: StudyTracking | None = None, verbose: bool = False) -> Any:
+    from ray import tune
+
+    if smoke_test:
+        study = smoke_study(study)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, study=study, storage=storage, tracking=tracking),
+                                    trial_resources(study))
+    name = study.name
+    path = join(storage, name)
+    if resume:
+        if not tune.Tuner.can_restore(path):
+            raise FileNotFoundError(f"no study to resume at {path}; run it first without --resume")
+        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                  restart_errored=False)  # the scheduler's state: PersistentASHA
+    callbacks: list[Any] = [] if verbose else [TrialLines(study, study.train.optim.epochs)]
+    if tracking is not None:
+        callbacks.append(TrackingWatch(tracking.uri))
+    if "://" not in storage:
+        callbacks.append(DiskWatch(storage))
+    if decided_by_scheduler(study):
+        callbacks.append(Decisions(board_name(path)))
+    # Ray's per-trial status tables only with --verbose; the compact lines above otherwise.
+    run_config = tune.RunConfig(name=name, storage_path=storage, verbose=1 if verbose else 0,
+                                failure_config=tune.FailureConfig(max_failures=study.max_failures),
+                                # trials that train in the trial keep their last two epochs' checkpoints
+                                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                                callbacks=callbacks)
+    # A trial that trains in its own process leaves it warm (torch, the data's imports) for the next.
+    reuse = study.resources.train_in_trial
+    if study.kind == "ablation":
+        param_space = {**{k: tune.grid_search(list(v)) for k, v in study.grid.items()},
+                       SEED_KEY: tune.grid_search(list(study.seeds))}
+        tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=max_concurrent, reuse_actors=reuse)
+    else:
+        param_space = {SEED_KEY: study.seeds[0]}
+        tune_config = tune.TuneConfig(search_alg=build_searcher(study),
+                                      scheduler=build_scheduler(study, storage=storage),
+                                      num_samples=study.num_samples, max_concurrent_trials=max_concurrent,
+                                      reuse_actors=reuse)
+    return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
+
+
+def run_study(study: Study, *, address: str | None = None, storage: str | None = None, resume: bool = False,
+              smoke_test: bool = False, num_cpus: int | None = None, wait_for_resources: bool = False,
+              tracking_uri: str | None = None, track: bool = True,
+              resume_command: str | None = None, verbose: bool = False) -> dict[str, Any]:
+    """Run a sweep or an ablation to the end, or until Ctrl+C / SIGTERM; return its summary (also
+    written as JSON). An interrupted study says so (summary, MLflow) and is continued by ``--resume``;
+    ``--resume`` of a study that finished trains nothing, delivers what an MLflow outage held back and
+    gives the same answer again. ``summary["outcome"]`` says how it ended (:mod:`trainables.sessions`).
+
+    ``tracking_uri``: the MLflow store (default: ``MLFLOW_TRACKING_URI``, else ``mlflow.db`` in
+    the working directory); ``track=False`` logs nothing to MLflow.
+    """
+    from ray import tune
+
+    # On a cluster, cluster.yaml exports ANCRA_STORAGE (shared storage every node reaches).
+    storage = storage or os.environ.get("ANCRA_STORAGE") or str(Path("runs/studies").resolve())
+    space = check_storage(storage)  # before Ray starts: a bad folder fails in a second
+    if "://" not in storage:
+        storage = space["storage"]
+    if space.get("warning"):
+        log.warning(space["warning"])
+    study_path = join(storage, study.name)
+    if resume and not tune.Tuner.can_restore(study_path):
+        raise FileNotFoundError(f"no study to resume at {study_path}; run it first without --resume")
+    uri = None
+    store: concurrent.futures.Future | None = None
+    if track:  # before Ray starts: an unreachable tracking server fails in seconds
+        uri = resolve_tracking_uri(tracking_uri)
+        check_tracking(uri, prepare=False)
+        # A new sqlite store builds its tables (2-3 s) while Ray starts.
+        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mlflow-store")
+        store = pool.submit(prepare_store, uri)
+        pool.shutdown(wait=False)
+    if not verbose:  # no Tune tables or TensorBoard hints on the console; TrialLines speaks instead
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    interruption = Interruption()
+    with study_lock(study_path):
+        finished = resume and _finished_before(study_path, storage, study.name)
+        if not finished:
+            init_ray(address, num_cpus=num_cpus, verbose=verbose)
+        if store is not None:
+            store.result()  # its error, if any, before a trial starts
+        # After Ray's start: its core worker installs a SIGTERM handler of its own that kills the driver.
+        with interruption.installed():
+            _ACTIVE["interruption"] = interruption
+            try:
+                return _run_locked(study, interruption, address=address, storage=storage, resume=resume,
+                                   smoke_test=smoke_test, wait_for_resources=wait_for_resources, uri=uri,
+                                   study_path=study_path, resume_command=resume_command, verbose=verbose,
+                                   finished=finished)
+            finally:
+                _ACTIVE.pop("interruption", None)
+
+
+def _finished_before(study_path: str, storage: str, name: str) -> bool:
+    """Whether the study's last session ran to its end (older versions: its summary says so)."""
+    outcome = sessions.last_outcome(study_path)
+    if outcome is not None:
+        return outcome == sessions.FINISHED
+    if sessions.load(study_path):  # its last driver was killed
+        return False
+    old = storage_mod.read_json(join(_summary_dir(storage, name), "summary.json"))
+    return isinstance(old, dict) and not old.get("interrupted") and old.get("status_counts", {}).get("finished", 0) > 0
+
+
+def _summary_dir(storage: str, name: str) -> str:
+    """Where summary.json and the tables go: the study folder, or ``runs/studies/<name>`` here when the
+    study's storage is a URI."""
+    return join(storage, name) if "://" not in storage else str(Path("runs/studies") / name)
+
+
+def _run_locked(study: Study, interruption: Interruption, *, address: str | None, storage: str, resume: bool,
+                smoke_test: bool, wait_for_resources: bool, uri: str | None, study_path: str,
+                resume_command: str | None, verbose: bool = False, finished: bool = False) -> dict[str, Any]:
+    """The study once its lock is held and Ray runs: resources, MLflow, Tune, the summary.
+    ``finished``: the study ran to its end before (``--resume`` trains nothing)."""
+    if finished:
+        max_concurrent = study.max_concurrent or 1
+    else:
+        try:
+            fits = check_resources(study, alive_nodes())
+        except InfeasibleResourcesError as e:
+            if not wait_for_resources:
+                hint = (" If this cluster autoscales (ray up cluster.yaml), pass --wait-for-resources."
+                        if address else "")
+                raise InfeasibleResourcesError(f"{e}{hint}") from None
+            # An autoscaling cluster adds nodes when trials ask for them: let Tune wait.
+            log.warning("%s Waiting for the autoscaler to add nodes.", e)
+            fits = 1
+        max_concurrent = min(fits, study.max_concurrent) if study.max_concurrent else fits
+    tracked = smoke_study(study) if smoke_test else study
+    tracking = None
+    if uri is not None:
+        tracking = start_study_run(uri, tracked, study_path=study_path, resume=resume,
+                                   params=_study_params(tracked, storage, smoke_test),
+                                   train_config=tracked.train_config({}, tracked.seeds[0]).to_dict())
+        log.info("MLflow: study run %s in %s", tracking.parent_run_id, uri)
+    history = sessions.load(study_path)
+    if finished:
+        print(f"study {study.name} is finished (its last session ran to its end): nothing to train; its "
+              "answer again below", file=sys.stderr, flush=True)
+    else:
+        history = sessions.begin(study_path, resume=resume, command=shlex.join(sys.argv), slots=max_concurrent)
+    slots = max([s.slots for s in history] or [max_concurrent])  # trials at once, in any session
+    t0 = time.perf_counter()
+    try:
+        tuner = build_tuner(study, storage=storage, smoke_test=smoke_test, resume=resume,
+                            max_concurrent=max_concurrent, tracking=tracking, verbose=verbose)
+        results = tuner.get_results() if finished else tuner.fit()
+    except KeyboardInterrupt:  # a second signal: stopped at once; the last saved state resumes
+        if not finished:
+            sessions.end(study_path, history, sessions.INTERRUPTED)
+        if tracking is not None:
+            end_study_run(tracking, None, status="KILLED", outcome="interrupted")
+        raise
+    except BaseException as e:
+        full = "://" not in storage and below_reserve(storage)
+        if not finished:
+            sessions.end(study_path, history, sessions.DISK_FULL if full else sessions.FAILED)
+        if tracking is not None:
+            end_study_run(tracking, None, status="FAILED", outcome="disk_full" if full else None)
+        if full:  # what Tune raises on a full disk (often EOFError from a state file cut short) says little
+            raise StorageError(f"disk full under {storage}: the study stopped ({type(e).__name__}: {e}). Free some "
+                               f"space, then run {resume_command or 'the same command with --resume'}") from e
+        raise
+    session_wall = time.perf_counter() - t0
+    sweep_run_dirs()  # what this study's killed workers left on this machine (the CLI sweeps again once Ray is down)
+    stopped = set((read_state(study_path) or {}).get("stopped", []))
+    summary = summarize(study, results, wall_s=session_wall, storage=storage, stopped_by_scheduler=stopped,
+                        slots=slots, history=history,
+                        interrupted=interruption.signal is not None)
+    summary["interrupted"] = interruption.signal is not None
+    if summary["interrupted"]:
+        summary["interrupted_by"] = interruption.signal
+        if interruption.message:
+            summary["interrupted_because"] = interruption.message
+        summary["resume_command"] = resume_command
+    summary["outcome"] = sessions.outcome_of(summary)
+    if not finished:
+        sessions.end(study_path, history, summary["outcome"])
+    if tracking is not None:
+        summary["mlflow"] = {"tracking_uri": tracking.uri, "experiment_id": tracking.experiment_id,
+                             "study_run_id": tracking.parent_run_id}
+    out = Path(_summary_dir(storage, study.name))
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / "summary.json"]
+    files[0].write_text(json.dumps(summary, indent=1, default=str))
+    if study.kind == "ablation":
+        files += list(write_ablation_tables(summary["trials"], study, out))
+    if tracking is not None:
+        try:
+            n = deliver_backlog(tracking, study, summary["trials"])
+            if n:
+                print(f"MLflow: delivered the records of {n} trial(s) that an outage had held back",
+                      file=sys.stderr, flush=True)
+        except Exception as e:  # noqa: BLE001 (the study's records stay in its storage)
+            print(f"warning: MLflow ({tracking.uri}) is unreachable ({e}); the study's records are kept in "
+                  f"{study_path}: run {resume_command or 'the same command with --resume'} once it answers to "
+                  "deliver them", file=sys.stderr, flush=True)
+            summary["mlflow"]["undelivered"] = True
+            files[0].write_text(json.dumps(summary, indent=1, default=str))
+            return summary
+        status, outcome = {sessions.DISK_FULL: ("FAILED", "disk_full"),  # a fault: the runs it cut short failed
+                           sessions.INTERRUPTED: ("KILLED", "interrupted"),
+                           sessions.FAILED: ("FAILED", "failed"),  # ran to its end, no trial finished
+                           sessions.FINISHED: ("FINISHED", None)}[summary["outcome"]]
+        lost = end_study_run(tracking, summary, status=status, outcome=outcome, files=files)
+        if lost:
+            print(f"MLflow: {lost} run(s) of trials a killed driver started but Tune never saved (--resume ran "
+                  "them again as new trials) moved to MLflow's trash, tagged ancra.status = lost",
+                  file=sys.stderr, flush=True)
+    return summary
+
+
+def _study_params(study: Study, storage: str, smoke_test: bool) -> dict[str, Any]:
+    r = study.resources
+    out: dict[str, Any] = {"study.kind": study.kind, "study.objective": ",".join(study.metrics),
+                           "study.mode": ",".join(study.modes), "study.seeds": ",".join(map(str, study.seeds)),
+                           "study.storage": storage, "study.smoke_test": smoke_test,
+                           "resources.workers": r.workers, "resources.cpus_per_worker": r.cpus_per_worker,
+                           "resources.gpus_per_worker": r.gpus_per_worker, "resources.trial_cpus": r.trial_cpus}
+    if study.kind == "sweep":
+        out.update({"study.sampler": study.sampler, "study.num_samples": study.num_samples,
+                    "study.space": ",".join(p.name for p in study.space)})
+    else:
+        out["study.grid"] = json.dumps({k: list(v) for k, v in study.grid.items()})
+    from ancra_tune.config import flatten
+
+    out.update({f"base.{k}": v for k, v in flatten(study.train_config({}, study.seeds[0]), resolved=True).items()})
+    return out
