@@ -47,7 +47,7 @@ def main() -> None:
             Trainer(cfg).fit()
             ckpt = f"{d}/train/checkpoint.pt"
         cores = os.cpu_count() or 1
-        base = [sys.executable, "-m", "ancra_tune.cli", "eval", ckpt, "--quick", "--n", str(args.n),
+        base = [sys.executable, "-m", "trainables.cli", "eval", ckpt, "--quick", "--n", str(args.n),
                 "--batch-size", str(args.batch_size), "--quiet"]
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
         times, reports = {}, {}

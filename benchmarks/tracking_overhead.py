@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 def run(study: str, storage: Path, extra: list[str], env: dict[str, str]) -> tuple[float, dict]:
     t = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "ancra_tune.cli", "sweep", study, "--storage", str(storage),
+    out = subprocess.run([sys.executable, "-m", "trainables.cli", "sweep", study, "--storage", str(storage),
                           "--json", *extra], cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t
     if out.returncode != 0:

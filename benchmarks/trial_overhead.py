@@ -133,7 +133,7 @@ def floor(slots: int = 2) -> dict[str, float]:
     import sys
 
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import ancra_tune.cli, trainables.tuner, mlflow, optuna"], check=True)
+    subprocess.run([sys.executable, "-c", "import trainables.cli, trainables.study_run, mlflow, optuna"], check=True)
     imports = time.perf_counter() - t
     import ray
 

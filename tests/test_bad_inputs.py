@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ancra_tune.checkpoint import find_checkpoint
-from ancra_tune.cli import main
+from trainables.cli import main
 
 
 @pytest.fixture(scope="module")

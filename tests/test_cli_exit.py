@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 PROGRAM = textwrap.dedent("""
-    import sys, ray, ancra_tune.cli as cli
+    import sys, ray, trainables.cli.app as cli
 
     def command(argv=None):
         import concurrent.futures

@@ -38,7 +38,7 @@ def test_two_workers_give_the_single_process_report(tmp_path: Path) -> None:
     Trainer(cfg).fit()
     ckpt = tmp_path / "train" / "checkpoint.pt"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    common = [sys.executable, "-m", "ancra_tune.cli", "eval", str(ckpt), "--quick", "--n", "64", "--batch-size", "16",
+    common = [sys.executable, "-m", "trainables.cli", "eval", str(ckpt), "--quick", "--n", "64", "--batch-size", "16",
               "--quiet"]
     reports = {}
     for name, extra in (("single", []), ("sharded", ["--workers", "2"])):

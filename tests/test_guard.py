@@ -22,7 +22,7 @@ QUICKSTART = ROOT / "search_spaces" / "quickstart.yaml"
 
 def _cli(*args: str, cwd: Path, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "ancra_tune.cli", *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "trainables.cli", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=120, env=env)
 
 

@@ -9,9 +9,28 @@ def test_core_imports_no_ray_optuna_mlflow() -> None:
         "import sys\n"
         "import ancra_tune, ancra_tune.config, ancra_tune.data, ancra_tune.models, ancra_tune.attacks\n"
         "import ancra_tune.losses, ancra_tune.negatives, ancra_tune.trainer, ancra_tune.checkpoint\n"
-        "import ancra_tune.evaluate, ancra_tune.cli\n"
+        "import ancra_tune.evaluate, ancra_tune.robustness, ancra_tune.metric_names\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'optuna', 'mlflow'))\n"
         "print(','.join(bad))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"core imported: {out.stdout.strip()}"
+
+
+def test_the_core_never_imports_the_outer_layer() -> None:
+    """Data flows one way: no module of ancra_tune imports trainables (the Ray/MLflow layer), not even
+    inside a function; the command line lives in the outer layer (trainables.cli)."""
+    import ast
+    from pathlib import Path
+
+    core = Path(__file__).resolve().parents[1] / "ancra_tune"
+    offenders = []
+    for f in sorted(core.rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            offenders += [f"{f.relative_to(core.parent)}:{node.lineno}: {n}" for n in names
+                          if n.split(".")[0] == "trainables"]
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("trainables."):
+                offenders.append(f"{f.relative_to(core.parent)}:{node.lineno}: {node.value!r}")  # sys.modules lookups
+    assert not offenders, offenders

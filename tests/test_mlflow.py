@@ -52,7 +52,7 @@ def test_unreachable_server_fails_fast_before_ray_starts(tmp_path: Path) -> None
     # Through the command line: exit code 2, a clear message, no study folder, no Ray.
     storage = tmp_path / "studies"
     t = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "ancra_tune.cli", "sweep", str(ROOT / "search_spaces/quickstart.yaml"),
+    out = subprocess.run([sys.executable, "-m", "trainables.cli", "sweep", str(ROOT / "search_spaces/quickstart.yaml"),
                           "--storage", str(storage), "--tracking-uri", uri], capture_output=True, text=True,
                          timeout=120, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
     assert out.returncode == 2, out.stderr[-2000:]
@@ -268,7 +268,7 @@ def test_ui_serves_the_local_store_on_loopback_only(tmp_path: Path) -> None:
     import urllib.request
 
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    empty = subprocess.run([sys.executable, "-m", "ancra_tune.cli", "ui"], cwd=tmp_path, env=env,
+    empty = subprocess.run([sys.executable, "-m", "trainables.cli", "ui"], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=60)
     assert empty.returncode == 2 and "no MLflow store" in empty.stderr
     uri = tr.default_tracking_uri(tmp_path)
@@ -281,7 +281,7 @@ def test_ui_serves_the_local_store_on_loopback_only(tmp_path: Path) -> None:
     for stop, inherited in ((signal.SIGINT, signal.SIG_DFL), (signal.SIGINT, signal.SIG_IGN),
                             (signal.SIGTERM, signal.SIG_DFL)):
         port = _closed_port()
-        proc = subprocess.Popen([sys.executable, "-m", "ancra_tune.cli", "ui", "--port", str(port)], cwd=tmp_path,
+        proc = subprocess.Popen([sys.executable, "-m", "trainables.cli", "ui", "--port", str(port)], cwd=tmp_path,
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 preexec_fn=lambda inherited=inherited: signal.signal(signal.SIGINT, inherited))
         try:

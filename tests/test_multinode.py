@@ -89,7 +89,7 @@ def test_study_spreads_over_two_nodes_with_shared_storage_and_mlflow(two_node_cl
     study.write_text((ROOT / "search_spaces" / "quickstart.yaml").read_text().replace(
         "  workers: 1                # one Ray Train worker per trial: two trials fit a 2-core laptop at once",
         "  workers: 2"))
-    out = subprocess.run([sys.executable, "-m", "ancra_tune.cli", "sweep", str(study),
+    out = subprocess.run([sys.executable, "-m", "trainables.cli", "sweep", str(study),
                           "--smoke-test", "--address", address, "--storage", str(shared),
                           "--tracking-uri", mlflow_server, "--json"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

@@ -96,7 +96,7 @@ def test_quickstart_study_end_to_end(ray_local, tmp_path: Path, mlflow_server: s
     _check_tracked_study(mlflow_server, study, summary)
     _check_best_is_registered(mlflow_server, summary, tmp_path)
     # The study's page: the best-so-far curve ends at the best trial's value, the plots exist.
-    from ancra_tune.cli import main
+    from trainables.cli import main
 
     assert main(["report", summary["study_dir"]]) == 0
     page_dir = Path(summary["study_dir"], "report")
@@ -207,7 +207,7 @@ def _check_best_is_registered(uri: str, summary: dict, tmp_path: Path) -> None:
     from ancra_tune.robustness import load_eval_data, seeded_subset
     from trainables.tracking import client, download_checkpoint
 
-    out = subprocess.run([sys.executable, "-m", "ancra_tune.cli", "best", "quickstart", "--tracking-uri", uri],
+    out = subprocess.run([sys.executable, "-m", "trainables.cli", "best", "quickstart", "--tracking-uri", uri],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     finished = [t for t in summary["trials"] if t["status"] == "finished"]
@@ -439,7 +439,7 @@ def _check_study_page(summary: dict, parent_run_id: str, mc) -> None:
     """`ancra-tune report` on the finished ablation: its numbers are the trials' own reports'."""
     import statistics
 
-    from ancra_tune.cli import main
+    from trainables.cli import main
 
     out = Path(summary["study_dir"])
     assert main(["report", str(out)]) == 0
@@ -477,7 +477,7 @@ def _two_trial_cli(tmp_path: Path, name: str, *, epochs: int, storage: Path, tra
     text = text.replace("[0.05, 1.0e+12]", "[0.05, 0.02]").replace("seeds: [0, 1]", "seeds: [0]")
     text = text.replace("data.train_limit: 256", f"data.train_limit: {train_limit}")
     f = _study_file(tmp_path, text)
-    return f, [sys.executable, "-m", "ancra_tune.cli", "ablate", str(f), "--storage", str(storage),
+    return f, [sys.executable, "-m", "trainables.cli", "ablate", str(f), "--storage", str(storage),
                "--num-cpus", "1", "--tracking-uri", tracking_uri]  # one trial at a time
 
 
@@ -762,7 +762,7 @@ def test_two_sweeps_at_once_on_one_machine_both_finish(tmp_path: Path) -> None:
         procs = []
         for name in ("left", "right"):
             f = _study_file(tmp_path, CONCURRENT.format(name=name), f"{name}.yaml")
-            cmd = [sys.executable, "-m", "ancra_tune.cli", "sweep", str(f), "--storage", str(tmp_path / "studies"),
+            cmd = [sys.executable, "-m", "trainables.cli", "sweep", str(f), "--storage", str(tmp_path / "studies"),
                    "--num-cpus", "1", "--no-mlflow"]
             procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                                           stderr=subprocess.STDOUT, text=True))

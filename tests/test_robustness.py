@@ -169,7 +169,7 @@ def test_batches_run_separately_merge_to_the_same_report(batch) -> None:
 
 
 def test_cli_eval_writes_report_and_pngs(tmp_path: Path, capsys) -> None:
-    from ancra_tune.cli import main
+    from trainables.cli import main
 
     ckpt = tmp_path / "std"
     assert main(["train", "quickstart", "--set", "optim.epochs=1", "--set", "model.ra=false", "--set",

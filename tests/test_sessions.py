@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from ancra_tune.cli import study_exit_code
 from trainables import sessions as S
+from trainables.cli import study_exit_code
 
 
 def test_wall_time_counts_every_session_and_a_killed_one_until_its_last_result() -> None:

@@ -50,7 +50,7 @@ def _serve(db: Path, artifacts: Path, log: Path):
 
 
 def _store(*args: str, uri: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ancra_tune.cli", "store", *args, "--tracking-uri", uri], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "trainables.cli", "store", *args, "--tracking-uri", uri], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
 
 

@@ -42,7 +42,7 @@ max_failures: 0
 
 
 def _cli(study: Path, storage: Path, uri: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "ancra_tune.cli", "sweep", str(study), "--storage", str(storage),
+    return [sys.executable, "-m", "trainables.cli", "sweep", str(study), "--storage", str(storage),
             "--num-cpus", "1", "--tracking-uri", uri, *extra]
 
 

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from ancra_tune.checkpoint import load_model
-from ancra_tune.cli import main
 from ancra_tune.config import TrainConfig
 from ancra_tune.data import load_dataset
 from ancra_tune.trainer import Callback, DivergedError, Trainer, lr_at
+from trainables.cli import main
 
 DIGITS = {"data.dataset": "digits", "data.batch_size": 64, "data.val_size": 0.15, "model.name": "small_cnn",
           "attack.eps": 0.2, "attack.step_size": 0.05, "attack.steps": 3, "eval.pgd_step_size": 0.05,

@@ -22,7 +22,7 @@ def test_runs_list_shows_nested_trials_and_robust_columns(tmp_path: Path) -> Non
     pytest.importorskip("selenium")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_TRACKING_URI": uri}
-    run = subprocess.run([sys.executable, "-m", "ancra_tune.cli", "sweep", "search_spaces/quickstart.yaml",
+    run = subprocess.run([sys.executable, "-m", "trainables.cli", "sweep", "search_spaces/quickstart.yaml",
                           "--smoke-test", "--storage", str(tmp_path / "studies"), "--json"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -1,0 +1,5 @@
+"""``python -m trainables.cli``: the ``ancra-tune`` program."""
+
+from .app import entry
+
+entry()

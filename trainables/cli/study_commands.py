@@ -1,0 +1,151 @@
+"""`ancra-tune sweep` and `ancra-tune ablate`: run a study to its end, print its answer, and exit with
+a code that says how it ended (README: "Exit codes")."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ancra_tune.config import (
+    params_text,
+)
+
+from .codes import EXIT_DONE, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE
+
+
+def _study(args: argparse.Namespace, kind: str) -> int:
+    import contextlib
+    import json
+    import shlex
+
+    from ..guard import StorageError, StudyLockedError
+    from ..ray_session import InfeasibleResourcesError
+    from ..study import load_study  # Ray loads only for these commands
+    from ..study_run import run_study
+    from ..tracking import TrackingError
+
+    study = load_study(args.file)
+    if study.kind != kind:
+        print(f"error: {args.file} is a {study.kind} study; run it with `ancra-tune "
+              f"{'sweep' if study.kind == 'sweep' else 'ablate'}`", file=sys.stderr)
+        return EXIT_USAGE
+    argv = [a for a in sys.argv[1:] if a != "--resume"] if sys.argv[1:2] == [args.command] else \
+        [args.command, args.file]
+    resume_command = shlex.join(["ancra-tune", *argv, "--resume"])
+    # --json: stdout holds the JSON alone (it can be piped); every line for people goes to stderr.
+    console = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
+    try:
+        with console:
+            summary = run_study(study, address=args.address, storage=args.storage, resume=args.resume,
+                                smoke_test=args.smoke_test, num_cpus=args.num_cpus,
+                                wait_for_resources=args.wait_for_resources, tracking_uri=args.tracking_uri,
+                                track=not args.no_mlflow, resume_command=resume_command, verbose=args.verbose)
+    except (InfeasibleResourcesError, TrackingError, StorageError, StudyLockedError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"\nstopped at once; the last saved state resumes with: {resume_command}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(format_summary(summary), file=sys.stderr if args.json else sys.stdout, flush=True)
+    if args.json:
+        print(json.dumps(summary, indent=1, default=str))
+    return study_exit_code(summary)
+
+def study_exit_code(summary: dict) -> int:
+    """0: the study finished and at least one trial did; 1: it ended without a finished trial, or a full
+    disk stopped it; 130: interrupted (``--resume`` continues). Usage and config errors exit 2 earlier."""
+    outcome = summary.get("outcome")
+    if outcome is None:  # a summary of an older version
+        outcome = ("disk_full" if summary.get("interrupted_by") == "disk full" else
+                   "interrupted" if summary.get("interrupted") else
+                   "finished" if summary["status_counts"].get("finished") else "failed")
+    return {"finished": EXIT_DONE, "failed": EXIT_FAILED, "disk_full": EXIT_FAILED,
+            "interrupted": EXIT_INTERRUPTED}[outcome]
+
+def _useful_time(summary: dict) -> str:
+    """Validation and evaluation time, and the share of the trial slots' time spent on neither
+    them nor training (older summaries lack these)."""
+    if "trial_eval_time_s" not in summary:
+        return ""
+    text = f", validation {summary['trial_val_time_s']:.0f} s, evaluation {summary['trial_eval_time_s']:.0f} s"
+    if summary.get("overhead_share") is None:
+        return text
+    sessions = summary.get("sessions", 1)
+    over = f" over {sessions} sessions" if sessions > 1 else ""
+    return (text + f" ({summary.get('slots', 1)} at a time{over}: {100 * summary['overhead_share']:.0f}% of the "
+            "trial slots' time spent on anything else)")
+
+def format_summary(summary: dict) -> str:
+    """The study's answer: every trial in one table, best first (trials the checks flag last),
+    then the best trial and what to run next."""
+    metric, mode = next(iter(summary["objective"].items()))
+    lines = [f"study {summary['study']} ({summary['kind']}): {summary['n_trials']} trials, "
+             + ", ".join(f"{n} {k}" for k, n in summary["status_counts"].items() if n)
+             + f"; wall {summary['wall_time_s']:.0f} s, training {summary['trial_train_time_s']:.0f} s"
+             + _useful_time(summary) + "; objective "
+             + ", ".join(f"{k} ({v})" for k, v in summary["objective"].items())]
+
+    def num(v: object) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else "-"
+
+    def status(t: dict) -> str:
+        if t["status"] == "stopped":
+            return f"stopped@{t['epochs_run']}"
+        if t["status"] == "diverged":
+            return f"diverged@{t.get('diverged_epoch')}"
+        return t["status"]
+
+    def key(t: dict) -> tuple:
+        v = t.get(f"objective.{metric}", t.get(metric))
+        v = v if isinstance(v, float) else float("-inf")
+        return (t["status"] == "finished", not t.get("flags", {}).get(metric), v if mode == "max" else -v,
+                t.get("val_robust_acc") or 0.0)
+
+    rows = sorted(summary["trials"], key=key, reverse=True)
+    header = f"  {'trial':<10} {'status':<12} {'clean':>7} {metric:>17} {'autoattack':>10} {'val_robust':>10}  params"
+    lines.append(header)
+    for t in rows:
+        params = params_text(t["params"], inactive=t.get("inactive", ()))
+        flag = " !" if t.get("flags", {}).get(metric) else "  "
+        tid = str(t["trial_id"]).rsplit("_", 1)[-1]
+        lines.append(f"  {tid:<10} {status(t):<12} {num(t.get('clean_acc')):>7} {num(t.get(metric)):>15}{flag} "
+                     f"{num(t.get('autoattack_acc')):>10} {num(t.get('val_robust_acc')):>10}  {params}")
+    flagged = {str(k).rsplit("_", 1)[-1]: v for k, v in summary.get("flagged_trials", {}).items()}
+    if flagged:
+        lines.append("  ! flagged by the gradient-masking checks (ranked last; see docs/masking_checks.md):")
+        for tid, reasons in flagged.items():
+            lines.append(f"    {tid}: " + "; ".join(r for rs in reasons.values() for r in rs))
+    lines.append("  stopped trials show the last validation numbers they reached (val_robust, the scheduler's "
+                 "per-epoch worst case)")
+    for b in summary["best"]:
+        lines.append(f"best: trial {str(b['trial_id']).rsplit('_', 1)[-1]} ({metric} = {num(b.get(metric))}, "
+                     f"clean {num(b.get('clean_acc'))})\n  checkpoint: {b['checkpoint']}")
+        if b.get("flags"):
+            lines.append(f"  warning: every finished trial is flagged; this one's {metric} is not credible: "
+                         f"{'; '.join(b['flags'].get(metric, []))}")
+    if not summary["best"]:
+        lines.append("no trial finished: nothing to choose from")
+    errored = [str(t["trial_id"]).rsplit("_", 1)[-1] for t in summary["trials"] if t["status"] == "error"]
+    if errored and not summary.get("interrupted"):
+        lines.append(f"{len(errored)} trial(s) failed with an error ({', '.join(errored[:8])}"
+                     f"{', ...' if len(errored) > 8 else ''}): their logs are in their trial folders; --resume "
+                     "runs them again from their last checkpoint")
+    lines.append(f"results: {summary['study_dir']}")
+    if summary.get("interrupted"):
+        cmd = summary.get("resume_command") or "the same command with --resume"
+        if summary.get("interrupted_by") == "disk full":
+            lines.append(f"stopped by a full disk ({summary.get('interrupted_because', '')}): free some space, then "
+                         f"finish the unfinished trials with\n  {cmd}")
+        else:
+            lines.append(f"interrupted ({summary.get('interrupted_by') or 'stopped'}): finish the unfinished trials "
+                         f"with\n  {cmd}")
+    elif summary["best"]:
+        b = summary["best"][0]
+        lines.append("next:\n"
+                     f"  ancra-tune eval {b['checkpoint']}   # the full evaluation (AutoAttack standard) of the best\n"
+                     f"  ancra-tune best {summary['study']}   # register it in MLflow as @champion")
+    if summary.get("mlflow"):
+        m = summary["mlflow"]
+        ui = f"ancra-tune ui {summary['study']}" if m["tracking_uri"].startswith("sqlite:") else m["tracking_uri"]
+        lines.append(f"  {ui}   # every trial in MLflow (study run {m['study_run_id']})")
+    return "\n".join(lines)
