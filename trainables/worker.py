@@ -323,6 +323,7 @@ def evaluate_trial(trainer: Trainer, suite: SuiteConfig, *, plots_dir: Path | No
     import dataclasses
 
     from ancra_tune.robustness import build_report, evaluate_model, seeded_subset
+    from ancra_tune.robustness.plots import draw_report
 
     suite = dataclasses.replace(suite, features=suite.features and plots_dir is not None)
     val = trainer.splits.val
@@ -333,7 +334,9 @@ def evaluate_trial(trainer: Trainer, suite: SuiteConfig, *, plots_dir: Path | No
     results = evaluate_model(model, x, y, suite, progress=False)
     t_report = time.perf_counter()
     report = build_report(results, suite, ra=model.ra, n_classes=trainer.splits.info.num_classes,
-                          has_source=False, out_dir=plots_dir)
+                          has_source=False)
+    if plots_dir is not None:
+        report = draw_report(report, results, plots_dir)
     if spent is not None:
         spent.update(attacks_s=t_report - t, report_s=time.perf_counter() - t_report)
     return report

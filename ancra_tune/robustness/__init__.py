@@ -95,8 +95,11 @@ def evaluate_checkpoint(path: str | Path, cfg: SuiteConfig, *, split: str = "val
     out = Path(out_dir) if out_dir is not None else None
     results = (evaluate or evaluate_model)(model, x, y, cfg, source=src, progress=progress)
     report = build_report(results, cfg, ra=model.ra, n_classes=info.num_classes, has_source=src is not None,
-                          out_dir=out, meta={**meta, "variant": "standard"})
+                          meta={**meta, "variant": "standard"})
     if out is not None:
+        from .plots import draw_report  # matplotlib loads only when figures are drawn
+
+        report = draw_report(report, results, out)
         report.save(out / "report.json")
     return report
 
@@ -119,7 +122,11 @@ def evaluate_deployment(path: str | Path, cfg: SuiteConfig, *, split: str = "val
     for name, m in (("standard", model), ("deployment_ra", load_model(path, ra=True, map_location=device)[0])):
         results = (evaluate or evaluate_model)(m, x, y, cfg, source=src, progress=progress)
         reports[name] = build_report(results, cfg, ra=m.ra, n_classes=info.num_classes, has_source=src is not None,
-                                     out_dir=out / name if out is not None else None, meta={**meta, "variant": name})
+                                     meta={**meta, "variant": name})
+        if out is not None:
+            from .plots import draw_report
+
+            reports[name] = draw_report(reports[name], results, out / name)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.json").write_text(json.dumps({"deployment": True,

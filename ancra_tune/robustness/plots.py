@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from .report import BatchResult, EvalReport, merged_features
 from .suite import SuiteConfig
 
-if TYPE_CHECKING:
-    from .report import EvalReport
+
+def draw_report(report: EvalReport, results: Sequence[BatchResult], out_dir: Path) -> EvalReport:
+    """``report`` with its figures drawn into ``out_dir``: the feature histograms and embedding (when
+    the evaluation kept features) and the robustness card; their paths are its artifacts."""
+    from dataclasses import replace
+
+    artifacts: list[str] = []
+    merged = merged_features(results, report.suite)
+    if merged is not None:
+        fn, fa, labels, pairs = merged
+        artifacts += plot_features(pairs, fn, fa, labels, out_dir, report.suite)
+    report = replace(report, artifacts=tuple(artifacts))
+    return replace(report, artifacts=(*report.artifacts, robustness_card(report, out_dir)))
 
 
 def plot_features(pairs: dict[str, Tensor], feat_nat: Tensor, feat_adv: Tensor, labels: Tensor, out_dir: Path,

@@ -245,9 +245,9 @@ def _merge_probes(results: Sequence[BatchResult]) -> GradientProbe | None:
 
 
 def build_report(results: Sequence[BatchResult], cfg: SuiteConfig, *, ra: bool, n_classes: int,
-                 has_source: bool, out_dir: Path | None = None, meta: Mapping[str, Any] | None = None) -> EvalReport:
-    """Merge per-batch results (any order, e.g. from several workers) into the report; draw the
-    feature plots into ``out_dir``."""
+                 has_source: bool, meta: Mapping[str, Any] | None = None) -> EvalReport:
+    """Merge per-batch results (any order, e.g. from several workers) into the report. It draws
+    nothing: :func:`.plots.draw_report` adds the figures."""
     results = sorted(results, key=lambda r: r.batch_idx)
     plan = plan_attacks(cfg, ra=ra, has_source=has_source)
     clean = torch.cat([r.clean for r in results])
@@ -273,29 +273,29 @@ def build_report(results: Sequence[BatchResult], cfg: SuiteConfig, *, ra: bool, 
     attacks = tuple(AttackResult(name=s.name, kind=s.kind, target=s.target, steps=s.steps, eps=s.eps,
                                  in_worst_case=s.in_worst_case, accuracy=acc[s.name], beaten_by=beaten_by.get(s.name))
                     for s in plan)
-    features, artifacts = None, ()
-    if cfg.features and results and all(r.feat_nat is not None for r in results):
-        fn = torch.cat([r.feat_nat for r in results])  # type: ignore[misc]
-        fa = torch.cat([r.feat_adv for r in results])  # type: ignore[misc]
-        labels = torch.cat([r.labels for r in results])  # type: ignore[misc]
-        pairs = feature_pairs(fn, fa, labels, cfg.seed)
+    features = None
+    merged = merged_features(results, cfg)
+    if merged is not None:
+        pairs = merged[-1]
         features = {**{k: _stats(v) for k, v in pairs.items()}, "adversary": f"pgd{cfg.pgd_steps}_final"}
-        if out_dir is not None:
-            from .plots import plot_features
-
-            artifacts = tuple(plot_features(pairs, fn, fa, labels, out_dir, cfg))
-    report = EvalReport(suite=cfg, n_examples=clean.numel(), ra=ra, n_classes=n_classes, clean_acc=clean_acc,
+    return EvalReport(suite=cfg, n_examples=clean.numel(), ra=ra, n_classes=n_classes, clean_acc=clean_acc,
                         robust_acc_worst=worst_acc, attacks=attacks, checks=tuple(checks), autoattack_flags=flags,
                         per_example={"clean": clean.tolist(), "worst": worst.tolist(),
                                      **{k: v.tolist() for k, v in correct.items()}},
-                        features=features, artifacts=artifacts, meta=dict(meta or {}))
-    if out_dir is not None:  # the robustness card: every attack, the worst case, the verdicts
-        from dataclasses import replace
+                        features=features, artifacts=(), meta=dict(meta or {}))
 
-        from .plots import robustness_card
 
-        report = replace(report, artifacts=(*report.artifacts, robustness_card(report, out_dir)))
-    return report
+def merged_features(results: Sequence[BatchResult], cfg: SuiteConfig
+                    ) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]] | None:
+    """(natural features, adversarial features, labels, pairs) over all batches in order, or None when
+    the evaluation kept no features."""
+    if not (cfg.features and results and all(r.feat_nat is not None for r in results)):
+        return None
+    results = sorted(results, key=lambda r: r.batch_idx)
+    fn = torch.cat([r.feat_nat for r in results])  # type: ignore[misc]
+    fa = torch.cat([r.feat_adv for r in results])  # type: ignore[misc]
+    labels = torch.cat([r.labels for r in results])  # type: ignore[misc]
+    return fn, fa, labels, feature_pairs(fn, fa, labels, cfg.seed)
 
 
 # --------------------------------------------------------------------------- text
