@@ -246,7 +246,7 @@ def test_two_workers_reproduce_one_workers_first_step(ray_local, tmp_path: Path)
     from ancra_tune.checkpoint import load_checkpoint
     from ancra_tune.config import TrainConfig
     from ancra_tune.trainer import Trainer
-    from trainables.worker import train_loop_per_worker
+    from trainables.worker import TrialPlan, train_loop_per_worker
 
     cfg = TrainConfig.from_dict({
         "data.dataset": "digits", "data.batch_size": 64, "data.train_limit": 64, "data.val_size": 0.1,
@@ -261,7 +261,7 @@ def test_two_workers_reproduce_one_workers_first_step(ray_local, tmp_path: Path)
     for workers in (1, 2):
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"train": cfg.to_dict(), "eval": None, "cpus_per_worker": 0.5, "sync_batchnorm": True},
+            train_loop_config=TrialPlan(train=cfg, cpus_per_worker=0.5, sync_batchnorm=True).loop_config(),
             scaling_config=ray.train.ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 0.5}),
             run_config=ray.train.RunConfig(name=f"ddp{workers}", storage_path=str(tmp_path / "ray")))
         res = trainer.fit()
@@ -583,7 +583,7 @@ def _crash_once_loop(config: dict, in_trial: bool = False) -> None:
 
     worker.RayReport.on_epoch_end = crashing
     if in_trial:
-        worker.run_worker(config, worker.TuneSession(use_gpu=False))
+        worker.run_worker(config[worker.TrialPlan.KEY], worker.TuneSession(use_gpu=False))
     else:
         worker.train_loop_per_worker(config)
 
@@ -618,13 +618,14 @@ def test_crashed_worker_restarts_from_its_checkpoint(ray_local, tmp_path: Path) 
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from trainables.worker import TrialPlan
+
     # Ray workers cannot import this test module: ship the loop by value.
     _crash_once_loop.__module__ = "__main__"
     cfg, reference = _two_epoch_reference(tmp_path)
     trainer = TorchTrainer(
         _crash_once_loop,
-        train_loop_config={"train": cfg.to_dict(), "eval": None, "cpus_per_worker": 1.0,
-                           "marker": str(tmp_path / "crashed")},
+        train_loop_config=TrialPlan(train=cfg, cpus_per_worker=1.0).loop_config(marker=str(tmp_path / "crashed")),
         scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1.0}),
         run_config=ray.train.RunConfig(name="crash", storage_path=str(tmp_path / "ray"),
                                        failure_config=ray.train.FailureConfig(max_failures=1)))
@@ -717,9 +718,11 @@ def test_crashed_in_process_trial_restarts_from_its_checkpoint(ray_local, tmp_pa
     checkpoint; the weights equal an uninterrupted run's, each epoch is reported once."""
     from ray import tune
 
+    from trainables.worker import TrialPlan
+
     _crash_once_loop.__module__ = "__main__"
     cfg, reference = _two_epoch_reference(tmp_path)
-    config = {"train": cfg.to_dict(), "eval": None, "cpus_per_worker": 1.0, "marker": str(tmp_path / "crashed")}
+    config = TrialPlan(train=cfg, cpus_per_worker=1.0).loop_config(marker=str(tmp_path / "crashed"))
     tuner = tune.Tuner(tune.with_resources(lambda c: _crash_once_loop(config, in_trial=True), {"CPU": 1}),
                        run_config=tune.RunConfig(name="crash", storage_path=str(tmp_path / "ray"), verbose=0,
                                                  failure_config=tune.FailureConfig(max_failures=1)))

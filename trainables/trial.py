@@ -4,6 +4,7 @@ study about itself (its run's name and parameters, where its time went)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -20,7 +21,7 @@ from .tracking import (
     StudyTracking,
     TrialSpec,
 )
-from .worker import TuneSession, run_worker, train_loop_per_worker
+from .worker import DecisionBoard, TrialPlan, TuneSession, run_worker, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -48,21 +49,20 @@ def run_trial(params: dict[str, Any], *, study: Study, storage: str,
         # Nothing here waits for MLflow: rank 0 finds or creates the run (the driver at the study's
         # end if it never could), so an outage cannot fail the trial.
         mlflow_run = trial_spec(tracking, trial_id, params, seed, cfg)
-    loop_config = {"train": cfg.to_dict(), "eval": study.suite.to_dict(), "objective": list(study.metrics),
-                   "modes": list(study.modes), "cpus_per_worker": r.cpus_per_worker,
-                   "sync_batchnorm": r.sync_batchnorm, "mlflow": mlflow_run,
-                   # rank 0 tags the trial's run with where each process ran (it alone talks to MLflow)
-                   "trial_node": ray.get_runtime_context().get_node_id()}
+    plan = TrialPlan(train=cfg, suite=study.suite, objective=study.metrics, modes=study.modes,
+                     cpus_per_worker=r.cpus_per_worker, sync_batchnorm=r.sync_batchnorm, mlflow=mlflow_run,
+                     # rank 0 tags the trial's run with where each process ran (it alone talks to MLflow)
+                     trial_node=ray.get_runtime_context().get_node_id())
     if r.train_in_trial:  # one worker: this process trains, Tune restarts it from its checkpoints
         started = time.time()
-        final = run_worker(loop_config, TuneSession(use_gpu=r.gpus_per_worker > 0))
+        final = run_worker(plan, TuneSession(use_gpu=r.gpus_per_worker > 0))
         _write_timing(trial_start, started, final)
         return
     if decided_by_scheduler(study):  # the workers wait for ASHA's decision on each epoch
-        loop_config["decisions"] = {"board": board_name(join(storage, study.name)), "trial_id": trial_id}
+        plan = dataclasses.replace(plan, decisions=DecisionBoard(board_name(join(storage, study.name)), trial_id))
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config=plan.loop_config(),
         scaling_config=ray.train.ScalingConfig(
             num_workers=r.workers, use_gpu=r.gpus_per_worker > 0,
             resources_per_worker={"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker}

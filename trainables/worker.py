@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from ancra_tune.trainer import CHECKPOINT_NAME, Callback, DivergedError, Trainer
 
 from . import results as R
 from .guard import claim_run_dir, sweep_run_dirs
-from .tracking import FAST_FAIL_ENV, TrialRecorder
+from .tracking import FAST_FAIL_ENV, TrialRecorder, TrialSpec
 
 FINAL_NAME, REPORT_NAME = R.FINAL_NAME, R.REPORT_NAME
 log = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ class Session:
 
 
 class TrainSession(Session):
-    def __init__(self, decisions: dict[str, str] | None = None) -> None:
+    def __init__(self, decisions: DecisionBoard | None = None) -> None:
         import ray.train
         import ray.train.torch
 
@@ -122,12 +123,12 @@ class TrainSession(Session):
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()  # the worker's GPU, or CPU
         self.name = ctx.get_experiment_name()
-        self.decisions = decisions  # {"board", "trial_id"}: the study's decision board, or None
+        self.decisions = decisions  # the study's decision board, or None
         self._waiter = None
         if decisions is not None and self.rank == 0:
             from .decisions import Waiter
 
-            self._waiter = Waiter(decisions["board"], decisions["trial_id"])
+            self._waiter = Waiter(decisions.board, decisions.trial_id)
 
     @property
     def decision_wait_s(self) -> float:  # type: ignore[override]
@@ -177,25 +178,54 @@ def _threads(cpus_per_worker: float) -> int:
     return max(1, int(math.floor(cpus_per_worker)))
 
 
+@dataclass(frozen=True)
+class DecisionBoard:
+    """Where a multi-worker trial learns the scheduler's decisions (:mod:`trainables.decisions`)."""
+
+    board: str  # the study's board actor
+    trial_id: str
+
+
+@dataclass(frozen=True)
+class TrialPlan:
+    """Everything one trial's workers run, as typed objects: passed as it is to a trial that trains in
+    its own process, and pickled once, whole, into a Ray Train run's ``train_loop_config``."""
+
+    train: TrainConfig
+    suite: SuiteConfig | None = None  # the end-of-trial evaluation (None: none)
+    objective: tuple[str, ...] = ()  # the study's metrics and modes (a diverged trial reports the worst)
+    modes: tuple[str, ...] = ()
+    cpus_per_worker: float = 1.0
+    sync_batchnorm: bool = True
+    mlflow: TrialSpec | None = None  # the trial's MLflow run, found or created by rank 0
+    trial_node: str | None = None  # the Ray node of the Tune trial's process (a tag of its run)
+    decisions: DecisionBoard | None = None
+
+    KEY = "plan"
+
+    def loop_config(self, **extra: Any) -> dict[str, Any]:
+        """Ray Train's ``train_loop_config`` (a dict): the plan under one key (and ``extra`` keys)."""
+        return {self.KEY: self, **extra}
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point. ``config``: {"train": TrainConfig dict, "eval": SuiteConfig dict or None,
-    "objective": [metric, ...], "modes": [...], "cpus_per_worker": float, "sync_batchnorm": bool,
-    "mlflow": {"uri", "run_id"} or None, "decisions": {"board", "trial_id"} or None}."""
-    run_worker(config, TrainSession(config.get("decisions")))
+    """Ray Train entry point: ``config`` is :meth:`TrialPlan.loop_config`."""
+    plan: TrialPlan = config[TrialPlan.KEY]
+    run_worker(plan, TrainSession(plan.decisions))
 
 
-def run_worker(config: dict[str, Any], session: Session) -> dict[str, Any]:
+def run_worker(plan: TrialPlan, session: Session) -> dict[str, Any]:
     """One worker's whole run (see :func:`train_loop_per_worker`), reporting through ``session``;
     returns the final row rank 0 reported (empty when none was)."""
     timing = {R.TIMING_PREFIX + "worker_start": time.time()}
-    torch.set_num_threads(_threads(config.get("cpus_per_worker", 1.0)))
-    cfg = TrainConfig.from_dict(config["train"])
+    torch.set_num_threads(_threads(plan.cpus_per_worker))
+    cfg = plan.train
     rank, world, device = session.rank, session.world, session.device
 
     def wrap(model: torch.nn.Module) -> torch.nn.Module:
         if world == 1:
             return model
-        return ddp_wrap(model, device, sync_batchnorm=config.get("sync_batchnorm", True))
+        return ddp_wrap(model, device, sync_batchnorm=plan.sync_batchnorm)
 
     # One folder per run and rank, emptied first: a restarted worker group (or trial) reuses, and
     # so cleans up, what a killed one left behind; what killed workers of other runs left on this
@@ -209,11 +239,11 @@ def run_worker(config: dict[str, Any], session: Session) -> dict[str, Any]:
     out_dir.mkdir(parents=True)
     claim_run_dir(out_dir)
     cfg = cfg.replace(progress=False)
-    spec = config.get("mlflow")  # the trial's MLflow run (a TrialSpec), or None
+    spec = plan.mlflow
     recorder = None
     nodes = _node_ids(world) if spec is not None else {}  # every rank takes part (a collective)
     if spec is not None and rank == 0:  # one process per trial talks to MLflow: one run per trial
-        recorder = TrialRecorder(spec, tags={"ray.node.trial": config.get("trial_node"),
+        recorder = TrialRecorder(spec, tags={"ray.node.trial": plan.trial_node,
                                              **{f"ray.node.rank{r}": n for r, n in nodes.items()}})
         recorder.run_id()  # the run exists from the start (an outage: created at a later epoch)
     # MLflow first: an epoch is in the run before the report that may let ASHA stop the trial.
@@ -251,12 +281,10 @@ def run_worker(config: dict[str, Any], session: Session) -> dict[str, Any]:
         except DivergedError as e:
             # Every worker raises at the same step (a collective check): report and end cleanly,
             # so the trial ends as `diverged` instead of being retried.
-            session.report(R.diverged_row(e.epoch + 1, e.step, config.get("objective", ()),
-                                          config.get("modes", ())))
+            session.report(R.diverged_row(e.epoch + 1, e.step, plan.objective, plan.modes))
             return {}
-        if config.get("eval") is not None:  # the end-of-trial evaluation, unless none is asked for
-            suite = SuiteConfig.from_mapping(config["eval"], section="eval")
-            return _report_final(trainer, suite, session, recorder, objective=config.get("objective", ()),
+        if plan.suite is not None:  # the end-of-trial evaluation, unless none is asked for
+            return _report_final(trainer, plan.suite, session, recorder, objective=plan.objective,
                                  timing=timing)
         return {}
     finally:
