@@ -30,7 +30,7 @@ def run(study: str, storage: Path, extra: list[str], env: dict[str, str]) -> tup
     wall = time.perf_counter() - t
     if out.returncode != 0:
         sys.exit(out.stderr[-3000:])
-    return wall, json.loads(out.stdout[out.stdout.index("\n{") + 1:])
+    return wall, json.loads(out.stdout)  # --json: the summary alone on stdout
 
 
 def main() -> None:

@@ -120,7 +120,8 @@ def _trial_process_ready() -> float:
     optimizer (torch imports torch._dynamo there). Returns when it was done (wall clock)."""
     import mlflow  # noqa: F401
     import torch
-    import trainables.tuner  # noqa: F401
+
+    import trainables.study_run  # noqa: F401
 
     torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
     return time.time()

@@ -95,7 +95,7 @@ def ray_evaluator(workers: int, *, address: str | None = None, cpus_per_worker: 
                   gpus_per_worker: float = 0.0) -> RayEvaluator:
     """Join or start Ray, check that a shard fits, and return the ``evaluate`` callable that
     :func:`ancra_tune.robustness.evaluate_checkpoint` runs the attacks with."""
-    from .tuner import alive_nodes, init_ray
+    from .ray_session import alive_nodes, init_ray
 
     init_ray(address)
     cluster_check(cpus_per_worker, gpus_per_worker, alive_nodes())

@@ -55,7 +55,7 @@ def find_summary(study: str, storage: str | None = None) -> Path:
 
 
 def trial_report(row: dict[str, Any]) -> EvalReport | None:
-    from .tuner import read_report
+    from .summary import read_report
 
     return read_report(row.get("checkpoint")) if row.get("status") == "finished" else None
 
@@ -227,7 +227,7 @@ def sweep_plots(summary: dict[str, Any], metric: str, mode: str, out: Path) -> l
 
     done = [t for t in summary["trials"] if t["status"] == "finished" and t.get(metric) is not None]
     if done:
-        from .tuner import pareto_front
+        from .summary import pareto_front
 
         front = pareto_front(done, ["clean_acc", metric], ["max", mode])
         fig, ax = plt.subplots(figsize=(4.6, 3.6))
