@@ -13,16 +13,29 @@ eps = 8/255, PGD-10 with step 0.007, alpha = 1, zeta = 3, gamma = 2, TRADES beta
 from __future__ import annotations
 
 import dataclasses
-import re
-import types
-import typing
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
+# Re-exported: every layer imports the configuration's helpers from here.
+from .config_fields import (  # noqa: F401
+    ConfigError,
+    build_dataclass,
+    check_choice,
+    check_field,
+    merge_nested,
+    nest_keys,
+    to_builtin,
+)
+from .config_files import (  # noqa: F401
+    PRESETS,
+    load_yaml_with_overrides,
+    merge_config,
+    parse_override,
+    read_yaml_mapping,
+    resolve_config_path,
+)
 
 DATASETS = ("cifar10", "cifar100", "tinyimagenet", "mnist", "npz", "digits")
 MODELS = ("small_cnn", "resnet18", "preact_resnet18", "wrn28_10", "wrn34_10")
@@ -44,28 +57,6 @@ EVAL_SPLITS = ("val", "test")
 FINAL_SUITES = ("none", "quick", "full")
 
 DEFAULT_BETA = {"trades": 6.0, "mart": 5.0}
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field and what is allowed."""
-
-
-def _where(section: str, name: str) -> str:
-    return name if section in ("", "config") else f"{section}.{name}"
-
-
-def check_choice(section: str, name: str, value: Any, allowed: Sequence[str]) -> None:
-    """Raise :class:`ConfigError` unless ``value`` is one of ``allowed``. Configs, study files and
-    evaluation suites all validate with these two helpers, so every error reads the same:
-    ``<section>.<name> = <value> is invalid: must be <rule>``."""
-    if value not in allowed:
-        raise ConfigError(f"{_where(section, name)} = {value!r} is invalid: must be one of {', '.join(allowed)}")
-
-
-def check_field(cond: bool, section: str, name: str, value: Any, rule: str) -> None:
-    """Raise :class:`ConfigError` unless ``cond``; ``rule`` says what is allowed."""
-    if not cond:
-        raise ConfigError(f"{_where(section, name)} = {value!r} is invalid: must be {rule}")
 
 
 _choice, _check = check_choice, check_field
@@ -264,18 +255,18 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None = None) -> TrainConfig:
         """Build from a nested dict (YAML) and/or dotted keys ``{"method.alpha": 0.5}``."""
-        return build_dataclass(cls, _nest(d or {}), "")
+        return build_dataclass(cls, nest_keys(d or {}), "")
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
         return cls.from_dict(load_yaml_with_overrides(path, overrides))
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_builtin(dataclasses.asdict(self))
+        return to_builtin(dataclasses.asdict(self))
 
     def replace(self, **dotted: Any) -> TrainConfig:
         """A copy with dotted-key changes: ``cfg.replace(**{"method.alpha": 0.5})``."""
-        return TrainConfig.from_dict(_merge(self.to_dict(), _nest(dotted)))
+        return TrainConfig.from_dict(merge_nested(self.to_dict(), nest_keys(dotted)))
 
 
 def params_text(params: Mapping[str, Any], *, inactive: Collection[str] = (), sep: str = ", ") -> str:
@@ -335,156 +326,6 @@ def inactive_keys(cfg: TrainConfig) -> dict[str, str]:
     return out
 
 
-def merge_config(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """``overrides`` (nested or dotted keys) laid over ``base``: a nested dict for ``from_dict``."""
-    return _merge(_nest(base), _nest(overrides))
-
-
-PRESETS = ("quickstart", "paper_cifar10_resnet18", "mnist_small_cnn")
-
-
-def resolve_config_path(name: str | None) -> Path | None:
-    """A YAML path, or the name of a preset shipped with the package (``ancra_tune/presets``)."""
-    if name is None:
-        return None
-    p = Path(name)
-    if p.is_file():
-        return p
-    if name in PRESETS:
-        return Path(str(resources.files("ancra_tune") / "presets" / f"{name}.yaml"))
-    raise ConfigError(f"config {name!r} is neither a file nor a preset; presets: {', '.join(PRESETS)}")
-
-
-def parse_override(item: str) -> tuple[str, Any]:
-    """``"method.alpha=0.5"`` -> ``("method.alpha", 0.5)``; the value is parsed as YAML."""
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} must look like key=value, e.g. method.alpha=0.5")
-    key, raw = item.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
-
-
-def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, Any]:
-    """A YAML file whose top level is a mapping (an empty file is an empty mapping)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{what} {str(p)!r} does not exist")
-    loaded = yaml.safe_load(p.read_text()) or {}
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"{p}: top level must be a mapping, got {type(loaded).__name__}")
-    return loaded
-
-
-def load_yaml_with_overrides(path: str | Path | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    base: dict[str, Any] = {}
-    if path is not None:
-        base = _nest(read_yaml_mapping(path))
-    for item in overrides:
-        k, v = parse_override(item)
-        base = _merge(base, _nest({k: v}))
-    return base
-
-
 # --------------------------------------------------------------------------- internals
 
-_FRACTION = re.compile(r"^\s*([0-9.eE+-]+)\s*/\s*([0-9.eE+-]+)\s*$")
 
-
-def _nest(d: Mapping[str, Any]) -> dict[str, Any]:
-    """Expand dotted keys into nested dicts and merge them with nested ones."""
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        if isinstance(value, Mapping):
-            value = _nest(value)
-        parts = str(key).split(".")
-        node = out
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"key {key!r} goes inside {p!r}, which is not a section")
-        leaf = parts[-1]
-        if isinstance(value, dict) and isinstance(node.get(leaf), dict):
-            node[leaf] = _merge(node[leaf], value)
-        else:
-            node[leaf] = value
-    return out
-
-
-def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _to_builtin(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _to_builtin(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_to_builtin(v) for v in obj]
-    return obj
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Convert a YAML/CLI value to the annotated type; ``"8/255"`` is accepted for floats."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where)
-    if origin is tuple:
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where} = {value!r} is invalid: must be a list")
-        return tuple(_coerce(v, args[0], where) for v in value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where} = {value!r} is invalid: must be true or false")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-            raise ConfigError(f"{where} = {value!r} is invalid: must be an integer")
-        return int(value)
-    if tp is float:
-        if isinstance(value, str) and (m := _FRACTION.match(value)):
-            return float(m.group(1)) / float(m.group(2))
-        if isinstance(value, str):
-            try:  # "1e-3" (YAML 1.1 reads it as a string) or a flattened list item
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where} = {value!r} is invalid: must be a number (or a fraction like 8/255)")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where} = {value!r} is invalid: must be a string")
-        return value
-    return value
-
-
-def build_dataclass(cls: type, d: Mapping[str, Any], prefix: str) -> Any:
-    """An instance of the (frozen, validated) dataclass ``cls`` from a mapping: unknown keys are
-    refused with the allowed ones, values are coerced to the annotated types (``"8/255"`` for a
-    float), nested dataclasses are built recursively; ``prefix`` names the section in errors."""
-    if not isinstance(d, Mapping):
-        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {d!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - set(fields))
-    if unknown:
-        where = prefix or "config"
-        raise ConfigError(
-            f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(fields)}"
-        )
-    kwargs: dict[str, Any] = {}
-    for name, value in d.items():
-        tp = hints[name]
-        key = f"{prefix}.{name}" if prefix else name
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = build_dataclass(tp, value, key)
-        else:
-            kwargs[name] = _coerce(value, tp, key)
-    return cls(**kwargs)

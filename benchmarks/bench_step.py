@@ -34,7 +34,7 @@ import torch
 from ancra_tune.checkpoint import build_model
 from ancra_tune.config import TrainConfig
 from ancra_tune.data import DataInfo, load_npz
-from ancra_tune.trainer import ancra_step
+from ancra_tune.step import ancra_step
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10" / "train10000.npz"
 

@@ -87,7 +87,7 @@ def test_joint_batched_attack_equals_two_separate_attacks(batch) -> None:
 def test_one_step_follows_the_released_attack_objective(batch) -> None:
     """The released training attack ascends CE(P') + w * mean_b CE(P_b) (u_pgd) and descends the same
     toward the target (t_pgd), eval-mode BatchNorm, predicted gate: one step by hand."""
-    from ancra_tune.trainer import attack_loss
+    from ancra_tune.step import attack_loss
 
     model = trained_digits_model(ra=True).eval()
     x, y = batch

@@ -11,7 +11,8 @@ from helpers import digits_splits
 from ancra_tune.checkpoint import build_model
 from ancra_tune.config import TrainConfig
 from ancra_tune.distributed import all_true, ddp_wrap
-from ancra_tune.trainer import Trainer, ancra_step
+from ancra_tune.step import ancra_step
+from ancra_tune.trainer import Trainer
 
 pytestmark = pytest.mark.gpu
 

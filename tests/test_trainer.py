@@ -83,7 +83,7 @@ def test_one_step_equals_the_released_algorithm_by_hand(tmp_path: Path) -> None:
     halves of ANC) equals the released script's step written out by hand: the loss, every
     parameter's gradient, and the BatchNorm running statistics afterwards."""
     from ancra_tune.negatives import select_negatives
-    from ancra_tune.trainer import ancra_step
+    from ancra_tune.step import ancra_step
 
     cfg = _cfg(tmp_path, **{"method.negatives": "random", "method.alpha": 0.7, "attack.steps": 3})
     t = Trainer(cfg)
@@ -117,7 +117,7 @@ def test_one_step_equals_the_released_algorithm_by_hand(tmp_path: Path) -> None:
 def test_attack_options_batched_and_train_mode_batchnorm(tmp_path: Path) -> None:
     """Eval-mode BatchNorm: the batched AE+OE attack equals the released sequential one. Train-mode
     BatchNorm (an option) uses each attack batch's statistics and updates the running ones."""
-    from ancra_tune.trainer import ancra_step
+    from ancra_tune.step import ancra_step
 
     base = {"method.negatives": "random", "attack.init": "none"}
     losses = {}
@@ -136,7 +136,7 @@ def test_attack_options_batched_and_train_mode_batchnorm(tmp_path: Path) -> None
 
 
 def test_separate_forwards_differ_from_the_joint_one(tmp_path: Path) -> None:
-    from ancra_tune.trainer import ancra_step
+    from ancra_tune.step import ancra_step
 
     out = {}
     for joint in (False, True):
@@ -168,7 +168,7 @@ def test_real_training_lowers_loss_and_raises_robust_accuracy(shared_data: Path,
     trainer.callbacks.append(Record())
     first_batch_loss = None
     x, y = next(iter(trainer._loader()))
-    from ancra_tune.trainer import ancra_step
+    from ancra_tune.step import ancra_step
     first_batch_loss = ancra_step(trainer.model, x, y, cfg=cfg, epoch=0,
                                   generator=torch.Generator().manual_seed(0))[0].item()
     after = trainer.fit()

@@ -1,0 +1,105 @@
+"""The sections of a study file as typed objects, each validated when built: what a trial occupies
+(:class:`Resources`), the scheduler (:class:`SchedulerConfig`), one dimension of the search space
+(:class:`Param`), and the names a study file may use."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ancra_tune.config import (
+    ConfigError,
+    check_choice,
+    check_field,
+)
+from ancra_tune.metric_names import SCHEDULER_METRICS
+
+KINDS = ("sweep", "ablation")
+
+
+SAMPLERS = ("tpe", "nsga2", "random")
+
+
+SCHEDULERS = ("asha", "none")
+
+
+MODES = ("max", "min")
+
+
+#: end-of-trial metrics every evaluation reports (besides acc_<attack> of its plan)
+REPORT_METRICS = ("clean_acc", "robust_acc_worst", "autoattack_acc", "checks_passed", "eval_flagged",
+                  "eval_n_examples", "epoch_time_s_mean", "train_time_s")
+
+
+TOP_KEYS = ("name", "kind", "base", "train", "resources", "objective", "eval", "search", "scheduler", "seeds",
+            "ablation", "max_failures", "description")
+
+
+class StudyError(ConfigError):
+    """A study file is invalid; the message names the file, the key and what is allowed."""
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one trial occupies: the Tune trial itself (the Train driver) and its workers.
+
+    A one-worker trial trains inside the Tune trial (``in_process``, the default): it occupies the
+    same resources in one process, and skips the Train worker group's start-up (seconds per
+    trial, see benchmarks/trial_overhead.py). ``in_process: false`` starts one anyway.
+    """
+
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0  # fractions share a GPU between small trials
+    trial_cpus: float = 0.5  # the function trainable that drives the Train run (must be > 0)
+    sync_batchnorm: bool = True  # global BatchNorm statistics across workers (see ancra_tune.distributed)
+    in_process: bool = True  # one worker: train in the Tune trial, no Ray Train worker group
+
+    @property
+    def train_in_trial(self) -> bool:
+        return self.in_process and self.workers == 1
+
+    def __post_init__(self) -> None:
+        s = "resources"
+        check_field(self.workers >= 1, s, "workers", self.workers, ">= 1")
+        check_field(self.trial_cpus > 0, s, "trial_cpus", self.trial_cpus, "> 0 (Ray refuses a trial of 0 CPUs)")
+        check_field(self.cpus_per_worker >= 0, s, "cpus_per_worker", self.cpus_per_worker, ">= 0")
+        check_field(self.gpus_per_worker >= 0, s, "gpus_per_worker", self.gpus_per_worker, ">= 0")
+
+    @property
+    def trial_total(self) -> dict[str, float]:
+        return {"CPU": self.trial_cpus + self.workers * self.cpus_per_worker,
+                "GPU": self.workers * self.gpus_per_worker}
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """ASHA over the per-epoch validation metric (``time_attr`` = epoch), or none."""
+
+    type: str = "asha"
+    metric: str = "val_robust_acc"
+    mode: str = "max"
+    grace_period: int = 1
+    reduction_factor: int = 2
+
+    def __post_init__(self) -> None:
+        s = "scheduler"
+        check_choice(s, "type", self.type, SCHEDULERS)
+        check_choice(s, "mode", self.mode, MODES)
+        check_field(self.metric in SCHEDULER_METRICS, s, "metric", self.metric,
+                    f"a per-epoch validation metric: one of {', '.join(SCHEDULER_METRICS)}")
+        check_field(self.grace_period >= 1, s, "grace_period", self.grace_period, ">= 1")
+        check_field(self.reduction_factor >= 2, s, "reduction_factor", self.reduction_factor, ">= 2")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One dimension of the search space."""
+
+    name: str  # dotted TrainConfig key
+    choices: tuple[Any, ...] | None = None
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    integer: bool = False
+    when: dict[str, Any] = field(default_factory=dict)  # active only when these keys have these values
