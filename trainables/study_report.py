@@ -29,6 +29,8 @@ from ancra_tune.config import params_text
 from ancra_tune.robustness import EvalReport
 from ancra_tune.robustness.suite import SURROGATES
 
+from .ranking import creation_order, row_rank_key
+
 WORST = "robust_acc_worst"
 
 
@@ -149,14 +151,6 @@ def ablation_markdown(rows: list[dict[str, Any]]) -> list[str]:
 
 
 # --------------------------------------------------------------------------- sweeps
-
-
-def creation_order(trial: dict[str, Any]) -> int:
-    """Tune names trial folders run_trial_<id>_<counter>_...: the counter is the creation order."""
-    try:
-        return int(Path(trial["trial_dir"]).name.split("_")[3])
-    except (KeyError, IndexError, ValueError):
-        return 0
 
 
 def best_so_far(summary: dict[str, Any], metric: str, mode: str) -> list[dict[str, float]]:
@@ -313,7 +307,7 @@ def build_page(summary_path: Path, out: Path | None = None) -> Path:
         except Exception:  # noqa: BLE001 (the study file moved: no importance, the rest stands)
             space = {}
         done = sorted((t for t in summary["trials"] if t["status"] == "finished" and t.get(metric) is not None),
-                      key=lambda t: (not t.get("flags", {}).get(metric), t[metric] if mode == "max" else -t[metric]),
+                      key=lambda t: row_rank_key(t, metric, mode),
                       reverse=True)
         lines += [f"Objective: `{metric}` ({mode}), validation split. {len(done)} of {summary['n_trials']} "
                   "trials finished; the others were stopped early (ASHA) or did not finish.", "",

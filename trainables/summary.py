@@ -17,6 +17,7 @@ from ancra_tune.robustness import EvalReport
 
 from . import results as R
 from . import sessions
+from .ranking import row_rank_key
 from .study import Study
 from .trial import SEED_KEY
 from .worker import REPORT_NAME
@@ -130,14 +131,6 @@ def _last(records: list[dict[str, Any]], key: str) -> Any:
     return None
 
 
-def rank_key(row: dict[str, Any], metric: str, mode: str) -> tuple[int, float, float]:
-    """Sort key, best first: trials whose checks pass on ``metric`` before flagged ones, then the
-    credible value, then clean accuracy."""
-    value = row.get(R.objective_key(metric), row.get(metric))
-    v = -math.inf if value is None or _nan(value) else (value if mode == "max" else -value)
-    return (0 if row.get("flags", {}).get(metric) else 1, v, row.get("clean_acc") or 0.0)
-
-
 def summarize(study: Study, results: Any, *, wall_s: float, storage: str,
               stopped_by_scheduler: set[str] = frozenset(), slots: int = 1,  # type: ignore[assignment]
               history: list[sessions.Session] | None = None, interrupted: bool = False) -> dict[str, Any]:
@@ -155,7 +148,7 @@ def summarize(study: Study, results: Any, *, wall_s: float, storage: str,
         trusted = [r for r in scored if not r.get("flags")] or scored
         best = pareto_front(trusted, [R.objective_key(m) for m in study.metrics], study.modes)
     elif scored:
-        best = [max(scored, key=lambda r: rank_key(r, metric, mode))]
+        best = [max(scored, key=lambda r: row_rank_key(r, metric, mode))]
     train_total = sum(r["train_time_s"] for r in rows)
     val_total, eval_total = sum(r["val_time_s"] for r in rows), sum(r["eval_time_s"] for r in rows)
     slots = max(1, min(slots, len(rows)))

@@ -10,6 +10,7 @@ from ancra_tune.config import (
     params_text,
 )
 
+from ..ranking import row_rank_key
 from .codes import EXIT_DONE, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE
 
 
@@ -95,13 +96,10 @@ def format_summary(summary: dict) -> str:
             return f"diverged@{t.get('diverged_epoch')}"
         return t["status"]
 
-    def key(t: dict) -> tuple:
-        v = t.get(f"objective.{metric}", t.get(metric))
-        v = v if isinstance(v, float) else float("-inf")
-        return (t["status"] == "finished", not t.get("flags", {}).get(metric), v if mode == "max" else -v,
-                t.get("val_robust_acc") or 0.0)
-
-    rows = sorted(summary["trials"], key=key, reverse=True)
+    # The one ranking (the best trial comes first); trials without an evaluation by their last
+    # per-epoch number.
+    rows = sorted(summary["trials"], key=lambda t: (*row_rank_key(t, metric, mode), t.get("val_robust_acc") or 0.0),
+                  reverse=True)
     header = f"  {'trial':<10} {'status':<12} {'clean':>7} {metric:>17} {'autoattack':>10} {'val_robust':>10}  params"
     lines.append(header)
     for t in rows:

@@ -12,6 +12,7 @@ from typing import Any
 
 from ancra_tune.robustness.report import EvalReport
 
+from ..ranking import rank_key
 from .store import (
     CHAMPION,
     DEFAULT_METRIC,
@@ -75,9 +76,9 @@ def rank_candidates(mc: Any, children: list[Any], metric: str, *, mode: str = "m
         flags = tuple(report.flags(metric)) if report is not None else ("no evaluation report to check",)
         credible = report.credible(metric) if report is not None and report.is_robust_metric(metric) else value
         cands.append(Candidate(r, report, value, value if credible is None else credible, flags))
-    sign = 1 if mode == "max" else -1
-    return sorted(cands, key=lambda c: (not c.flags, sign * c.credible, c.run.data.metrics.get("clean_acc", 0.0),
-                                        -c.run.info.start_time), reverse=True)
+    return sorted(cands, key=lambda c: rank_key(finished=True, flagged=bool(c.flags), value=c.credible,
+                                                clean=c.run.data.metrics.get("clean_acc"),
+                                                order=c.run.info.start_time, mode=mode), reverse=True)
 
 
 def pick_best(mc: Any, children: list[Any], metric: str, *, mode: str = "max",
