@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .results import objective_key
+from .statuses import FINISHED
 
 
 def rank_key(*, finished: bool, flagged: bool, value: float | None, clean: float | None, order: float,
@@ -31,6 +32,6 @@ def creation_order(row: dict[str, Any]) -> int:
 
 def row_rank_key(row: dict[str, Any], metric: str, mode: str) -> tuple[bool, bool, float, float, float]:
     """:func:`rank_key` of a summary row (its credible value of ``metric``, its flags)."""
-    return rank_key(finished=row.get("status") == "finished", flagged=bool(row.get("flags", {}).get(metric)),
+    return rank_key(finished=row.get("status") == FINISHED, flagged=bool(row.get("flags", {}).get(metric)),
                     value=row.get(objective_key(metric), row.get(metric)), clean=row.get("clean_acc"),
                     order=creation_order(row), mode=mode)

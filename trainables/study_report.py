@@ -29,6 +29,7 @@ from ancra_tune.config import params_text
 from ancra_tune.robustness import EvalReport
 from ancra_tune.robustness.suite import SURROGATES
 
+from . import statuses as S
 from .ranking import creation_order, row_rank_key
 
 WORST = "robust_acc_worst"
@@ -59,7 +60,7 @@ def find_summary(study: str, storage: str | None = None) -> Path:
 def trial_report(row: dict[str, Any]) -> EvalReport | None:
     from .summary import read_report
 
-    return read_report(row.get("checkpoint")) if row.get("status") == "finished" else None
+    return read_report(row.get("checkpoint")) if row.get("status") == S.FINISHED else None
 
 
 def columns_of(report: EvalReport) -> dict[str, tuple[float | None, bool]]:
@@ -110,7 +111,7 @@ def ablation_rows(summary: dict[str, Any], reports: dict[str, EvalReport | None]
     rows = []
     for point, trials in groups.items():
         row: dict[str, Any] = {"config": dict(point), "seeds": len(trials),
-                               "finished": sum(t["status"] == "finished" for t in trials)}
+                               "finished": sum(t["status"] == S.FINISHED for t in trials)}
         checked = [r for t in trials if (r := reports.get(str(t["trial_id"]))) is not None]
         cols = [columns_of(r) for r in checked]
         for name, _, _ in COLUMNS:
@@ -159,7 +160,7 @@ def best_so_far(summary: dict[str, Any], metric: str, mode: str) -> list[dict[st
     best, epochs, out = None, 0, []
     for i, t in enumerate(sorted(summary["trials"], key=creation_order), 1):
         epochs += int(t.get("epochs_run") or 0)
-        v = t.get(metric) if t["status"] == "finished" and not t.get("flags", {}).get(metric) else None
+        v = t.get(metric) if t["status"] == S.FINISHED and not t.get("flags", {}).get(metric) else None
         if v is not None and (best is None or sign * v > sign * best):
             best = v
         out.append({"trial": i, "epochs": epochs, "best": best})
@@ -170,7 +171,7 @@ def importance(summary: dict[str, Any], metric: str, mode: str, space: dict[str,
     """Optuna's parameter importance (fANOVA) over the finished trials; {} when too few."""
     import optuna
 
-    finished = [t for t in summary["trials"] if t["status"] == "finished" and t.get(metric) is not None]
+    finished = [t for t in summary["trials"] if t["status"] == S.FINISHED and t.get(metric) is not None]
     if len(finished) < 3 or not space:
         return {}
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -219,7 +220,7 @@ def sweep_plots(summary: dict[str, Any], metric: str, mode: str, out: Path) -> l
     plt.close(fig)
     files.append("best_so_far.png")
 
-    done = [t for t in summary["trials"] if t["status"] == "finished" and t.get(metric) is not None]
+    done = [t for t in summary["trials"] if t["status"] == S.FINISHED and t.get(metric) is not None]
     if done:
         from .summary import pareto_front
 
@@ -306,7 +307,7 @@ def build_page(summary_path: Path, out: Path | None = None) -> Path:
             space = distributions(load_study(summary["study_file"]))
         except Exception:  # noqa: BLE001 (the study file moved: no importance, the rest stands)
             space = {}
-        done = sorted((t for t in summary["trials"] if t["status"] == "finished" and t.get(metric) is not None),
+        done = sorted((t for t in summary["trials"] if t["status"] == S.FINISHED and t.get(metric) is not None),
                       key=lambda t: row_rank_key(t, metric, mode),
                       reverse=True)
         lines += [f"Objective: `{metric}` ({mode}), validation split. {len(done)} of {summary['n_trials']} "

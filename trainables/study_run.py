@@ -26,6 +26,7 @@ from ray.tune import Callback
 
 from . import results as R
 from . import sessions
+from . import statuses as S
 from . import storage as storage_mod
 from .console import TrackingWatch, TrialLines
 from .decisions import Decisions, board_name
@@ -96,7 +97,7 @@ def deliver_backlog(tracking: StudyTracking, study: Study, rows: list[dict[str, 
     for row in rows:
         if not row.get("checkpoint"):
             continue
-        finished = row["status"] == "finished"
+        finished = row["status"] == S.FINISHED
         run = find_trial_run(mc, tracking, str(row["trial_id"]))
         if run is not None and run_is_complete(mc, run.info.run_id, epochs=row["epochs_run"], finished=finished):
             continue

@@ -17,6 +17,7 @@ from ancra_tune.robustness import EvalReport
 
 from . import results as R
 from . import sessions
+from . import statuses as S
 from .ranking import row_rank_key
 from .study import Study
 from .trial import SEED_KEY
@@ -59,10 +60,10 @@ def _trial_rows(results: Any, study: Study, stopped_by_scheduler: set[str],
         epochs = [m for m in records if R.is_epoch(m)]
         last_final = next((m for m in reversed(records) if R.is_final(m)), None)
         trial_id = str(metrics.get("trial_id") or Path(res.path).name)
-        status = "error" if res.error else ("diverged" if R.is_diverged(metrics) else
-                                             "finished" if last_final is not None else
-                                             "stopped" if trial_id in stopped_by_scheduler or not interrupted
-                                             else "interrupted")
+        status = S.ERROR if res.error else (S.DIVERGED if R.is_diverged(metrics) else
+                                            S.FINISHED if last_final is not None else
+                                            S.STOPPED if trial_id in stopped_by_scheduler or not interrupted
+                                            else S.INTERRUPTED)
         row = {"trial_id": trial_id, "status": status,
                "params": cfg,
                "checkpoint": (metrics.get(R.CHECKPOINT_PATH) or _last(records, R.CHECKPOINT_PATH)
@@ -84,7 +85,7 @@ def _trial_rows(results: Any, study: Study, stopped_by_scheduler: set[str],
             row["inactive"] = sorted(k for k in point if k in unused)
         except Exception:  # noqa: BLE001 (a row is still worth showing)
             row["inactive"] = []
-        if status == "diverged":
+        if status == S.DIVERGED:
             row["diverged_epoch"] = metrics.get(R.DIVERGED_EPOCH)
         if last_final is not None:
             report = read_report(last_final.get(R.CHECKPOINT_PATH) or row["checkpoint"])
@@ -142,7 +143,7 @@ def summarize(study: Study, results: Any, *, wall_s: float, storage: str,
     rows = _trial_rows(results, study, set(stopped_by_scheduler), interrupted=interrupted)
     reported = [t for r in rows for t in r.pop(REPORTED_TIMES)]
     metric, mode = study.metrics[0], study.modes[0]
-    scored = [r for r in rows if r["status"] == "finished" and r.get(metric) is not None]
+    scored = [r for r in rows if r["status"] == S.FINISHED and r.get(metric) is not None]
     best: list[dict[str, Any]] = []
     if study.multi_objective:
         trusted = [r for r in scored if not r.get("flags")] or scored
@@ -164,9 +165,7 @@ def summarize(study: Study, results: Any, *, wall_s: float, storage: str,
             "sessions": len(history) if history else 1, "trial_train_time_s": train_total,
             "trial_val_time_s": val_total, "trial_eval_time_s": eval_total, "slots": slots,
             "overhead_share": share,
-            "n_trials": len(rows), "status_counts": {s: sum(r["status"] == s for r in rows)
-                                                      for s in ("finished", "stopped", "interrupted", "diverged",
-                                                                "error")},
+            "n_trials": len(rows), "status_counts": {s: sum(r["status"] == s for r in rows) for s in S.TRIAL_STATUSES},
             "flagged_trials": {str(r["trial_id"]): r["flags"] for r in rows if r.get("flags")},
             "best": best, "trials": rows}
 
@@ -196,7 +195,7 @@ def ablation_table(rows: list[dict[str, Any]], study: Study) -> list[dict[str, A
         group = [r for r in rows if all(r["params"].get(k) == v for k, v in point.items())]
         row: dict[str, Any] = dict(point)
         row["seeds"] = len(group)
-        row["finished"] = sum(r["status"] == "finished" for r in group)
+        row["finished"] = sum(r["status"] == S.FINISHED for r in group)
         for col in TABLE_COLUMNS:
             vals = [r[col] for r in group if isinstance(r.get(col), (int, float)) and not _nan(r.get(col))]
             row[f"{col}_mean"] = statistics.fmean(vals) if vals else None

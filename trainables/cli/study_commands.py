@@ -10,6 +10,7 @@ from ancra_tune.config import (
     params_text,
 )
 
+from .. import statuses as S
 from ..ranking import row_rank_key
 from .codes import EXIT_DONE, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE
 
@@ -90,9 +91,9 @@ def format_summary(summary: dict) -> str:
         return f"{v:.4f}" if isinstance(v, float) else "-"
 
     def status(t: dict) -> str:
-        if t["status"] == "stopped":
+        if t["status"] == S.STOPPED:
             return f"stopped@{t['epochs_run']}"
-        if t["status"] == "diverged":
+        if t["status"] == S.DIVERGED:
             return f"diverged@{t.get('diverged_epoch')}"
         return t["status"]
 
@@ -123,7 +124,7 @@ def format_summary(summary: dict) -> str:
                          f"{'; '.join(b['flags'].get(metric, []))}")
     if not summary["best"]:
         lines.append("no trial finished: nothing to choose from")
-    errored = [str(t["trial_id"]).rsplit("_", 1)[-1] for t in summary["trials"] if t["status"] == "error"]
+    errored = [str(t["trial_id"]).rsplit("_", 1)[-1] for t in summary["trials"] if t["status"] == S.ERROR]
     if errored and not summary.get("interrupted"):
         lines.append(f"{len(errored)} trial(s) failed with an error ({', '.join(errored[:8])}"
                      f"{', ...' if len(errored) > 8 else ''}): their logs are in their trial folders; --resume "

@@ -12,6 +12,7 @@ from typing import Any
 
 from ancra_tune.robustness.report import EvalReport
 
+from .. import statuses as S
 from ..ranking import rank_key
 from .store import (
     CHAMPION,
@@ -69,7 +70,7 @@ def rank_candidates(mc: Any, children: list[Any], metric: str, *, mode: str = "m
     metric before flagged ones, then the credible value, then clean accuracy, then the earlier."""
     cands = []
     for r in children:
-        if r.data.tags.get(STATUS) != "finished" or metric not in r.data.metrics or MODEL_URI not in r.data.tags:
+        if r.data.tags.get(STATUS) != S.FINISHED or metric not in r.data.metrics or MODEL_URI not in r.data.tags:
             continue
         report = run_report(mc, r)
         value = r.data.metrics[metric]

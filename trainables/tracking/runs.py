@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import statuses as S
 from .store import (
     PARENT,
     ROLE,
@@ -71,7 +72,7 @@ def start_study_run(uri: str, study: Any, *, study_path: str, resume: bool,
     return StudyTracking(uri, exp_id, run_id)
 
 
-LOST = "lost"  # ancra.status of a run whose trial Tune never saved (its driver was killed first)
+LOST = S.LOST  # ancra.status of a run whose trial Tune never saved (its driver was killed first)
 
 
 def end_study_run(tracking: StudyTracking, summary: Mapping[str, Any] | None, *, status: str,
@@ -102,8 +103,8 @@ def end_study_run(tracking: StudyTracking, summary: Mapping[str, Any] | None, *,
             if row.get("flags"):
                 mc.set_tag(child.info.run_id, "ancra.selection", "ranked last: " + "; ".join(
                     f"{m}: {', '.join(r)}" for m, r in row["flags"].items())[:4000])
-            mlflow_status = {"finished": "FINISHED", "stopped": "KILLED",
-                             "interrupted": cut_short}.get(result, "FAILED")
+            mlflow_status = {S.FINISHED: "FINISHED", S.STOPPED: "KILLED",
+                             S.INTERRUPTED: cut_short}.get(result, "FAILED")
             mc.set_terminated(child.info.run_id, status=mlflow_status)
         if not interrupted:
             counts = summary["status_counts"]
@@ -132,7 +133,7 @@ def end_study_run(tracking: StudyTracking, summary: Mapping[str, Any] | None, *,
     # Whatever is still RUNNING under this study (a trial that never reported) ends with the study.
     for child in mc.search_runs([tracking.experiment_id], filter_string=f"tags.`{PARENT}` = '{rid}' and "
                                 "attributes.status = 'RUNNING'", max_results=5000):
-        mc.set_tag(child.info.run_id, STATUS, outcome or "stopped")
+        mc.set_tag(child.info.run_id, STATUS, outcome or S.STOPPED)
         mc.set_terminated(child.info.run_id, status="KILLED" if status != "FAILED" else "FAILED")
     for f in files:
         mc.log_artifact(rid, str(f))
