@@ -217,3 +217,20 @@ def test_pca_embedding_projects_on_the_leading_components() -> None:
     assert SuiteConfig.preset_config("quick").embedding == "pca" and SuiteConfig().embedding == "tsne"
     with pytest.raises(ConfigError, match="embedding"):
         SuiteConfig(embedding="umap-ish")
+
+
+def test_every_planned_attack_kind_is_in_the_registry() -> None:
+    """The attacks run from one registry (kind -> function): every kind a suite can plan is in it,
+    and an unknown kind is refused naming the known ones."""
+    from ancra_tune.robustness.runner import ATTACKS
+
+    kinds = set()
+    for preset in ("quick", "full"):
+        cfg = SuiteConfig.preset_config(preset, eps=0.1)
+        for ra in (False, True):
+            for has_source in (False, True):
+                kinds |= {s.kind for s in plan_attacks(cfg, ra=ra, has_source=has_source)}
+    assert kinds <= set(ATTACKS), kinds - set(ATTACKS)
+    with pytest.raises(ValueError, match="unknown attack kind 'pgdd'; known: fgsm, pgd"):
+        run_attack(AttackSpec(name="x", kind="pgdd", target="final", steps=1, eps=0.1), 0, None, None, None,
+                   cfg=SuiteConfig.preset_config("quick", eps=0.1), batch_idx=0)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -53,56 +55,103 @@ class _AutoAttackFlags(logging.Handler):
         self.messages.append(record.getMessage())
 
 
+@dataclass(frozen=True)
+class AttackCall:
+    """What one attack on one batch gets, besides the model and the batch: the spec, the suite, the
+    batch's seeded generator and PGD settings, and the extras a few attacks use."""
+
+    spec: AttackSpec
+    cfg: SuiteConfig
+    gen: torch.Generator
+    common: dict[str, Any]  # PGD's eps, step, steps, BN mode, start, generator and EOT
+    batch_idx: int
+    attack_idx: int
+    source: nn.Module | None
+    flags: list[str] | None
+    eot: int
+    suspicious: bool
+
+
+def _fgsm(model: RANet, x: Tensor, y: Tensor, c: AttackCall) -> Tensor:
+    if c.eot == 1:
+        return fgsm(model, x, y, eps=c.spec.eps)
+    return pgd(model, x, y, eps=c.spec.eps, step_size=c.spec.eps, steps=1, bn="eval", init="none", eot=c.eot)
+
+
+def _pgd(model: RANet, x: Tensor, y: Tensor, c: AttackCall) -> Tensor:
+    """PGD on P' (``final``), or through a surrogate of RA's gate, every visited point scored."""
+    if c.spec.target == "final":
+        return pgd(model, x, y, **c.common)
+    if c.spec.target not in SURROGATES:
+        raise ValueError(f"unknown attack target {c.spec.target!r}; known: final, {', '.join(SURROGATES)}")
+    tracker = adaptive.Tracker(model, x, y)
+    surrogate = adaptive.SurrogateModel(model, c.spec.target, y, tracker, c.cfg.gate_temperature)
+    last = pgd(surrogate, x, y, loss_fn=adaptive.pgd_loss(c.spec.target), **c.common)
+    tracker.observe(last, surrogate.rows)
+    return tracker.result(last)
+
+
+def _apgd(model: RANet, x: Tensor, y: Tensor, c: AttackCall) -> Tensor:
+    n_classes = model.fc.out_features
+    if c.spec.kind == "apgd-t" and n_classes < 4:  # targeted DLR needs 4 classes
+        return x.clone()
+    return adaptive.apgd(model, x, y, target=c.spec.target, loss="ce" if c.spec.kind == "apgd-ce" else "dlr-targeted",
+                         eps=c.spec.eps, n_iter=c.spec.steps, n_restarts=c.cfg.apgd_restarts,
+                         n_targets=min(c.cfg.apgd_targets, n_classes - 1), temperature=c.cfg.gate_temperature,
+                         seed=_attack_seed(c.cfg.seed, c.batch_idx, c.attack_idx), eot_iter=c.eot, flags=c.flags)
+
+
+def _cw(model: RANet, x: Tensor, y: Tensor, c: AttackCall) -> Tensor:
+    return pgd(model, x, y, objective="cw", **c.common)
+
+
+def _mim(model: RANet, x: Tensor, y: Tensor, c: AttackCall) -> Tensor:
+    return pgd(model, x, y, momentum=c.cfg.mim_momentum, **{**c.common, "init": "none"})
+
+
+def _transfer(model: RANet, x: Tensor, y: Tensor, c: AttackCall) -> Tensor:
+    """PGD (or MIM) crafted on the source model, scored on ``model``."""
+    assert c.source is not None
+    mom = c.cfg.mim_momentum if c.spec.kind == "transfer_mim" else 0.0
+    return pgd(c.source, x, y, momentum=mom, **{**c.common, "init": "none" if mom else "uniform", "eot": 1})
+
+
+def _square(model: RANet, x: Tensor, y: Tensor, c: AttackCall) -> Tensor:
+    from pyautoattack.square import SquareAttack
+
+    queries = max(c.spec.steps, c.cfg.square_queries_suspicious) if c.suspicious else c.spec.steps
+    sq = SquareAttack(LogitsOnly(model), p_init=0.8, n_queries=queries, eps=c.spec.eps, norm="Linf",
+                      n_restarts=1, seed=c.cfg.seed + c.batch_idx, verbose=False, device=x.device,
+                      resc_schedule=False)
+    with torch.no_grad():
+        return sq.perturb(x, y)
+
+
+def _autoattack_call(model: RANet, x: Tensor, y: Tensor, c: AttackCall) -> Tensor:
+    return _autoattack(model, x, y, cfg=c.cfg, batch_idx=c.batch_idx, flags=c.flags, randomized=c.eot > 1)
+
+
+#: every attack kind an AttackSpec may name, and the function that runs it (the registry)
+ATTACKS: dict[str, Callable[[RANet, Tensor, Tensor, AttackCall], Tensor]] = {
+    "fgsm": _fgsm, "pgd": _pgd, "sweep": _pgd, "apgd-ce": _apgd, "apgd-t": _apgd, "cw": _cw, "mim": _mim,
+    "transfer_pgd": _transfer, "transfer_mim": _transfer, "square": _square, "autoattack": _autoattack_call,
+}
+
+
 def run_attack(spec: AttackSpec, attack_idx: int, model: RANet, x: Tensor, y: Tensor, *, cfg: SuiteConfig,
                batch_idx: int, source: nn.Module | None = None, flags: list[str] | None = None,
                eot: int = 1, suspicious: bool = False) -> Tensor:
     """AEs of one batch under ``spec``; deterministic in (cfg.seed, batch_idx, attack_idx) for a
     deterministic model. ``eot`` > 1: gradients averaged over that many samples (random models);
     ``suspicious``: the batch's gradients are broken, so Square gets its larger budget."""
+    attack = ATTACKS.get(spec.kind)
+    if attack is None:
+        raise ValueError(f"unknown attack kind {spec.kind!r}; known: {', '.join(ATTACKS)}")
     gen = _generator(cfg.seed, batch_idx, attack_idx)
     step = cfg.step if spec.eps == cfg.eps else spec.eps / 4
     common = dict(eps=spec.eps, step_size=step, steps=spec.steps, bn="eval", init="uniform", generator=gen, eot=eot)
-    if spec.kind == "fgsm":
-        return fgsm(model, x, y, eps=spec.eps) if eot == 1 else pgd(
-            model, x, y, eps=spec.eps, step_size=spec.eps, steps=1, bn="eval", init="none", eot=eot)
-    if spec.kind in ("pgd", "sweep"):
-        if spec.target == "final":
-            return pgd(model, x, y, **common)
-        if spec.target not in SURROGATES:
-            raise ValueError(f"unknown attack target {spec.target!r}")
-        tracker = adaptive.Tracker(model, x, y)
-        surrogate = adaptive.SurrogateModel(model, spec.target, y, tracker, cfg.gate_temperature)
-        last = pgd(surrogate, x, y, loss_fn=adaptive.pgd_loss(spec.target), **common)
-        tracker.observe(last, surrogate.rows)
-        return tracker.result(last)
-    if spec.kind in ("apgd-ce", "apgd-t"):
-        n_targets = min(cfg.apgd_targets, model.fc.out_features - 1)
-        if spec.kind == "apgd-t" and model.fc.out_features < 4:  # targeted DLR needs 4 classes
-            return x.clone()
-        return adaptive.apgd(model, x, y, target=spec.target, loss="ce" if spec.kind == "apgd-ce" else "dlr-targeted",
-                             eps=spec.eps, n_iter=spec.steps, n_restarts=cfg.apgd_restarts, n_targets=n_targets,
-                             temperature=cfg.gate_temperature, seed=_attack_seed(cfg.seed, batch_idx, attack_idx),
-                             eot_iter=eot, flags=flags)
-    if spec.kind == "cw":
-        return pgd(model, x, y, objective="cw", **common)
-    if spec.kind == "mim":
-        return pgd(model, x, y, momentum=cfg.mim_momentum, **{**common, "init": "none"})
-    if spec.kind in ("transfer_pgd", "transfer_mim"):
-        assert source is not None
-        mom = cfg.mim_momentum if spec.kind == "transfer_mim" else 0.0
-        return pgd(source, x, y, momentum=mom, **{**common, "init": "none" if mom else "uniform", "eot": 1})
-    if spec.kind == "square":
-        from pyautoattack.square import SquareAttack
-
-        queries = max(spec.steps, cfg.square_queries_suspicious) if suspicious else spec.steps
-        sq = SquareAttack(LogitsOnly(model), p_init=0.8, n_queries=queries, eps=spec.eps, norm="Linf",
-                          n_restarts=1, seed=cfg.seed + batch_idx, verbose=False, device=x.device,
-                          resc_schedule=False)
-        with torch.no_grad():
-            return sq.perturb(x, y)
-    if spec.kind == "autoattack":
-        return _autoattack(model, x, y, cfg=cfg, batch_idx=batch_idx, flags=flags, randomized=eot > 1)
-    raise ValueError(f"unknown attack kind {spec.kind!r}")
+    return attack(model, x, y, AttackCall(spec, cfg, gen, common, batch_idx, attack_idx, source, flags, eot,
+                                          suspicious))
 
 
 def _autoattack(model: RANet, x: Tensor, y: Tensor, *, cfg: SuiteConfig, batch_idx: int,
