@@ -181,6 +181,7 @@ def test_a_snapshot_is_checked_and_repeated_only_when_the_store_changed(tmp_path
     assert snap.restore(str(tmp_path / "nothing.db"), tmp_path / "new.db") is None  # no snapshot yet
 
 
+@pytest.mark.slow  # 30-45 s (two MLflow servers, a head killed): ANCRA_RUN_SLOW=1; CI runs the snapshot test above
 def test_the_heads_mlflow_script_restores_the_store_on_a_new_head(tmp_path: Path) -> None:
     """scripts/mlflow_head.sh, as cluster.yaml runs it at `ray up`: sqlite store, snapshots to the
     bucket; the head is lost with its disk; a new head's `ray up` restores the store before its
