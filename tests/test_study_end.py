@@ -46,6 +46,13 @@ def _cli(study: Path, storage: Path, uri: str, *extra: str) -> list[str]:
             "--num-cpus", "1", "--tracking-uri", uri, *extra]
 
 
+def _sweep(tmp_path: Path, name: str, uri: str) -> tuple[Path, list[str]]:
+    """The SWEEP study as a file, its folder and the command that runs it."""
+    study = tmp_path / "study.yaml"
+    study.write_text(SWEEP.format(name=name))
+    return tmp_path / "studies" / name, _cli(study, tmp_path / "studies", uri)
+
+
 def _env() -> dict[str, str]:
     return {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
 
@@ -126,11 +133,7 @@ def _assert_ended_as_uninterrupted(study_dir: Path, uri: str, name: str, summary
 @pytest.mark.ci
 def test_ctrl_c_then_resume_ends_as_an_uninterrupted_study(tmp_path: Path, mlflow_server: str) -> None:
     name = "ctrl_c"
-    study = tmp_path / "study.yaml"
-    study.write_text(SWEEP.format(name=name))
-    storage = tmp_path / "studies"
-    study_dir = storage / name
-    cmd = _cli(study, storage, mlflow_server)
+    study_dir, cmd = _sweep(tmp_path, name, mlflow_server)
     first = _start_and_stop(cmd, study_dir, signal.SIGINT)
     assert first.returncode == 130, first.stdout[-3000:]
     assert "interrupted (SIGINT)" in first.stdout and "--resume" in first.stdout
@@ -158,11 +161,7 @@ def test_ctrl_c_then_resume_ends_as_an_uninterrupted_study(tmp_path: Path, mlflo
 @pytest.mark.slow
 def test_a_killed_driver_then_resume_ends_as_an_uninterrupted_study(tmp_path: Path, mlflow_server: str) -> None:
     name = "killed"
-    study = tmp_path / "study.yaml"
-    study.write_text(SWEEP.format(name=name))
-    storage = tmp_path / "studies"
-    study_dir = storage / name
-    cmd = _cli(study, storage, mlflow_server)
+    study_dir, cmd = _sweep(tmp_path, name, mlflow_server)
     first = _start_and_stop(cmd, study_dir, signal.SIGKILL)
     assert first.returncode == -signal.SIGKILL
     assert not (study_dir / "summary.json").exists()

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from . import storage
+from . import guard, storage
 
 SESSIONS_NAME = "sessions.json"
 
@@ -24,7 +24,6 @@ FAILED = "failed"  # ran to its end but no trial finished (every one errored, di
 INTERRUPTED = "interrupted"  # Ctrl+C / SIGTERM: --resume continues
 DISK_FULL = "disk_full"  # stopped by the disk guard: --resume continues once space is back
 OUTCOMES = (FINISHED, FAILED, INTERRUPTED, DISK_FULL)
-EXIT_CODES = {FINISHED: 0, FAILED: 1, DISK_FULL: 1, INTERRUPTED: 130}
 
 
 @dataclass
@@ -91,7 +90,7 @@ def wall_time_s(sessions: list[Session], reported_at: Iterable[float], now: floa
 
 def outcome_of(summary: Mapping[str, Any]) -> str:
     """How a study (its summary) ended."""
-    if summary.get("interrupted_by") == "disk full":
+    if summary.get("interrupted_by") == guard.DISK_FULL:
         return DISK_FULL
     if summary.get("interrupted"):
         return INTERRUPTED

@@ -234,14 +234,16 @@ def run_study(study: Study, *, address: str | None = None, storage: str | None =
 
 
 def _finished_before(study_path: str, storage: str, name: str) -> bool:
-    """Whether the study's last session ran to its end (older versions: its summary says so)."""
-    outcome = sessions.last_outcome(study_path)
-    if outcome is not None:
-        return outcome == sessions.FINISHED
-    if sessions.load(study_path):  # its last driver was killed
-        return False
+    """Whether the study's last session ran to its end with no trial left to retry (an errored trial
+    runs again on ``--resume``); older versions: their summary says so."""
     old = storage_mod.read_json(join(_summary_dir(storage, name), "summary.json"))
-    return isinstance(old, dict) and not old.get("interrupted") and old.get("status_counts", {}).get("finished", 0) > 0
+    counts = old.get("status_counts", {}) if isinstance(old, dict) else {}
+    outcome = sessions.last_outcome(study_path)
+    if outcome is None:
+        if sessions.load(study_path):  # its last driver was killed
+            return False
+        outcome = sessions.outcome_of(old) if counts else None
+    return outcome == sessions.FINISHED and not counts.get(S.ERROR, 0)
 
 
 def _summary_dir(storage: str, name: str) -> str:

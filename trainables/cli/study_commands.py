@@ -56,13 +56,12 @@ def _study(args: argparse.Namespace, kind: str) -> int:
 def study_exit_code(summary: dict) -> int:
     """0: the study finished and at least one trial did; 1: it ended without a finished trial, or a full
     disk stopped it; 130: interrupted (``--resume`` continues). Usage and config errors exit 2 earlier."""
-    outcome = summary.get("outcome")
-    if outcome is None:  # a summary of an older version
-        outcome = ("disk_full" if summary.get("interrupted_by") == "disk full" else
-                   "interrupted" if summary.get("interrupted") else
-                   "finished" if summary["status_counts"].get("finished") else "failed")
-    return {"finished": EXIT_DONE, "failed": EXIT_FAILED, "disk_full": EXIT_FAILED,
-            "interrupted": EXIT_INTERRUPTED}[outcome]
+    from .. import sessions
+
+    codes = {sessions.FINISHED: EXIT_DONE, sessions.FAILED: EXIT_FAILED, sessions.DISK_FULL: EXIT_FAILED,
+             sessions.INTERRUPTED: EXIT_INTERRUPTED}
+    # A summary of an older version has no outcome: derived from it the same way.
+    return codes[summary.get("outcome") or sessions.outcome_of(summary)]
 
 def _useful_time(summary: dict) -> str:
     """Validation and evaluation time, and the share of the trial slots' time spent on neither
