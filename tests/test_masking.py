@@ -86,3 +86,29 @@ def test_an_ra_model_adaptive_attacks_reach_a_strong_reference(data) -> None:
     # Every adaptive surrogate was attacked with APGD-CE and APGD-T.
     for target in ("aux", "sum", "labelgate", "stgate", "softgate"):
         assert {a.kind for a in report.attacks if a.target == target} == {"pgd", "apgd-ce", "apgd-t"}
+
+
+def test_check_verdicts_are_decided_on_example_counts_so_a_tie_cannot_fail_by_rounding():
+    """The published CIFAR-10 sizing failed PGD-80 27% vs PGD-40 25% with a 2-point slack because
+    float32(0.27) > 0.25 + 0.02. On counts, 27 of 100 against 25 of 100 with 2 examples of slack is
+    a tie and passes; 28 of 100 fails."""
+    from ancra_tune.robustness.checks import CheckName, masking_checks, tolerance_examples
+    from ancra_tune.robustness.suite import SuiteConfig, plan_attacks
+
+    cfg = SuiteConfig.preset_config("quick", eps=8 / 255, autoattack=None)
+    plan = plan_attacks(cfg, ra=False, has_source=False)
+    assert tolerance_examples(cfg.tol, 100) == 2
+
+    def verdict(pgd80: int) -> bool | None:
+        correct = {s.name: 30 for s in plan}
+        correct.update({"pgd20_final" if cfg.pgd_steps == 20 else f"pgd{cfg.pgd_steps}_final": 25,
+                        f"pgd{2 * cfg.pgd_steps}_final": pgd80})
+        correct.update({s.name: 0 for s in plan if s.kind == "sweep"})
+        checks = masking_checks(correct, 40, 100, plan, cfg, zero_grad_share=0.0, n_classes=10, ra=False,
+                                randomized_batches=0, n_batches=1, probe=None, autoattack_flags=())
+        c = next(c for c in checks if c.name == CheckName.MORE_STEPS_NOT_WEAKER)
+        assert c.numbers["tolerance_examples"] == 2 and c.numbers["n"] == 100
+        return c.passed
+
+    assert verdict(27) is True
+    assert verdict(28) is False

@@ -56,10 +56,10 @@ def test_quickstart_study_end_to_end(ray_local, tmp_path: Path, mlflow_server: s
     from trainables.study_run import run_study
 
     study = load_study(QUICKSTART)
-    assert study.num_samples >= 6
+    assert study.search.num_samples >= 6
     summary = run_study(study, storage=str(tmp_path / "studies"), tracking_uri=mlflow_server)
     trials = summary["trials"]
-    assert len(trials) == study.num_samples
+    assert len(trials) == study.search.num_samples
     assert summary["status_counts"]["stopped"] >= 1, summary["status_counts"]
     assert summary["status_counts"]["finished"] >= 1
     # Where the time went: training, validation every epoch, evaluation of finished trials only;

@@ -16,7 +16,7 @@ from ancra_tune.robustness import (
     plan_attacks,
     run_attack,
 )
-from ancra_tune.robustness.suite import SURROGATES
+from ancra_tune.robustness.suite import SURROGATES, AttackKind
 
 EPS = 0.15
 
@@ -231,6 +231,7 @@ def test_every_planned_attack_kind_is_in_the_registry() -> None:
             for has_source in (False, True):
                 kinds |= {s.kind for s in plan_attacks(cfg, ra=ra, has_source=has_source)}
     assert kinds <= set(ATTACKS), kinds - set(ATTACKS)
+    assert set(AttackKind) == set(ATTACKS)  # every kind has its function, and nothing else is registered
     with pytest.raises(ValueError, match="unknown attack kind 'pgdd'; known: fgsm, pgd"):
         run_attack(AttackSpec(name="x", kind="pgdd", target="final", steps=1, eps=0.1), 0, None, None, None,
                    cfg=SuiteConfig.preset_config("quick", eps=0.1), batch_idx=0)

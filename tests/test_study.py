@@ -34,7 +34,7 @@ def test_every_shipped_study_and_its_smoke_test_build_their_scheduler(path: Path
         scheduler = build_scheduler(s, storage=str(tmp_path), resume=False)
         assert (scheduler is None) == (s.scheduler.type != "asha")
         assert s.scheduler.grace_period <= s.train_config({}, s.seeds[0]).optim.epochs
-    assert smoke_study(study).train.optim.epochs == 1 and smoke_study(study).num_samples <= 2
+    assert smoke_study(study).train.optim.epochs == 1 and smoke_study(study).search.num_samples <= 2
 
 
 def test_table8_study_is_trades_x_anc_x_ra_on_the_shared_cifar10(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -185,7 +185,7 @@ def test_multi_objective_uses_nsga2_and_no_asha(tmp_path: Path) -> None:
     f = _write(tmp_path, "base: quickstart\nobjective: {metrics: [clean_acc, robust_acc_worst], modes: [max, max]}\n"
                          "search: {space: {method.zeta: {low: 1, high: 4}}}\n")
     s = load_study(f)
-    assert s.multi_objective and s.sampler == "nsga2" and s.scheduler.type == "none"
+    assert s.objective.multi and s.search.sampler == "nsga2" and s.scheduler.type == "none"
     searcher = build_searcher(s)
     assert isinstance(searcher, FinalObjectiveOptunaSearch)
     # The searcher reads each metric's credible value (never a masked one).

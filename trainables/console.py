@@ -23,7 +23,7 @@ class TrialLines(Callback):
 
     def __init__(self, study: Study, epochs: int) -> None:
         self.metric, self.epochs = study.scheduler.metric, epochs
-        self.objective = study.metrics[0]
+        self.objective = study.objective.metric
 
     @staticmethod
     def _name(trial: Any) -> str:

@@ -33,17 +33,17 @@ def optuna_sampler(study: Study, seed: int | None = None) -> Any:
     import optuna
 
     seed = study.seeds[0] if seed is None else seed
-    return {"tpe": lambda: optuna.samplers.TPESampler(seed=seed, n_startup_trials=study.tpe_startup),
+    return {"tpe": lambda: optuna.samplers.TPESampler(seed=seed, n_startup_trials=study.search.tpe_startup),
             "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
-            "random": lambda: optuna.samplers.RandomSampler(seed=seed)}[study.sampler]()
+            "random": lambda: optuna.samplers.RandomSampler(seed=seed)}[study.search.sampler]()
 
 
 def build_searcher(study: Study) -> Any:
     sampler = optuna_sampler(study)
-    keys = [R.objective_key(m) for m in study.metrics]
-    metric: Any = keys if study.multi_objective else keys[0]
-    mode: Any = list(study.modes) if study.multi_objective else study.modes[0]
-    points = [study.default_point()] if study.defaults_first and study.space else None
+    keys = [R.objective_key(m) for m in study.objective.metrics]
+    metric: Any = keys if study.objective.multi else keys[0]
+    mode: Any = list(study.objective.modes) if study.objective.multi else study.objective.mode
+    points = [study.default_point()] if study.search.defaults_first and study.search.space else None
     # A partial (not a lambda): Tune pickles the searcher with the study state.
     return FinalObjectiveOptunaSearch(space=functools.partial(_define_by_run, study), metric=metric, mode=mode,
                         sampler=sampler, points_to_evaluate=points)
@@ -78,7 +78,7 @@ def smoke_study(study: Study) -> Study:
                                    "eval.max_examples": 64})
     suite = replace(study.suite, n_examples=64, autoattack=None, square_queries=20, apgd_iters=5, apgd_targets=2)
     scheduler = replace(study.scheduler, grace_period=1)  # the one epoch: ASHA decides after it
-    return replace(study, train=train, num_samples=min(2, study.num_samples), suite=suite, seeds=study.seeds[:1],
+    return replace(study, train=train, search=replace(study.search, num_samples=min(2, study.search.num_samples)), suite=suite, seeds=study.seeds[:1],
                    scheduler=scheduler)
 
 

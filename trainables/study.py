@@ -28,7 +28,6 @@ the file is read; a mistake names the file, the key and what is allowed::
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,12 +49,14 @@ from ancra_tune.robustness.suite import SuiteConfig, plan_attacks
 
 from .study_sections import (
     KINDS,
-    MODES,
     REPORT_METRICS,
     SAMPLERS,
     TOP_KEYS,
+    Ablation,
+    Objective,
     Param,
     Resources,
+    Search,
     SchedulerConfig,
     StudyError,
 )
@@ -71,32 +72,13 @@ class Study:
     path: Path
     train: TrainConfig  # the base training config (preset/file + the study's `train` overrides)
     resources: Resources
-    metrics: tuple[str, ...]
-    modes: tuple[str, ...]
-    suite: SuiteConfig  # the end-of-trial evaluation on the validation split
-    sampler: str
-    num_samples: int
-    max_concurrent: int | None
-    defaults_first: bool
-    space: tuple[Param, ...]
+    objective: Objective
+    suite: SuiteConfig  # the end-of-trial evaluation on the validation split (the file's top-level `eval`)
+    search: Search
     scheduler: SchedulerConfig
     seeds: tuple[int, ...]
-    grid: dict[str, tuple[Any, ...]]
+    ablation: Ablation
     max_failures: int
-    startup_trials: int | None = None  # TPE's random trials before it models; None: see `tpe_startup`
-
-    @property
-    def tpe_startup(self) -> int:
-        """Trials TPE samples at random before it models the results: ``search.startup_trials``, else
-        a quarter of the trials (2 to 10). Optuna's own default, 10, makes a sweep of 10 trials or
-        fewer a random search (benchmarks/search_efficiency.py)."""
-        if self.startup_trials is not None:
-            return self.startup_trials
-        return max(2, min(10, self.num_samples // 4))
-
-    @property
-    def multi_objective(self) -> bool:
-        return len(self.metrics) > 1
 
     def train_config(self, params: Mapping[str, Any], seed: int) -> TrainConfig:
         """The trial's TrainConfig: the study's base with the sampled ``params`` and ``seed``."""
@@ -110,7 +92,7 @@ class Study:
         """The paper's defaults (the base config's values) for every active parameter."""
         base = self._base_values()
         point: dict[str, Any] = {}
-        for p in self.space:
+        for p in self.search.space:
             if _active(p, point, base):
                 point[p.name] = base[p.name]
         return point
@@ -119,7 +101,7 @@ class Study:
         """Optuna define-by-run: suggest each parameter whose condition holds (conditional space)."""
         base = self._base_values()
         point: dict[str, Any] = {}
-        for p in self.space:
+        for p in self.search.space:
             if not _active(p, point, base):
                 continue
             if p.choices is not None:
@@ -134,7 +116,7 @@ class Study:
         """True if ``point`` holds exactly the active parameters, each within its range."""
         base = self._base_values()
         seen: dict[str, Any] = {}
-        for p in self.space:
+        for p in self.search.space:
             active = _active(p, seen, base)
             if active != (p.name in point):
                 return False
@@ -146,12 +128,11 @@ class Study:
             if p.choices is None and not (p.low <= v <= p.high):  # type: ignore[operator]
                 return False
             seen[p.name] = v
-        return set(point) <= {p.name for p in self.space}
+        return set(point) <= set(self.search.names)
 
     def grid_points(self) -> list[dict[str, Any]]:
         """Every combination of the ablation grid (the seeds are a separate axis)."""
-        keys = list(self.grid)
-        return [dict(zip(keys, values, strict=True)) for values in itertools.product(*self.grid.values())]
+        return self.ablation.points()
 
     def objective_metrics(self) -> tuple[str, ...]:
         """Every metric a finished trial reports: what an objective may name."""
@@ -271,17 +252,7 @@ def _load(p: Path) -> Study:
         raise _err(p, "resources.workers", f"data.batch_size {train.data.batch_size} must be divisible by "
                    f"{resources.workers} workers")
 
-    o = _section(p, raw, "objective", ("metric", "mode", "metrics", "modes"))
-    if "metrics" in o:
-        metrics = tuple(o["metrics"])
-        modes = tuple(o.get("modes", ["max"] * len(metrics)))
-    else:
-        metrics = (o.get("metric", "robust_acc_worst"),)
-        modes = (o.get("mode", "max"),)
-    if len(metrics) != len(modes) or not metrics:
-        raise _err(p, "objective", "metrics and modes must have the same, non-zero length")
-    for m in modes:
-        check_choice("objective", "mode", m, MODES)
+    objective = Objective.from_section(_section(p, raw, "objective", ("metric", "mode", "metrics", "modes")))
 
     ev = raw.get("eval") or {}
     if not isinstance(ev, Mapping):
@@ -291,9 +262,9 @@ def _load(p: Path) -> Study:
 
     s = _section(p, raw, "search", ("sampler", "num_samples", "max_concurrent", "defaults_first", "startup_trials",
                                     "space"))
-    sampler = s.get("sampler", "nsga2" if len(metrics) > 1 else "tpe")
+    sampler = s.get("sampler", "nsga2" if objective.multi else "tpe")
     check_choice("search", "sampler", sampler, SAMPLERS)
-    if len(metrics) > 1 and sampler == "tpe":
+    if objective.multi and sampler == "tpe":
         sampler = "nsga2"
     space_raw = s.get("space") or {}
     if not isinstance(space_raw, Mapping):
@@ -304,19 +275,14 @@ def _load(p: Path) -> Study:
             if k not in {q.name for q in space} and k not in flat_base:
                 raise _err(p, f"search.space.{prm.name}.when", f"unknown key {k}")
     mc = s.get("max_concurrent", "auto")
-    check_field(mc == "auto" or (isinstance(mc, int) and not isinstance(mc, bool) and mc >= 1), "search",
-                "max_concurrent", mc, "'auto' or an integer >= 1")
-    num_samples = s.get("num_samples", 8)
-    check_field(isinstance(num_samples, int) and not isinstance(num_samples, bool) and num_samples >= 1, "search",
-                "num_samples", num_samples, "an integer >= 1")
-    startup = s.get("startup_trials")
-    check_field(startup is None or (isinstance(startup, int) and not isinstance(startup, bool) and startup >= 1),
-                "search", "startup_trials", startup, "an integer >= 1, or null (a quarter of the trials, 2 to 10)")
+    search = Search(sampler=sampler, num_samples=s.get("num_samples", 8), max_concurrent=None if mc == "auto" else mc,
+                    defaults_first=bool(s.get("defaults_first", True)), startup_trials=s.get("startup_trials"),
+                    space=space)
 
     sch = _section(p, raw, "scheduler", _fields(SchedulerConfig))
-    sch.setdefault("type", "asha" if len(metrics) == 1 and kind == "sweep" else "none")
+    sch.setdefault("type", "asha" if not objective.multi and kind == "sweep" else "none")
     scheduler = build_dataclass(SchedulerConfig, sch, "scheduler")
-    if scheduler.type == "asha" and len(metrics) > 1:
+    if scheduler.type == "asha" and objective.multi:
         raise _err(p, "scheduler.type", "ASHA needs a single objective; use type: none for multi-objective")
     if scheduler.type == "asha" and scheduler.grace_period > train.optim.epochs:
         raise _err(p, "scheduler.grace_period", f"= {scheduler.grace_period} is more than the trials' "
@@ -345,12 +311,10 @@ def _load(p: Path) -> Study:
                 "an integer >= 0")
 
     study = Study(name=str(raw.get("name", p.stem)), kind=kind, path=p, train=train, resources=resources,
-                  metrics=metrics, modes=modes, suite=suite, sampler=sampler, num_samples=num_samples,
-                  max_concurrent=None if mc == "auto" else mc, defaults_first=bool(s.get("defaults_first", True)),
-                  space=space, scheduler=scheduler, seeds=tuple(seeds), grid=grid, max_failures=max_failures,
-                  startup_trials=startup)
+                  objective=objective, suite=suite, search=search, scheduler=scheduler, seeds=tuple(seeds),
+                  ablation=Ablation(grid), max_failures=max_failures)
     known = study.objective_metrics()
-    for m in metrics:
+    for m in objective.metrics:
         if m not in known:
             raise _err(p, "objective.metric", f"{m!r} is not a metric a trial reports; known: {', '.join(known)}")
     # Every grid point and the default point must make a valid training config.

@@ -164,14 +164,14 @@ def build_tuner(study: Study, *, storage: str, smoke_test: bool = False, resume:
     # A trial that trains in its own process leaves it warm (torch, the data's imports) for the next.
     reuse = study.resources.train_in_trial
     if study.kind == "ablation":
-        param_space = {**{k: tune.grid_search(list(v)) for k, v in study.grid.items()},
+        param_space = {**{k: tune.grid_search(list(v)) for k, v in study.ablation.grid.items()},
                        SEED_KEY: tune.grid_search(list(study.seeds))}
         tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=max_concurrent, reuse_actors=reuse)
     else:
         param_space = {SEED_KEY: study.seeds[0]}
         tune_config = tune.TuneConfig(search_alg=build_searcher(study),
                                       scheduler=build_scheduler(study, storage=storage),
-                                      num_samples=study.num_samples, max_concurrent_trials=max_concurrent,
+                                      num_samples=study.search.num_samples, max_concurrent_trials=max_concurrent,
                                       reuse_actors=reuse)
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
 
@@ -258,7 +258,7 @@ def _run_locked(study: Study, interruption: Interruption, *, address: str | None
     """The study once its lock is held and Ray runs: resources, MLflow, Tune, the summary.
     ``finished``: the study ran to its end before (``--resume`` trains nothing)."""
     if finished:
-        max_concurrent = study.max_concurrent or 1
+        max_concurrent = study.search.max_concurrent or 1
     else:
         try:
             fits = check_resources(study, alive_nodes())
@@ -270,7 +270,7 @@ def _run_locked(study: Study, interruption: Interruption, *, address: str | None
             # An autoscaling cluster adds nodes when trials ask for them: let Tune wait.
             log.warning("%s Waiting for the autoscaler to add nodes.", e)
             fits = 1
-        max_concurrent = min(fits, study.max_concurrent) if study.max_concurrent else fits
+        max_concurrent = min(fits, study.search.max_concurrent) if study.search.max_concurrent else fits
     tracked = smoke_study(study) if smoke_test else study
     tracking = None
     if uri is not None:
@@ -357,16 +357,16 @@ def _run_locked(study: Study, interruption: Interruption, *, address: str | None
 
 def _study_params(study: Study, storage: str, smoke_test: bool) -> dict[str, Any]:
     r = study.resources
-    out: dict[str, Any] = {"study.kind": study.kind, "study.objective": ",".join(study.metrics),
-                           "study.mode": ",".join(study.modes), "study.seeds": ",".join(map(str, study.seeds)),
+    out: dict[str, Any] = {"study.kind": study.kind, "study.objective": ",".join(study.objective.metrics),
+                           "study.mode": ",".join(study.objective.modes), "study.seeds": ",".join(map(str, study.seeds)),
                            "study.storage": storage, "study.smoke_test": smoke_test,
                            "resources.workers": r.workers, "resources.cpus_per_worker": r.cpus_per_worker,
                            "resources.gpus_per_worker": r.gpus_per_worker, "resources.trial_cpus": r.trial_cpus}
     if study.kind == "sweep":
-        out.update({"study.sampler": study.sampler, "study.num_samples": study.num_samples,
-                    "study.space": ",".join(p.name for p in study.space)})
+        out.update({"study.sampler": study.search.sampler, "study.num_samples": study.search.num_samples,
+                    "study.space": ",".join(study.search.names)})
     else:
-        out["study.grid"] = json.dumps({k: list(v) for k, v in study.grid.items()})
+        out["study.grid"] = json.dumps({k: list(v) for k, v in study.ablation.grid.items()})
     from ancra_tune.config import flatten
 
     out.update({f"base.{k}": v for k, v in flatten(study.train_config({}, study.seeds[0]), resolved=True).items()})

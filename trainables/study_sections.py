@@ -1,9 +1,11 @@
 """The sections of a study file as typed objects, each validated when built: what a trial occupies
-(:class:`Resources`), the scheduler (:class:`SchedulerConfig`), one dimension of the search space
-(:class:`Param`), and the names a study file may use."""
+(:class:`Resources`), the scheduler (:class:`SchedulerConfig`), what a trial is scored on
+(:class:`Objective`), the search (:class:`Search`, of :class:`Param` dimensions), the ablation's
+grid (:class:`Ablation`), and the names a study file may use."""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,3 +105,89 @@ class Param:
     log: bool = False
     integer: bool = False
     when: dict[str, Any] = field(default_factory=dict)  # active only when these keys have these values
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a trial is scored on: one metric (a single-objective study) or several (a Pareto front),
+    each with its direction."""
+
+    metrics: tuple[str, ...] = ("robust_acc_worst",)
+    modes: tuple[str, ...] = ("max",)
+
+    def __post_init__(self) -> None:
+        check_field(bool(self.metrics) and len(self.metrics) == len(self.modes), "objective", "metrics/modes",
+                    f"{list(self.metrics)}/{list(self.modes)}", "the same, non-zero length")
+        for m in self.modes:
+            check_choice("objective", "mode", m, MODES)
+
+    @property
+    def metric(self) -> str:
+        """The first (ranking) metric."""
+        return self.metrics[0]
+
+    @property
+    def mode(self) -> str:
+        return self.modes[0]
+
+    @property
+    def multi(self) -> bool:
+        return len(self.metrics) > 1
+
+    @classmethod
+    def from_section(cls, o: dict[str, Any]) -> Objective:
+        if "metrics" in o:
+            metrics = tuple(o["metrics"])
+            return cls(metrics, tuple(o.get("modes", ["max"] * len(metrics))))
+        return cls((o.get("metric", "robust_acc_worst"),), (o.get("mode", "max"),))
+
+
+@dataclass(frozen=True)
+class Search:
+    """How a sweep places its trials: the sampler, the budget and the (conditional) space."""
+
+    sampler: str = "tpe"
+    num_samples: int = 8
+    max_concurrent: int | None = None  # None: as many as the cluster fits ("auto")
+    defaults_first: bool = True  # the paper's defaults as the first trial
+    startup_trials: int | None = None  # TPE's random trials before it models; None: see `tpe_startup`
+    space: tuple[Param, ...] = ()
+
+    def __post_init__(self) -> None:
+        s = "search"
+        check_choice(s, "sampler", self.sampler, SAMPLERS)
+        check_field(_count(self.num_samples) and self.num_samples >= 1, s, "num_samples", self.num_samples,
+                    "an integer >= 1")
+        check_field(self.max_concurrent is None or (_count(self.max_concurrent) and self.max_concurrent >= 1), s,
+                    "max_concurrent", self.max_concurrent, "'auto' or an integer >= 1")
+        check_field(self.startup_trials is None or (_count(self.startup_trials) and self.startup_trials >= 1), s,
+                    "startup_trials", self.startup_trials, "an integer >= 1, or null (a quarter of the trials, 2 to 10)")
+
+    @property
+    def tpe_startup(self) -> int:
+        """Trials TPE samples at random before it models the results: ``search.startup_trials``, else
+        a quarter of the trials (2 to 10). Optuna's own default, 10, makes a sweep of 10 trials or
+        fewer a random search (benchmarks/search_efficiency.py)."""
+        if self.startup_trials is not None:
+            return self.startup_trials
+        return max(2, min(10, self.num_samples // 4))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.space)
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """An ablation's grid of components (the seeds are a separate axis)."""
+
+    grid: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+
+    def points(self) -> list[dict[str, Any]]:
+        """Every combination of the grid, in the file's order (the first is the baseline row)."""
+        keys = list(self.grid)
+        return [dict(zip(keys, values, strict=True)) for values in itertools.product(*self.grid.values())]

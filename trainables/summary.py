@@ -91,13 +91,13 @@ def _trial_rows(results: Any, study: Study, stopped_by_scheduler: set[str],
             report = read_report(last_final.get(R.CHECKPOINT_PATH) or row["checkpoint"])
             if report is not None:
                 row.update(report.metrics())
-                row["flags"] = {m: report.flags(m) for m in study.metrics if report.flags(m)}
+                row["flags"] = {m: report.flags(m) for m in study.objective.metrics if report.flags(m)}
                 row["checks_failed"] = [c.name for c in report.checks if c.failed]
                 row["masked_metrics"] = report.masked_metrics
             else:  # no report to read (e.g. storage gone): the reported numbers, unchecked
                 row.update({k: v for k, v in R.metrics_of(last_final).items() if k in study.objective_metrics()})
-                row["flags"] = {m: ["no evaluation report to check"] for m in study.metrics}
-            for m in study.metrics:
+                row["flags"] = {m: ["no evaluation report to check"] for m in study.objective.metrics}
+            for m in study.objective.metrics:
                 row[R.objective_key(m)] = last_final.get(R.objective_key(m), row.get(m))
         last_epoch = epochs[-1] if epochs else {}
         for k in ("val_clean_acc", "val_robust_acc", "val_pgd_acc_final"):
@@ -142,12 +142,12 @@ def summarize(study: Study, results: Any, *, wall_s: float, storage: str,
     slots left idle; between 0 and 1, or None when the study's wall time is not known."""
     rows = _trial_rows(results, study, set(stopped_by_scheduler), interrupted=interrupted)
     reported = [t for r in rows for t in r.pop(REPORTED_TIMES)]
-    metric, mode = study.metrics[0], study.modes[0]
+    metric, mode = study.objective.metric, study.objective.mode
     scored = [r for r in rows if r["status"] == S.FINISHED and r.get(metric) is not None]
     best: list[dict[str, Any]] = []
-    if study.multi_objective:
+    if study.objective.multi:
         trusted = [r for r in scored if not r.get("flags")] or scored
-        best = pareto_front(trusted, [R.objective_key(m) for m in study.metrics], study.modes)
+        best = pareto_front(trusted, [R.objective_key(m) for m in study.objective.metrics], study.objective.modes)
     elif scored:
         best = [max(scored, key=lambda r: row_rank_key(r, metric, mode))]
     train_total = sum(r["train_time_s"] for r in rows)
@@ -159,7 +159,7 @@ def summarize(study: Study, results: Any, *, wall_s: float, storage: str,
     if study_wall > 0 and useful <= study_wall * slots * 1.01:  # 1%: clocks of other processes
         share = min(1.0, max(0.0, 1 - useful / (study_wall * slots)))
     return {"study": study.name, "kind": study.kind, "study_file": str(study.path),
-            "study_dir": str(Path(storage) / study.name), "objective": dict(zip(study.metrics, study.modes,
+            "study_dir": str(Path(storage) / study.name), "objective": dict(zip(study.objective.metrics, study.objective.modes,
                                                                                  strict=True)),
             "wall_time_s": study_wall, "session_wall_time_s": wall_s,
             "sessions": len(history) if history else 1, "trial_train_time_s": train_total,
@@ -189,7 +189,7 @@ TABLE_COLUMNS = ("clean_acc", "robust_acc_worst", "autoattack_acc", "time_per_ep
 def ablation_table(rows: list[dict[str, Any]], study: Study) -> list[dict[str, Any]]:
     """One row per configuration: mean and std over seeds of clean, robust, AutoAttack accuracy and
     time per epoch (paper Tables VIII and IX)."""
-    keys = list(study.grid)
+    keys = list(study.ablation.grid)
     table = []
     for point in study.grid_points():
         group = [r for r in rows if all(r["params"].get(k) == v for k, v in point.items())]
@@ -207,7 +207,7 @@ def ablation_table(rows: list[dict[str, Any]], study: Study) -> list[dict[str, A
 
 def write_ablation_tables(rows: list[dict[str, Any]], study: Study, out: Path) -> tuple[Path, Path]:
     table = ablation_table(rows, study)
-    keys = list(study.grid)
+    keys = list(study.ablation.grid)
     header = keys + ["seeds"] + [f"{c}_{s}" for c in TABLE_COLUMNS for s in ("mean", "std")]
     csv_path, md_path = out / "ablation.csv", out / "ablation.md"
     with open(csv_path, "w") as f:

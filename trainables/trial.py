@@ -49,7 +49,7 @@ def run_trial(params: dict[str, Any], *, study: Study, storage: str,
         # Nothing here waits for MLflow: rank 0 finds or creates the run (the driver at the study's
         # end if it never could), so an outage cannot fail the trial.
         mlflow_run = trial_spec(tracking, trial_id, params, seed, cfg)
-    plan = TrialPlan(train=cfg, suite=study.suite, objective=study.metrics, modes=study.modes,
+    plan = TrialPlan(train=cfg, suite=study.suite, objective=study.objective.metrics, modes=study.objective.modes,
                      cpus_per_worker=r.cpus_per_worker, sync_batchnorm=r.sync_batchnorm, mlflow=mlflow_run,
                      # rank 0 tags the trial's run with where each process ran (it alone talks to MLflow)
                      trial_node=ray.get_runtime_context().get_node_id())

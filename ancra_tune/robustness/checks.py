@@ -17,14 +17,43 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import math
+from enum import StrEnum
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..models import RANet
-from .suite import SURROGATES, AttackSpec, SuiteConfig
+from .suite import SURROGATES, TRANSFER_KINDS, AttackKind, AttackSpec, SuiteConfig, Target
 
 SCOPES = ("all", "final")
+
+
+class CheckName(StrEnum):
+    """Every check a report can carry (``docs/masking_checks.md`` has a section for each)."""
+
+    ROBUST_LE_CLEAN = "robust_le_clean"
+    MORE_STEPS_NOT_WEAKER = "more_steps_not_weaker"
+    EPS_TO_CHANCE = "eps_to_chance"
+    WHITEBOX_BEATS_SQUARE = "whitebox_beats_square"
+    WHITEBOX_BEATS_TRANSFER = "whitebox_beats_transfer"
+    NO_ZERO_GRADIENTS = "no_zero_gradients"
+    GRADIENT_SANITY = "gradient_sanity"
+    DETERMINISTIC = "deterministic"
+    FINAL_OUTPUT_NOT_MASKED = "final_output_not_masked"
+    AUTOATTACK_RANDOMNESS = "autoattack_randomness"
+    AUTOATTACK_ZERO_GRADIENTS = "autoattack_zero_gradients"
+    AUTOATTACK_SQUARE = "autoattack_square"
+    AUTOATTACK_LOGITS = "autoattack_logits"
+    AUTOATTACK_DYNAMIC = "autoattack_dynamic"
+
+
+def tolerance_examples(tol: float, n: int) -> int:
+    """The checks' slack in examples: ``tol`` (a fraction) of ``n``, rounded to the nearest example.
+    Verdicts compare example counts, so a tie can never fail by float rounding (27 of 100 against
+    25 of 100 with a slack of 2 examples passes)."""
+    return int(math.floor(tol * n + 0.5))
 
 
 @dataclass(frozen=True)
@@ -147,78 +176,89 @@ def gradient_probe(model: RANet, x: Tensor, y: Tensor, *, examples: int, directi
 
 
 _AA_FLAGS = {  # AutoAttack's own flags (pyautoattack.checks): message fragment -> (check, scope)
-    "randomized defense": ("autoattack_randomness", "all"),
-    "zero gradient": ("autoattack_zero_gradients", "all"),
-    "Square Attack has decreased": ("autoattack_square", "final"),
-    "probability distribution": ("autoattack_logits", "all"),
-    "dynamic defense": ("autoattack_dynamic", "all"),
+    "randomized defense": (CheckName.AUTOATTACK_RANDOMNESS, "all"),
+    "zero gradient": (CheckName.AUTOATTACK_ZERO_GRADIENTS, "all"),
+    "Square Attack has decreased": (CheckName.AUTOATTACK_SQUARE, "final"),
+    "probability distribution": (CheckName.AUTOATTACK_LOGITS, "all"),
+    "dynamic defense": (CheckName.AUTOATTACK_DYNAMIC, "all"),
 }
 
 
 def _final_only(s: AttackSpec) -> bool:
-    return s.target == "final"
+    return s.target is Target.FINAL
 
 
-def masking_checks(acc: Mapping[str, float], clean: float, plan: Sequence[AttackSpec], cfg: SuiteConfig, *,
+def masking_checks(correct: Mapping[str, int], clean: int, n: int, plan: Sequence[AttackSpec], cfg: SuiteConfig, *,
                    zero_grad_share: float, n_classes: int, ra: bool, randomized_batches: int, n_batches: int,
                    probe: GradientProbe | None, autoattack_flags: Sequence[str],
-                   suspicious_batches: int = 0, n_examples: int = 0) -> list[Check]:
-    tol, k = cfg.tol, cfg.pgd_steps
+                   suspicious_batches: int = 0) -> list[Check]:
+    """The checks' verdicts, decided on example counts: ``correct[attack]`` examples of ``n`` survived
+    each attack, ``clean`` were right without one; the slack is :func:`tolerance_examples`."""
+    tol, k = tolerance_examples(cfg.tol, n), cfg.pgd_steps
     main = [s for s in plan if s.in_worst_case]
     checks: list[Check] = []
 
-    over = {s.name: acc[s.name] for s in main if acc[s.name] > clean + tol}
+    def frac(c: int) -> float:
+        return c / max(1, n)
+
+    over = {s.name: frac(correct[s.name]) for s in main if correct[s.name] > clean + tol}
     checks.append(Check(
-        "robust_le_clean", not over,
+        CheckName.ROBUST_LE_CLEAN, not over,
         "No attack may leave more examples correct than no attack: robust accuracy above clean "
-        "accuracy means the attacks are not working (e.g. masked gradients).", {"clean": clean, "above_clean": over}))
+        "accuracy means the attacks are not working (e.g. masked gradients).",
+        {"clean": frac(clean), "above_clean": over, "n": n, "tolerance_examples": tol}))
 
-    a1, a2 = acc[f"pgd{k}_final"], acc[f"pgd{2 * k}_final"]
+    a1, a2 = correct[f"pgd{k}_final"], correct[f"pgd{2 * k}_final"]
     checks.append(Check(
-        "more_steps_not_weaker", a2 <= a1 + tol,
+        CheckName.MORE_STEPS_NOT_WEAKER, a2 <= a1 + tol,
         f"PGD-{2 * k} must be at least as strong as PGD-{k}; if not, the loss surface is not being "
-        "followed (masked or noisy gradients).", {f"pgd{k}": a1, f"pgd{2 * k}": a2}))
+        "followed (masked or noisy gradients).",
+        {f"pgd{k}": frac(a1), f"pgd{2 * k}": frac(a2), f"pgd{k}_correct": a1, f"pgd{2 * k}_correct": a2, "n": n,
+         "tolerance_examples": tol}))
 
-    sweep = [(s.eps, acc[s.name]) for s in plan if s.kind == "sweep"]
+    sweep = [(s.eps, correct[s.name]) for s in plan if s.kind is AttackKind.SWEEP]
     monotone = all(b <= a + tol for (_, a), (_, b) in zip(sweep, sweep[1:], strict=False))
     chance = 1.0 / n_classes
     at_max = sweep[-1][1]
     checks.append(Check(
-        "eps_to_chance", monotone and at_max <= chance + tol,
+        CheckName.EPS_TO_CHANCE, monotone and at_max <= math.ceil(chance * n) + tol,
         "Accuracy must fall as eps grows and reach chance (or below) when eps allows any image "
         "(eps = 1): a gradient attack that cannot do that is being blocked.",
-        {"accuracy_by_eps": {f"{e:.4g}": a for e, a in sweep}, "chance": chance, "monotone": monotone}))
+        {"accuracy_by_eps": {f"{e:.4g}": frac(c) for e, c in sweep}, "chance": chance, "monotone": monotone,
+         "n": n, "tolerance_examples": tol}))
 
-    gradient = {s.name: acc[s.name] for s in main if s.gradient}
-    best_white = min(gradient.values())
+    gradient = {s.name: correct[s.name] for s in main if s.gradient}
     best_white_name = min(gradient, key=gradient.__getitem__)
-    square = [s.name for s in main if s.kind == "square"]
+    best_white = gradient[best_white_name]
+    square = [s.name for s in main if s.kind is AttackKind.SQUARE]
     checks.append(Check(
-        "whitebox_beats_square", (best_white <= acc[square[0]] + tol) if square else None,
+        CheckName.WHITEBOX_BEATS_SQUARE, (best_white <= correct[square[0]] + tol) if square else None,
         "Square, a gradient-free attack run on its own, must not beat the best gradient attack "
         "(PGD, APGD, C&W, FGSM, MIM, on any target); if it does, the gradients mislead them.",
-        {"best_gradient_attack": best_white_name, "best_gradient": best_white,
-         "square": acc[square[0]] if square else None,
-         "batches_with_more_queries": suspicious_batches, "queries_there": cfg.square_queries_suspicious}))
+        {"best_gradient_attack": best_white_name, "best_gradient": frac(best_white),
+         "square": frac(correct[square[0]]) if square else None,
+         "batches_with_more_queries": suspicious_batches, "queries_there": cfg.square_queries_suspicious,
+         "n": n, "tolerance_examples": tol}))
 
-    transfer = [s.name for s in main if s.kind.startswith("transfer")]
-    best_transfer = min(acc[n] for n in transfer) if transfer else None
+    transfer = [s.name for s in main if s.kind in TRANSFER_KINDS]
+    best_transfer = min(correct[t] for t in transfer) if transfer else None
     checks.append(Check(
-        "whitebox_beats_transfer", (best_white <= best_transfer + tol) if transfer else None,
+        CheckName.WHITEBOX_BEATS_TRANSFER, (best_white <= best_transfer + tol) if best_transfer is not None else None,
         "AEs transferred from another model must not beat the gradient attacks on this one.",
-        {"best_gradient": best_white, "best_transfer": best_transfer}))
+        {"best_gradient": frac(best_white), "best_transfer": None if best_transfer is None else frac(best_transfer),
+         "n": n, "tolerance_examples": tol}))
 
     checks.append(Check(
-        "no_zero_gradients", zero_grad_share <= 0.01,
+        CheckName.NO_ZERO_GRADIENTS, zero_grad_share <= 0.01,
         "Examples whose input gradient of the loss is exactly zero give a gradient attack nothing "
         "to follow (saturated softmax, non-differentiable preprocessing).", {"share_zero_gradient": zero_grad_share}))
 
     if probe is None or probe.cosine.numel() == 0:
-        checks.append(Check("gradient_sanity", None, "Not run (grad_check_examples = 0).", {}))
+        checks.append(Check(CheckName.GRADIENT_SANITY, None, "Not run (grad_check_examples = 0).", {}))
     else:
         n_info, med_cos, rise = probe.summary()
         checks.append(Check(
-            "gradient_sanity", probe.sane,
+            CheckName.GRADIENT_SANITY, probe.sane,
             "The input gradient must describe the model: its directional derivatives must agree with "
             "finite differences along random directions (median cosine >= 0.5), and a small step "
             "along its sign must raise the margin (>= 80% of examples). A gradient replaced by noise, "
@@ -227,35 +267,37 @@ def masking_checks(acc: Mapping[str, float], clean: float, plan: Sequence[Attack
              "loss_rises": rise}))
 
     checks.append(Check(
-        "deterministic", randomized_batches == 0,
+        CheckName.DETERMINISTIC, randomized_batches == 0,
         "The same input must give the same logits and gradients. Where it does not, the gradient attacks "
         f"run with EOT over {cfg.eot_samples} samples and AutoAttack's 'rand' version, but robustness claims "
         "for randomised defences need their own adaptive evaluation.",
         {"randomised_batches": randomized_batches, "batches": n_batches}))
 
     if ra:
-        adaptive = {s.name: acc[s.name] for s in main if s.target in SURROGATES}
-        final_gradient = {s.name: acc[s.name] for s in main if _final_only(s) and s.gradient}
+        adaptive = {s.name: correct[s.name] for s in main if s.target in SURROGATES}
+        final_gradient = {s.name: correct[s.name] for s in main if _final_only(s) and s.gradient}
         best_final = min(final_gradient.values())
         best_adaptive = min(adaptive.values()) if adaptive else None
         checks.append(Check(
-            "final_output_not_masked",
-            (best_final <= best_adaptive + tol) if adaptive else None,
+            CheckName.FINAL_OUTPUT_NOT_MASKED,
+            (best_final <= best_adaptive + tol) if best_adaptive is not None else None,
             "Gradient attacks on the final output P' must be as strong as adaptive attacks through "
             "the RA gate (aux P, P + P', label gate, straight-through and soft gates); if these do "
             "better, numbers from attacking P' alone overestimate robustness.",
-            {"best_final": best_final, "best_adaptive": best_adaptive, "adaptive": adaptive}, scope="final"))
+            {"best_final": frac(best_final), "best_adaptive": None if best_adaptive is None else frac(best_adaptive),
+             "adaptive": {k_: frac(v) for k_, v in adaptive.items()}, "n": n, "tolerance_examples": tol},
+            scope="final"))
 
     if cfg.autoattack:
         for fragment, (name, scope) in _AA_FLAGS.items():
             raised = sorted({f for f in autoattack_flags if fragment in f})
-            if name == "autoattack_zero_gradients":
+            if name == CheckName.AUTOATTACK_ZERO_GRADIENTS:
                 # AutoAttack flags a single point; the suite's own rule (no_zero_gradients) allows 1%.
-                raised = [f for f in raised if _count(f) is None or _count(f) > 0.01 * max(1, n_examples)]
-            if name == "autoattack_square":
+                raised = [f for f in raised if _count(f) is None or _count(f) > 0.01 * max(1, n)]
+            if name == CheckName.AUTOATTACK_SQUARE:
                 # AutoAttack flags any example Square adds after its gradient attacks (0.2%); apply
-                # the suite's tolerance for sampling noise. On RA models it concerns P' alone.
-                raised = [f for f in raised if _percent(f) is None or _percent(f) > 100 * tol]
+                # the suite's tolerance in examples. On RA models it concerns P' alone.
+                raised = [f for f in raised if _percent(f) is None or _percent(f) / 100 * n > tol + 0.5]
                 scope = "final" if ra else "all"
             checks.append(Check(
                 name, not raised, f"AutoAttack's own check ({fragment!r}) must stay silent; it raised: "

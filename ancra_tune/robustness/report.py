@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..negatives import select_negatives
-from .checks import Check, GradientProbe, masking_checks
-from .suite import AttackSpec, SuiteConfig, plan_attacks
+from .checks import Check, GradientProbe, masking_checks, tolerance_examples
+from .suite import AttackKind, AttackSpec, SuiteConfig, Target, named, plan_attacks
 
 ROBUST_PREFIX = "acc_"
 CLEAN, WORST, AUTOATTACK = "clean_acc", "robust_acc_worst", "autoattack_acc"
@@ -46,13 +46,17 @@ class BatchResult:
 @dataclass(frozen=True)
 class AttackResult:
     name: str
-    kind: str
-    target: str
+    kind: AttackKind
+    target: Target
     steps: int
     eps: float
     in_worst_case: bool
     accuracy: float
     beaten_by: str | None = None  # another single attack beats this one by more than the tolerance
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", named(AttackKind, self.kind, "attack kind"))
+        object.__setattr__(self, "target", named(Target, self.target, "attack target"))
 
     @property
     def metric(self) -> str:
@@ -87,7 +91,7 @@ class EvalReport:
 
     @property
     def autoattack_acc(self) -> float | None:
-        return next((a.accuracy for a in self.attacks if a.kind == "autoattack"), None)
+        return next((a.accuracy for a in self.attacks if a.kind is AttackKind.AUTOATTACK), None)
 
     @property
     def checks_passed(self) -> bool:
@@ -103,17 +107,17 @@ class EvalReport:
 
     def flags(self, metric: str) -> list[str]:
         """Why ``metric`` cannot be trusted as robustness (empty: it can): the failing checks whose
-        scope covers it, and for an attack's accuracy the attack that beats it."""
+        scope covers it (a check says the attack was fooled)."""
         if metric == CLEAN or not self.is_robust_metric(metric):
             return []
         reasons = [f"check {c.name} failed" for c in self.checks if c.failed and c.scope == "all"]
         attack = self._attack_of(metric)
-        final_only = (attack is not None and attack.target == "final") or metric == AUTOATTACK
+        final_only = (attack is not None and attack.target is Target.FINAL) or metric == AUTOATTACK
         if final_only:
             reasons += [f"check {c.name} failed (P' alone is masked)" for c in self.checks
                         if c.failed and c.scope == "final"]
-        if attack is not None and attack.beaten_by:
-            reasons.append(f"{attack.beaten_by} is stronger")
+        # An attack that another one beats is weaker, not fooled: that alone flags nothing (a flag on
+        # every cell reads as noise). ``beaten_by`` stays in the report as information.
         return reasons
 
     @property
@@ -258,17 +262,20 @@ def build_report(results: Sequence[BatchResult], cfg: SuiteConfig, *, ra: bool, 
         if s.in_worst_case:
             worst &= correct[s.name]
     acc = {k: v.float().mean().item() for k, v in correct.items()}
+    counts = {k: int(v.sum().item()) for k, v in correct.items()}
+    n = clean.numel()
     clean_acc, worst_acc = clean.float().mean().item(), worst.float().mean().item()
     flags = tuple(sorted({f for r in results for f in r.flags}))
-    checks = masking_checks(acc, clean_acc, plan, cfg, zero_grad_share=zero.float().mean().item(),
+    checks = masking_checks(counts, int(clean.sum().item()), n, plan, cfg, zero_grad_share=zero.float().mean().item(),
                             n_classes=n_classes, ra=ra, randomized_batches=sum(r.randomized for r in results),
                             n_batches=len(results), probe=_merge_probes(results), autoattack_flags=flags,
-                            suspicious_batches=sum(r.suspicious for r in results), n_examples=clean.numel())
+                            suspicious_batches=sum(r.suspicious for r in results))
+    tol = tolerance_examples(cfg.tol, n)
     main = [s.name for s in plan if s.in_worst_case]
     beaten_by: dict[str, str] = {}
     for name in main:
-        rival = min((m for m in main if m != name), key=lambda m: acc[m], default=None)
-        if rival is not None and acc[name] > acc[rival] + cfg.tol:
+        rival = min((m for m in main if m != name), key=lambda m: counts[m], default=None)
+        if rival is not None and counts[name] > counts[rival] + tol:
             beaten_by[name] = rival
     attacks = tuple(AttackResult(name=s.name, kind=s.kind, target=s.target, steps=s.steps, eps=s.eps,
                                  in_worst_case=s.in_worst_case, accuracy=acc[s.name], beaten_by=beaten_by.get(s.name))

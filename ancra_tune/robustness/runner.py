@@ -21,7 +21,7 @@ from ..models import ModelOutput, RANet
 from . import adaptive
 from .checks import gradient_probe, randomness_probe, zero_gradient_mask
 from .report import BatchResult
-from .suite import SURROGATES, AttackSpec, SuiteConfig, plan_attacks
+from .suite import SURROGATES, AttackKind, AttackSpec, SuiteConfig, Target, plan_attacks
 
 
 class LogitsOnly(nn.Module):
@@ -80,7 +80,7 @@ def _fgsm(model: RANet, x: Tensor, y: Tensor, c: AttackCall) -> Tensor:
 
 def _pgd(model: RANet, x: Tensor, y: Tensor, c: AttackCall) -> Tensor:
     """PGD on P' (``final``), or through a surrogate of RA's gate, every visited point scored."""
-    if c.spec.target == "final":
+    if c.spec.target is Target.FINAL:
         return pgd(model, x, y, **c.common)
     if c.spec.target not in SURROGATES:
         raise ValueError(f"unknown attack target {c.spec.target!r}; known: final, {', '.join(SURROGATES)}")
@@ -93,9 +93,9 @@ def _pgd(model: RANet, x: Tensor, y: Tensor, c: AttackCall) -> Tensor:
 
 def _apgd(model: RANet, x: Tensor, y: Tensor, c: AttackCall) -> Tensor:
     n_classes = model.fc.out_features
-    if c.spec.kind == "apgd-t" and n_classes < 4:  # targeted DLR needs 4 classes
+    if c.spec.kind is AttackKind.APGD_T and n_classes < 4:  # targeted DLR needs 4 classes
         return x.clone()
-    return adaptive.apgd(model, x, y, target=c.spec.target, loss="ce" if c.spec.kind == "apgd-ce" else "dlr-targeted",
+    return adaptive.apgd(model, x, y, target=c.spec.target, loss="ce" if c.spec.kind is AttackKind.APGD_CE else "dlr-targeted",
                          eps=c.spec.eps, n_iter=c.spec.steps, n_restarts=c.cfg.apgd_restarts,
                          n_targets=min(c.cfg.apgd_targets, n_classes - 1), temperature=c.cfg.gate_temperature,
                          seed=_attack_seed(c.cfg.seed, c.batch_idx, c.attack_idx), eot_iter=c.eot, flags=c.flags)
@@ -112,7 +112,7 @@ def _mim(model: RANet, x: Tensor, y: Tensor, c: AttackCall) -> Tensor:
 def _transfer(model: RANet, x: Tensor, y: Tensor, c: AttackCall) -> Tensor:
     """PGD (or MIM) crafted on the source model, scored on ``model``."""
     assert c.source is not None
-    mom = c.cfg.mim_momentum if c.spec.kind == "transfer_mim" else 0.0
+    mom = c.cfg.mim_momentum if c.spec.kind is AttackKind.TRANSFER_MIM else 0.0
     return pgd(c.source, x, y, momentum=mom, **{**c.common, "init": "none" if mom else "uniform", "eot": 1})
 
 
@@ -132,9 +132,10 @@ def _autoattack_call(model: RANet, x: Tensor, y: Tensor, c: AttackCall) -> Tenso
 
 
 #: every attack kind an AttackSpec may name, and the function that runs it (the registry)
-ATTACKS: dict[str, Callable[[RANet, Tensor, Tensor, AttackCall], Tensor]] = {
-    "fgsm": _fgsm, "pgd": _pgd, "sweep": _pgd, "apgd-ce": _apgd, "apgd-t": _apgd, "cw": _cw, "mim": _mim,
-    "transfer_pgd": _transfer, "transfer_mim": _transfer, "square": _square, "autoattack": _autoattack_call,
+ATTACKS: dict[AttackKind, Callable[[RANet, Tensor, Tensor, AttackCall], Tensor]] = {
+    AttackKind.FGSM: _fgsm, AttackKind.PGD: _pgd, AttackKind.SWEEP: _pgd, AttackKind.APGD_CE: _apgd,
+    AttackKind.APGD_T: _apgd, AttackKind.CW: _cw, AttackKind.MIM: _mim, AttackKind.TRANSFER_PGD: _transfer,
+    AttackKind.TRANSFER_MIM: _transfer, AttackKind.SQUARE: _square, AttackKind.AUTOATTACK: _autoattack_call,
 }
 
 

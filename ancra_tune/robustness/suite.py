@@ -23,15 +23,57 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from ..config import ConfigError, build_dataclass, check_choice, check_field
 
-SURROGATES = ("aux", "sum", "labelgate", "stgate", "softgate")
-TARGETS = ("final", *SURROGATES)
+
+
+class AttackKind(StrEnum):
+    """How an attack searches (``robustness.runner.ATTACKS`` maps each to its function)."""
+
+    FGSM = "fgsm"
+    PGD = "pgd"
+    CW = "cw"
+    MIM = "mim"
+    APGD_CE = "apgd-ce"
+    APGD_T = "apgd-t"
+    SQUARE = "square"
+    AUTOATTACK = "autoattack"
+    TRANSFER_PGD = "transfer_pgd"
+    TRANSFER_MIM = "transfer_mim"
+    SWEEP = "sweep"  # PGD at another eps (the eps sweep; not in the worst case)
+
+
+class Target(StrEnum):
+    """What an attack attacked (the module docstring says each)."""
+
+    FINAL = "final"
+    AUX = "aux"
+    SUM = "sum"
+    LABELGATE = "labelgate"
+    STGATE = "stgate"
+    SOFTGATE = "softgate"
+    BLACK_BOX = "black-box"
+    SOURCE = "source"
+
+
+def named(enum: type[StrEnum], value: Any, what: str) -> Any:
+    """``enum(value)``, refusing an unknown value by naming the known ones."""
+    try:
+        return enum(value)
+    except ValueError:
+        raise ValueError(f"unknown {what} {value!r}; known: {', '.join(m.value for m in enum)}") from None
+
+
+SURROGATES = (Target.AUX, Target.SUM, Target.LABELGATE, Target.STGATE, Target.SOFTGATE)
+TARGETS = (Target.FINAL, *SURROGATES)
 PRESET_NAMES = ("full", "quick")
 #: attack kinds that follow the model's input gradient (the white-box side of the masking checks)
-GRADIENT_KINDS = ("fgsm", "pgd", "cw", "mim", "apgd-ce", "apgd-t")
+GRADIENT_KINDS = (AttackKind.FGSM, AttackKind.PGD, AttackKind.CW, AttackKind.MIM, AttackKind.APGD_CE,
+                  AttackKind.APGD_T)
+TRANSFER_KINDS = (AttackKind.TRANSFER_PGD, AttackKind.TRANSFER_MIM)
 
 
 @dataclass(frozen=True)
@@ -155,11 +197,15 @@ PRESETS: dict[str, SuiteConfig] = {
 @dataclass(frozen=True)
 class AttackSpec:
     name: str
-    kind: str  # fgsm, pgd, cw, mim, apgd-ce, apgd-t, square, autoattack, transfer_pgd, transfer_mim, sweep
-    target: str  # final / aux / sum / labelgate / stgate / softgate / black-box / source
+    kind: AttackKind
+    target: Target
     steps: int
     eps: float
     in_worst_case: bool = True  # attacks at the evaluation budget; the eps sweep is not
+
+    def __post_init__(self) -> None:  # a report read back from JSON gives strings: the enums refuse unknown ones
+        object.__setattr__(self, "kind", named(AttackKind, self.kind, "attack kind"))
+        object.__setattr__(self, "target", named(Target, self.target, "attack target"))
 
     @property
     def gradient(self) -> bool:
@@ -170,25 +216,25 @@ class AttackSpec:
 def plan_attacks(cfg: SuiteConfig, *, ra: bool, has_source: bool) -> list[AttackSpec]:
     """The attacks of one evaluation, in the order they run (the order fixes their randomness)."""
     e, k = cfg.eps, cfg.pgd_steps
-    plan = [AttackSpec("fgsm_final", "fgsm", "final", 1, e),
-            AttackSpec(f"pgd{k}_final", "pgd", "final", k, e),
-            AttackSpec(f"pgd{2 * k}_final", "pgd", "final", 2 * k, e),
-            AttackSpec(f"cw{cfg.cw_steps}_final", "cw", "final", cfg.cw_steps, e),
-            AttackSpec(f"mim{cfg.mim_steps}_final", "mim", "final", cfg.mim_steps, e)]
+    plan = [AttackSpec("fgsm_final", AttackKind.FGSM, Target.FINAL, 1, e),
+            AttackSpec(f"pgd{k}_final", AttackKind.PGD, Target.FINAL, k, e),
+            AttackSpec(f"pgd{2 * k}_final", AttackKind.PGD, Target.FINAL, 2 * k, e),
+            AttackSpec(f"cw{cfg.cw_steps}_final", AttackKind.CW, Target.FINAL, cfg.cw_steps, e),
+            AttackSpec(f"mim{cfg.mim_steps}_final", AttackKind.MIM, Target.FINAL, cfg.mim_steps, e)]
     if ra and cfg.adaptive:
         for t in SURROGATES:
-            plan += [AttackSpec(f"pgd{cfg.adaptive_steps}_{t}", "pgd", t, cfg.adaptive_steps, e),
-                     AttackSpec(f"apgd-ce_{t}", "apgd-ce", t, cfg.apgd_iters, e),
-                     AttackSpec(f"apgd-t_{t}", "apgd-t", t, cfg.apgd_iters, e)]
+            plan += [AttackSpec(f"pgd{cfg.adaptive_steps}_{t}", AttackKind.PGD, t, cfg.adaptive_steps, e),
+                     AttackSpec(f"apgd-ce_{t}", AttackKind.APGD_CE, t, cfg.apgd_iters, e),
+                     AttackSpec(f"apgd-t_{t}", AttackKind.APGD_T, t, cfg.apgd_iters, e)]
     if cfg.square_queries > 0:
-        plan.append(AttackSpec(f"square{cfg.square_queries}", "square", "black-box", cfg.square_queries, e))
+        plan.append(AttackSpec(f"square{cfg.square_queries}", AttackKind.SQUARE, Target.BLACK_BOX, cfg.square_queries, e))
     if has_source and cfg.transfer_steps > 0:
         t = cfg.transfer_steps
-        plan += [AttackSpec(f"transfer_pgd{t}", "transfer_pgd", "source", t, e),
-                 AttackSpec(f"transfer_mim{t}", "transfer_mim", "source", t, e)]
+        plan += [AttackSpec(f"transfer_pgd{t}", AttackKind.TRANSFER_PGD, Target.SOURCE, t, e),
+                 AttackSpec(f"transfer_mim{t}", AttackKind.TRANSFER_MIM, Target.SOURCE, t, e)]
     if cfg.autoattack:
         name = "autoattack_" + "+".join(cfg.autoattack_list)
-        plan.append(AttackSpec(name, "autoattack", "final", 0, e))
-    plan += [AttackSpec(f"sweep_pgd{cfg.sweep_steps}_eps{s:.4g}", "sweep", "final", cfg.sweep_steps, s,
+        plan.append(AttackSpec(name, AttackKind.AUTOATTACK, Target.FINAL, 0, e))
+    plan += [AttackSpec(f"sweep_pgd{cfg.sweep_steps}_eps{s:.4g}", AttackKind.SWEEP, Target.FINAL, cfg.sweep_steps, s,
                         in_worst_case=False) for s in cfg.sweep]
     return plan
