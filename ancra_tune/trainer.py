@@ -27,8 +27,8 @@ from .checkpoint import CHECKPOINT_NAME, build_model, data_info_to_dict, load_ch
 from .config import TrainConfig
 from .data import ArrayData, BatchLoader, DataSplits, epoch_generator, load_dataset
 from .distributed import all_true, is_distributed
-from .evaluate import clean_accuracy, pgd_correct
 from .step import ancra_step, resolved_method
+from .validation import clean_accuracy, pgd_correct
 
 log = logging.getLogger(__name__)
 

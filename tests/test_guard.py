@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from trainables.guard import Interruption, StorageError, StudyLockedError, check_storage, study_lock
+from trainables.disk import StorageError, check_storage
+from trainables.interruption import Interruption
+from trainables.study_lock import StudyLockedError, study_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "search_spaces" / "quickstart.yaml"
@@ -93,7 +95,7 @@ def test_first_signal_asks_tune_to_stop_the_second_stops_at_once() -> None:
 
 
 def test_low_disk_space_stops_the_study_once_as_a_signal_would(tmp_path: Path, monkeypatch, capsys) -> None:
-    from trainables import guard
+    from trainables import disk as guard
 
     monkeypatch.setenv("ANCRA_DISK_RESERVE_MB", "100")
     free = {"bytes": 500 * 2**20}
@@ -237,7 +239,7 @@ def test_scratch_folders_of_workers_that_are_gone_are_removed(tmp_path: Path) ->
     unclaimed folder still being written are kept; an unclaimed one untouched for a day goes."""
     import socket
 
-    from trainables.guard import ORPHAN_AGE_S, RUN_DIR_OWNER, claim_run_dir, sweep_run_dirs
+    from trainables.scratch_dirs import ORPHAN_AGE_S, RUN_DIR_OWNER, claim_run_dir, sweep_run_dirs
 
     def run_dir(name: str, owner: dict | None = None, *, age_s: float = 0.0) -> Path:
         d = tmp_path / name

@@ -9,7 +9,7 @@ def test_core_imports_no_ray_optuna_mlflow() -> None:
         "import sys\n"
         "import ancra_tune, ancra_tune.config, ancra_tune.data, ancra_tune.models, ancra_tune.attacks\n"
         "import ancra_tune.losses, ancra_tune.negatives, ancra_tune.trainer, ancra_tune.checkpoint\n"
-        "import ancra_tune.evaluate, ancra_tune.robustness, ancra_tune.metric_names\n"
+        "import ancra_tune.validation, ancra_tune.robustness, ancra_tune.metric_names\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'optuna', 'mlflow'))\n"
         "print(','.join(bad))\n"
     )

@@ -833,7 +833,7 @@ def test_the_decision_board_answers_waiting_workers(ray_local, monkeypatch: pyte
     without a board, a worker goes on (a study can never hang on it)."""
     import threading
 
-    from trainables.decisions import TIMEOUT_ENV, Waiter, start_board
+    from trainables.stop_relay import TIMEOUT_ENV, Waiter, start_board
 
     monkeypatch.setenv(TIMEOUT_ENV, "1")
     assert not Waiter("decisions-absent", "t0").stopped_at(1)  # no board: go on
@@ -850,7 +850,7 @@ def test_the_decision_board_answers_waiting_workers(ray_local, monkeypatch: pyte
 
 
 def _is_epoch_row(row: dict) -> bool:
-    from trainables.results import is_epoch
+    from trainables.trial_rows import is_epoch
 
     return is_epoch(row) and row.get("epoch") is not None
 

@@ -11,7 +11,7 @@ from ray.tune import Callback
 
 from ancra_tune.config import params_text
 
-from . import results as R
+from . import trial_rows as R
 from .study import Study
 
 log = logging.getLogger(__name__)

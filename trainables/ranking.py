@@ -9,8 +9,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .results import objective_key
 from .statuses import FINISHED
+from .trial_rows import objective_key
 
 
 def rank_key(*, finished: bool, flagged: bool, value: float | None, clean: float | None, order: float,

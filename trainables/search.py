@@ -10,7 +10,7 @@ from typing import Any
 
 from ray.tune.search.optuna import OptunaSearch
 
-from . import results as R
+from . import trial_rows as R
 from .scheduler import PersistentASHA
 from .storage import join
 from .study import Study
@@ -78,11 +78,12 @@ def smoke_study(study: Study) -> Study:
                                    "eval.max_examples": 64})
     suite = replace(study.suite, n_examples=64, autoattack=None, square_queries=20, apgd_iters=5, apgd_targets=2)
     scheduler = replace(study.scheduler, grace_period=1)  # the one epoch: ASHA decides after it
-    return replace(study, train=train, search=replace(study.search, num_samples=min(2, study.search.num_samples)), suite=suite, seeds=study.seeds[:1],
+    search = replace(study.search, num_samples=min(2, study.search.num_samples))
+    return replace(study, train=train, search=search, suite=suite, seeds=study.seeds[:1],
                    scheduler=scheduler)
 
 
 def decided_by_scheduler(study: Study) -> bool:
     """Whether the study's trials are Ray Train runs that a scheduler may stop between epochs: their
-    workers learn its decisions from the study's board (:mod:`trainables.decisions`)."""
+    workers learn its decisions from the study's board (:mod:`trainables.stop_relay`)."""
     return study.kind != "ablation" and study.scheduler.type == "asha" and not study.resources.train_in_trial

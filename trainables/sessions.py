@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from . import guard, storage
+from . import disk, storage
 
 SESSIONS_NAME = "sessions.json"
 
@@ -90,7 +90,7 @@ def wall_time_s(sessions: list[Session], reported_at: Iterable[float], now: floa
 
 def outcome_of(summary: Mapping[str, Any]) -> str:
     """How a study (its summary) ended."""
-    if summary.get("interrupted_by") == guard.DISK_FULL:
+    if summary.get("interrupted_by") == disk.DISK_FULL:
         return DISK_FULL
     if summary.get("interrupted"):
         return INTERRUPTED

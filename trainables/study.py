@@ -56,8 +56,8 @@ from .study_sections import (
     Objective,
     Param,
     Resources,
-    Search,
     SchedulerConfig,
+    Search,
     StudyError,
 )
 

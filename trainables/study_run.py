@@ -24,26 +24,21 @@ from typing import Any
 
 from ray.tune import Callback
 
-from . import results as R
 from . import sessions
 from . import statuses as S
 from . import storage as storage_mod
+from . import trial_rows as R
 from .console import TrackingWatch, TrialLines
-from .decisions import Decisions, board_name
-from .guard import (
-    DiskGuard,
-    Interruption,
-    StorageError,
-    below_reserve,
-    check_storage,
-    study_lock,
-    sweep_run_dirs,
-)
+from .disk import DiskGuard, StorageError, below_reserve, check_storage
+from .interruption import Interruption
 from .ray_session import InfeasibleResourcesError, alive_nodes, check_resources, init_ray
 from .scheduler import read_state
+from .scratch_dirs import sweep_run_dirs
 from .search import build_scheduler, build_searcher, decided_by_scheduler, smoke_study
+from .stop_relay import Decisions, board_name
 from .storage import join
 from .study import Study
+from .study_lock import study_lock
 from .summary import summarize, write_ablation_tables
 from .tracking import (
     StudyTracking,
@@ -357,8 +352,9 @@ def _run_locked(study: Study, interruption: Interruption, *, address: str | None
 
 def _study_params(study: Study, storage: str, smoke_test: bool) -> dict[str, Any]:
     r = study.resources
-    out: dict[str, Any] = {"study.kind": study.kind, "study.objective": ",".join(study.objective.metrics),
-                           "study.mode": ",".join(study.objective.modes), "study.seeds": ",".join(map(str, study.seeds)),
+    o = study.objective
+    out: dict[str, Any] = {"study.kind": study.kind, "study.objective": ",".join(o.metrics),
+                           "study.mode": ",".join(o.modes), "study.seeds": ",".join(map(str, study.seeds)),
                            "study.storage": storage, "study.smoke_test": smoke_test,
                            "resources.workers": r.workers, "resources.cpus_per_worker": r.cpus_per_worker,
                            "resources.gpus_per_worker": r.gpus_per_worker, "resources.trial_cpus": r.trial_cpus}

@@ -165,7 +165,8 @@ class Search:
         check_field(self.max_concurrent is None or (_count(self.max_concurrent) and self.max_concurrent >= 1), s,
                     "max_concurrent", self.max_concurrent, "'auto' or an integer >= 1")
         check_field(self.startup_trials is None or (_count(self.startup_trials) and self.startup_trials >= 1), s,
-                    "startup_trials", self.startup_trials, "an integer >= 1, or null (a quarter of the trials, 2 to 10)")
+                    "startup_trials", self.startup_trials,
+                    "an integer >= 1, or null (a quarter of the trials, 2 to 10)")
 
     @property
     def tpe_startup(self) -> int:

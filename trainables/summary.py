@@ -15,9 +15,9 @@ from typing import Any
 from ancra_tune.config import inactive_keys
 from ancra_tune.robustness import EvalReport
 
-from . import results as R
 from . import sessions
 from . import statuses as S
+from . import trial_rows as R
 from .ranking import row_rank_key
 from .study import Study
 from .trial import SEED_KEY
@@ -159,8 +159,8 @@ def summarize(study: Study, results: Any, *, wall_s: float, storage: str,
     if study_wall > 0 and useful <= study_wall * slots * 1.01:  # 1%: clocks of other processes
         share = min(1.0, max(0.0, 1 - useful / (study_wall * slots)))
     return {"study": study.name, "kind": study.kind, "study_file": str(study.path),
-            "study_dir": str(Path(storage) / study.name), "objective": dict(zip(study.objective.metrics, study.objective.modes,
-                                                                                 strict=True)),
+            "study_dir": str(Path(storage) / study.name), "objective": dict(zip(study.objective.metrics,
+                                                                       study.objective.modes, strict=True)),
             "wall_time_s": study_wall, "session_wall_time_s": wall_s,
             "sessions": len(history) if history else 1, "trial_train_time_s": train_total,
             "trial_val_time_s": val_total, "trial_eval_time_s": eval_total, "slots": slots,

@@ -12,9 +12,9 @@ from typing import Any
 
 from ancra_tune.config import inactive_keys, params_text
 
-from . import results as R
-from .decisions import board_name
+from . import trial_rows as R
 from .search import decided_by_scheduler
+from .stop_relay import board_name
 from .storage import join
 from .study import Study
 from .tracking import (

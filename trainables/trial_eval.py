@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from ancra_tune.robustness import EvalReport, SuiteConfig
 from ancra_tune.trainer import CHECKPOINT_NAME, Trainer
 
-from . import results as R
+from . import trial_rows as R
 from .tracking import TrialRecorder
 
 if TYPE_CHECKING:

@@ -29,8 +29,8 @@ from ancra_tune.distributed import all_true, ddp_wrap
 from ancra_tune.robustness import SuiteConfig
 from ancra_tune.trainer import CHECKPOINT_NAME, Callback, DivergedError, Trainer
 
-from . import results as R
-from .guard import claim_run_dir, sweep_run_dirs
+from . import trial_rows as R
+from .scratch_dirs import claim_run_dir, sweep_run_dirs
 from .tracking import FAST_FAIL_ENV, TrialRecorder, TrialSpec
 from .trial_eval import report_final, track_final
 
@@ -53,7 +53,7 @@ class MlflowEpochs(Callback):
 
 class TrialStopped(Exception):
     """The scheduler stopped the trial at ``epoch`` (a multi-worker trial learns it from the study's
-    decision board, see :mod:`trainables.decisions`)."""
+    decision board, see :mod:`trainables.stop_relay`)."""
 
     def __init__(self, epoch: int) -> None:
         super().__init__(f"stopped by the scheduler at epoch {epoch}")
@@ -127,7 +127,7 @@ class TrainSession(Session):
         self.decisions = decisions  # the study's decision board, or None
         self._waiter = None
         if decisions is not None and self.rank == 0:
-            from .decisions import Waiter
+            from .stop_relay import Waiter
 
             self._waiter = Waiter(decisions.board, decisions.trial_id)
 
@@ -181,7 +181,7 @@ def _threads(cpus_per_worker: float) -> int:
 
 @dataclass(frozen=True)
 class DecisionBoard:
-    """Where a multi-worker trial learns the scheduler's decisions (:mod:`trainables.decisions`)."""
+    """Where a multi-worker trial learns the scheduler's decisions (:mod:`trainables.stop_relay`)."""
 
     board: str  # the study's board actor
     trial_id: str

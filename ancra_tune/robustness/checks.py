@@ -13,12 +13,11 @@ The per-batch probes (:func:`randomness_probe`, :func:`gradient_probe`,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-import math
 from enum import StrEnum
+from typing import Any
 
 import torch
 import torch.nn.functional as F

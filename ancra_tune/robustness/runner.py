@@ -95,7 +95,8 @@ def _apgd(model: RANet, x: Tensor, y: Tensor, c: AttackCall) -> Tensor:
     n_classes = model.fc.out_features
     if c.spec.kind is AttackKind.APGD_T and n_classes < 4:  # targeted DLR needs 4 classes
         return x.clone()
-    return adaptive.apgd(model, x, y, target=c.spec.target, loss="ce" if c.spec.kind is AttackKind.APGD_CE else "dlr-targeted",
+    loss = "ce" if c.spec.kind is AttackKind.APGD_CE else "dlr-targeted"
+    return adaptive.apgd(model, x, y, target=c.spec.target, loss=loss,
                          eps=c.spec.eps, n_iter=c.spec.steps, n_restarts=c.cfg.apgd_restarts,
                          n_targets=min(c.cfg.apgd_targets, n_classes - 1), temperature=c.cfg.gate_temperature,
                          seed=_attack_seed(c.cfg.seed, c.batch_idx, c.attack_idx), eot_iter=c.eot, flags=c.flags)

@@ -29,7 +29,6 @@ from typing import Any
 from ..config import ConfigError, build_dataclass, check_choice, check_field
 
 
-
 class AttackKind(StrEnum):
     """How an attack searches (``robustness.runner.ATTACKS`` maps each to its function)."""
 
@@ -227,7 +226,8 @@ def plan_attacks(cfg: SuiteConfig, *, ra: bool, has_source: bool) -> list[Attack
                      AttackSpec(f"apgd-ce_{t}", AttackKind.APGD_CE, t, cfg.apgd_iters, e),
                      AttackSpec(f"apgd-t_{t}", AttackKind.APGD_T, t, cfg.apgd_iters, e)]
     if cfg.square_queries > 0:
-        plan.append(AttackSpec(f"square{cfg.square_queries}", AttackKind.SQUARE, Target.BLACK_BOX, cfg.square_queries, e))
+        q = cfg.square_queries
+        plan.append(AttackSpec(f"square{q}", AttackKind.SQUARE, Target.BLACK_BOX, q, e))
     if has_source and cfg.transfer_steps > 0:
         t = cfg.transfer_steps
         plan += [AttackSpec(f"transfer_pgd{t}", AttackKind.TRANSFER_PGD, Target.SOURCE, t, e),

@@ -156,9 +156,9 @@ def entry() -> None:
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         ray.shutdown()
-        guard = sys.modules.get("trainables.guard")
-        if guard is not None:  # a study ran here: its local workers are gone now, and so is their scratch
-            guard.sweep_run_dirs()
+        from ..scratch_dirs import sweep_run_dirs
+
+        sweep_run_dirs()  # Ray ran here: its local workers are gone now, and so is their scratch
     # What the interpreter does first at exit: tell idle thread pools to end (MLflow and Tune hold
     # some), then wait for the threads that are not daemons.
     shutdown = getattr(threading, "_shutdown", None)

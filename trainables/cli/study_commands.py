@@ -20,9 +20,10 @@ def _study(args: argparse.Namespace, kind: str) -> int:
     import json
     import shlex
 
-    from ..guard import StorageError, StudyLockedError
+    from ..disk import StorageError
     from ..ray_session import InfeasibleResourcesError
     from ..study import load_study  # Ray loads only for these commands
+    from ..study_lock import StudyLockedError
     from ..study_run import run_study
     from ..tracking import TrackingError
 

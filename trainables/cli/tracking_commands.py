@@ -27,7 +27,7 @@ def _best(args: argparse.Namespace) -> int:
     return 0
 
 def _report(args: argparse.Namespace) -> int:
-    from ..study_report import build_page, find_summary, log_page
+    from ..study_page import build_page, find_summary, log_page
 
     summary = find_summary(args.study, args.storage)
     page = build_page(summary, args.out)

@@ -55,7 +55,7 @@ def log_trial_folder(uri: str, run_id: str, folder: Path, *, epochs: int) -> Non
     driver to deliver what an MLflow outage held back."""
     from ancra_tune.checkpoint import load_model
 
-    from ..results import FINAL_NAME, REPORT_NAME, metrics_of
+    from ..trial_rows import FINAL_NAME, REPORT_NAME, metrics_of
 
     model, _, info = load_model(folder / "checkpoint.pt")  # plain BatchNorm, on CPU
     final = json.loads((folder / FINAL_NAME).read_text())

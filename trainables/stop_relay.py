@@ -24,7 +24,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from . import results as R
+from . import trial_rows as R
 
 NAMESPACE = "ancra-tune"
 TIMEOUT_ENV = "ANCRA_DECISION_TIMEOUT_S"
