@@ -22,7 +22,7 @@ the file is read; a mistake names the file, the key and what is allowed::
         method.zeta: {low: 0.5, high: 6.0, log: true, when: method.anc}
     scheduler: {type: asha, metric: val_robust_acc, grace_period: 1, reduction_factor: 2}
     seeds: [0]
-    ablation: {grid: {method.anc: [false, true], model.ra: [false, true]}}
+    ablation: {grid: {method.anc: [false, true], model.ra: [false, true]}}  # baseline: the first point
 """
 
 from __future__ import annotations
@@ -295,7 +295,7 @@ def _load(p: Path) -> Study:
     check_field(isinstance(seeds, list) and bool(seeds) and all(isinstance(x, int) for x in seeds), "", "seeds",
                 seeds, "a list of integers or a count")
 
-    a = _section(p, raw, "ablation", ("grid",))
+    a = _section(p, raw, "ablation", ("grid", "baseline"))
     grid_raw = a.get("grid") or {}
     grid: dict[str, tuple[Any, ...]] = {}
     for k, v in grid_raw.items():
@@ -306,13 +306,20 @@ def _load(p: Path) -> Study:
         grid[k] = tuple(v)
     if kind == "ablation" and not grid:
         raise _err(p, "ablation.grid", "an ablation needs a grid of components")
+    baseline = a.get("baseline")
+    if baseline is not None:
+        if not isinstance(baseline, Mapping) or set(baseline) != set(grid) or \
+                any(baseline[k] not in grid[k] for k in grid):
+            raise _err(p, "ablation.baseline", f"= {baseline!r} must name one value of each grid key "
+                       f"({', '.join(grid)}) from the grid: the row every other row is compared with")
+        baseline = {k: baseline[k] for k in grid}
     max_failures = raw.get("max_failures", 2)
     check_field(isinstance(max_failures, int) and max_failures >= 0, "", "max_failures", max_failures,
                 "an integer >= 0")
 
     study = Study(name=str(raw.get("name", p.stem)), kind=kind, path=p, train=train, resources=resources,
                   objective=objective, suite=suite, search=search, scheduler=scheduler, seeds=tuple(seeds),
-                  ablation=Ablation(grid), max_failures=max_failures)
+                  ablation=Ablation(grid, baseline), max_failures=max_failures)
     known = study.objective_metrics()
     for m in objective.metrics:
         if m not in known:

@@ -1,15 +1,18 @@
 """A finished study's answer as one page: ``ancra-tune report STUDY``.
 
 Built from the study's own records (its ``summary.json`` and each finished trial's evaluation
-report, stored with the trial's last checkpoint), so it needs neither Ray nor MLflow; when the
-summary names an MLflow study run that answers, the page is logged to it (``report/``).
+report with its per-example outcomes, kept in the study folder's ``reports/``; beside the
+checkpoint for older studies; from the summary's own numbers when neither is left), so it needs
+neither Ray nor MLflow; when the summary names an MLflow study run that answers, the page is
+logged to it (``report/``).
 
-Ablation: one row per configuration, mean ± std over seeds of clean accuracy, PGD on P' (how
-the paper measures), the strongest adaptive attack through RA's gate, the worst case over every
-attack, AutoAttack, each column saying what it attacked; masked metrics marked, the masking
-checks counted; time per epoch. Sweep: the best trials, Optuna's parameter importance, the
-best-so-far curve over trials and epochs spent, the clean/robust Pareto front, and each searched
-parameter against the objective. Every page ends with how it was made.
+Ablation: the one ablation table (:mod:`trainables.ablation_table`): every cell with n, seeds and
+its 95% interval, every row against the baseline with a paired test (Holm-corrected), the
+smallest difference the design resolves, and ``table.json``. Sweep: the best trials (each cell with
+its interval), whether the winner is separable from the runner-up, Optuna's parameter importance
+(said to be noise when the top trials are not separable), the best-so-far curve, the clean/robust
+Pareto front, and each searched parameter against the objective. Every page ends with how it was
+made.
 """
 
 from __future__ import annotations
@@ -18,19 +21,19 @@ import json
 import math
 import os
 import platform
-import statistics
 import subprocess
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ancra_tune.config import params_text
 from ancra_tune.robustness import EvalReport
-from ancra_tune.robustness.suite import SURROGATES
 
 from . import statuses as S
 from .ranking import creation_order, row_rank_key
+from .selection import sweep_margin
+from .summary import load_reports
+from .trial import SEED_KEY
 
 WORST = "robust_acc_worst"
 
@@ -57,98 +60,13 @@ def find_summary(study: str, storage: str | None = None) -> Path:
 # --------------------------------------------------------------------------- numbers
 
 
-def trial_report(row: dict[str, Any]) -> EvalReport | None:
-    from .summary import read_report
+def trial_cells(trial: dict[str, Any], report: EvalReport | None) -> dict[str, Any]:
+    """One trial's cells as the ablation table builds them (one seed: the Wilson interval)."""
+    from . import ablation_table
 
-    return read_report(row.get("checkpoint")) if row.get("status") == S.FINISHED else None
-
-
-def columns_of(report: EvalReport) -> dict[str, tuple[float | None, bool]]:
-    """The page's columns for one trial: value and whether the checks flag it."""
-    def attack_col(attacks: list[Any]) -> tuple[float | None, bool]:
-        if not attacks:
-            return None, False
-        best = min(attacks, key=lambda a: a.accuracy)
-        return best.accuracy, bool(report.flags(best.metric))
-
-    pgd_final = [a for a in report.attacks if a.kind == "pgd" and a.target == "final" and a.in_worst_case]
-    pgd_final = [max(pgd_final, key=lambda a: a.steps)] if pgd_final else []  # the paper's PGD-k on P'
-    adaptive = [a for a in report.attacks if a.target in SURROGATES and a.in_worst_case]
-    aa = [a for a in report.attacks if a.kind == "autoattack"]
-    return {"clean": (report.clean_acc, False),
-            "pgd_final": attack_col(pgd_final),
-            "adaptive": attack_col(adaptive),
-            "worst": (report.robust_acc_worst, bool(report.flags(WORST))),
-            "autoattack": attack_col(aa)}
-
-
-COLUMNS = (("clean", "clean", "no attack"),
-           ("pgd_final", "PGD on P'", "the final output alone, as the paper measures"),
-           ("adaptive", "adaptive", "the strongest attack through RA's gate (surrogates: aux, P+P', label, "
-                                     "straight-through and soft gates), scored on P'"),
-           ("worst", "worst case", "per example, over every attack at the evaluation budget"),
-           ("autoattack", "AutoAttack", "AutoAttack on the final output"))
-
-
-def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
-    if not values:
-        return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
-
-
-def pct(m: float | None, s: float | None = None) -> str:
-    if m is None:
-        return "n/a"
-    return f"{100 * m:.1f}" + (f" ± {100 * s:.1f}" if s is not None else "")
-
-
-def ablation_rows(summary: dict[str, Any], reports: dict[str, EvalReport | None]) -> list[dict[str, Any]]:
-    keys = sorted({k for t in summary["trials"] for k in t["params"] if k != "seed"})  # the grid's keys
-    groups: dict[tuple, list[dict[str, Any]]] = {}
-    for t in summary["trials"]:
-        point = tuple((k, t["params"].get(k)) for k in keys)
-        groups.setdefault(point, []).append(t)
-    rows = []
-    for point, trials in groups.items():
-        row: dict[str, Any] = {"config": dict(point), "seeds": len(trials),
-                               "finished": sum(t["status"] == S.FINISHED for t in trials)}
-        checked = [r for t in trials if (r := reports.get(str(t["trial_id"]))) is not None]
-        cols = [columns_of(r) for r in checked]
-        for name, _, _ in COLUMNS:
-            vals = [c[name][0] for c in cols if c[name][0] is not None]
-            row[name] = mean_std(vals)
-            row[name + "_flagged"] = sum(c[name][1] for c in cols)
-        row["checks_clean"] = sum(r.checks_passed for r in checked)
-        row["checks_failed"] = sorted({c.name for r in checked for c in r.checks if c.failed})
-        times = [t["time_per_epoch_s"] for t in trials if t.get("time_per_epoch_s")]
-        row["time_per_epoch_s"] = mean_std(times)
-        rows.append(row)
-    return rows
-
-
-def _flag(n: int) -> str:
-    return f" ⚠{n}" if n else ""
-
-
-def ablation_markdown(rows: list[dict[str, Any]]) -> list[str]:
-    head = ["configuration", "seeds"] + [f"{title} (%)" for _, title, _ in COLUMNS] + \
-        ["checks pass", "time/epoch (s)"]
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        conf = ", ".join(f"{k}={v}" for k, v in r["config"].items())
-        cells = [conf, f"{r['finished']}/{r['seeds']}"]
-        cells += [pct(*r[name]) + _flag(r[name + "_flagged"]) for name, _, _ in COLUMNS]
-        checks = f"{r['checks_clean']}/{r['finished']}"
-        if r["checks_failed"]:
-            checks += " (failed: " + ", ".join(r["checks_failed"]) + ")"
-        m, s = r["time_per_epoch_s"]
-        cells += [checks, "n/a" if m is None else f"{m:.1f}" + ("" if s is None else f" ± {s:.1f}")]
-        out.append("| " + " | ".join(cells) + " |")
-    out += ["", "Mean ± standard deviation over seeds (finished trials). Columns:"]
-    out += [f"- **{title}**: {what}." for _, title, what in COLUMNS]
-    out += ["- ⚠n: flagged in n seeds: a stronger attack or a failed masking check shows that it overstates "
-            "robustness (read the worst case).", "- checks pass: seeds whose every masking check passed."]
-    return out
+    table = ablation_table.build([{**trial, "params": {**trial["params"], "seed": 0}}],
+                                 {str(trial["trial_id"]): report}, [])
+    return table["rows"][0] if table["rows"] else {}
 
 
 # --------------------------------------------------------------------------- sweeps
@@ -292,13 +210,24 @@ def build_page(summary_path: Path, out: Path | None = None) -> Path:
     summary = json.loads(summary_path.read_text())
     out = out or summary_path.parent / "report"
     out.mkdir(parents=True, exist_ok=True)
-    reports = {str(t["trial_id"]): trial_report(t) for t in summary["trials"]}
+    reports = load_reports(summary)
     metric, mode = next(iter(summary["objective"].items()))
     lines = [f"# Study `{summary['study']}` ({summary['kind']})", ""]
     if summary["kind"] == "ablation":
-        rows = ablation_rows(summary, reports)
-        lines += ["## Accuracy by configuration", ""] + ablation_markdown(rows)
-        (out / "table.json").write_text(json.dumps(rows, indent=1, default=str))
+        from . import ablation_table
+
+        keys = sorted({k for t in summary["trials"] for k in t["params"] if k != SEED_KEY})
+        points = baseline = None
+        try:  # the grid's order and the study's baseline, when the study file is still there
+            from .study import load_study
+
+            study = load_study(summary["study_file"])
+            keys, points, baseline = list(study.ablation.grid), study.grid_points(), study.ablation.baseline
+        except Exception:  # noqa: BLE001 (the trials' own order, the first point as the baseline)
+            pass
+        table = ablation_table.build(summary["trials"], reports, keys, points=points, baseline=baseline)
+        lines += ["## Accuracy by configuration", ""] + ablation_table.markdown(table)
+        (out / "table.json").write_text(json.dumps(table, indent=1, default=str))
     else:
         from .study import load_study
 
@@ -312,19 +241,31 @@ def build_page(summary_path: Path, out: Path | None = None) -> Path:
                       reverse=True)
         lines += [f"Objective: `{metric}` ({mode}), validation split. {len(done)} of {summary['n_trials']} "
                   "trials finished; the others were stopped early (ASHA) or did not finish.", "",
-                  "## Best trials", "",
-                  "| trial | " + " | ".join(f"{t} (%)" for _, t, _ in COLUMNS) + " | parameters |",
-                  "|" + "---|" * (len(COLUMNS) + 2)]
+                  "## Best trials", ""]
+        from .ablation_table import COLUMNS, _cell
+
+        any_report = next((r for r in reports.values() if r is not None), None)
+        lines += ["| trial | n | " + " | ".join(f"{c.title(any_report)} (%)" for c in COLUMNS) + " | parameters |",
+                  "|" + "---|" * (len(COLUMNS) + 3)]
         for t in done[:5]:
-            r = reports.get(str(t["trial_id"]))
-            cols = columns_of(r) if r is not None else {}
-            cells = [pct(cols[n][0]) + _flag(int(cols[n][1])) if n in cols else "n/a" for n, _, _ in COLUMNS]
+            cells = trial_cells(t, reports.get(str(t["trial_id"])))
+            n = (cells.get("clean") or {}).get("n", "–")
             params = params_text(t["params"], inactive=t.get("inactive", ()))
-            lines.append(f"| {t['trial_id']} | " + " | ".join(cells) + f" | {params} |")
+            lines.append(f"| {t['trial_id']} | {n} | " + " | ".join(_cell(cells.get(c.key)) for c in COLUMNS)
+                         + f" | {params} |")
+        lines += ["", "Each cell: accuracy in % and its 95% interval (Wilson, one model on n validation examples); "
+                  "⚠n: a masking check says this attack was fooled."]
+        sel = summary.get("selection") or sweep_margin(done, reports, metric, mode)
+        separable = bool(sel and sel["separable"])
+        if sel:
+            lines += ["", f"**Selection.** {sel['text']}"]
         imp = importance(summary, metric, mode, space)
         lines += ["", "## Parameter importance (Optuna, fANOVA over finished trials)", ""]
         lines += ([f"- `{k}`: {v:.2f}" for k, v in imp.items()] if imp else
                   ["Too few finished trials (or no spread in the objective) to say."])
+        if imp and not separable:
+            lines += ["", f"These importances are drawn from {len(done)} trials whose best two cannot be told apart "
+                      "on the validation examples: read them as noise until a larger evaluation separates the trials."]
         files = sweep_plots(summary, metric, mode, out)
         lines += ["", "## Search", ""] + [f"![{f}]({f})" for f in files]
         curve = best_so_far(summary, metric, mode)

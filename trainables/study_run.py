@@ -324,7 +324,7 @@ def _run_locked(study: Study, interruption: Interruption, *, address: str | None
     files = [out / "summary.json"]
     files[0].write_text(json.dumps(summary, indent=1, default=str))
     if study.kind == "ablation":
-        files += list(write_ablation_tables(summary["trials"], study, out))
+        files += list(write_ablation_tables(study, summary, out))
     if tracking is not None:
         try:
             n = deliver_backlog(tracking, study, summary["trials"])

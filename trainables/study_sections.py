@@ -187,6 +187,7 @@ class Ablation:
     """An ablation's grid of components (the seeds are a separate axis)."""
 
     grid: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    baseline: dict[str, Any] | None = None  # the row every other row is compared with (None: the first point)
 
     def points(self) -> list[dict[str, Any]]:
         """Every combination of the grid, in the file's order (the first is the baseline row)."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import statistics
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,10 +15,12 @@ from typing import Any
 from ancra_tune.config import inactive_keys
 from ancra_tune.robustness import EvalReport
 
-from . import sessions
+from . import ablation_table, sessions
 from . import statuses as S
+from . import storage as storage_mod
 from . import trial_rows as R
 from .ranking import row_rank_key
+from .selection import sweep_margin
 from .study import Study
 from .trial import SEED_KEY
 from .worker import REPORT_NAME
@@ -27,6 +29,10 @@ log = logging.getLogger(__name__)
 
 
 REPORTED_TIMES = "_reported_at"  # a row's result times, used by summarize and dropped
+REPORT_OBJ = "_report"  # a row's evaluation report, kept in the study folder by summarize and dropped
+#: each finished trial's evaluation report (per-example outcomes included) inside the study folder,
+#: so the study's tables can be recomputed from the folder alone (checkpoints may be deleted)
+REPORTS_DIR = "reports"
 
 
 def read_report(checkpoint: str | None) -> EvalReport | None:
@@ -90,6 +96,7 @@ def _trial_rows(results: Any, study: Study, stopped_by_scheduler: set[str],
         if last_final is not None:
             report = read_report(last_final.get(R.CHECKPOINT_PATH) or row["checkpoint"])
             if report is not None:
+                row[REPORT_OBJ] = report
                 row.update(report.metrics())
                 row["flags"] = {m: report.flags(m) for m in study.objective.metrics if report.flags(m)}
                 row["checks_failed"] = [c.name for c in report.checks if c.failed]
@@ -142,14 +149,20 @@ def summarize(study: Study, results: Any, *, wall_s: float, storage: str,
     slots left idle; between 0 and 1, or None when the study's wall time is not known."""
     rows = _trial_rows(results, study, set(stopped_by_scheduler), interrupted=interrupted)
     reported = [t for r in rows for t in r.pop(REPORTED_TIMES)]
+    reports = {str(r["trial_id"]): r.get(REPORT_OBJ) for r in rows}
+    keep_reports(storage_mod.join(storage, study.name), rows)
     metric, mode = study.objective.metric, study.objective.mode
     scored = [r for r in rows if r["status"] == S.FINISHED and r.get(metric) is not None]
     best: list[dict[str, Any]] = []
     if study.objective.multi:
         trusted = [r for r in scored if not r.get("flags")] or scored
         best = pareto_front(trusted, [R.objective_key(m) for m in study.objective.metrics], study.objective.modes)
-    elif scored:
-        best = [max(scored, key=lambda r: row_rank_key(r, metric, mode))]
+    selection = None
+    if not study.objective.multi and scored:
+        ranked = sorted(scored, key=lambda r: row_rank_key(r, metric, mode), reverse=True)
+        best = ranked[:1]
+        if study.kind == "sweep":
+            selection = sweep_margin(ranked, reports, metric, mode)
     train_total = sum(r["train_time_s"] for r in rows)
     val_total, eval_total = sum(r["val_time_s"] for r in rows), sum(r["eval_time_s"] for r in rows)
     slots = max(1, min(slots, len(rows)))
@@ -159,7 +172,7 @@ def summarize(study: Study, results: Any, *, wall_s: float, storage: str,
     if study_wall > 0 and useful <= study_wall * slots * 1.01:  # 1%: clocks of other processes
         share = min(1.0, max(0.0, 1 - useful / (study_wall * slots)))
     return {"study": study.name, "kind": study.kind, "study_file": str(study.path),
-            "study_dir": str(Path(storage) / study.name), "objective": dict(zip(study.objective.metrics,
+            "study_dir": storage_mod.join(storage, study.name), "objective": dict(zip(study.objective.metrics,
                                                                        study.objective.modes, strict=True)),
             "wall_time_s": study_wall, "session_wall_time_s": wall_s,
             "sessions": len(history) if history else 1, "trial_train_time_s": train_total,
@@ -167,7 +180,91 @@ def summarize(study: Study, results: Any, *, wall_s: float, storage: str,
             "overhead_share": share,
             "n_trials": len(rows), "status_counts": {s: sum(r["status"] == s for r in rows) for s in S.TRIAL_STATUSES},
             "flagged_trials": {str(r["trial_id"]): r["flags"] for r in rows if r.get("flags")},
-            "best": best, "trials": rows}
+            "best": best, "selection": selection, "trials": rows}
+
+
+def keep_reports(study_dir: str, rows: list[dict[str, Any]]) -> None:
+    """Write each row's evaluation report into ``<study_dir>/reports/<trial>.json`` (the row names it)."""
+    for row in rows:
+        report = row.pop(REPORT_OBJ, None)
+        if report is None:
+            continue
+        rel = f"{REPORTS_DIR}/{row['trial_id']}.json"
+        try:
+            storage_mod.write_text(storage_mod.join(study_dir, *rel.split("/")), json.dumps(report.to_dict()))
+            row["report"] = rel
+        except OSError as e:  # the summary still stands; the page falls back to the checkpoint's copy
+            log.warning("cannot keep the evaluation report of trial %s in the study folder: %s", row["trial_id"], e)
+
+
+def load_reports(summary: dict[str, Any]) -> dict[str, EvalReport | None]:
+    """Every finished trial's report: from the study folder, else beside its checkpoint."""
+    out: dict[str, EvalReport | None] = {}
+    for t in summary["trials"]:
+        report = None
+        if t.get("status") == S.FINISHED:
+            text = storage_mod.read_text(storage_mod.join(summary["study_dir"], *t["report"].split("/"))) \
+                if t.get("report") else None
+            if text is not None:
+                report = EvalReport.from_dict(json.loads(text))
+            else:
+                report = read_report(t.get("checkpoint")) or report_from_row(t)
+        out[str(t["trial_id"])] = report
+    return out
+
+
+_ATTACK = re.compile(r"^(?P<kind>fgsm|cw|mim|pgd|apgd-ce|apgd-t)(?P<steps>\d*)_(?P<target>[a-z]+)$")
+
+
+def report_from_row(row: dict[str, Any]) -> EvalReport | None:
+    """What a summary row still tells of its evaluation when the report itself is gone (a study of an
+    older version whose checkpoints were deleted): each attack's accuracy, the example count and the
+    checks that failed; no per-example outcomes, so tables built from it compare unpaired."""
+    from dataclasses import replace
+
+    from ancra_tune.robustness.checks import Check, CheckName, tolerance_examples
+    from ancra_tune.robustness.report import AttackResult
+    from ancra_tune.robustness.suite import SuiteConfig
+
+    n = row.get("eval_n_examples")
+    if not n or row.get("clean_acc") is None or row.get("robust_acc_worst") is None:
+        return None
+    attacks = []
+    for key, acc in row.items():
+        if not key.startswith("acc_") or acc is None:
+            continue
+        name = key[4:]
+        m = _ATTACK.match(name)
+        if m:
+            kind, target, steps = m["kind"], m["target"], int(m["steps"] or 1)
+            spec: tuple[Any, ...] = (kind, target, steps, 0.0, True)
+        elif name.startswith("square"):
+            spec = ("square", "black-box", int(name[6:] or 0), 0.0, True)
+        elif name.startswith("transfer_"):
+            kind = "transfer_mim" if name.startswith("transfer_mim") else "transfer_pgd"
+            spec = (kind, "source", int(name[len(kind):] or 0), 0.0, True)
+        elif name.startswith("autoattack"):
+            spec = ("autoattack", "final", 0, 0.0, True)
+        elif name.startswith("sweep_"):
+            spec = ("sweep", "final", 0, float(name.rsplit("_eps", 1)[-1]), False)
+        else:
+            continue
+        attacks.append(AttackResult(name, *spec, accuracy=float(acc)))
+    ks = [a.steps for a in attacks if a.kind == "pgd" and a.target == "final"]
+    suite = replace(SuiteConfig(), pgd_steps=min(ks)) if ks else SuiteConfig()
+    failed = list(row.get("checks_failed") or ())
+    k = suite.pgd_steps
+    a1, a2 = row.get(f"acc_pgd{k}_final"), row.get(f"acc_pgd{2 * k}_final")
+    if CheckName.MORE_STEPS_NOT_WEAKER in failed and a1 is not None and a2 is not None:
+        # decided again on counts (versions before 0.1.2 failed a tie by float rounding: 27% vs 25% + 2)
+        if round(a2 * n) <= round(a1 * n) + tolerance_examples(suite.tol, int(n)):
+            failed.remove(CheckName.MORE_STEPS_NOT_WEAKER)
+    checks = tuple(Check(c, False, "(recorded in the study's summary)",
+                         scope="final" if c == CheckName.FINAL_OUTPUT_NOT_MASKED else "all") for c in failed)
+    ra = any(a.target not in ("final", "black-box", "source") for a in attacks)
+    return EvalReport(suite=suite, n_examples=int(n), ra=ra, n_classes=10, clean_acc=float(row["clean_acc"]),
+                      robust_acc_worst=float(row["robust_acc_worst"]), attacks=tuple(attacks), checks=checks,
+                      meta={"from_summary_row": True})
 
 
 def pareto_front(rows: list[dict[str, Any]], metrics: Sequence[str], modes: Sequence[str]) -> list[dict[str, Any]]:
@@ -183,52 +280,18 @@ def pareto_front(rows: list[dict[str, Any]], metrics: Sequence[str], modes: Sequ
             front.append(r)
     return front
 
-TABLE_COLUMNS = ("clean_acc", "robust_acc_worst", "autoattack_acc", "time_per_epoch_s")
+def ablation_of(study: Study, summary: dict[str, Any]) -> dict[str, Any]:
+    """The study's one ablation table (:mod:`trainables.ablation_table`) from its summary."""
+    return ablation_table.build(summary["trials"], load_reports(summary), list(study.ablation.grid),
+                                points=study.grid_points(), baseline=study.ablation.baseline)
 
 
-def ablation_table(rows: list[dict[str, Any]], study: Study) -> list[dict[str, Any]]:
-    """One row per configuration: mean and std over seeds of clean, robust, AutoAttack accuracy and
-    time per epoch (paper Tables VIII and IX)."""
-    keys = list(study.ablation.grid)
-    table = []
-    for point in study.grid_points():
-        group = [r for r in rows if all(r["params"].get(k) == v for k, v in point.items())]
-        row: dict[str, Any] = dict(point)
-        row["seeds"] = len(group)
-        row["finished"] = sum(r["status"] == S.FINISHED for r in group)
-        for col in TABLE_COLUMNS:
-            vals = [r[col] for r in group if isinstance(r.get(col), (int, float)) and not _nan(r.get(col))]
-            row[f"{col}_mean"] = statistics.fmean(vals) if vals else None
-            row[f"{col}_std"] = statistics.stdev(vals) if len(vals) > 1 else (0.0 if vals else None)
-        table.append(row)
-    assert all(set(keys) <= set(r) for r in table)
-    return table
-
-
-def write_ablation_tables(rows: list[dict[str, Any]], study: Study, out: Path) -> tuple[Path, Path]:
-    table = ablation_table(rows, study)
-    keys = list(study.ablation.grid)
-    header = keys + ["seeds"] + [f"{c}_{s}" for c in TABLE_COLUMNS for s in ("mean", "std")]
-    csv_path, md_path = out / "ablation.csv", out / "ablation.md"
-    with open(csv_path, "w") as f:
-        f.write(",".join(header) + "\n")
-        for r in table:
-            f.write(",".join("" if r.get(h) is None else str(r[h]) for h in header) + "\n")
-
-    def fmt(r: dict[str, Any], col: str) -> str:
-        m, s = r.get(f"{col}_mean"), r.get(f"{col}_std")
-        if m is None:
-            return "n/a"
-        if col.endswith("acc"):
-            return f"{100 * m:.2f} ± {100 * (s or 0):.2f}"
-        return f"{m:.2f} ± {s or 0:.2f}"
-
-    names = {"clean_acc": "Clean (%)", "robust_acc_worst": "Robust, worst case (%)",
-             "autoattack_acc": "AutoAttack (%)", "time_per_epoch_s": "Time/epoch (s)"}
-    lines = ["| " + " | ".join(keys + ["seeds"] + [names[c] for c in TABLE_COLUMNS]) + " |",
-             "|" + "---|" * (len(keys) + 1 + len(TABLE_COLUMNS))]
-    for r in table:
-        lines.append("| " + " | ".join([str(r[k]) for k in keys] + [str(r["seeds"])] +
-                                       [fmt(r, c) for c in TABLE_COLUMNS]) + " |")
-    md_path.write_text(f"# {study.name}: mean ± std over seeds {list(study.seeds)}\n\n" + "\n".join(lines) + "\n")
-    return csv_path, md_path
+def write_ablation_tables(study: Study, summary: dict[str, Any], out: Path) -> tuple[Path, Path, Path]:
+    """``ablation.md``, ``ablation.csv`` and ``table.json`` into ``out``."""
+    table = ablation_of(study, summary)
+    csv_path, md_path, json_path = out / "ablation.csv", out / "ablation.md", out / "table.json"
+    csv_path.write_text(ablation_table.to_csv(table))
+    json_path.write_text(json.dumps(table, indent=1, default=str))
+    md_path.write_text(f"# {study.name}: seeds {list(study.seeds)}\n\n" + "\n".join(ablation_table.markdown(table))
+                       + "\n")
+    return csv_path, md_path, json_path

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..negatives import select_negatives
+from . import stats
 from .checks import Check, GradientProbe, masking_checks, tolerance_examples
 from .suite import AttackKind, AttackSpec, SuiteConfig, Target, named, plan_attacks
 
@@ -102,6 +103,11 @@ class EvalReport:
         """Attacks another single attack of this report beats by more than the tolerance."""
         return sorted(a.name for a in self.attacks if a.beaten_by)
 
+    def outcomes(self, name: str) -> list[bool] | None:
+        """Which examples survived ``name`` (an attack, ``clean`` or ``worst``); None if not kept."""
+        v = self.per_example.get(name)
+        return None if v is None else list(v)
+
     def attack(self, name: str) -> AttackResult:
         return next(a for a in self.attacks if a.name == name)
 
@@ -178,8 +184,9 @@ class EvalReport:
             "masked_metrics": self.masked_metrics, "checks": [c.to_dict() for c in self.checks],
             "checks_passed": self.checks_passed, "flagged": self.flags(WORST),
             "autoattack_flags": list(self.autoattack_flags)}
-        if per_example:
-            d["per_example"] = {k: list(v) for k, v in self.per_example.items()}
+        if per_example:  # which examples survived each attack (and clean, and the worst case), packed
+            d["per_example"] = {"encoding": stats.PACKING, "n": self.n_examples,
+                                "outcomes": {k: stats.pack(v) for k, v in self.per_example.items()}}
         if self.features is not None:
             d["features"] = dict(self.features)
         if self.artifacts:
@@ -196,7 +203,7 @@ class EvalReport:
                    robust_acc_worst=float(d[WORST]),
                    attacks=tuple(AttackResult(**a) for a in d["attacks"]),
                    checks=tuple(Check.from_dict(c) for c in d["checks"]),
-                   autoattack_flags=tuple(d.get("autoattack_flags", ())), per_example=d.get("per_example", {}),
+                   autoattack_flags=tuple(d.get("autoattack_flags", ())), per_example=_outcomes(d.get("per_example")),
                    features=d.get("features"), artifacts=tuple(d.get("artifacts", ())),
                    meta={k: v for k, v in d.items() if k not in known})
 
@@ -213,6 +220,16 @@ class EvalReport:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_dict(), indent=1))
         return path
+
+
+def _outcomes(stored: Any) -> dict[str, list[bool]]:
+    """Per-example outcomes as report.json stores them: packed (this version) or lists (older ones)."""
+    if not stored:
+        return {}
+    if isinstance(stored, Mapping) and stored.get("encoding") == stats.PACKING:
+        n = int(stored["n"])
+        return {k: stats.unpack(v, n).tolist() for k, v in stored["outcomes"].items()}
+    return {k: [bool(b) for b in v] for k, v in stored.items()}
 
 
 # --------------------------------------------------------------------------- building

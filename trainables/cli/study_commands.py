@@ -122,6 +122,8 @@ def format_summary(summary: dict) -> str:
         if b.get("flags"):
             lines.append(f"  warning: every finished trial is flagged; this one's {metric} is not credible: "
                          f"{'; '.join(b['flags'].get(metric, []))}")
+    if summary.get("selection"):
+        lines.append("  margin: " + summary["selection"]["text"])
     if not summary["best"]:
         lines.append("no trial finished: nothing to choose from")
     errored = [str(t["trial_id"]).rsplit("_", 1)[-1] for t in summary["trials"] if t["status"] == S.ERROR]

@@ -106,6 +106,12 @@ def pick_best(mc: Any, children: list[Any], metric: str, *, mode: str = "max",
                         f"{', '.join(map(str, flagged))}")
     if len(cands) == 1:
         warnings.append("only one trial finished: there was nothing to compare it with")
+    else:
+        from ..selection import margin
+
+        m = margin((str(tid), best.report), (str(cands[1].run.data.tags.get(TRIAL_ID)), cands[1].report), metric, mode)
+        if m is not None and not m["separable"]:
+            warnings.append(m["text"])
     if best.report is not None and best.report.is_robust_metric(metric):
         chance = 1.0 / best.report.n_classes
         if best.value <= 0.0:

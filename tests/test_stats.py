@@ -1,0 +1,114 @@
+"""The statistics behind every table: known values, and pages that claim only what their tests support."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from ancra_tune.robustness import stats
+
+
+def test_intervals_and_tests_match_known_values() -> None:
+    # Wilson 95% for 50/100 and the exact (Clopper-Pearson) interval for 0/10, as in the textbooks.
+    lo, hi = stats.proportion_ci(50, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)
+    assert stats.proportion_ci(0, 10, "exact") == pytest.approx((0.0, 0.3085), abs=1e-4)
+    # Exact McNemar: 10 discordant pairs all one way: p = 2 * 0.5^10.
+    base = np.zeros((1, 40), dtype=bool)
+    row = base.copy()
+    row[0, :10] = True
+    c = stats.compare(row, base)
+    assert c.discordant == (10, 0) and c.p == pytest.approx(2 * 0.5 ** 10) and c.diff == pytest.approx(0.25)
+    # Holm on three p-values.
+    assert stats.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    # Power: two rows of 2 x 100 examples near 50% resolve (1.96 + 0.84) * sqrt(2 * .25 / 200) = 14 points.
+    assert stats.mde(0.5, 100, 2) == pytest.approx(0.1401, abs=1e-3)
+    n = stats.examples_needed(0.03, 0.5, 3)
+    assert n == 1454 and stats.mde(0.5, n, 3) <= 0.03 < stats.mde(0.5, n - 1, 3)
+    assert stats.examples_needed(0.03, 0.5, 3, seed_sd=0.05) is None  # the seeds' spread alone is too large
+
+
+def test_outcomes_pack_small_and_come_back() -> None:
+    bits = np.random.default_rng(1).random(203) < 0.3
+    text = stats.pack(bits)
+    assert len(text) == 36 and (stats.unpack(text, 203) == bits).all()
+    with pytest.raises(ValueError):
+        stats.unpack(text, 300)
+
+
+def test_an_interval_over_seeds_is_never_narrower_than_the_pooled_binomial() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.random((3, 500)) < 0.4
+    e = stats.estimate(x)
+    wlo, whi = stats.proportion_ci(int(x.sum()), x.size)
+    assert e.ci95[0] <= wlo and e.ci95[1] >= whi and e.n == 500 and e.seeds == 3
+    assert e.mean == pytest.approx(x.mean()) and len(e.per_seed) == 3
+    # Seeds that disagree far beyond sampling widen it.
+    y = np.vstack([rng.random(500) < 0.2, rng.random(500) < 0.4, rng.random(500) < 0.6])
+    assert stats.estimate(y).ci95[1] - stats.estimate(y).ci95[0] > 2 * (whi - wlo)
+
+
+def _synthetic_ablation(rng: np.random.Generator) -> tuple[list[dict], dict]:
+    """A 3-row ablation on 3 seeds x 2000 shared examples: 'better' is right on 6 points more examples
+    than the baseline by construction, 'same' is the baseline's model class again."""
+    from ancra_tune.robustness import EvalReport
+    from ancra_tune.robustness.report import AttackResult
+    from ancra_tune.robustness.suite import SuiteConfig
+
+    n = 2000
+    hard = rng.random(n)  # each example's difficulty, shared by every model (paired)
+    trials, reports = [], {}
+    for arm, shift in (("baseline", 0.0), ("better", 0.06), ("same", 0.0)):
+        for seed in range(3):
+            noise = rng.random(n) < 0.05
+            worst = (hard < 0.40 + shift) ^ noise
+            clean = worst | (hard < 0.6)
+            tid = f"{arm}{seed}"
+            pgd = worst.tolist()
+            reports[tid] = EvalReport(
+                suite=SuiteConfig.preset_config("quick", eps=0.1), n_examples=n, ra=False, n_classes=10,
+                clean_acc=float(clean.mean()), robust_acc_worst=float(worst.mean()),
+                attacks=(AttackResult("pgd20_final", "pgd", "final", 20, 0.1, True, float(worst.mean())),),
+                checks=(), per_example={"clean": clean.tolist(), "worst": worst.tolist(), "pgd20_final": pgd})
+            trials.append({"trial_id": tid, "status": "finished", "params": {"arm": arm, "seed": seed}})
+    return trials, reports
+
+
+def test_a_page_claims_the_arm_better_by_construction_and_not_the_equal_one() -> None:
+    from trainables import ablation_table
+
+    trials, reports = _synthetic_ablation(np.random.default_rng(7))
+    table = ablation_table.build(trials, reports, ["arm"])
+    assert table["baseline"] == {"arm": "baseline"}
+    worst = {c["row"]["arm"]: c for c in table["comparisons"] if c["metric"] == "worst"}
+    assert worst["better"]["diff"] == pytest.approx(0.06, abs=0.015)
+    assert worst["better"]["p_holm"] < 0.05 and worst["better"]["verdict"].startswith("higher")
+    assert worst["better"]["ci95"][0] > 0 and "McNemar" in worst["better"]["test"]
+    assert worst["same"]["p_holm"] >= 0.05 and worst["same"]["verdict"].startswith("no difference resolvable")
+    lo, hi = worst["same"]["ci95"]
+    assert lo < 0 < hi
+    # p_holm is Holm over every comparison of the page
+    ps = [c["p"] for c in table["comparisons"]]
+    assert [c["p_holm"] for c in table["comparisons"]] == pytest.approx(stats.holm(ps))
+    row = next(r for r in table["rows"] if r["config"] == {"arm": "better"})
+    assert row["worst"]["n"] == 2000 and row["worst"]["seeds"] == 3 and len(row["worst"]["per_seed"]) == 3
+    assert row["worst"]["ci95"][0] < row["worst"]["mean"] < row["worst"]["ci95"][1]
+    assert 0 < table["mde"] < 0.05 and table["mde_inputs"]["n"] == 2000
+    text = "\n".join(ablation_table.markdown(table))
+    assert "arm=better | worst case | +" in text and "higher by" in text and "points**" in text
+    same_line = next(line for line in text.splitlines() if line.startswith("| arm=same | worst case"))
+    assert "higher" not in same_line and "lower" not in same_line
+
+
+def test_a_winner_within_noise_of_the_runner_up_is_said_to_be(tmp_path) -> None:
+    from trainables.selection import margin
+
+    trials, reports = _synthetic_ablation(np.random.default_rng(3))
+    close = margin(("same0", reports["same0"]), ("baseline0", reports["baseline0"]), "robust_acc_worst")
+    apart = margin(("better0", reports["better0"]), ("baseline0", reports["baseline0"]), "robust_acc_worst")
+    assert close is not None and apart is not None
+    assert apart["separable"] and apart["examples_won"] > apart["examples_lost"] and "separable." in apart["text"]
+    assert not close["separable"] and "not separable" in close["text"]
+    assert math.isclose(apart["diff"], (apart["examples_won"] - apart["examples_lost"]) / 2000)
