@@ -112,3 +112,42 @@ def test_a_winner_within_noise_of_the_runner_up_is_said_to_be(tmp_path) -> None:
     assert apart["separable"] and apart["examples_won"] > apart["examples_lost"] and "separable." in apart["text"]
     assert not close["separable"] and "not separable" in close["text"]
     assert math.isclose(apart["diff"], (apart["examples_won"] - apart["examples_lost"]) / 2000)
+
+
+def test_plan_sizes_a_study_from_its_own_records(tmp_path) -> None:
+    """`ancra-tune plan`: examples x seeds for the difference asked, the cost from the study's records."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from trainables.plan import make_plan
+    from trainables.study import load_study
+
+    study = load_study(Path(__file__).parents[1] / "search_spaces" / "quickstart.yaml")
+    trials = [{"trial_id": f"t_{seed}", "status": "finished", "params": {"method.alpha": 0.5, "seed": seed},
+               "robust_acc_worst": acc, "eval_n_examples": 200, "eval_time_s": 100.0, "time_per_epoch_s": 12.0}
+              for seed, acc in enumerate((0.30, 0.34, 0.32))]
+    folder = tmp_path / study.name
+    folder.mkdir()
+    (folder / "summary.json").write_text(json.dumps({"trials": trials}))
+    plan = make_plan(study, 0.03, storage=str(tmp_path), measure=False, available=10_000)
+    assert plan["assumed"]["accuracy"] == pytest.approx(0.32) and "own records" in plan["assumed"]["source"]
+    sd = plan["assumed"]["seed_sd"]
+    assert sd == pytest.approx(stats.seed_spread([0.30, 0.34, 0.32], 200))
+    by_seeds = {o["seeds"]: o for o in plan["options"]}
+    three = by_seeds[3]
+    assert three["examples_per_seed"] == stats.examples_needed(0.03, 0.32, 3, seed_sd=sd)
+    assert stats.mde(0.32, three["examples_per_seed"], 3, seed_sd=sd) <= 0.03
+    per_trial = study.train.optim.epochs * 12.0 + three["examples_per_seed"] * 0.5 + 13.0
+    assert three["trials"] == study.search.num_samples * 3
+    assert three["predicted_wall_s"] == pytest.approx(three["trials"] * per_trial / plan["slots"])
+    assert plan["now"]["mde"] > 0.03  # as written (a few hundred examples) it cannot resolve 3 points
+    # the command prints the same plan as JSON on stdout, and refuses a nonsense difference
+    out = subprocess.run([sys.executable, "-m", "trainables.cli", "plan", str(study.path), "--storage",
+                          str(tmp_path), "--json", "--no-probe"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert [o["seeds"] for o in json.loads(out.stdout)["options"]] == [1, 3, 5]  # the study's, 3 and 5
+    bad = subprocess.run([sys.executable, "-m", "trainables.cli", "plan", str(study.path), "--detect", "3"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--detect 3" in bad.stderr

@@ -18,7 +18,7 @@ from ancra_tune.config import (
 from ancra_tune.data import DatasetUnavailableError
 
 from .core_commands import _eval, _train
-from .study_commands import _study
+from .study_commands import _plan, _study
 from .tracking_commands import _best, _report, _store, _ui
 
 
@@ -85,6 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="print the summary as JSON on stdout (the table goes to stderr)")
         p.add_argument("--verbose", action="store_true", help="Ray's own log lines and status tables")
         p.set_defaults(func=lambda a, k=kind: _study(a, k))
+
+    pl = sub.add_parser("plan", help="what a study must evaluate (examples x seeds) to resolve a difference, and "
+                                     "what that costs, before running it")
+    pl.add_argument("file", help="a study file, e.g. search_spaces/table8_cifar10_cpu.yaml")
+    pl.add_argument("--detect", type=float, default=0.03,
+                    help="the difference of accuracy to resolve, as a fraction (default 0.03: 3 points)")
+    pl.add_argument("--seeds", type=int, help="plan for this many seeds only (default: the study's, 3 and 5)")
+    pl.add_argument("--storage", help="where an earlier run of the study left its records; default: "
+                                      "$ANCRA_STORAGE, else runs/studies")
+    pl.add_argument("--no-probe", action="store_true",
+                    help="without records, do not measure the cost here (accuracy and power only)")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON on stdout")
+    pl.set_defaults(func=_plan)
 
     b = sub.add_parser("best", help="register a study's best trial model in MLflow with the alias `champion`")
     b.add_argument("study", help="the study's name (its MLflow experiment)")

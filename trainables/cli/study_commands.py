@@ -54,6 +54,22 @@ def _study(args: argparse.Namespace, kind: str) -> int:
         print(json.dumps(summary, indent=1, default=str))
     return study_exit_code(summary)
 
+def _plan(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    from ..plan import format_plan, make_plan
+    from ..study import load_study
+
+    study = load_study(args.file)
+    storage = args.storage or os.environ.get("ANCRA_STORAGE") or "runs/studies"
+    plan = make_plan(study, args.detect, storage=storage, seeds=args.seeds, measure=not args.no_probe)
+    print(format_plan(plan), file=sys.stderr if args.json else sys.stdout, flush=True)
+    if args.json:
+        print(json.dumps(plan, indent=1, default=str))
+    return 0
+
+
 def study_exit_code(summary: dict) -> int:
     """0: the study finished and at least one trial did; 1: it ended without a finished trial, or a full
     disk stopped it; 130: interrupted (``--resume`` continues). Usage and config errors exit 2 earlier."""
