@@ -151,3 +151,17 @@ def test_plan_sizes_a_study_from_its_own_records(tmp_path) -> None:
     bad = subprocess.run([sys.executable, "-m", "trainables.cli", "plan", str(study.path), "--detect", "3"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--detect 3" in bad.stderr
+
+
+def test_report_json_keeps_every_outcome_packed(tmp_path) -> None:
+    import json
+
+    trials, reports = _synthetic_ablation(np.random.default_rng(0))
+    r = reports["better1"]
+    path = r.save(tmp_path / "report.json")
+    stored = json.loads(path.read_text())["per_example"]
+    assert stored["encoding"] == stats.PACKING and stored["n"] == 2000
+    assert set(stored["outcomes"]) == {"clean", "worst", "pgd20_final"}
+    assert all(len(v) <= 4 * (2000 // 8 + 3) // 3 for v in stored["outcomes"].values())  # 2000 bits in ~336 chars
+    back = type(r).load(path)
+    assert back.per_example == r.per_example and back.outcomes("worst") == r.outcomes("worst")
