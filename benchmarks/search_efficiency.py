@@ -104,6 +104,10 @@ def record_grid(a: argparse.Namespace) -> dict[str, Any]:
     summary = run_study(load_study(f), storage=str((a.out / "studies").resolve()),
                         tracking_uri=f"sqlite:///{(a.out / 'mlflow.db').resolve()}")
     wall = time.perf_counter() - t0
+    from ancra_tune.robustness import stats
+    from trainables.summary import load_reports
+
+    reports = load_reports(summary)
     trials = {}
     for t in summary["trials"]:
         rows = [json.loads(x) for x in Path(t["trial_dir"], "result.json").read_text().splitlines() if x.strip()]
@@ -116,6 +120,10 @@ def record_grid(a: argparse.Namespace) -> dict[str, Any]:
             "end_s": final["time_total_s"] if final else (epochs[-1]["time_total_s"] if epochs else 0.0),
             "value": final.get(f"objective.{METRIC}") if final else None,  # the credible value
             "raw_value": final.get(METRIC) if final else None}
+        report = reports.get(str(t["trial_id"]))
+        if report is not None and report.outcomes("worst") is not None:  # which examples survived (packed)
+            trials[key(t["params"])]["worst_outcomes"] = stats.pack(report.outcomes("worst"))
+            trials[key(t["params"])]["n"] = report.n_examples
     return {"wall_s": wall, "epochs": a.epochs, "trials": trials, "study": study_text("ablation", a)}
 
 
@@ -202,6 +210,52 @@ def first_hit(events: list[dict[str, Any]], target: float) -> dict[str, Any] | N
     return next((e for e in events if e["best"] is not None and e["best"] >= target - 1e-9), None)
 
 
+def grid_statistics(grid: dict[str, Any], n_eval: int) -> tuple[dict[str, Any], list[str]]:
+    """How well n_eval examples tell the grid's configurations apart: the best with its 95% interval,
+    every other configuration against it (paired exact McNemar on the same examples where the
+    outcomes were recorded, else Fisher's exact test on counts), Holm-corrected, and the smallest
+    difference one seed of n_eval examples resolves."""
+    import numpy as np
+
+    from ancra_tune.robustness import stats
+
+    done = {k: t for k, t in grid["trials"].items() if t["value"] is not None}
+    best_key = max(done, key=lambda k: done[k]["value"])
+    best = done[best_key]
+    n = int(best.get("n", n_eval))
+    k_best = int(round(best["value"] * n))
+
+    def outcomes(t: dict[str, Any]) -> Any:
+        return stats.unpack(t["worst_outcomes"], n)[None, :] if "worst_outcomes" in t else None
+
+    comps = {}
+    for k, t in done.items():
+        if k == best_key:
+            continue
+        a, b = outcomes(best), outcomes(t)
+        if a is not None and b is not None:
+            comps[k] = stats.compare(b, a)
+        else:
+            comps[k] = stats.compare_counts([int(round(t["value"] * n))], [k_best], n)
+    adjusted = stats.holm([c.p for c in comps.values()])
+    tied = [k for k, adj in zip(comps, adjusted, strict=True) if adj >= stats.ALPHA]
+    lo, hi = stats.proportion_ci(k_best, n)
+    mde = stats.mde(float(np.mean([t["value"] for t in done.values()])), n, 1)
+    test = next(iter(comps.values())).test if comps else ""
+    out = {"best": best_key, "best_correct": k_best, "n": n, "best_ci95": [lo, hi], "mde": mde,
+           "not_separable_from_best": tied, "test": test,
+           "comparisons": {k: {"diff": c.diff, "p": c.p, "p_holm": adj, "ci95": list(c.ci95)}
+                           for (k, c), adj in zip(comps.items(), adjusted, strict=True)}}
+    lines = [f"Statistics of the grid (one seed, {n} held-out examples per configuration): the grid's best "
+             f"({best_key}) is {k_best}/{n} = {100 * k_best / n:.1f}% (95% interval {100 * lo:.1f}-{100 * hi:.1f}); "
+             f"{len(tied)} of the other {len(comps)} configurations cannot be told apart from it ({test}, Holm over "
+             f"the {len(comps)} comparisons). The smallest difference two configurations of this design resolve "
+             f"(two-sided 5%, 80% power) is {100 * mde:.1f} points, so \"within {{within}} of the best\" is a finer "
+             "target than the evaluation resolves: a search that 'reached' it found one of the configurations "
+             "tied with the best, not a better one."]
+    return out, lines
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/search_efficiency"))
@@ -278,6 +332,8 @@ def main() -> None:
                      f"{statistics.median(bests):.3f} ({min(bests):.3f}–{max(bests):.3f}) | {len(got)}/{len(reps)} | "
                      + (f"{statistics.median(ep):g} ({max(ep)}) | {statistics.median(wall):.0f} |"
                         if got else "– | – |"))
+    results["grid_statistics"], stat_lines = grid_statistics(grid, a.n_eval)
+    lines += ["", stat_lines[0].replace("{within}", f"{100 * a.within:g} point(s)")]
     table = "\n".join(lines)
     (a.out / "table.md").write_text(table + "\n")
     (a.out / "results.json").write_text(json.dumps(results, indent=1))
