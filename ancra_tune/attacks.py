@@ -46,11 +46,15 @@ def project(x_adv: Tensor, x_nat: Tensor, eps: float) -> Tensor:
     return torch.clamp(torch.minimum(torch.maximum(x_adv, x_nat - eps), x_nat + eps), 0.0, 1.0)
 
 
-def random_start(x: Tensor, *, eps: float, init: Init, init_std: float = 0.001,
+def random_start(x: Tensor, *, eps: float, init: Init | Tensor, init_std: float = 0.001,
                  generator: torch.Generator | None = None) -> Tensor:
     """``uniform``: x + U(-eps, eps) (Madry et al.), projected onto S(x); ``gaussian``: x + init_std *
     N(0, 1), not projected, exactly as the released ANCRA/TRADES code starts (the first step's
-    projection brings it into S(x)); ``none``: x."""
+    projection brings it into S(x)); ``none``: x; a tensor: that starting point (projected onto S(x):
+    an evaluation's cascade passes each example the start it would have had in the whole batch, or
+    the last iterate of the attack it continues)."""
+    if isinstance(init, Tensor):
+        return project(init.to(x.device, x.dtype), x, eps)
     if init == "none":
         return x.clone()
     dev = generator.device if generator is not None else x.device
@@ -91,7 +95,7 @@ def pgd(
     gate_labels: Tensor | None = None,
     head: Callable[[ModelOutput], Tensor] = final_logits,
     loss_fn: Callable[[ModelOutput, Tensor], Tensor] | None = None,
-    init: Init = "uniform",
+    init: Init | Tensor = "uniform",
     init_std: float = 0.001,
     momentum: float = 0.0,
     eot: int = 1,

@@ -121,12 +121,13 @@ def _cells(trials: Sequence[Mapping[str, Any]], reports: Mapping[str, EvalReport
             name = col.pick(r)
             if name is None:
                 continue
-            cell = cells.setdefault(col.key, _Cell([], [], [], r.n_examples, 0))
-            if r.n_examples != cell.n:
+            n = r.n_of(name)  # clean and the worst case: every example; an attack: the check examples
+            cell = cells.setdefault(col.key, _Cell([], [], [], n, 0))
+            if n != cell.n:
                 continue  # a trial evaluated on another number of examples cannot pool with the rest
             cell.seeds.append(int(t["params"].get(SEED_KEY, 0)))
             cell.outcomes.append(r.outcomes(name))
-            cell.counts.append(int(round(_accuracy(r, name) * r.n_examples)))
+            cell.counts.append(int(round(_accuracy(r, name) * n)))
             cell.flagged += _flagged(r, name)
     return cells
 

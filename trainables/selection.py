@@ -32,9 +32,11 @@ def margin(winner: tuple[str, EvalReport | None], runner_up: tuple[str, EvalRepo
     direction of ``mode``), its 95% interval, the exact McNemar p, and whether the winner is separable
     (p < 0.05). None when either has no per-example outcomes on the same examples."""
     (wid, wr), (rid, rr) = winner, runner_up
-    if wr is None or rr is None or wr.n_examples != rr.n_examples:
+    if wr is None or rr is None:
         return None
     name_w, name_r = outcome_name(wr, metric), outcome_name(rr, metric)
+    if name_w is None or name_r is None or wr.n_of(name_w) != rr.n_of(name_r):
+        return None
     ow = wr.outcomes(name_w) if name_w else None
     orr = rr.outcomes(name_r) if name_r else None
     if ow is None or orr is None:
@@ -45,7 +47,7 @@ def margin(winner: tuple[str, EvalReport | None], runner_up: tuple[str, EvalRepo
     c = stats.compare(b, a)
     up, down = c.discordant or (0, 0)
     separable = c.p < stats.ALPHA and c.diff > 0
-    n = wr.n_examples
+    n = wr.n_of(name_w)
     text = (f"trial {wid} beats the runner-up {rid} on {metric} by {up - down} of {n} validation examples "
             f"({100 * c.diff:+.1f} points, 95% interval [{100 * c.ci95[0]:+.1f}, {100 * c.ci95[1]:+.1f}], exact "
             f"McNemar p = {c.p:.2g}): ")

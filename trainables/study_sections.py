@@ -30,7 +30,7 @@ MODES = ("max", "min")
 
 #: end-of-trial metrics every evaluation reports (besides acc_<attack> of its plan)
 REPORT_METRICS = ("clean_acc", "robust_acc_worst", "autoattack_acc", "checks_passed", "eval_flagged",
-                  "eval_n_examples", "epoch_time_s_mean", "train_time_s")
+                  "eval_n_examples", "eval_check_examples", "epoch_time_s_mean", "train_time_s")
 
 
 TOP_KEYS = ("name", "kind", "base", "train", "resources", "objective", "eval", "search", "scheduler", "seeds",

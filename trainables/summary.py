@@ -229,6 +229,7 @@ def report_from_row(row: dict[str, Any]) -> EvalReport | None:
     n = row.get("eval_n_examples")
     if not n or row.get("clean_acc") is None or row.get("robust_acc_worst") is None:
         return None
+    n_check = int(row.get("eval_check_examples") or n)  # what each attack's accuracy was measured on
     attacks = []
     for key, acc in row.items():
         if not key.startswith("acc_") or acc is None:
@@ -249,7 +250,7 @@ def report_from_row(row: dict[str, Any]) -> EvalReport | None:
             spec = ("sweep", "final", 0, float(name.rsplit("_eps", 1)[-1]), False)
         else:
             continue
-        attacks.append(AttackResult(name, *spec, accuracy=float(acc)))
+        attacks.append(AttackResult(name, *spec, accuracy=float(acc), n=n_check))
     ks = [a.steps for a in attacks if a.kind == "pgd" and a.target == "final"]
     suite = replace(SuiteConfig(), pgd_steps=min(ks)) if ks else SuiteConfig()
     failed = list(row.get("checks_failed") or ())
@@ -257,14 +258,14 @@ def report_from_row(row: dict[str, Any]) -> EvalReport | None:
     a1, a2 = row.get(f"acc_pgd{k}_final"), row.get(f"acc_pgd{2 * k}_final")
     if CheckName.MORE_STEPS_NOT_WEAKER in failed and a1 is not None and a2 is not None:
         # decided again on counts (versions before 0.1.2 failed a tie by float rounding: 27% vs 25% + 2)
-        if round(a2 * n) <= round(a1 * n) + tolerance_examples(suite.tol, int(n)):
+        if round(a2 * n_check) <= round(a1 * n_check) + tolerance_examples(suite.tol, n_check):
             failed.remove(CheckName.MORE_STEPS_NOT_WEAKER)
     checks = tuple(Check(c, False, "(recorded in the study's summary)",
                          scope="final" if c == CheckName.FINAL_OUTPUT_NOT_MASKED else "all") for c in failed)
     ra = any(a.target not in ("final", "black-box", "source") for a in attacks)
     return EvalReport(suite=suite, n_examples=int(n), ra=ra, n_classes=10, clean_acc=float(row["clean_acc"]),
                       robust_acc_worst=float(row["robust_acc_worst"]), attacks=tuple(attacks), checks=checks,
-                      meta={"from_summary_row": True})
+                      meta={"from_summary_row": True}, check_examples=n_check)
 
 
 def pareto_front(rows: list[dict[str, Any]], metrics: Sequence[str], modes: Sequence[str]) -> list[dict[str, Any]]:

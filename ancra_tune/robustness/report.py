@@ -29,12 +29,16 @@ CLEAN, WORST, AUTOATTACK = "clean_acc", "robust_acc_worst", "autoattack_acc"
 
 @dataclass
 class BatchResult:
-    """Per-example outcomes of one batch: correctness per attack, and what the probes found."""
+    """Per-example outcomes of one batch: correctness per attack on its check examples (every attack
+    ran on them), the worst case on every example, and what the probes found."""
 
     batch_idx: int
     clean: Tensor
-    correct: dict[str, Tensor]
+    correct: dict[str, Tensor]  # per attack, on the batch's check examples
     zero_grad: Tensor
+    check: Tensor | None = None  # (B,) the check examples (None: all)
+    worst: Tensor | None = None  # (B,) survived every attack at the budget (the cascade's result)
+    attacked: dict[str, int] = field(default_factory=dict)  # examples each attack ran on
     feat_nat: Tensor | None = None
     feat_adv: Tensor | None = None
     labels: Tensor | None = None
@@ -52,8 +56,10 @@ class AttackResult:
     steps: int
     eps: float
     in_worst_case: bool
-    accuracy: float
+    accuracy: float  # on the report's check examples (all of them when check_examples is None)
     beaten_by: str | None = None  # another single attack beats this one by more than the tolerance
+    n: int | None = None  # examples the accuracy is measured on (None: the report's n_examples)
+    attacked: int | None = None  # examples it ran on in all (the check examples and the cascade's survivors)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", named(AttackKind, self.kind, "attack kind"))
@@ -79,12 +85,25 @@ class EvalReport:
     attacks: tuple[AttackResult, ...]
     checks: tuple[Check, ...]
     autoattack_flags: tuple[str, ...] = ()
-    per_example: Mapping[str, list[bool]] = field(default_factory=dict)
+    per_example: Mapping[str, list[bool]] = field(default_factory=dict)  # clean, worst: all n; attacks: check
     features: Mapping[str, Any] | None = None
     artifacts: tuple[str, ...] = ()
     meta: Mapping[str, Any] = field(default_factory=dict)
+    check_examples: int | None = None  # examples every attack ran on (None: all n_examples)
 
     # ------------------------------------------------------------------ reading
+
+    @property
+    def n_check(self) -> int:
+        return self.n_examples if self.check_examples is None else self.check_examples
+
+    def n_of(self, name: str) -> int:
+        """Examples behind ``name``'s accuracy: clean and the worst case on all, an attack on the check
+        examples."""
+        if name in ("clean", "worst"):
+            return self.n_examples
+        a = next((a for a in self.attacks if a.name == name), None)
+        return self.n_examples if a is None or a.n is None else a.n
 
     @property
     def eps(self) -> float:
@@ -160,6 +179,7 @@ class EvalReport:
         out["checks_passed"] = float(self.checks_passed)
         out["eval_flagged"] = float(self.flagged)
         out["eval_n_examples"] = float(self.n_examples)
+        out["eval_check_examples"] = float(self.n_check)
         return out
 
     def tags(self) -> dict[str, str]:
@@ -178,14 +198,16 @@ class EvalReport:
             **dict(self.meta), "n_examples": self.n_examples, "eps": self.eps, "preset": self.suite.preset,
             "ra": self.ra, "n_classes": self.n_classes, "suite": self.suite.to_dict(),
             CLEAN: self.clean_acc, WORST: self.robust_acc_worst, AUTOATTACK: self.autoattack_acc,
+            "check_examples": self.n_check,
             "attacks": [{"name": a.name, "kind": a.kind, "target": a.target, "steps": a.steps, "eps": a.eps,
-                         "in_worst_case": a.in_worst_case, "accuracy": a.accuracy, "beaten_by": a.beaten_by}
+                         "in_worst_case": a.in_worst_case, "accuracy": a.accuracy, "beaten_by": a.beaten_by,
+                         "n": a.n, "attacked": a.attacked}
                         for a in self.attacks],
             "masked_metrics": self.masked_metrics, "checks": [c.to_dict() for c in self.checks],
             "checks_passed": self.checks_passed, "flagged": self.flags(WORST),
             "autoattack_flags": list(self.autoattack_flags)}
         if per_example:  # which examples survived each attack (and clean, and the worst case), packed
-            d["per_example"] = {"encoding": stats.PACKING, "n": self.n_examples,
+            d["per_example"] = {"encoding": stats.PACKING, "n": self.n_examples, "check_examples": self.n_check,
                                 "outcomes": {k: stats.pack(v) for k, v in self.per_example.items()}}
         if self.features is not None:
             d["features"] = dict(self.features)
@@ -195,7 +217,8 @@ class EvalReport:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> EvalReport:
-        known = {"n_examples", "eps", "preset", "ra", "n_classes", "suite", CLEAN, WORST, AUTOATTACK, "attacks",
+        known = {"n_examples", "check_examples", "eps", "preset", "ra", "n_classes", "suite", CLEAN, WORST, AUTOATTACK,
+                 "attacks",
                  "masked_metrics", "checks", "checks_passed", "flagged", "autoattack_flags", "per_example",
                  "features", "artifacts"}
         return cls(suite=SuiteConfig.from_mapping(d["suite"], section="report.suite"), n_examples=int(d["n_examples"]),
@@ -205,7 +228,7 @@ class EvalReport:
                    checks=tuple(Check.from_dict(c) for c in d["checks"]),
                    autoattack_flags=tuple(d.get("autoattack_flags", ())), per_example=_outcomes(d.get("per_example")),
                    features=d.get("features"), artifacts=tuple(d.get("artifacts", ())),
-                   meta={k: v for k, v in d.items() if k not in known})
+                   meta={k: v for k, v in d.items() if k not in known}, check_examples=d.get("check_examples"))
 
     @classmethod
     def load(cls, path: str | Path) -> EvalReport:
@@ -227,8 +250,9 @@ def _outcomes(stored: Any) -> dict[str, list[bool]]:
     if not stored:
         return {}
     if isinstance(stored, Mapping) and stored.get("encoding") == stats.PACKING:
-        n = int(stored["n"])
-        return {k: stats.unpack(v, n).tolist() for k, v in stored["outcomes"].items()}
+        n, n_check = int(stored["n"]), int(stored.get("check_examples", stored["n"]))
+        return {k: stats.unpack(v, n if k in ("clean", "worst") else n_check).tolist()
+                for k, v in stored["outcomes"].items()}
     return {k: [bool(b) for b in v] for k, v in stored.items()}
 
 
@@ -272,53 +296,63 @@ def build_report(results: Sequence[BatchResult], cfg: SuiteConfig, *, ra: bool, 
     results = sorted(results, key=lambda r: r.batch_idx)
     plan = plan_attacks(cfg, ra=ra, has_source=has_source)
     clean = torch.cat([r.clean for r in results])
-    correct = {s.name: torch.cat([r.correct[s.name] for r in results]) for s in plan}
+    checks_of = [r.check if r.check is not None else torch.ones_like(r.clean) for r in results]
+    in_check = torch.cat(checks_of)
+    correct = {s.name: torch.cat([r.correct[s.name] for r in results]) for s in plan}  # on the check examples
     zero = torch.cat([r.zero_grad for r in results])
-    worst = clean.clone()
-    for s in plan:
-        if s.in_worst_case:
-            worst &= correct[s.name]
+    if all(r.worst is not None for r in results):
+        worst = torch.cat([r.worst for r in results])  # type: ignore[misc]
+    else:  # results of an older runner: every attack ran on every example
+        worst = clean.clone()
+        for s in plan:
+            if s.in_worst_case:
+                worst &= correct[s.name]
+    n, n_check = clean.numel(), int(in_check.sum().item())
     acc = {k: v.float().mean().item() for k, v in correct.items()}
     counts = {k: int(v.sum().item()) for k, v in correct.items()}
-    n = clean.numel()
+    clean_check = int(clean[in_check].sum().item())
     clean_acc, worst_acc = clean.float().mean().item(), worst.float().mean().item()
     flags = tuple(sorted({f for r in results for f in r.flags}))
-    checks = masking_checks(counts, int(clean.sum().item()), n, plan, cfg, zero_grad_share=zero.float().mean().item(),
+    checks = masking_checks(counts, clean_check, n_check, plan, cfg, zero_grad_share=zero.float().mean().item(),
                             n_classes=n_classes, ra=ra, randomized_batches=sum(r.randomized for r in results),
                             n_batches=len(results), probe=_merge_probes(results), autoattack_flags=flags,
                             suspicious_batches=sum(r.suspicious for r in results))
-    tol = tolerance_examples(cfg.tol, n)
+    tol = tolerance_examples(cfg.tol, n_check)
     main = [s.name for s in plan if s.in_worst_case]
     beaten_by: dict[str, str] = {}
     for name in main:
         rival = min((m for m in main if m != name), key=lambda m: counts[m], default=None)
         if rival is not None and counts[name] > counts[rival] + tol:
             beaten_by[name] = rival
+    attacked = {s.name: sum(r.attacked.get(s.name, r.clean.numel()) for r in results) for s in plan}
     attacks = tuple(AttackResult(name=s.name, kind=s.kind, target=s.target, steps=s.steps, eps=s.eps,
-                                 in_worst_case=s.in_worst_case, accuracy=acc[s.name], beaten_by=beaten_by.get(s.name))
+                                 in_worst_case=s.in_worst_case, accuracy=acc[s.name], beaten_by=beaten_by.get(s.name),
+                                 n=n_check, attacked=attacked[s.name])
                     for s in plan)
     features = None
     merged = merged_features(results, cfg)
     if merged is not None:
         pairs = merged[-1]
         features = {**{k: _stats(v) for k, v in pairs.items()}, "adversary": f"pgd{cfg.pgd_steps}_final"}
-    return EvalReport(suite=cfg, n_examples=clean.numel(), ra=ra, n_classes=n_classes, clean_acc=clean_acc,
-                        robust_acc_worst=worst_acc, attacks=attacks, checks=tuple(checks), autoattack_flags=flags,
-                        per_example={"clean": clean.tolist(), "worst": worst.tolist(),
-                                     **{k: v.tolist() for k, v in correct.items()}},
-                        features=features, artifacts=(), meta=dict(meta or {}))
+    return EvalReport(suite=cfg, n_examples=n, ra=ra, n_classes=n_classes, clean_acc=clean_acc,
+                      robust_acc_worst=worst_acc, attacks=attacks, checks=tuple(checks), autoattack_flags=flags,
+                      per_example={"clean": clean.tolist(), "worst": worst.tolist(),
+                                   **{k: v.tolist() for k, v in correct.items()}},
+                      features=features, artifacts=(), meta=dict(meta or {}), check_examples=n_check)
 
 
 def merged_features(results: Sequence[BatchResult], cfg: SuiteConfig
                     ) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]] | None:
-    """(natural features, adversarial features, labels, pairs) over all batches in order, or None when
-    the evaluation kept no features."""
+    """(natural features, adversarial features, labels, pairs) over the check examples of every batch
+    in order, or None when the evaluation kept no features."""
+    results = [r for r in results if r.check is None or bool(r.check.any())]  # batches past the check examples
     if not (cfg.features and results and all(r.feat_nat is not None for r in results)):
         return None
     results = sorted(results, key=lambda r: r.batch_idx)
     fn = torch.cat([r.feat_nat for r in results])  # type: ignore[misc]
     fa = torch.cat([r.feat_adv for r in results])  # type: ignore[misc]
-    labels = torch.cat([r.labels for r in results])  # type: ignore[misc]
+    labels = torch.cat([r.labels if r.check is None else r.labels[r.check]  # type: ignore[index]
+                        for r in results])
     return fn, fa, labels, feature_pairs(fn, fa, labels, cfg.seed)
 
 
@@ -327,13 +361,18 @@ def merged_features(results: Sequence[BatchResult], cfg: SuiteConfig
 
 def format_report(report: EvalReport) -> str:
     """A readable table of accuracies, what each attack targeted, and the checks' verdicts."""
-    lines = [f"clean accuracy            {report.clean_acc:.4f}   ({report.n_examples} examples, eps {report.eps:.4g})",
-             f"{'attack':<28}{'target':<12}{'accuracy':>9}"]
+    n, nc = report.n_examples, report.n_check
+    lines = [f"clean accuracy            {report.clean_acc:.4f}   ({n} examples, eps {report.eps:.4g})",
+             f"each attack's accuracy on the first {nc} examples (every attack ran on them; the checks use them)"
+             + ("" if nc == n else "; beyond them an attack ran only on the examples the attacks before it "
+                                   "left correct (the worst case's cascade)"),
+             f"{'attack':<28}{'target':<12}{'accuracy':>9}{'ran on':>8}"]
     for a in report.attacks:
         mark = "" if a.in_worst_case else "  (eps sweep)"
         masked = f"  overestimates: {a.beaten_by} is stronger" if a.beaten_by else ""
-        lines.append(f"{a.name:<28}{a.target:<12}{a.accuracy:>9.4f}{mark}{masked}")
-    lines.append(f"{'worst case over attacks':<40}{report.robust_acc_worst:>9.4f}")
+        ran = "" if a.attacked is None else f"{a.attacked:>8}"
+        lines.append(f"{a.name:<28}{a.target:<12}{a.accuracy:>9.4f}{ran}{mark}{masked}")
+    lines.append(f"{'worst case over attacks':<40}{report.robust_acc_worst:>9.4f}   (all {n} examples)")
     lines.append("gradient-masking checks:")
     for c in report.checks:
         lines.append(f"  {c.verdict.upper():<4}  {c.name} [{c.scope}]: {c.explanation}")

@@ -16,12 +16,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..attacks import fgsm, pgd
+from ..attacks import fgsm, pgd, random_start
 from ..models import ModelOutput, RANet
 from . import adaptive
 from .checks import gradient_probe, randomness_probe, zero_gradient_mask
 from .report import BatchResult
-from .suite import SURROGATES, AttackKind, AttackSpec, SuiteConfig, Target, plan_attacks
+from .suite import SURROGATES, AttackKind, AttackSpec, SuiteConfig, Target, cascade_order, plan_attacks
 
 
 class LogitsOnly(nn.Module):
@@ -142,16 +142,32 @@ ATTACKS: dict[AttackKind, Callable[[RANet, Tensor, Tensor, AttackCall], Tensor]]
 
 def run_attack(spec: AttackSpec, attack_idx: int, model: RANet, x: Tensor, y: Tensor, *, cfg: SuiteConfig,
                batch_idx: int, source: nn.Module | None = None, flags: list[str] | None = None,
-               eot: int = 1, suspicious: bool = False) -> Tensor:
+               eot: int = 1, suspicious: bool = False, rows: Tensor | None = None,
+               start: Tensor | None = None, start_steps: int = 0) -> Tensor:
     """AEs of one batch under ``spec``; deterministic in (cfg.seed, batch_idx, attack_idx) for a
     deterministic model. ``eot`` > 1: gradients averaged over that many samples (random models);
-    ``suspicious``: the batch's gradients are broken, so Square gets its larger budget."""
+    ``suspicious``: the batch's gradients are broken, so Square gets its larger budget.
+
+    ``rows``: attack only these examples of the batch (the cascade); each keeps the random start it
+    has in the whole batch, so a PGD-type attack gives every example the same AE either way. Returns
+    the AEs of those rows. ``start``: the whole batch's last iterate of the attack ``spec`` continues
+    (``start_steps`` steps of it), so PGD-2k costs k more steps, not 2k."""
     attack = ATTACKS.get(spec.kind)
     if attack is None:
         raise ValueError(f"unknown attack kind {spec.kind!r}; known: {', '.join(ATTACKS)}")
     gen = _generator(cfg.seed, batch_idx, attack_idx)
     step = cfg.step if spec.eps == cfg.eps else spec.eps / 4
-    common = dict(eps=spec.eps, step_size=step, steps=spec.steps, bn="eval", init="uniform", generator=gen, eot=eot)
+    init: Any = "uniform"
+    steps = spec.steps
+    if start is not None:
+        init, steps = start, spec.steps - start_steps
+    elif rows is not None:
+        init = random_start(x, eps=spec.eps, init="uniform", generator=gen)  # the whole batch's draw
+    if rows is not None:
+        x, y = x[rows], y[rows]
+        if isinstance(init, Tensor):
+            init = init[rows]
+    common = dict(eps=spec.eps, step_size=step, steps=steps, bn="eval", init=init, generator=gen, eot=eot)
     return attack(model, x, y, AttackCall(spec, cfg, gen, common, batch_idx, attack_idx, source, flags, eot,
                                           suspicious))
 
@@ -197,28 +213,56 @@ def _predict(model: nn.Module, x: Tensor) -> Tensor:
 
 
 def run_batch(model: RANet, x: Tensor, y: Tensor, plan: Sequence[AttackSpec], *, cfg: SuiteConfig, batch_idx: int,
-              source: nn.Module | None = None, on_attack: Callable[[str], None] | None = None) -> BatchResult:
+              source: nn.Module | None = None, on_attack: Callable[[str], None] | None = None,
+              check: Tensor | None = None) -> BatchResult:
+    """Every attack of the plan on one batch, in the cascade's order (:func:`.suite.cascade_order`):
+    an attack runs on the ``check`` examples (all of them: default every example) and on those every
+    attack before it left correct; the worst case is per example over all of them."""
     model.eval()
+    n = y.shape[0]
+    check = torch.ones(n, dtype=torch.bool) if check is None else check.cpu()
     randomized = randomness_probe(model, x, y)
     eot = cfg.eot_samples if randomized else 1
-    res = BatchResult(batch_idx=batch_idx, clean=(_predict(model, x) == y).cpu(), correct={},
-                      zero_grad=zero_gradient_mask(model, x, y).cpu(), labels=y.cpu(), randomized=randomized,
+    clean = (_predict(model, x) == y).cpu()
+    res = BatchResult(batch_idx=batch_idx, clean=clean, correct={}, zero_grad=zero_gradient_mask(model, x, y).cpu(),
+                      labels=y.cpu(), randomized=randomized, check=check,
                       probe=gradient_probe(model, x, y, examples=cfg.grad_check_examples,
                                            directions=cfg.grad_check_directions, seed=cfg.seed + batch_idx))
     res.suspicious = randomized or res.zero_grad.float().mean().item() > 0.01 or (
         res.probe is not None and not res.probe.sane)
     feature_source = f"pgd{cfg.pgd_steps}_final"
-    for i, spec in enumerate(plan):
-        x_adv = run_attack(spec, i, model, x, y, cfg=cfg, batch_idx=batch_idx, source=source, flags=res.flags,
-                           eot=eot, suspicious=res.suspicious)
-        assert (x_adv - x).abs().max() <= spec.eps + 1e-5, f"{spec.name} left the eps-ball"
-        res.correct[spec.name] = (_predict(model, x_adv) == y).cpu()
-        if cfg.features and spec.name == feature_source:
-            with torch.no_grad():
-                res.feat_nat = model(x).features.float().cpu()
-                res.feat_adv = model(x_adv).features.float().cpu()
+    continued = {s.continues for s in plan if s.continues}
+    alive = clean.clone()
+    iterates: dict[str, Tensor] = {}
+    steps = {s.name: s.steps for s in plan}
+    for i in cascade_order(list(plan)):
+        spec = plan[i]
+        sel = (check | alive) if spec.in_worst_case else check.clone()
+        rows = sel.nonzero().squeeze(1)
+        ok = torch.zeros(n, dtype=torch.bool)
+        if rows.numel():
+            start = iterates.get(spec.continues) if spec.continues else None
+            x_rows = run_attack(spec, i, model, x, y, cfg=cfg, batch_idx=batch_idx, source=source, flags=res.flags,
+                                eot=eot, suspicious=res.suspicious, rows=rows.to(x.device), start=start,
+                                start_steps=steps.get(spec.continues or "", 0))
+            assert (x_rows - x[rows.to(x.device)]).abs().max() <= spec.eps + 1e-5, f"{spec.name} left the eps-ball"
+            ok[rows] = (_predict(model, x_rows) == y[rows.to(x.device)]).cpu()
+            if spec.name in continued:
+                full = x.clone()
+                full[rows.to(x.device)] = x_rows
+                iterates[spec.name] = full
+            if cfg.features and spec.name == feature_source:
+                on = check[rows]  # the features of the check examples (every attack ran on them)
+                with torch.no_grad():
+                    res.feat_nat = model(x[rows.to(x.device)][on.to(x.device)]).features.float().cpu()
+                    res.feat_adv = model(x_rows[on.to(x.device)]).features.float().cpu()
+        if spec.in_worst_case:
+            alive &= ok | ~sel  # an example not attacked was already broken (alive is False there)
+        res.correct[spec.name] = ok[check]
+        res.attacked[spec.name] = int(rows.numel())
         if on_attack is not None:
             on_attack(spec.name)
+    res.worst = alive
     return res
 
 
@@ -248,7 +292,10 @@ def evaluate_model(model: RANet, x: Tensor, y: Tensor, cfg: SuiteConfig, *, sour
                     bar.set_postfix_str(name)
                     bar.update(1)
 
-            out.append(run_batch(model, xb, yb, plan, cfg=cfg, batch_idx=b, source=source, on_attack=tick))
+            idx = torch.arange(slices[b].start, slices[b].stop)
+            check = idx < cfg.check_examples if cfg.check_examples is not None else None
+            out.append(run_batch(model, xb, yb, plan, cfg=cfg, batch_idx=b, source=source, on_attack=tick,
+                                 check=check))
     finally:
         if bar is not None:
             bar.close()

@@ -108,6 +108,11 @@ class SuiteConfig:
     batch_size: int = 250
     seed: int = 0
     tol: float = 0.02  # accuracy slack of the checks (sampling noise on a few hundred examples)
+    # Every attack runs on the first `check_examples` examples (the masking checks and each attack's
+    # own accuracy are measured there, with their own n); beyond them an attack runs only on the
+    # examples every attack before it left correct (a cascade, as AutoAttack's), so the worst case
+    # costs in proportion to the surviving examples. None: every attack on every example.
+    check_examples: int | None = 200
     features: bool = True
     embedding_max: int = 1000
     # The features' 2-D picture: t-SNE (UMAP when installed), or PCA, a linear projection in
@@ -127,6 +132,9 @@ class SuiteConfig:
         for name in ("square_queries", "square_queries_suspicious", "transfer_steps", "grad_check_examples",
                      "embedding_max"):
             check_field(getattr(self, name) >= 0, s, name, getattr(self, name), ">= 0")
+        if self.check_examples is not None:
+            check_field(self.check_examples >= 1, s, "check_examples", self.check_examples,
+                        ">= 1, or null (every attack on every example)")
         if self.n_examples is not None:
             check_field(self.n_examples >= 1, s, "n_examples", self.n_examples, ">= 1 or null (the whole split)")
         check_field(self.gate_temperature > 0, s, "gate_temperature", self.gate_temperature, "> 0")
@@ -189,7 +197,7 @@ PRESETS: dict[str, SuiteConfig] = {
     "quick": SuiteConfig(preset="quick", n_examples=500, pgd_steps=10, cw_steps=10, mim_steps=10, adaptive_steps=10,
                          apgd_iters=20, apgd_targets=3, sweep_steps=10, square_queries=200,
                          autoattack="apgd-ce,apgd-t", transfer_steps=20, eot_samples=5, grad_check_examples=8,
-                         embedding_max=300, embedding="pca"),
+                         embedding_max=300, embedding="pca", check_examples=64),
 }
 
 
@@ -201,6 +209,7 @@ class AttackSpec:
     steps: int
     eps: float
     in_worst_case: bool = True  # attacks at the evaluation budget; the eps sweep is not
+    continues: str | None = None  # the attack whose last iterate this one starts from (PGD-2k after PGD-k)
 
     def __post_init__(self) -> None:  # a report read back from JSON gives strings: the enums refuse unknown ones
         object.__setattr__(self, "kind", named(AttackKind, self.kind, "attack kind"))
@@ -217,7 +226,7 @@ def plan_attacks(cfg: SuiteConfig, *, ra: bool, has_source: bool) -> list[Attack
     e, k = cfg.eps, cfg.pgd_steps
     plan = [AttackSpec("fgsm_final", AttackKind.FGSM, Target.FINAL, 1, e),
             AttackSpec(f"pgd{k}_final", AttackKind.PGD, Target.FINAL, k, e),
-            AttackSpec(f"pgd{2 * k}_final", AttackKind.PGD, Target.FINAL, 2 * k, e),
+            AttackSpec(f"pgd{2 * k}_final", AttackKind.PGD, Target.FINAL, 2 * k, e, continues=f"pgd{k}_final"),
             AttackSpec(f"cw{cfg.cw_steps}_final", AttackKind.CW, Target.FINAL, cfg.cw_steps, e),
             AttackSpec(f"mim{cfg.mim_steps}_final", AttackKind.MIM, Target.FINAL, cfg.mim_steps, e)]
     if ra and cfg.adaptive:
@@ -238,3 +247,39 @@ def plan_attacks(cfg: SuiteConfig, *, ra: bool, has_source: bool) -> list[Attack
     plan += [AttackSpec(f"sweep_pgd{cfg.sweep_steps}_eps{s:.4g}", AttackKind.SWEEP, Target.FINAL, cfg.sweep_steps, s,
                         in_worst_case=False) for s in cfg.sweep]
     return plan
+
+
+#: the order the worst case's cascade runs its attacks in, cheap and strong first: FGSM (one
+#: gradient) takes the easy examples; through RA's gate the soft and straight-through surrogates
+#: break RA models where attacks on P' fail (APGD-CE on the soft gate was the strongest single
+#: attack on the project's RA models: benchmarks/eval_cost.py prints each attack's kills); then P',
+#: the targeted and remaining surrogates, and the expensive ones (Square, transfer, AutoAttack) on
+#: what is left.
+_KIND_RANK = {AttackKind.FGSM: 0, AttackKind.APGD_CE: 1, AttackKind.PGD: 2, AttackKind.APGD_T: 3,
+              AttackKind.CW: 4, AttackKind.MIM: 5, AttackKind.TRANSFER_PGD: 6, AttackKind.TRANSFER_MIM: 7,
+              AttackKind.SQUARE: 8, AttackKind.AUTOATTACK: 9, AttackKind.SWEEP: 10}
+_TARGET_RANK = {Target.SOFTGATE: 0, Target.STGATE: 1, Target.FINAL: 2, Target.SUM: 3, Target.AUX: 4,
+                Target.LABELGATE: 5, Target.BLACK_BOX: 6, Target.SOURCE: 6}
+
+
+def cascade_order(plan: list[AttackSpec]) -> list[int]:
+    """Indices of ``plan`` in the order the cascade runs them (each attack keeps its plan index, which
+    fixes its randomness). An attack that continues another runs right after it."""
+    def rank(i: int) -> tuple[int, int, int, int]:
+        s = plan[i]
+        if not s.in_worst_case:
+            return (4, 0, 0, i)
+        if s.kind is AttackKind.FGSM:
+            return (0, 0, 0, i)
+        if s.kind in (AttackKind.SQUARE, AttackKind.AUTOATTACK, *TRANSFER_KINDS):
+            return (3, _KIND_RANK[s.kind], 0, i)
+        tier = 2 if s.kind in (AttackKind.APGD_T, AttackKind.CW, AttackKind.MIM) else 1
+        return (tier, _TARGET_RANK[s.target], _KIND_RANK[s.kind], i)
+
+    order = sorted(range(len(plan)), key=rank)
+    names = {s.name: i for i, s in enumerate(plan)}
+    for i, s in enumerate(plan):  # a continuation goes right after what it continues
+        if s.continues in names:
+            order.remove(i)
+            order.insert(order.index(names[s.continues]) + 1, i)
+    return order
