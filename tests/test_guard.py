@@ -53,23 +53,26 @@ def test_resume_of_a_study_that_never_ran_leaves_nothing(tmp_path: Path) -> None
 
 def test_one_study_runs_once_at_a_time(tmp_path: Path) -> None:
     folder = tmp_path / "studies" / "s"
-    with study_lock(str(folder)) as lock:
-        assert lock is not None and json.loads(lock.read_text())["pid"] == os.getpid()
+    with study_lock(str(folder)) as holder:
+        assert holder is not None and json.loads(holder.read_text())["pid"] == os.getpid()
         with pytest.raises(StudyLockedError, match=f"process {os.getpid()}"):
             with study_lock(str(folder)):
                 pass
-    assert not (folder / ".ancra-study.lock").exists()  # released
-    # A lock left by a killed driver (its process is gone) does not block --resume.
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    (folder / ".ancra-study.lock").write_text(json.dumps({"pid": dead.pid, "host": os.uname().nodename}))
-    with study_lock(str(folder)) as lock:
-        assert json.loads(lock.read_text())["pid"] == os.getpid()
-    # Another host's lock cannot be checked: refused, with the file to delete if that driver is gone.
-    (folder / ".ancra-study.lock").write_text(json.dumps({"pid": 1, "host": "elsewhere", "since": "then"}))
-    with pytest.raises(StudyLockedError, match="delete"):
-        with study_lock(str(folder)):
-            pass
+    assert not (folder / ".ancra-study.lock.json").exists()  # released
+    # Another process holds it: refused, naming that process.
+    code = ("import sys, time; from trainables.study_lock import study_lock\n"
+            f"with study_lock({str(folder)!r}):\n    print('held', flush=True); time.sleep(60)")
+    other = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout is not None and other.stdout.readline().strip() == "held"
+        with pytest.raises(StudyLockedError, match=f"process {other.pid}"):
+            with study_lock(str(folder)):
+                pass
+    finally:
+        other.kill()  # a killed driver: the operating system releases its lock
+        other.wait()
+    with study_lock(str(folder)) as holder:  # --resume after the kill takes it at once
+        assert json.loads(holder.read_text())["pid"] == os.getpid()
 
 
 def test_a_second_driver_of_the_same_study_is_refused_by_the_cli(tmp_path: Path) -> None:

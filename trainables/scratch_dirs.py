@@ -11,7 +11,26 @@ import tempfile
 import time
 from pathlib import Path
 
-from .study_lock import pid_alive, process_started
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+
+def process_started(pid: int) -> str | None:
+    """When ``pid`` started (clock ticks since boot, from /proc), to tell a reused pid; None where unknown."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
 
 RUN_DIR_GLOB = "ancra-*rank[0-9]*"  # ancra-<run>-rank<k> (older versions: ancra-rank<k>-<random>)
 RUN_DIR_OWNER = ".owner.json"

@@ -204,9 +204,34 @@ def _absolute_data_files(train: TrainConfig) -> TrainConfig:
     return dataclasses.replace(train, data=dataclasses.replace(train.data, **files)) if files else train
 
 
+def shipped_studies() -> dict[str, Path]:
+    """The study files installed with the package (``search_spaces/*.yaml``), by name."""
+    from importlib import resources
+
+    try:
+        root = resources.files("search_spaces")
+    except ModuleNotFoundError:
+        return {}
+    return {Path(str(f)).stem: Path(str(f)) for f in root.iterdir() if str(f).endswith(".yaml")}
+
+
+def resolve_study_path(name: str | Path) -> Path:
+    """A study file's path, or the name of one shipped with the package (``ancra-tune sweep quickstart``),
+    as presets resolve."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    shipped = shipped_studies()
+    if str(name) in shipped:
+        return shipped[str(name)]
+    raise StudyError(f"study {str(name)!r} is neither a file nor a shipped study; shipped: "
+                     f"{', '.join(sorted(shipped)) or 'none found'}")
+
+
 def load_study(path: str | Path) -> Study:
-    """Read and validate a study file: every mistake fails here, naming the file and the key."""
-    p = Path(path)
+    """Read and validate a study file (a path, or a shipped study's name): every mistake fails here,
+    naming the file and the key."""
+    p = resolve_study_path(path)
     try:
         return _load(p)
     except StudyError:

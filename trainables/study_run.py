@@ -164,7 +164,8 @@ def build_tuner(study: Study, *, storage: str, smoke_test: bool = False, resume:
         tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=max_concurrent, reuse_actors=reuse)
     else:
         param_space = {SEED_KEY: study.seeds[0]}
-        tune_config = tune.TuneConfig(search_alg=build_searcher(study),
+        searcher = build_searcher(study, concurrent=max_concurrent, study_dir=join(storage, study.name))
+        tune_config = tune.TuneConfig(search_alg=searcher,
                                       scheduler=build_scheduler(study, storage=storage),
                                       num_samples=study.search.num_samples, max_concurrent_trials=max_concurrent,
                                       reuse_actors=reuse)
@@ -363,6 +364,13 @@ def _study_params(study: Study, storage: str, smoke_test: bool) -> dict[str, Any
                     "study.space": ",".join(study.search.names)})
     else:
         out["study.grid"] = json.dumps({k: list(v) for k, v in study.ablation.grid.items()})
+    from importlib.metadata import PackageNotFoundError, version
+
+    for package in ("ancra-tune", "ray", "optuna", "mlflow", "torch", "pyautoattack"):
+        try:  # what ran the study: its numbers depend on them (samplers' defaults, attacks, kernels)
+            out[f"version.{package}"] = version(package)
+        except PackageNotFoundError:
+            out[f"version.{package}"] = "not installed"
     from ancra_tune.config import flatten
 
     out.update({f"base.{k}": v for k, v in flatten(study.train_config({}, study.seeds[0]), resolved=True).items()})

@@ -22,9 +22,19 @@ from .study_commands import _plan, _study
 from .tracking_commands import _best, _report, _store, _ui
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ancra-tune")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ancra-tune", description="ANCRA adversarial training: train, evaluate "
                                      "robustness honestly, sweep and ablate over Ray, track in MLflow.")
+    parser.add_argument("--version", action="version", version=f"ancra-tune {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train one configuration in this process")
     t.add_argument("config", nargs="?", default=None,
@@ -51,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--deploy-ra", action="store_true",
                    help="standard checkpoint: evaluate with RA off and switched on (paper Fig. 7)")
     e.add_argument("--no-autoattack", action="store_true")
+    e.add_argument("--check-examples", metavar="N|all",
+                   help="every attack runs on the first N examples (the checks and each attack's accuracy are "
+                        "measured there; default: 200 full, 64 quick); beyond them only on the examples still "
+                        "standing (the worst case's cascade). all: every attack on every example (per-attack "
+                        "accuracies on all n, for papers' tables; costs n x attacks)")
     e.add_argument("--batch-size", type=int)
     e.add_argument("--seed", type=int)
     e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")

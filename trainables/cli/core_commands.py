@@ -82,6 +82,8 @@ def _eval(args: argparse.Namespace) -> int:
                                    ("seed", args.seed)) if v is not None}
     if args.no_autoattack:
         overrides["autoattack"] = None
+    if args.check_examples is not None:
+        overrides["check_examples"] = None if args.check_examples == "all" else int(args.check_examples)
     if args.eps is None:  # default: the budget the model was trained for
         from ancra_tune.checkpoint import load_checkpoint
 

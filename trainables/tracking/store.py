@@ -9,7 +9,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,6 @@ REPORT_ARTIFACT = "evaluation/report.json"
 PARENT = "mlflow.parentRunId"
 DEFAULT_METRIC = "robust_acc_worst"
 CHAMPION = "champion"
-_MAX_BATCH = 100  # params per log_batch call (MLflow's limit); metrics allow 1000
 
 
 class TrackingError(RuntimeError):
@@ -127,17 +126,11 @@ def ensure_experiment(mc: Any, name: str, uri: str) -> str:
 
 
 
-def _chunks(items: list[Any], n: int) -> Iterable[list[Any]]:
-    for i in range(0, len(items), n):
-        yield items[i:i + n]
-
-
 def log_params(mc: Any, run_id: str, params: Mapping[str, Any]) -> None:
     from mlflow.entities import Param
 
-    items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
-    for chunk in _chunks(items, _MAX_BATCH):
-        mc.log_batch(run_id, params=chunk)
+    # MlflowClient.log_batch splits a large batch into requests within the server's limits itself.
+    mc.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in sorted(params.items())])
 
 
 def log_metrics(mc: Any, run_id: str, metrics: Mapping[str, Any], step: int) -> None:
@@ -145,9 +138,8 @@ def log_metrics(mc: Any, run_id: str, metrics: Mapping[str, Any], step: int) -> 
 
     now = int(time.time() * 1000)
     # Numbers (bools as 0/1); strings and None are not metrics.
-    items = [Metric(k, float(v), now, step) for k, v in sorted(metrics.items()) if isinstance(v, (int, float))]
-    for chunk in _chunks(items, 1000):
-        mc.log_batch(run_id, metrics=chunk)
+    mc.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in sorted(metrics.items())
+                                  if isinstance(v, (int, float))])
 
 
 def git_commit(path: str | Path) -> tuple[str, bool] | None:
