@@ -62,3 +62,16 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         port = s.getsockname()[1]
     with serve_ui(f"sqlite:///{root / 'mlflow.db'}", port=port, timeout=120, log_file=root / "server.log") as (url, _):
         yield url
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray instance (2 CPUs) for one test module."""
+    import ray
+
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    from trainables.ray_session import init_ray
+
+    init_ray(None, num_cpus=2)
+    yield ray
+    ray.shutdown()

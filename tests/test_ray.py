@@ -24,18 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "search_spaces" / "quickstart.yaml"
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    from trainables.ray_session import init_ray
-
-    init_ray(None, num_cpus=2)
-    yield ray
-    ray.shutdown()
-
-
 def _study_file(tmp_path: Path, text: str, name: str = "study.yaml") -> Path:
     f = tmp_path / name
     f.write_text(text)

@@ -75,3 +75,56 @@ def test_a_finite_space_is_not_sampled_twice_until_it_is_exhausted(tmp_path: Pat
     cond = _study(tmp_path, "    method.anc: [true, false]\n    method.beta: {low: 1, high: 3, int: true}\n")
     assert len(finite_points(cond)) == 6
     assert finite_points(_study(tmp_path, "    method.alpha: {low: 0.0, high: 1.0}\n")) is None
+
+
+MORE = """
+name: more_sweep
+kind: sweep
+base: quickstart
+train: {optim.epochs: 1, data.train_limit: 128, attack.steps: 2, eval.pgd_steps: 2, eval.max_examples: 32}
+resources: {workers: 1, cpus_per_worker: 0.5, trial_cpus: 0.5}
+eval: {preset: quick, n_examples: 32, autoattack: null, square_queries: 10, check_examples: 32}
+search:
+  num_samples: 2
+  space: {method.anc: [true, false], model.ra: [true, false]}
+scheduler: {type: none}
+seeds: [0]
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_more_adds_trials_to_a_finished_sweep_with_every_earlier_one_in_view(ray_local, tmp_path: Path) -> None:
+    """A 2 x 2 space, 2 trials, then --more 2: four trials at four different points, in one summary and
+    under one MLflow study run; the Optuna journal holds all four; --resume of the finished study gives
+    the same four again."""
+    from trainables.cli.study_commands import _without_more
+    from trainables.study_run import run_study
+
+    f = tmp_path / "more.yaml"
+    f.write_text(MORE)
+    study = load_study(f)
+    storage, uri = str(tmp_path / "studies"), f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = run_study(study, storage=storage, tracking_uri=uri)
+    assert first["n_trials"] == 2 and first["outcome"] == "finished"
+    more = run_study(study, storage=storage, tracking_uri=uri, more=2)
+    assert more["n_trials"] == 4 and more["status_counts"]["finished"] == 4 and more["outcome"] == "finished"
+    points = {(t["params"]["method.anc"], t["params"]["model.ra"]) for t in more["trials"]}
+    assert len(points) == 4  # the sampler saw the first two: no point twice
+    assert more["mlflow"]["study_run_id"] == first["mlflow"]["study_run_id"]
+    from trainables.tracking import client
+
+    mc = client(uri)
+    children = mc.search_runs([mc.get_experiment_by_name(study.name).experiment_id],
+                              filter_string=f"tags.mlflow.parentRunId = '{first['mlflow']['study_run_id']}'")
+    assert len(children) == 4
+    st = optuna.load_study(study_name=study.name, storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "studies" / study.name / JOURNAL_NAME))))
+    done = [t for t in st.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 4
+    again = run_study(study, storage=storage, tracking_uri=uri, resume=True)
+    assert again["n_trials"] == 4
+    assert {t["trial_id"] for t in again["trials"]} == {t["trial_id"] for t in more["trials"]}
+    with pytest.raises(ValueError, match="one of them"):
+        run_study(study, storage=storage, tracking_uri=uri, more=1, resume=True)
+    assert _without_more(["sweep", "f.yaml", "--more", "2", "--json"]) == ["sweep", "f.yaml", "--json"]

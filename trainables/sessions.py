@@ -33,6 +33,8 @@ class Session:
     outcome: str | None = None
     command: str | None = None
     slots: int = 1  # trials it ran at once
+    experiment: str | None = None  # the Tune experiment it ran: None the study's own, "more-<k>" an extension
+    added: int | None = None  # an extension's trials (`--more N`)
 
 
 def path(study_dir: str) -> str:
@@ -51,10 +53,12 @@ def save(study_dir: str, sessions: Iterable[Session]) -> None:
     storage.write_json(path(study_dir), [asdict(s) for s in sessions])
 
 
-def begin(study_dir: str, *, resume: bool, command: str | None = None, slots: int = 1) -> list[Session]:
-    """Record a new session (a fresh study forgets the sessions of an earlier study of that name)."""
-    sessions = load(study_dir) if resume else []
-    sessions.append(Session(started=time.time(), command=command, slots=slots))
+def begin(study_dir: str, *, resume: bool, command: str | None = None, slots: int = 1,
+          experiment: str | None = None, added: int | None = None) -> list[Session]:
+    """Record a new session (a fresh study forgets the sessions of an earlier study of that name; an
+    extension, ``--more``, keeps them)."""
+    sessions = load(study_dir) if resume or experiment is not None else []
+    sessions.append(Session(started=time.time(), command=command, slots=slots, experiment=experiment, added=added))
     save(study_dir, sessions)
     return sessions
 
@@ -95,3 +99,12 @@ def outcome_of(summary: Mapping[str, Any]) -> str:
     if summary.get("interrupted"):
         return INTERRUPTED
     return FINISHED if summary["status_counts"].get("finished", 0) > 0 else FAILED
+
+
+def extensions(sessions: list[Session]) -> dict[str, int]:
+    """The study's extensions (``--more``) in order: Tune experiment name -> trials it adds."""
+    out: dict[str, int] = {}
+    for s in sessions:
+        if s.experiment is not None and s.added is not None:
+            out.setdefault(s.experiment, s.added)
+    return out

@@ -26,7 +26,6 @@ from ray.tune import Callback
 
 from . import sessions
 from . import statuses as S
-from . import storage as storage_mod
 from . import trial_rows as R
 from .console import TrackingWatch, TrialLines
 from .disk import DiskGuard, StorageError, below_reserve, check_storage
@@ -38,6 +37,7 @@ from .search import build_scheduler, build_searcher, decided_by_scheduler, smoke
 from .stop_relay import Decisions, board_name
 from .storage import join
 from .study import Study
+from .study_history import finished_before, study_params, summary_dir, with_other_experiments
 from .study_lock import study_lock
 from .summary import summarize, write_ablation_tables
 from .tracking import (
@@ -129,15 +129,20 @@ def _local_checkpoint(path: str) -> Iterator[Path]:
 
 
 def build_tuner(study: Study, *, storage: str, smoke_test: bool = False, resume: bool = False,
-                max_concurrent: int, tracking: StudyTracking | None = None, verbose: bool = False) -> Any:
+                max_concurrent: int, tracking: StudyTracking | None = None, verbose: bool = False,
+                extension: str | None = None, added: int | None = None) -> Any:
+    """The study's Tune experiment (``<storage>/<name>``), or one of its extensions (``--more N``: the
+    experiment ``<storage>/<name>/more-<k>`` of ``added`` trials, searched with every earlier trial in
+    the Optuna journal's view and stopped by the same ASHA records)."""
     from ray import tune
 
     if smoke_test:
         study = smoke_study(study)
     trainable = tune.with_resources(tune.with_parameters(run_trial, study=study, storage=storage, tracking=tracking),
                                     trial_resources(study))
-    name = study.name
-    path = join(storage, name)
+    study_dir = join(storage, study.name)
+    name, root = (extension, study_dir) if extension else (study.name, storage)
+    path = join(root, name)
     if resume:
         if not tune.Tuner.can_restore(path):
             raise FileNotFoundError(f"no study to resume at {path}; run it first without --resume")
@@ -151,7 +156,7 @@ def build_tuner(study: Study, *, storage: str, smoke_test: bool = False, resume:
     if decided_by_scheduler(study):
         callbacks.append(Decisions(board_name(path)))
     # Ray's per-trial status tables only with --verbose; the compact lines above otherwise.
-    run_config = tune.RunConfig(name=name, storage_path=storage, verbose=1 if verbose else 0,
+    run_config = tune.RunConfig(name=name, storage_path=root, verbose=1 if verbose else 0,
                                 failure_config=tune.FailureConfig(max_failures=study.max_failures),
                                 # trials that train in the trial keep their last two epochs' checkpoints
                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
@@ -164,10 +169,11 @@ def build_tuner(study: Study, *, storage: str, smoke_test: bool = False, resume:
         tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=max_concurrent, reuse_actors=reuse)
     else:
         param_space = {SEED_KEY: study.seeds[0]}
-        searcher = build_searcher(study, concurrent=max_concurrent, study_dir=join(storage, study.name))
+        searcher = build_searcher(study, concurrent=max_concurrent, study_dir=study_dir)
         tune_config = tune.TuneConfig(search_alg=searcher,
-                                      scheduler=build_scheduler(study, storage=storage),
-                                      num_samples=study.search.num_samples, max_concurrent_trials=max_concurrent,
+                                      scheduler=build_scheduler(study, storage=storage, resume=extension is not None),
+                                      num_samples=added or study.search.num_samples,
+                                      max_concurrent_trials=max_concurrent,
                                       reuse_actors=reuse)
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
 
@@ -175,14 +181,16 @@ def build_tuner(study: Study, *, storage: str, smoke_test: bool = False, resume:
 def run_study(study: Study, *, address: str | None = None, storage: str | None = None, resume: bool = False,
               smoke_test: bool = False, num_cpus: int | None = None, wait_for_resources: bool = False,
               tracking_uri: str | None = None, track: bool = True,
-              resume_command: str | None = None, verbose: bool = False) -> dict[str, Any]:
+              resume_command: str | None = None, verbose: bool = False, more: int | None = None) -> dict[str, Any]:
     """Run a sweep or an ablation to the end, or until Ctrl+C / SIGTERM; return its summary (also
     written as JSON). An interrupted study says so (summary, MLflow) and is continued by ``--resume``;
     ``--resume`` of a study that finished trains nothing, delivers what an MLflow outage held back and
     gives the same answer again. ``summary["outcome"]`` says how it ended (:mod:`trainables.sessions`).
 
     ``tracking_uri``: the MLflow store (default: ``MLFLOW_TRACKING_URI``, else ``mlflow.db`` in
-    the working directory); ``track=False`` logs nothing to MLflow.
+    the working directory); ``track=False`` logs nothing to MLflow. ``more``: add that many trials to
+    a finished sweep (an extension experiment in its folder, the sampler seeing every earlier trial
+    through the study's Optuna journal, under the same MLflow study run); the summary covers all.
     """
     from ray import tune
 
@@ -196,6 +204,14 @@ def run_study(study: Study, *, address: str | None = None, storage: str | None =
     study_path = join(storage, study.name)
     if resume and not tune.Tuner.can_restore(study_path):
         raise FileNotFoundError(f"no study to resume at {study_path}; run it first without --resume")
+    if more is not None:
+        if resume:
+            raise ValueError("--more adds trials to a finished study and --resume finishes an interrupted one: "
+                             "pass one of them")
+        if study.kind != "sweep" or more < 1:
+            raise ValueError(f"--more {more}: adds N >= 1 trials to a sweep (an ablation's grid is fixed)")
+        if not tune.Tuner.can_restore(study_path):
+            raise FileNotFoundError(f"no study to add trials to at {study_path}; run it first")
     uri = None
     store: concurrent.futures.Future | None = None
     if track:  # before Ray starts: an unreachable tracking server fails in seconds
@@ -212,7 +228,10 @@ def run_study(study: Study, *, address: str | None = None, storage: str | None =
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     interruption = Interruption()
     with study_lock(study_path):
-        finished = resume and _finished_before(study_path, storage, study.name)
+        finished = resume and finished_before(study_path, storage, study.name)
+        if more is not None and not finished_before(study_path, storage, study.name):
+            raise ValueError(f"study {study.name}'s last session did not finish: finish it with --resume, then add "
+                             "trials with --more")
         if not finished:
             init_ray(address, num_cpus=num_cpus, verbose=verbose)
         if store is not None:
@@ -224,35 +243,23 @@ def run_study(study: Study, *, address: str | None = None, storage: str | None =
                 return _run_locked(study, interruption, address=address, storage=storage, resume=resume,
                                    smoke_test=smoke_test, wait_for_resources=wait_for_resources, uri=uri,
                                    study_path=study_path, resume_command=resume_command, verbose=verbose,
-                                   finished=finished)
+                                   finished=finished, more=more)
             finally:
                 _ACTIVE.pop("interruption", None)
 
 
-def _finished_before(study_path: str, storage: str, name: str) -> bool:
-    """Whether the study's last session ran to its end with no trial left to retry (an errored trial
-    runs again on ``--resume``); older versions: their summary says so."""
-    old = storage_mod.read_json(join(_summary_dir(storage, name), "summary.json"))
-    counts = old.get("status_counts", {}) if isinstance(old, dict) else {}
-    outcome = sessions.last_outcome(study_path)
-    if outcome is None:
-        if sessions.load(study_path):  # its last driver was killed
-            return False
-        outcome = sessions.outcome_of(old) if counts else None
-    return outcome == sessions.FINISHED and not counts.get(S.ERROR, 0)
-
-
-def _summary_dir(storage: str, name: str) -> str:
-    """Where summary.json and the tables go: the study folder, or ``runs/studies/<name>`` here when the
-    study's storage is a URI."""
-    return join(storage, name) if "://" not in storage else str(Path("runs/studies") / name)
-
-
 def _run_locked(study: Study, interruption: Interruption, *, address: str | None, storage: str, resume: bool,
                 smoke_test: bool, wait_for_resources: bool, uri: str | None, study_path: str,
-                resume_command: str | None, verbose: bool = False, finished: bool = False) -> dict[str, Any]:
+                resume_command: str | None, verbose: bool = False, finished: bool = False,
+                more: int | None = None) -> dict[str, Any]:
     """The study once its lock is held and Ray runs: resources, MLflow, Tune, the summary.
     ``finished``: the study ran to its end before (``--resume`` trains nothing)."""
+    history = sessions.load(study_path)
+    extension, added = None, None
+    if more is not None:
+        extension, added = f"more-{len(sessions.extensions(history)) + 1}", more
+    elif resume and history and history[-1].experiment and not finished:  # an interrupted extension
+        extension, added = history[-1].experiment, history[-1].added
     if finished:
         max_concurrent = study.search.max_concurrent or 1
     else:
@@ -270,22 +277,24 @@ def _run_locked(study: Study, interruption: Interruption, *, address: str | None
     tracked = smoke_study(study) if smoke_test else study
     tracking = None
     if uri is not None:
-        tracking = start_study_run(uri, tracked, study_path=study_path, resume=resume,
-                                   params=_study_params(tracked, storage, smoke_test),
+        tracking = start_study_run(uri, tracked, study_path=study_path, resume=resume or more is not None,
+                                   params=study_params(tracked, storage, smoke_test),
                                    train_config=tracked.train_config({}, tracked.seeds[0]).to_dict())
         log.info("MLflow: study run %s in %s", tracking.parent_run_id, uri)
-    history = sessions.load(study_path)
     if finished:
         print(f"study {study.name} is finished (its last session ran to its end): nothing to train; its "
               "answer again below", file=sys.stderr, flush=True)
     else:
-        history = sessions.begin(study_path, resume=resume, command=shlex.join(sys.argv), slots=max_concurrent)
+        history = sessions.begin(study_path, resume=resume, command=shlex.join(sys.argv), slots=max_concurrent,
+                                 experiment=extension, added=added)
     slots = max([s.slots for s in history] or [max_concurrent])  # trials at once, in any session
     t0 = time.perf_counter()
     try:
         tuner = build_tuner(study, storage=storage, smoke_test=smoke_test, resume=resume,
-                            max_concurrent=max_concurrent, tracking=tracking, verbose=verbose)
+                            max_concurrent=max_concurrent, tracking=tracking, verbose=verbose, extension=extension,
+                            added=added)
         results = tuner.get_results() if finished else tuner.fit()
+        results = with_other_experiments(study_path, extension, results, history)
     except KeyboardInterrupt:  # a second signal: stopped at once; the last saved state resumes
         if not finished:
             sessions.end(study_path, history, sessions.INTERRUPTED)
@@ -320,7 +329,7 @@ def _run_locked(study: Study, interruption: Interruption, *, address: str | None
     if tracking is not None:
         summary["mlflow"] = {"tracking_uri": tracking.uri, "experiment_id": tracking.experiment_id,
                              "study_run_id": tracking.parent_run_id}
-    out = Path(_summary_dir(storage, study.name))
+    out = Path(summary_dir(storage, study.name))
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "summary.json"]
     files[0].write_text(json.dumps(summary, indent=1, default=str))
@@ -349,29 +358,3 @@ def _run_locked(study: Study, interruption: Interruption, *, address: str | None
                   "them again as new trials) moved to MLflow's trash, tagged ancra.status = lost",
                   file=sys.stderr, flush=True)
     return summary
-
-
-def _study_params(study: Study, storage: str, smoke_test: bool) -> dict[str, Any]:
-    r = study.resources
-    o = study.objective
-    out: dict[str, Any] = {"study.kind": study.kind, "study.objective": ",".join(o.metrics),
-                           "study.mode": ",".join(o.modes), "study.seeds": ",".join(map(str, study.seeds)),
-                           "study.storage": storage, "study.smoke_test": smoke_test,
-                           "resources.workers": r.workers, "resources.cpus_per_worker": r.cpus_per_worker,
-                           "resources.gpus_per_worker": r.gpus_per_worker, "resources.trial_cpus": r.trial_cpus}
-    if study.kind == "sweep":
-        out.update({"study.sampler": study.search.sampler, "study.num_samples": study.search.num_samples,
-                    "study.space": ",".join(study.search.names)})
-    else:
-        out["study.grid"] = json.dumps({k: list(v) for k, v in study.ablation.grid.items()})
-    from importlib.metadata import PackageNotFoundError, version
-
-    for package in ("ancra-tune", "ray", "optuna", "mlflow", "torch", "pyautoattack"):
-        try:  # what ran the study: its numbers depend on them (samplers' defaults, attacks, kernels)
-            out[f"version.{package}"] = version(package)
-        except PackageNotFoundError:
-            out[f"version.{package}"] = "not installed"
-    from ancra_tune.config import flatten
-
-    out.update({f"base.{k}": v for k, v in flatten(study.train_config({}, study.seeds[0]), resolved=True).items()})
-    return out

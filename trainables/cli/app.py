@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--storage", help="Tune/Train storage path or URI (shared storage on a cluster); "
                                          "default: $ANCRA_STORAGE, else runs/studies")
         p.add_argument("--resume", action="store_true", help="continue an interrupted study (unfinished trials only)")
+        if kind == "sweep":
+            p.add_argument("--more", type=int, metavar="N",
+                           help="add N trials to a finished sweep: placed by the sampler with every earlier trial "
+                                "in view (the study's optuna.journal), under the same MLflow study run; the summary "
+                                "and report cover all of them")
         p.add_argument("--smoke-test", action="store_true", help="one epoch on a few batches, at most two trials")
         p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
         p.add_argument("--wait-for-resources", action="store_true",

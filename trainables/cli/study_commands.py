@@ -32,7 +32,7 @@ def _study(args: argparse.Namespace, kind: str) -> int:
         print(f"error: {args.file} is a {study.kind} study; run it with `ancra-tune "
               f"{'sweep' if study.kind == 'sweep' else 'ablate'}`", file=sys.stderr)
         return EXIT_USAGE
-    argv = [a for a in sys.argv[1:] if a != "--resume"] if sys.argv[1:2] == [args.command] else \
+    argv = _without_more([a for a in sys.argv[1:] if a != "--resume"]) if sys.argv[1:2] == [args.command] else \
         [args.command, args.file]
     resume_command = shlex.join(["ancra-tune", *argv, "--resume"])
     # --json: stdout holds the JSON alone (it can be piped); every line for people goes to stderr.
@@ -42,7 +42,8 @@ def _study(args: argparse.Namespace, kind: str) -> int:
             summary = run_study(study, address=args.address, storage=args.storage, resume=args.resume,
                                 smoke_test=args.smoke_test, num_cpus=args.num_cpus,
                                 wait_for_resources=args.wait_for_resources, tracking_uri=args.tracking_uri,
-                                track=not args.no_mlflow, resume_command=resume_command, verbose=args.verbose)
+                                track=not args.no_mlflow, resume_command=resume_command, verbose=args.verbose,
+                                more=getattr(args, "more", None))
     except (InfeasibleResourcesError, TrackingError, StorageError, StudyLockedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -53,6 +54,19 @@ def _study(args: argparse.Namespace, kind: str) -> int:
     if args.json:
         print(json.dumps(summary, indent=1, default=str))
     return study_exit_code(summary)
+
+def _without_more(argv: list[str]) -> list[str]:
+    """The command line without ``--more N`` (an interrupted extension resumes with ``--resume`` alone)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--more":
+            skip = True
+        elif not a.startswith("--more="):
+            out.append(a)
+    return out
+
 
 def _plan(args: argparse.Namespace) -> int:
     import json
