@@ -32,7 +32,7 @@ from ancra_tune.robustness import EvalReport
 from . import statuses as S
 from .ranking import creation_order, row_rank_key
 from .selection import sweep_margin
-from .summary import load_reports
+from .summary import StudySummary, load_reports
 from .trial import SEED_KEY
 
 WORST = "robust_acc_worst"
@@ -72,7 +72,7 @@ def trial_cells(trial: dict[str, Any], report: EvalReport | None) -> dict[str, A
 # --------------------------------------------------------------------------- sweeps
 
 
-def best_so_far(summary: dict[str, Any], metric: str, mode: str) -> list[dict[str, float]]:
+def best_so_far(summary: StudySummary, metric: str, mode: str) -> list[dict[str, float]]:
     """One point per trial in creation order: epochs spent so far and the best objective so far."""
     sign = 1 if mode == "max" else -1
     best, epochs, out = None, 0, []
@@ -85,7 +85,7 @@ def best_so_far(summary: dict[str, Any], metric: str, mode: str) -> list[dict[st
     return out
 
 
-def importance(summary: dict[str, Any], metric: str, mode: str, space: dict[str, Any]) -> dict[str, float]:
+def importance(summary: StudySummary, metric: str, mode: str, space: dict[str, Any]) -> dict[str, float]:
     """Optuna's parameter importance (fANOVA) over the finished trials; {} when too few."""
     import optuna
 
@@ -118,7 +118,7 @@ def distributions(study: Any) -> dict[str, Any]:
     return out
 
 
-def sweep_plots(summary: dict[str, Any], metric: str, mode: str, out: Path) -> list[str]:
+def sweep_plots(summary: StudySummary, metric: str, mode: str, out: Path) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -180,7 +180,7 @@ def sweep_plots(summary: dict[str, Any], metric: str, mode: str, out: Path) -> l
 # --------------------------------------------------------------------------- the page
 
 
-def provenance(summary: dict[str, Any]) -> list[str]:
+def provenance(summary: StudySummary) -> list[str]:
     import torch
 
     study_file = Path(summary.get("study_file", ""))

@@ -10,7 +10,7 @@ import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from ancra_tune.config import inactive_keys
 from ancra_tune.robustness import EvalReport
@@ -26,6 +26,57 @@ from .trial import SEED_KEY
 from .worker import REPORT_NAME
 
 log = logging.getLogger(__name__)
+
+
+class TrialRow(TypedDict, total=False):
+    """One trial in a study's summary (``summary.json``'s ``trials``), as the CLI's table, the report
+    page, the ablation table and tracking read it. Besides these keys a finished trial's row holds its
+    evaluation's metrics (``clean_acc``, ``robust_acc_worst``, ``acc_<attack>``, ...: see
+    ``EvalReport.metrics``) and ``objective.<metric>`` (the credible value the searcher was told)."""
+
+    trial_id: str
+    status: str  # statuses.TRIAL_STATUSES
+    params: dict[str, Any]  # the searched or grid values and the seed
+    checkpoint: str | None  # the last checkpoint (a path or a URI)
+    report: str  # the evaluation report inside the study folder (reports/<trial>.json)
+    epochs_run: int
+    train_time_s: float
+    val_time_s: float
+    eval_time_s: float
+    time_per_epoch_s: float | None
+    trial_dir: str
+    inactive: list[str]  # parameters this configuration does not use
+    diverged_epoch: int | None
+    flags: dict[str, list[str]]  # objective metric -> why the checks do not trust it
+    checks_failed: list[str]
+    masked_metrics: list[str]
+
+
+class StudySummary(TypedDict, total=False):
+    """A study's answer (``summary.json``): what ``summarize`` returns and the study adds."""
+
+    study: str
+    kind: str
+    study_file: str
+    study_dir: str
+    objective: dict[str, str]  # metric -> mode
+    wall_time_s: float
+    session_wall_time_s: float
+    sessions: int
+    trial_train_time_s: float
+    trial_val_time_s: float
+    trial_eval_time_s: float
+    slots: int
+    overhead_share: float | None
+    n_trials: int
+    status_counts: dict[str, int]
+    flagged_trials: dict[str, dict[str, list[str]]]
+    best: list[TrialRow]
+    selection: dict[str, Any] | None  # the winner against the runner-up (selection.margin)
+    trials: list[TrialRow]
+    outcome: str  # sessions.OUTCOMES
+    interrupted: bool
+    mlflow: dict[str, Any]
 
 
 REPORTED_TIMES = "_reported_at"  # a row's result times, used by summarize and dropped
@@ -54,7 +105,7 @@ def read_report(checkpoint: str | None) -> EvalReport | None:
 
 
 def _trial_rows(results: Any, study: Study, stopped_by_scheduler: set[str],
-                interrupted: bool = False) -> list[dict[str, Any]]:
+                interrupted: bool = False) -> list[TrialRow]:
     """One row per trial. A trial without a final evaluation was stopped by ASHA when the scheduler
     says so; otherwise, when the study was stopped (``interrupted``), it was cut short while it ran
     (``--resume`` finishes it), and when the study ran to its end, Tune ended it early: stopped."""
@@ -70,7 +121,7 @@ def _trial_rows(results: Any, study: Study, stopped_by_scheduler: set[str],
                                             S.FINISHED if last_final is not None else
                                             S.STOPPED if trial_id in stopped_by_scheduler or not interrupted
                                             else S.INTERRUPTED)
-        row = {"trial_id": trial_id, "status": status,
+        row: TrialRow = {"trial_id": trial_id, "status": status,
                "params": cfg,
                "checkpoint": (metrics.get(R.CHECKPOINT_PATH) or _last(records, R.CHECKPOINT_PATH)
                               or _tune_checkpoint(res)),
@@ -141,7 +192,7 @@ def _last(records: list[dict[str, Any]], key: str) -> Any:
 
 def summarize(study: Study, results: Any, *, wall_s: float, storage: str,
               stopped_by_scheduler: set[str] = frozenset(), slots: int = 1,  # type: ignore[assignment]
-              history: list[sessions.Session] | None = None, interrupted: bool = False) -> dict[str, Any]:
+              history: list[sessions.Session] | None = None, interrupted: bool = False) -> StudySummary:
     """The study's answer. ``wall_s``: this session's wall time; ``history``: every session of the
     study (``wall_time_s`` is their sum, a killed one's estimated from its trials' results).
     ``slots``: trials run at once; ``overhead_share`` is the part of the trial slots' time (wall time
@@ -197,7 +248,7 @@ def keep_reports(study_dir: str, rows: list[dict[str, Any]]) -> None:
             log.warning("cannot keep the evaluation report of trial %s in the study folder: %s", row["trial_id"], e)
 
 
-def load_reports(summary: dict[str, Any]) -> dict[str, EvalReport | None]:
+def load_reports(summary: StudySummary) -> dict[str, EvalReport | None]:
     """Every finished trial's report: from the study folder, else beside its checkpoint."""
     out: dict[str, EvalReport | None] = {}
     for t in summary["trials"]:
@@ -281,13 +332,13 @@ def pareto_front(rows: list[dict[str, Any]], metrics: Sequence[str], modes: Sequ
             front.append(r)
     return front
 
-def ablation_of(study: Study, summary: dict[str, Any]) -> dict[str, Any]:
+def ablation_of(study: Study, summary: StudySummary) -> dict[str, Any]:
     """The study's one ablation table (:mod:`trainables.ablation_table`) from its summary."""
     return ablation_table.build(summary["trials"], load_reports(summary), list(study.ablation.grid),
                                 points=study.grid_points(), baseline=study.ablation.baseline)
 
 
-def write_ablation_tables(study: Study, summary: dict[str, Any], out: Path) -> tuple[Path, Path, Path]:
+def write_ablation_tables(study: Study, summary: StudySummary, out: Path) -> tuple[Path, Path, Path]:
     """``ablation.md``, ``ablation.csv`` and ``table.json`` into ``out``."""
     table = ablation_of(study, summary)
     csv_path, md_path, json_path = out / "ablation.csv", out / "ablation.md", out / "table.json"

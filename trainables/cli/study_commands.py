@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from ancra_tune.config import (
     params_text,
@@ -12,6 +13,9 @@ from ancra_tune.config import (
 
 from .. import statuses as S
 from ..ranking import row_rank_key
+
+if TYPE_CHECKING:
+    from ..summary import StudySummary
 from .codes import EXIT_DONE, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE
 
 
@@ -84,7 +88,7 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def study_exit_code(summary: dict) -> int:
+def study_exit_code(summary: StudySummary) -> int:
     """0: the study finished and at least one trial did; 1: it ended without a finished trial, or a full
     disk stopped it; 130: interrupted (``--resume`` continues). Usage and config errors exit 2 earlier."""
     from .. import sessions
@@ -94,7 +98,7 @@ def study_exit_code(summary: dict) -> int:
     # A summary of an older version has no outcome: derived from it the same way.
     return codes[summary.get("outcome") or sessions.outcome_of(summary)]
 
-def _useful_time(summary: dict) -> str:
+def _useful_time(summary: StudySummary) -> str:
     """Validation and evaluation time, and the share of the trial slots' time spent on neither
     them nor training (older summaries lack these)."""
     if "trial_eval_time_s" not in summary:
@@ -107,7 +111,7 @@ def _useful_time(summary: dict) -> str:
     return (text + f" ({summary.get('slots', 1)} at a time{over}: {100 * summary['overhead_share']:.0f}% of the "
             "trial slots' time spent on anything else)")
 
-def format_summary(summary: dict) -> str:
+def format_summary(summary: StudySummary) -> str:
     """The study's answer: every trial in one table, best first (trials the checks flag last),
     then the best trial and what to run next."""
     metric, mode = next(iter(summary["objective"].items()))
