@@ -64,8 +64,8 @@ class PassCounter:
             self.with_grad += n
 
 
-def run(ckpt: Path, source: Path, n: int, mode: str) -> dict[str, Any]:
-    cfg = SuiteConfig.preset_config("quick", eps=0.3, n_examples=n)
+def run(ckpt: Path, source: Path, n: int, mode: str, eps: float) -> dict[str, Any]:
+    cfg = SuiteConfig.preset_config("quick", eps=eps, n_examples=n)
     if mode == "all":
         cfg = dataclasses.replace(cfg, check_examples=None)
     counter = PassCounter()
@@ -107,9 +107,11 @@ def main() -> None:
                    help="run the every-attack-on-every-example evaluation only up to this n (it costs n x attacks)")
     p.add_argument("--train-limit", type=int, default=4000)
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the timed evaluations")
+    p.add_argument("--train-threads", type=int, default=2)
+    p.add_argument("--eps", type=float, default=0.3, help="the budget the models train and are evaluated at")
     a = p.parse_args()
-    torch.set_num_threads(a.threads)
+    torch.set_num_threads(a.train_threads)
     common, models = _training_recipe()
     ckpts = {}
     for name in ("trades_ancra", "pgd_at"):
@@ -117,16 +119,19 @@ def main() -> None:
         ckpts[name] = out / "checkpoint.pt"
         if not ckpts[name].is_file():
             cfg = TrainConfig.from_dict({**common, **models[name], "data.train_limit": a.train_limit,
-                                         "optim.epochs": a.epochs, "out_dir": str(out), "progress": False})
+                                         "optim.epochs": a.epochs, "out_dir": str(out), "progress": False,
+                                         "attack.eps": a.eps, "attack.step_size": a.eps / 6,
+                                         "eval.pgd_step_size": a.eps / 6})
             t = time.perf_counter()
             Trainer(cfg).fit()
             print(f"{name}: trained in {time.perf_counter() - t:.0f} s", flush=True)
+    torch.set_num_threads(a.threads)
     rows = []
     for n in a.n:
         for mode in ("all", "cascade"):
             if mode == "all" and n > a.all_up_to:
                 continue
-            r = run(ckpts["trades_ancra"], ckpts["pgd_at"], n, mode)
+            r = run(ckpts["trades_ancra"], ckpts["pgd_at"], n, mode, a.eps)
             rows.append(r)
             print(f"n={n:>5} {mode:<8} {r['seconds']:7.1f} s  forward/example {r['forward_per_example']:7.1f}  "
                   f"with gradient {r['grad_passes_per_example']:7.1f}  worst {r['worst_correct']}/{n} "

@@ -190,9 +190,11 @@ def _final_only(s: AttackSpec) -> bool:
 def masking_checks(correct: Mapping[str, int], clean: int, n: int, plan: Sequence[AttackSpec], cfg: SuiteConfig, *,
                    zero_grad_share: float, n_classes: int, ra: bool, randomized_batches: int, n_batches: int,
                    probe: GradientProbe | None, autoattack_flags: Sequence[str],
-                   suspicious_batches: int = 0) -> list[Check]:
+                   suspicious_batches: int = 0, autoattack_examples: int | None = None) -> list[Check]:
     """The checks' verdicts, decided on example counts: ``correct[attack]`` examples of ``n`` survived
-    each attack, ``clean`` were right without one; the slack is :func:`tolerance_examples`."""
+    each attack, ``clean`` were right without one; the slack is :func:`tolerance_examples`.
+    ``autoattack_examples``: the examples AutoAttack ran on (the check examples and the cascade's
+    survivors; default ``n``), what its own zero-gradient count is weighed against."""
     tol, k = tolerance_examples(cfg.tol, n), cfg.pgd_steps
     main = [s for s in plan if s.in_worst_case]
     checks: list[Check] = []
@@ -292,11 +294,13 @@ def masking_checks(correct: Mapping[str, int], clean: int, n: int, plan: Sequenc
             raised = sorted({f for f in autoattack_flags if fragment in f})
             if name == CheckName.AUTOATTACK_ZERO_GRADIENTS:
                 # AutoAttack flags a single point; the suite's own rule (no_zero_gradients) allows 1%.
-                raised = [f for f in raised if _count(f) is None or _count(f) > 0.01 * max(1, n)]
+                ran_on = autoattack_examples if autoattack_examples is not None else n
+                raised = [f for f in raised if _count(f) is None or _count(f) > 0.01 * max(1, ran_on)]
             if name == CheckName.AUTOATTACK_SQUARE:
                 # AutoAttack flags any example Square adds after its gradient attacks (0.2%); apply
                 # the suite's tolerance in examples. On RA models it concerns P' alone.
-                raised = [f for f in raised if _percent(f) is None or _percent(f) / 100 * n > tol + 0.5]
+                ran_on = autoattack_examples if autoattack_examples is not None else n
+                raised = [f for f in raised if _percent(f) is None or _percent(f) / 100 * ran_on > tol + 0.5]
                 scope = "final" if ra else "all"
             checks.append(Check(
                 name, not raised, f"AutoAttack's own check ({fragment!r}) must stay silent; it raised: "

@@ -313,10 +313,12 @@ def build_report(results: Sequence[BatchResult], cfg: SuiteConfig, *, ra: bool, 
     clean_check = int(clean[in_check].sum().item())
     clean_acc, worst_acc = clean.float().mean().item(), worst.float().mean().item()
     flags = tuple(sorted({f for r in results for f in r.flags}))
+    attacked = {s.name: sum(r.attacked.get(s.name, r.clean.numel()) for r in results) for s in plan}
+    aa_ran = next((attacked[s.name] for s in plan if s.kind is AttackKind.AUTOATTACK), None)
     checks = masking_checks(counts, clean_check, n_check, plan, cfg, zero_grad_share=zero.float().mean().item(),
                             n_classes=n_classes, ra=ra, randomized_batches=sum(r.randomized for r in results),
                             n_batches=len(results), probe=_merge_probes(results), autoattack_flags=flags,
-                            suspicious_batches=sum(r.suspicious for r in results))
+                            suspicious_batches=sum(r.suspicious for r in results), autoattack_examples=aa_ran)
     tol = tolerance_examples(cfg.tol, n_check)
     main = [s.name for s in plan if s.in_worst_case]
     beaten_by: dict[str, str] = {}
@@ -324,7 +326,6 @@ def build_report(results: Sequence[BatchResult], cfg: SuiteConfig, *, ra: bool, 
         rival = min((m for m in main if m != name), key=lambda m: counts[m], default=None)
         if rival is not None and counts[name] > counts[rival] + tol:
             beaten_by[name] = rival
-    attacked = {s.name: sum(r.attacked.get(s.name, r.clean.numel()) for r in results) for s in plan}
     attacks = tuple(AttackResult(name=s.name, kind=s.kind, target=s.target, steps=s.steps, eps=s.eps,
                                  in_worst_case=s.in_worst_case, accuracy=acc[s.name], beaten_by=beaten_by.get(s.name),
                                  n=n_check, attacked=attacked[s.name])
