@@ -237,17 +237,20 @@ def test_every_planned_attack_kind_is_in_the_registry() -> None:
                    cfg=SuiteConfig.preset_config("quick", eps=0.1), batch_idx=0)
 
 
-def test_the_cascade_gives_each_example_the_attack_it_would_get_in_the_whole_batch(batch) -> None:
-    """With PGD-type attacks (deterministic per example: the same start, BatchNorm in eval mode), the
-    cascade's worst case equals every-attack-on-every-example's example for example, the per-attack
-    accuracies on the check examples are the same, and the attacks after the first ran on fewer
-    examples: the check examples and the ones still standing."""
+@pytest.mark.parametrize("ra", [False, True])
+def test_the_cascade_gives_each_example_the_attack_it_would_get_in_the_whole_batch(batch, ra) -> None:
+    """With PGD-type attacks and APGD through RA's surrogates (deterministic per example: each starts
+    where it would in the whole batch, BatchNorm in eval mode), the cascade's worst case equals
+    every-attack-on-every-example's example for example, the per-attack accuracies on the check
+    examples are the same, and the attacks after the first ran on fewer examples: the check examples
+    and the ones still standing."""
     import dataclasses
 
-    model = trained_digits_model(ra=False)
+    model = trained_digits_model(ra=ra)
     x, y = batch
     cfg = SuiteConfig(eps=EPS, pgd_steps=5, cw_steps=5, mim_steps=5, sweep_steps=3, square_queries=0, autoattack=None,
-                      batch_size=50, features=False, check_examples=30)
+                      batch_size=50, features=False, check_examples=30, adaptive_steps=3, apgd_iters=4,
+                      apgd_targets=2)
     cascade = _report(model, x, y, cfg)
     everything = _report(model, x, y, dataclasses.replace(cfg, check_examples=None))
     assert cascade.per_example["worst"] == everything.per_example["worst"]
@@ -260,6 +263,6 @@ def test_the_cascade_gives_each_example_the_attack_it_would_get_in_the_whole_bat
     survivors = sum(everything.per_example["clean"])
     for a in cascade.attacks[1:]:
         assert a.attacked < 128 and (not a.in_worst_case or a.attacked <= 30 + survivors), (a.name, a.attacked)
-    assert sum(a.attacked for a in cascade.attacks) < 0.7 * sum(a.attacked for a in everything.attacks)
+    assert sum(a.attacked for a in cascade.attacks) < 0.8 * sum(a.attacked for a in everything.attacks)
     # PGD-2k continues PGD-k: it is at least as strong on every example PGD-k broke and kept broken
     assert cascade.attack("pgd10_final").accuracy <= cascade.attack("pgd5_final").accuracy + 0.05

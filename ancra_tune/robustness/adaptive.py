@@ -134,10 +134,14 @@ def _seeded(seed: int, device: torch.device):
 
 def apgd(model: RANet, x: Tensor, y: Tensor, *, target: str, loss: str, eps: float, n_iter: int,
          n_restarts: int, n_targets: int, temperature: float, seed: int, eot_iter: int = 1,
-         flags: list[str] | None = None) -> Tensor:
+         flags: list[str] | None = None, positions: Tensor | None = None, batch_size: int | None = None) -> Tensor:
     """APGD-CE (``loss="ce"``) or APGD-T (``loss="dlr-targeted"``) on the surrogate of ``target``,
     with AutoAttack's restarts and target classes over the examples the real model still gets
-    right; returns the batch's AEs (the real model's fooling points where found)."""
+    right; returns the batch's AEs (the real model's fooling points where found).
+
+    Each example's random start is drawn for its place (``positions``, default 0..n-1) in a batch of
+    ``batch_size``: an example attacked with fewer others (the evaluation's cascade) starts where it
+    would have in the whole batch, and APGD (per-example steps and step sizes) gives it the same AE."""
     from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
 
     tracker = Tracker(model, x, y)
@@ -157,9 +161,11 @@ def apgd(model: RANet, x: Tensor, y: Tensor, *, target: str, loss: str, eps: flo
         raise ValueError(f"unknown APGD loss {loss!r}")
     attack.init_hyperparam(x)
     last = x.clone()
+    place = positions.to(x.device) if positions is not None else torch.arange(x.shape[0], device=x.device)
+    full = batch_size if batch_size is not None else x.shape[0]
     with _seeded(seed, x.device), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for target_class in rounds:
+        for r, target_class in enumerate(rounds):
             rows = (~tracker.fooled).nonzero().squeeze(1)
             if rows.numel() == 0:
                 break
@@ -167,7 +173,10 @@ def apgd(model: RANet, x: Tensor, y: Tensor, *, target: str, loss: str, eps: flo
             if target_class is not None:  # APGD-T: the target is the surrogate's k-th most likely class
                 with torch.no_grad():
                     attack.y_target = wrapper(x[rows]).sort(dim=1)[1][:, -target_class]
-            x_best, _, _, x_best_adv = attack.attack_single_run(x[rows], y[rows])
+            gen = torch.Generator().manual_seed((seed * 1_000_003 + r) % 2**63)
+            t = (2 * torch.rand((full, *x.shape[1:]), generator=gen) - 1).to(x.device, x.dtype)[place[rows]]
+            x_init = (x[rows] + eps * attack.normalize(t)).clamp(0.0, 1.0)  # AutoAttack's Linf start, per place
+            x_best, _, _, x_best_adv = attack.attack_single_run(x[rows], y[rows], x_init=x_init)
             tracker.observe(x_best, rows)
             tracker.observe(x_best_adv, rows)
             last[rows] = x_best.detach()

@@ -70,6 +70,8 @@ class AttackCall:
     flags: list[str] | None
     eot: int
     suspicious: bool
+    positions: Tensor | None = None  # the attacked examples' places in the whole batch (the cascade)
+    batch_size: int | None = None  # the whole batch's size
 
 
 def _fgsm(model: RANet, x: Tensor, y: Tensor, c: AttackCall) -> Tensor:
@@ -99,7 +101,8 @@ def _apgd(model: RANet, x: Tensor, y: Tensor, c: AttackCall) -> Tensor:
     return adaptive.apgd(model, x, y, target=c.spec.target, loss=loss,
                          eps=c.spec.eps, n_iter=c.spec.steps, n_restarts=c.cfg.apgd_restarts,
                          n_targets=min(c.cfg.apgd_targets, n_classes - 1), temperature=c.cfg.gate_temperature,
-                         seed=_attack_seed(c.cfg.seed, c.batch_idx, c.attack_idx), eot_iter=c.eot, flags=c.flags)
+                         seed=_attack_seed(c.cfg.seed, c.batch_idx, c.attack_idx), eot_iter=c.eot, flags=c.flags,
+                         positions=c.positions, batch_size=c.batch_size)
 
 
 def _cw(model: RANet, x: Tensor, y: Tensor, c: AttackCall) -> Tensor:
@@ -163,13 +166,14 @@ def run_attack(spec: AttackSpec, attack_idx: int, model: RANet, x: Tensor, y: Te
         init, steps = start, spec.steps - start_steps
     elif rows is not None:
         init = random_start(x, eps=spec.eps, init="uniform", generator=gen)  # the whole batch's draw
+    full = x.shape[0]
     if rows is not None:
         x, y = x[rows], y[rows]
         if isinstance(init, Tensor):
             init = init[rows]
     common = dict(eps=spec.eps, step_size=step, steps=steps, bn="eval", init=init, generator=gen, eot=eot)
     return attack(model, x, y, AttackCall(spec, cfg, gen, common, batch_idx, attack_idx, source, flags, eot,
-                                          suspicious))
+                                          suspicious, positions=rows, batch_size=full))
 
 
 def _autoattack(model: RANet, x: Tensor, y: Tensor, *, cfg: SuiteConfig, batch_idx: int,
