@@ -194,3 +194,15 @@ def test_multi_objective_uses_nsga2_and_no_asha(tmp_path: Path) -> None:
     assert build_scheduler(s) is None
     with pytest.raises(StudyError, match="ASHA needs a single objective"):
         load_study(_write(tmp_path, "objective: {metrics: [clean_acc, robust_acc_worst]}\nscheduler: {type: asha}\n"))
+
+
+def test_the_end_of_trial_suite_is_named_evaluation_and_eval_still_reads(tmp_path) -> None:
+    text = (SPACES / "quickstart.yaml").read_text().replace(
+        "base: quickstart ", f"base: {SPACES.parent / 'ancra_tune/presets/quickstart.yaml'} ")
+    assert "\nevaluation:" in text
+    f = tmp_path / "s.yaml"
+    f.write_text(text.replace("\nevaluation:", "\neval:"))  # the older name
+    assert load_study(f).suite.n_examples == 128
+    f.write_text(text + "eval: {n_examples: 64}\n")
+    with pytest.raises(StudyError, match="given twice"):
+        load_study(f)

@@ -188,5 +188,5 @@ def format_plan(p: dict[str, Any]) -> str:
                     f"({100 * o['predicted_eval_share']:.0f}% of it evaluation)")
         lines.append(f"  {o['seeds']} seeds: {o['examples_per_seed']} examples per seed ({o['examples_per_row']} per "
                      f"row){cost}{fit}")
-    lines.append("  set them in the study file: seeds: [...], eval: {n_examples: N}, train.data.val_size")
+    lines.append("  set them in the study file: seeds: [...], evaluation: {n_examples: N}, train.data.val_size")
     return "\n".join(lines)

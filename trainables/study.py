@@ -9,7 +9,7 @@ the file is read; a mistake names the file, the key and what is allowed::
     train: {model.name: small_cnn, optim.epochs: 4}    # overrides of that config
     resources: {workers: 2, cpus_per_worker: 0.5, gpus_per_worker: 0, trial_cpus: 0.5}
     objective: {metric: robust_acc_worst, mode: max}   # or metrics: [...], modes: [...]
-    eval: {preset: quick, n_examples: 200, autoattack: null}   # end-of-trial evaluation
+    evaluation: {preset: quick, n_examples: 200, autoattack: null}   # end-of-trial suite (train.eval: per epoch)
     search:
       sampler: tpe              # tpe, nsga2 (multi-objective), random
       num_samples: 8
@@ -279,9 +279,13 @@ def _load(p: Path) -> Study:
 
     objective = Objective.from_section(_section(p, raw, "objective", ("metric", "mode", "metrics", "modes")))
 
-    ev = raw.get("eval") or {}
+    # `evaluation` (the end-of-trial suite), distinct from `train.eval` (per-epoch validation); `eval`
+    # is its older name, still read.
+    if "evaluation" in raw and "eval" in raw:
+        raise _err(p, "evaluation", "given twice (as `evaluation` and as its older name `eval`): keep `evaluation`")
+    ev = raw.get("evaluation", raw.get("eval")) or {}
     if not isinstance(ev, Mapping):
-        raise _err(p, "eval", f"must be a mapping of evaluation settings, got {ev!r}")
+        raise _err(p, "evaluation", f"must be a mapping of evaluation settings, got {ev!r}")
     # The trials' training budget is the evaluation's default: `eps: 8/255` may still override it.
     suite = SuiteConfig.from_mapping(ev, defaults={"eps": train.attack.eps})
 

@@ -33,8 +33,8 @@ REPORT_METRICS = ("clean_acc", "robust_acc_worst", "autoattack_acc", "checks_pas
                   "eval_n_examples", "eval_check_examples", "epoch_time_s_mean", "train_time_s")
 
 
-TOP_KEYS = ("name", "kind", "base", "train", "resources", "objective", "eval", "search", "scheduler", "seeds",
-            "ablation", "max_failures", "description")
+TOP_KEYS = ("name", "kind", "base", "train", "resources", "objective", "evaluation", "eval", "search", "scheduler",
+            "seeds", "ablation", "max_failures", "description")
 
 
 class StudyError(ConfigError):
