@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from ancra_tune.robustness import EvalReport, stats
-from ancra_tune.robustness.report import WORST
+from ancra_tune.robustness.report import ROBUST_PREFIX, WORST
 from ancra_tune.robustness.suite import SURROGATES, AttackKind, Target
 
 from . import statuses as S
@@ -72,7 +72,7 @@ TIME = "time_per_epoch_s"
 def _flagged(report: EvalReport, name: str) -> bool:
     if name == "clean":
         return False
-    return bool(report.flags(WORST if name == "worst" else "acc_" + name))
+    return bool(report.flags(WORST if name == "worst" else ROBUST_PREFIX + name))
 
 
 def _accuracy(report: EvalReport, name: str) -> float:

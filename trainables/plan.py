@@ -73,7 +73,8 @@ def probe(study: Study, *, progress: bool = True) -> dict[str, Any]:
 
     epoch_s, eval_s = [], []
     splits = None
-    for i, point in enumerate(_rows(study)):
+    rows = _rows(study)
+    for i, point in enumerate(rows):
         cfg = study.train_config(point, study.seeds[0])
         if splits is None:
             splits = load_dataset(cfg.data)
@@ -96,7 +97,7 @@ def probe(study: Study, *, progress: bool = True) -> dict[str, Any]:
             evaluate_model(model, x, y, suite, progress=False)
             eval_s.append((time.perf_counter() - t0) / k)
         if progress:
-            print(f"  probe {i + 1}/{len(_rows(study))}: {point or 'base'}: epoch ~{epoch_s[-1]:.0f} s, "
+            print(f"  probe {i + 1}/{len(rows)}: {point or 'base'}: epoch ~{epoch_s[-1]:.0f} s, "
                   f"evaluation {eval_s[-1]:.2f} s/example", file=sys.stderr, flush=True)
     return {"source": f"a probe on this machine ({PROBE_BATCHES} training batches and {PROBE_EXAMPLES} evaluated "
                       "examples per configuration, the most expensive row taken)",

@@ -37,8 +37,7 @@ def margin(winner: tuple[str, EvalReport | None], runner_up: tuple[str, EvalRepo
     name_w, name_r = outcome_name(wr, metric), outcome_name(rr, metric)
     if name_w is None or name_r is None or wr.n_of(name_w) != rr.n_of(name_r):
         return None
-    ow = wr.outcomes(name_w) if name_w else None
-    orr = rr.outcomes(name_r) if name_r else None
+    ow, orr = wr.outcomes(name_w), rr.outcomes(name_r)
     if ow is None or orr is None:
         return None
     a, b = np.array([orr], dtype=bool), np.array([ow], dtype=bool)

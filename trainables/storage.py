@@ -18,6 +18,16 @@ from typing import Any
 STATE_DIR = "study_state"
 
 
+DEFAULT_ROOT = "runs/studies"  # where studies live unless --storage or $ANCRA_STORAGE says otherwise
+
+
+def root(storage: str | None = None) -> str:
+    """The studies' storage: ``storage`` (--storage), else ``$ANCRA_STORAGE``, else ``runs/studies``."""
+    import os
+
+    return storage or os.environ.get("ANCRA_STORAGE") or DEFAULT_ROOT
+
+
 def is_uri(path: str) -> bool:
     return "://" in path
 

@@ -30,6 +30,7 @@ from ancra_tune.config import params_text
 from ancra_tune.robustness import EvalReport
 
 from . import statuses as S
+from . import storage as storage_mod
 from .ranking import creation_order, row_rank_key
 from .selection import sweep_margin
 from .summary import StudySummary, load_reports
@@ -47,7 +48,7 @@ def find_summary(study: str, storage: str | None = None) -> Path:
     (``--storage``, ``$ANCRA_STORAGE``, else ``runs/studies``)."""
     p = Path(study)
     candidates = [p, p / "summary.json"]
-    root = Path(storage or os.environ.get("ANCRA_STORAGE") or "runs/studies")
+    root = Path(storage_mod.root(storage))
     if "://" not in str(root):
         candidates.append(root / study / "summary.json")
     for c in candidates:

@@ -26,6 +26,7 @@ from ray.tune import Callback
 
 from . import sessions
 from . import statuses as S
+from . import storage as storage_mod
 from . import trial_rows as R
 from .console import TrackingWatch, TrialLines
 from .disk import DiskGuard, StorageError, below_reserve, check_storage
@@ -195,7 +196,9 @@ def run_study(study: Study, *, address: str | None = None, storage: str | None =
     from ray import tune
 
     # On a cluster, cluster.yaml exports ANCRA_STORAGE (shared storage every node reaches).
-    storage = storage or os.environ.get("ANCRA_STORAGE") or str(Path("runs/studies").resolve())
+    storage = storage_mod.root(storage)
+    if not storage_mod.is_uri(storage):
+        storage = str(Path(storage).resolve())
     space = check_storage(storage)  # before Ray starts: a bad folder fails in a second
     if "://" not in storage:
         storage = space["storage"]

@@ -290,16 +290,15 @@ def masking_checks(correct: Mapping[str, int], clean: int, n: int, plan: Sequenc
             scope="final"))
 
     if cfg.autoattack:
+        ran_on = autoattack_examples if autoattack_examples is not None else n
         for fragment, (name, scope) in _AA_FLAGS.items():
             raised = sorted({f for f in autoattack_flags if fragment in f})
             if name == CheckName.AUTOATTACK_ZERO_GRADIENTS:
                 # AutoAttack flags a single point; the suite's own rule (no_zero_gradients) allows 1%.
-                ran_on = autoattack_examples if autoattack_examples is not None else n
                 raised = [f for f in raised if _count(f) is None or _count(f) > 0.01 * max(1, ran_on)]
             if name == CheckName.AUTOATTACK_SQUARE:
                 # AutoAttack flags any example Square adds after its gradient attacks (0.2%); apply
                 # the suite's tolerance in examples. On RA models it concerns P' alone.
-                ran_on = autoattack_examples if autoattack_examples is not None else n
                 raised = [f for f in raised if _percent(f) is None or _percent(f) / 100 * ran_on > tol + 0.5]
                 scope = "final" if ra else "all"
             checks.append(Check(

@@ -89,7 +89,8 @@ def _matrix(outcomes: Sequence[Sequence[bool]] | np.ndarray) -> np.ndarray:
 
 
 def _two_way_means(x: np.ndarray, rng: np.random.Generator, reps: int) -> np.ndarray:
-    """Bootstrap means of a seeds x examples matrix, seeds and examples resampled independently."""
+    """Bootstrap means of a seeds x examples matrix (outcomes, or paired differences), seeds and
+    examples resampled independently."""
     s, n = x.shape
     ex = rng.multinomial(n, np.full(n, 1.0 / n), size=reps).astype(np.float64)  # reps x n example weights
     per_seed = ex @ x.T.astype(np.float64) / n  # reps x s: each seed's mean on the resampled examples
@@ -111,6 +112,13 @@ def estimate(outcomes: Sequence[Sequence[bool]] | np.ndarray, *, seed: int = 0) 
                     per_seed=per_seed, ci95=(min(float(lo), wlo), max(float(hi), whi)))
 
 
+def _count_means(k: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Bootstrap means from per-seed counts ``k`` of ``n``: seeds resampled, each count redrawn from its
+    binomial."""
+    pick = rng.integers(0, k.size, size=(BOOTSTRAP, k.size))
+    return rng.binomial(n, (k / n)[pick]).sum(1) / (k.size * n)
+
+
 def estimate_from_counts(correct: Sequence[int], n: int, *, seed: int = 0) -> Estimate:
     """The same, where only each seed's count survived (results published before outcomes were kept):
     seeds resampled, and each seed's count redrawn from its binomial (examples independent)."""
@@ -118,13 +126,10 @@ def estimate_from_counts(correct: Sequence[int], n: int, *, seed: int = 0) -> Es
     s = k.size
     if s < 1 or n < 1:
         raise ValueError("need at least one seed and one example")
-    rng = np.random.default_rng(seed)
-    p = k / n
-    pick = rng.integers(0, s, size=(BOOTSTRAP, s))
-    boot = rng.binomial(n, p[pick]).sum(1) / (s * n)
+    boot = _count_means(k, n, np.random.default_rng(seed))
     lo, hi = np.quantile(boot, [ALPHA / 2, 1 - ALPHA / 2])
     wlo, whi = proportion_ci(int(k.sum()), s * n)
-    per_seed = tuple(float(v) for v in p)
+    per_seed = tuple(float(v) for v in k / n)
     return Estimate(mean=float(k.sum() / (s * n)), std=float(np.std(per_seed, ddof=1)) if s > 1 else None, n=n,
                     seeds=s, per_seed=per_seed, ci95=(min(float(lo), wlo), max(float(hi), whi)), paired_data=False)
 
@@ -156,12 +161,7 @@ def compare(row: np.ndarray, baseline: np.ndarray, *, seed: int = 0) -> Comparis
     down = int((a & ~b).sum())
     p = float(sps.binomtest(up, up + down, 0.5).pvalue) if up + down else 1.0
     d = b.astype(np.int8) - a.astype(np.int8)
-    s, n = d.shape
-    rng = np.random.default_rng(seed)
-    ex = rng.multinomial(n, np.full(n, 1.0 / n), size=BOOTSTRAP).astype(np.float64)
-    per_seed = ex @ d.T.astype(np.float64) / n
-    sw = rng.multinomial(s, np.full(s, 1.0 / s), size=BOOTSTRAP).astype(np.float64)
-    boot = (sw * per_seed).sum(1) / s
+    boot = _two_way_means(d, np.random.default_rng(seed), BOOTSTRAP)
     lo, hi = np.quantile(boot, [ALPHA / 2, 1 - ALPHA / 2])
     return Comparison(diff=float(d.mean()), ci95=(float(lo), float(hi)), p=p,
                       test="exact McNemar, stratified by seed", discordant=(up, down))
@@ -173,13 +173,10 @@ def compare_counts(row: Sequence[int], baseline: Sequence[int], n: int, *, seed:
     kb, ka = np.asarray(row), np.asarray(baseline)
     nb, na = kb.size * n, ka.size * n
     p = float(sps.fisher_exact([[kb.sum(), nb - kb.sum()], [ka.sum(), na - ka.sum()]]).pvalue)
-    ra, rb = estimate_from_counts(ka, n, seed=seed), estimate_from_counts(kb, n, seed=seed + 1)
     rng = np.random.default_rng(seed)
-    pa, pb = ka / n, kb / n
-    boot = (rng.binomial(n, pb[rng.integers(0, pb.size, (BOOTSTRAP, pb.size))]).sum(1) / nb
-            - rng.binomial(n, pa[rng.integers(0, pa.size, (BOOTSTRAP, pa.size))]).sum(1) / na)
+    boot = _count_means(kb, n, rng) - _count_means(ka, n, rng)
     lo, hi = np.quantile(boot, [ALPHA / 2, 1 - ALPHA / 2])
-    return Comparison(diff=rb.mean - ra.mean, ci95=(float(lo), float(hi)), p=p,
+    return Comparison(diff=float(kb.sum() / nb - ka.sum() / na), ci95=(float(lo), float(hi)), p=p,
                       test="Fisher's exact test on pooled counts (unpaired: no per-example outcomes kept)")
 
 

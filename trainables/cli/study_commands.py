@@ -74,14 +74,14 @@ def _without_more(argv: list[str]) -> list[str]:
 
 def _plan(args: argparse.Namespace) -> int:
     import json
-    import os
 
     from ..plan import format_plan, make_plan
+    from ..storage import root as storage_root
     from ..study import load_study
 
     study = load_study(args.file)
-    storage = args.storage or os.environ.get("ANCRA_STORAGE") or "runs/studies"
-    plan = make_plan(study, args.detect, storage=storage, seeds=args.seeds, measure=not args.no_probe)
+    plan = make_plan(study, args.detect, storage=storage_root(args.storage), seeds=args.seeds,
+                     measure=not args.no_probe)
     print(format_plan(plan), file=sys.stderr if args.json else sys.stdout, flush=True)
     if args.json:
         print(json.dumps(plan, indent=1, default=str))
