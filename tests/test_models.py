@@ -134,3 +134,32 @@ def test_normalisation_inside_model() -> None:
     m = create_model("small_cnn", num_classes=K, in_channels=3, mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2))
     x = torch.rand(2, 3, 8, 8)
     torch.testing.assert_close(m.normalize(x), (x - torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)) / 0.2)
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "preact_resnet18", "wrn28_10"])
+@pytest.mark.parametrize("feed_weighted", [True, False])
+def test_real_logits_from_a_shared_pass_are_the_real_models_exactly(name: str, feed_weighted: bool) -> None:
+    """``real=True`` gives, beside whatever gate is attacked, the real model's P' bit for bit, and
+    leaves the surrogate's values and gradients as they are without it."""
+    torch.manual_seed(3)
+    n, c, s = INPUTS[name]
+    n = 4 if name == "small_cnn" else n
+    model = create_model(name, num_classes=K, in_channels=c, ra=True, ra_feed_weighted=feed_weighted).eval()
+    x = torch.rand(n, c, s, s)
+    with torch.no_grad():
+        real = model(x).logits
+    labels = (real.argmax(1) + 1) % K  # gates that part from the prediction
+    for kw in ({}, {"labels": labels}, {"soft_gate": 1.0, "gate": "soft"},
+               {"soft_gate": 1.0, "gate": "straight_through"}):
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        shared = model(xa, real=True, **kw)
+        alone = model(xb, **kw)
+        assert alone.real_logits is None
+        assert torch.equal(shared.real_logits, real), kw
+        assert not shared.real_logits.requires_grad
+        assert torch.equal(shared.logits, alone.logits), kw
+        F.cross_entropy(shared.logits, labels).backward()
+        F.cross_entropy(alone.logits, labels).backward()
+        assert torch.equal(xa.grad, xb.grad), kw
+    if name == "small_cnn":  # the labels' and the soft gate's P' differ from the real one here
+        assert not torch.equal(model(x, labels).logits, real)

@@ -266,3 +266,51 @@ def test_the_cascade_gives_each_example_the_attack_it_would_get_in_the_whole_bat
     assert sum(a.attacked for a in cascade.attacks) < 0.8 * sum(a.attacked for a in everything.attacks)
     # PGD-2k continues PGD-k: it is at least as strong on every example PGD-k broke and kept broken
     assert cascade.attack("pgd10_final").accuracy <= cascade.attack("pgd5_final").accuracy + 0.05
+
+
+def test_attacks_through_the_surrogates_score_each_visited_point_from_their_own_pass(batch) -> None:
+    """PGD and APGD through a surrogate of RA's gate score every point they visit on the real model
+    from the surrogate's own forward pass: one pass per step, not two, and the same AEs as scoring
+    each point with a separate pass of the real model."""
+    from ancra_tune.attacks import pgd
+    from ancra_tune.robustness import adaptive
+
+    class SeparatePass(adaptive.SurrogateModel):  # scoring as it was: a second pass per point
+        def forward(self, x, gate_labels=None):
+            self.tracker.observe(x, self.rows)
+            return adaptive.surrogate_output(self.model, x, self.target, self.labels, self.temperature)
+
+    model = trained_digits_model(ra=True)
+    x, y = batch[0][:40], batch[1][:40]
+    cfg = SuiteConfig(eps=EPS, adaptive_steps=4, apgd_iters=4, apgd_targets=2)
+    calls: list[int] = []
+    handle = model.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    try:
+        for i, target in enumerate(SURROGATES):
+            calls.clear()
+            shared = run_attack(AttackSpec(f"pgd_{target}", "pgd", target, 4, EPS), i, model, x, y, cfg=cfg,
+                                batch_idx=0)
+            assert len(calls) == 4 + 1, (target, calls)  # the steps, and the last iterate scored
+            calls.clear()
+            gen = torch.Generator().manual_seed(0)
+            tracker = adaptive.Tracker(model, x, y)
+            surrogate = SeparatePass(model, target, y, tracker, cfg.gate_temperature)
+            last = pgd(surrogate, x, y, eps=EPS, step_size=cfg.step, steps=4, bn="eval", generator=gen,
+                       loss_fn=adaptive.pgd_loss(target))
+            assert len(calls) == 2 * 4
+            tracker.observe(last, surrogate.rows)
+            gen = torch.Generator().manual_seed(0)
+            tracker2 = adaptive.Tracker(model, x, y)
+            own = adaptive.SurrogateModel(model, target, y, tracker2, cfg.gate_temperature)
+            last2 = pgd(own, x, y, eps=EPS, step_size=cfg.step, steps=4, bn="eval", generator=gen,
+                        loss_fn=adaptive.pgd_loss(target))
+            tracker2.observe(last2, own.rows)
+            assert torch.equal(tracker.result(last), tracker2.result(last2)), target
+            assert torch.equal(tracker.fooled, tracker2.fooled), target
+            assert shared.shape == x.shape
+        calls.clear()
+        adaptive.apgd(model, x, y, target="softgate", loss="ce", eps=EPS, n_iter=4, n_restarts=1, n_targets=2,
+                      temperature=1.0, seed=0)
+        assert len(calls) == 1 + 1 + 4  # the clean pass, APGD's start and its iterations: none scored twice
+    finally:
+        handle.remove()

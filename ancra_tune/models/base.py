@@ -25,11 +25,14 @@ class ModelOutput:
     logits: final logits P', (N, K).
     aux_logits: auxiliary logits P of each RA block, in order, each (N, K); empty without RA.
     features: the classifier's input for ``logits`` (RA-weighted with RA on), (N, C).
+    real_logits: asked for with ``real=True``: the real model's P' (argmax gate, no labels) for the
+        same inputs, detached; it shares every computation it has in common with ``logits``.
     """
 
     logits: Tensor
     aux_logits: tuple[Tensor, ...]
     features: Tensor
+    real_logits: Tensor | None = None
 
 
 def reverse_attention(features: Tensor, weight: Tensor, classes: Tensor) -> Tensor:
@@ -123,20 +126,26 @@ class RANet(nn.Module):
         return self.pool(self.post(z))
 
     def forward(self, x: Tensor, labels: Tensor | None = None, *, soft_gate: float | None = None,
-                gate: str = "hard") -> ModelOutput:
+                gate: str = "hard", real: bool = False) -> ModelOutput:
         """x in [0, 1], (N, C_in, H, W). ``labels`` gate RA (training); None gates by argmax P.
 
         Evaluation only, for adaptive attacks on the argmax gate (without RA nothing changes):
         ``soft_gate`` is a temperature T for the surrogate rows ``softmax(P / T) @ W``;
         ``gate="straight_through"`` keeps the hard gate's forward values and backpropagates through
         the surrogate (BPDA); ``gate="soft"`` uses the surrogate rows in the forward pass too.
+        ``real``: also give the real model's P' (``real_logits``) from the same pass: the stem and
+        every block before the first gate whose rows differ from the argmax gate's run once (with
+        the argmax or straight-through gate, nothing runs twice; with labels or the soft gate, only
+        the blocks after the first gate run again, without autograd).
         """
         z = self.stem(self.normalize(x))
         if not self.ra:
             for block in self.last_stage:
                 z = block(z)
             feat = self.readout(z)
-            return ModelOutput(logits=self.fc(feat), aux_logits=(), features=feat)
+            logits = self.fc(feat)
+            return ModelOutput(logits=logits, aux_logits=(), features=feat,
+                               real_logits=logits.detach() if real else None)
         if gate not in GATES:
             raise ValueError(f"gate = {gate!r} is invalid: must be one of {', '.join(GATES)}")
         if soft_gate is not None and gate == "hard":
@@ -144,27 +153,50 @@ class RANet(nn.Module):
 
         weight = self.fc.weight  # (K, D): the rows RA weights by
         aux: list[Tensor] = []
+        real_logits: Tensor | None = None
         last = len(self.last_stage) - 1
         feat = z  # rebound below; the loop always runs at least once
-        for i, block in enumerate(self.last_stage):
-            z = block(z)
-            if self.post_in_ra_blocks:
-                z = self.post(z)  # released WRN/PreActResNet: BN-ReLU inside the block, fed forward
-                feat = self.pool(z)
-            else:
-                feat = self.readout(z)  # unweighted, (N, D)
+        for i in range(len(self.last_stage)):
+            z, feat = self._ra_block(i, z)
             p = self.fc(feat)  # auxiliary prediction P of this block
             aux.append(p)
             # Gate class: the label when given, else this block's own prediction. The argmax
             # has no gradient: an attack on P' alone learns nothing about the gate (masking).
-            rows = weight[labels if labels is not None else p.argmax(dim=1)]  # (N, D)
+            hard = weight[p.argmax(dim=1)]  # (N, D)
+            rows = weight[labels] if labels is not None else hard
             if labels is None and gate != "hard":
                 soft = F.softmax(p / (soft_gate or 1.0), dim=1) @ weight  # (N, D), differentiable in p
-                # straight-through: forward the hard rows, backward the soft ones; soft: both soft.
-                rows = rows + soft - soft.detach() if gate == "straight_through" else soft
+                # straight-through: forward the hard rows (exactly: soft - soft is 0), backward the
+                # soft ones; soft: both soft.
+                rows = rows + (soft - soft.detach()) if gate == "straight_through" else soft
+            if real and real_logits is None and (labels is not None or gate == "soft"):
+                with torch.no_grad():  # the real gate parts from this one here: finish its path alone
+                    real_logits = self._hard_path(i, z.detach(), feat.detach(), hard.detach())
             if i < last:
                 if self.ra_feed_weighted:
                     z = _scale_channels(z, rows)
             else:
                 feat = feat * rows
-        return ModelOutput(logits=self.fc(feat), aux_logits=tuple(aux), features=feat)
+        logits = self.fc(feat)
+        if real and real_logits is None:  # the argmax or straight-through gate: the same values
+            real_logits = logits.detach()
+        return ModelOutput(logits=logits, aux_logits=tuple(aux), features=feat, real_logits=real_logits)
+
+    def _ra_block(self, i: int, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Block ``i`` of the last stage with RA: its output (fed forward) and its unweighted feature."""
+        z = self.last_stage[i](z)
+        if self.post_in_ra_blocks:
+            z = self.post(z)  # released WRN/PreActResNet: BN-ReLU inside the block, fed forward
+            return z, self.pool(z)
+        return z, self.readout(z)  # unweighted, (N, D)
+
+    def _hard_path(self, i: int, z: Tensor, feat: Tensor, rows: Tensor) -> Tensor:
+        """P' of the argmax gate from block ``i``'s output ``z``, feature and argmax rows on."""
+        last = len(self.last_stage) - 1
+        while i < last:
+            if self.ra_feed_weighted:
+                z = _scale_channels(z, rows)
+            i += 1
+            z, feat = self._ra_block(i, z)
+            rows = self.fc.weight[self.fc(feat).argmax(dim=1)]
+        return self.fc(feat * rows)

@@ -5,6 +5,9 @@ fra31/auto-attack), its step-size schedule and restarts.
 A surrogate only guides the attack. What counts is the real model: a :class:`Tracker` watches
 every point the attack visits, scores it on the real prediction P', and keeps the first point
 that fools it for each example. So an adaptive attack is never weaker than its best iterate.
+The real P' of a visited point comes from the surrogate's own forward pass (``real=True``): the
+network runs once per step, and only the blocks after the first gate that differs from the argmax
+gate run again for it (none for the straight-through gate and the plain targets).
 """
 
 from __future__ import annotations
@@ -31,7 +34,12 @@ class Tracker:
     @torch.no_grad()
     def observe(self, x_rows: Tensor, rows: Tensor) -> None:
         """``x_rows`` (n, ...) are candidate AEs of the examples ``rows`` (n,)."""
-        pred = self.model(x_rows.detach()).logits.argmax(1)
+        self.record(x_rows, self.model(x_rows.detach()).logits, rows)
+
+    @torch.no_grad()
+    def record(self, x_rows: Tensor, real_logits: Tensor, rows: Tensor) -> None:
+        """As :meth:`observe`, given the real model's P' on ``x_rows`` (from a shared pass)."""
+        pred = real_logits.argmax(1)
         hit = (pred != self.y[rows]) & ~self.fooled[rows]
         if hit.any():
             self.best[rows[hit]] = x_rows[hit].detach()
@@ -58,16 +66,18 @@ def sum_ce(out: ModelOutput, y: Tensor) -> Tensor:
     return loss
 
 
-def surrogate_output(model: RANet, x: Tensor, target: str, labels: Tensor, temperature: float) -> ModelOutput:
-    """The forward pass an attack on ``target`` differentiates (see ``suite.TARGETS``)."""
+def surrogate_output(model: RANet, x: Tensor, target: str, labels: Tensor, temperature: float, *,
+                     real: bool = False) -> ModelOutput:
+    """The forward pass an attack on ``target`` differentiates (see ``suite.TARGETS``); ``real``:
+    with the real model's P' from the same pass (``ModelOutput.real_logits``)."""
     if target == "labelgate":
-        return model(x, labels)
+        return model(x, labels, real=real)
     if target == "stgate":
-        return model(x, soft_gate=temperature, gate="straight_through")
+        return model(x, soft_gate=temperature, gate="straight_through", real=real)
     if target == "softgate":
-        return model(x, soft_gate=temperature, gate="soft")
+        return model(x, soft_gate=temperature, gate="soft", real=real)
     if target in ("final", "aux", "sum"):
-        return model(x)
+        return model(x, real=real)
     raise ValueError(f"unknown attack target {target!r}")
 
 
@@ -92,8 +102,9 @@ class SurrogateModel(nn.Module):
         self.train(model.training)
 
     def forward(self, x: Tensor, gate_labels: Tensor | None = None) -> ModelOutput:
-        self.tracker.observe(x, self.rows)
-        return surrogate_output(self.model, x, self.target, self.labels, self.temperature)
+        out = surrogate_output(self.model, x, self.target, self.labels, self.temperature, real=True)
+        self.tracker.record(x, out.real_logits, self.rows)
+        return out
 
 
 class SurrogateLogits(nn.Module):
@@ -108,9 +119,10 @@ class SurrogateLogits(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         assert self.rows is not None and x.shape[0] == self.rows.shape[0]
-        self.tracker.observe(x, self.rows)
         labels = self.tracker.y[self.rows]
-        return surrogate_logits(surrogate_output(self.model, x, self.target, labels, self.temperature), self.target)
+        out = surrogate_output(self.model, x, self.target, labels, self.temperature, real=True)
+        self.tracker.record(x, out.real_logits, self.rows)
+        return surrogate_logits(out, self.target)
 
 
 def pgd_loss(target: str) -> Callable[[ModelOutput, Tensor], Tensor] | None:
@@ -176,9 +188,8 @@ def apgd(model: RANet, x: Tensor, y: Tensor, *, target: str, loss: str, eps: flo
             gen = torch.Generator().manual_seed((seed * 1_000_003 + r) % 2**63)
             t = (2 * torch.rand((full, *x.shape[1:]), generator=gen) - 1).to(x.device, x.dtype)[place[rows]]
             x_init = (x[rows] + eps * attack.normalize(t)).clamp(0.0, 1.0)  # AutoAttack's Linf start, per place
-            x_best, _, _, x_best_adv = attack.attack_single_run(x[rows], y[rows], x_init=x_init)
-            tracker.observe(x_best, rows)
-            tracker.observe(x_best_adv, rows)
+            # x_best and x_best_adv are points APGD visited through the wrapper: already observed
+            x_best, _, _, _ = attack.attack_single_run(x[rows], y[rows], x_init=x_init)
             last[rows] = x_best.detach()
     if flags is not None:
         flags += [str(w.message) for w in caught if "pyautoattack" in (w.filename or "")]

@@ -65,8 +65,9 @@ class MaskedModel(nn.Module):
             x = _NoiseGradient.apply(x)
         out = self.model(x, labels, **kw)
         if self.kind == "scale":
+            real = out.real_logits * self.scale if out.real_logits is not None else None
             return ModelOutput(logits=out.logits * self.scale, aux_logits=tuple(a * self.scale for a in out.aux_logits),
-                               features=out.features)
+                               features=out.features, real_logits=real)
         return out
 
 
