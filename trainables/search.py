@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -103,8 +104,10 @@ def optuna_sampler(study: Study, seed: int | None = None, concurrent: int = 1) -
 
     seed = study.seeds[0] if seed is None else seed
     if study.search.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=study.search.tpe_startup, multivariate=True,
-                                          group=True, constant_liar=concurrent > 1)
+        with warnings.catch_warnings():  # multivariate, group and constant_liar are "experimental": chosen here
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=study.search.tpe_startup,
+                                              multivariate=True, group=True, constant_liar=concurrent > 1)
     if study.search.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=nsga2_population(study.search.num_samples))
     return optuna.samplers.RandomSampler(seed=seed)
@@ -149,8 +152,10 @@ def finite_points(study: Study) -> list[dict[str, Any]] | None:
     return points
 
 
-def build_searcher(study: Study, *, concurrent: int = 1, study_dir: str | None = None) -> Any:
-    sampler = optuna_sampler(study, concurrent=concurrent)
+def build_searcher(study: Study, *, concurrent: int = 1, study_dir: str | None = None, seed: int | None = None) -> Any:
+    """The sweep's Tune searcher (seeded with the study's first seed unless ``seed`` is given)."""
+    seed = study.seeds[0] if seed is None else seed
+    sampler = optuna_sampler(study, seed, concurrent=concurrent)
     keys = [R.objective_key(m) for m in study.objective.metrics]
     metric: Any = keys if study.objective.multi else keys[0]
     mode: Any = list(study.objective.modes) if study.objective.multi else study.objective.mode
@@ -163,7 +168,7 @@ def build_searcher(study: Study, *, concurrent: int = 1, study_dir: str | None =
     return FinalObjectiveOptunaSearch(space=functools.partial(_define_by_run, study), metric=metric, mode=mode,
                                       sampler=sampler, points_to_evaluate=points, storage=storage,
                                       study_name=study.name if storage is not None else None,
-                                      intermediate=intermediate, finite=finite_points(study), seed=study.seeds[0])
+                                      intermediate=intermediate, finite=finite_points(study), seed=seed)
 
 
 def _define_by_run(study: Study, trial: Any) -> None:  # noqa: D401
