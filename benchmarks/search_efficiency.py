@@ -316,6 +316,8 @@ def main() -> None:
     else:
         grid = record_grid(a)
         grid_file.write_text(json.dumps(grid, indent=1))
+    # a recorded grid defines its space (an older grid.json replays with the values it was recorded at)
+    SPACE.update({k: sorted({t["params"][k] for t in grid["trials"].values()}) for k in SPACE})
 
     from trainables.search import build_scheduler
     from trainables.study import load_study
