@@ -153,6 +153,66 @@ def test_plan_sizes_a_study_from_its_own_records(tmp_path) -> None:
     assert bad.returncode == 2 and "--detect 3" in bad.stderr
 
 
+@pytest.mark.parametrize(("cpus_per_worker", "threads"), [(0.5, 1), (2.0, 2)])
+def test_the_plans_probe_runs_with_the_threads_a_trials_worker_gets(monkeypatch, cpus_per_worker, threads) -> None:
+    """Trials that share the cores each get their worker's threads; a probe with every core would
+    be as fast as one trial alone, and the plan divides by the trials at once: cores counted twice."""
+    import dataclasses
+    from pathlib import Path
+
+    import torch
+
+    from trainables import plan
+    from trainables.study import load_study
+
+    study = load_study(Path(__file__).parents[1] / "search_spaces" / "quickstart.yaml")
+    study = dataclasses.replace(study, resources=dataclasses.replace(study.resources, cpus_per_worker=cpus_per_worker))
+    seen: list[int] = []
+
+    def fake_probe(s, *, progress):
+        seen.append(torch.get_num_threads())
+        return {"source": "a probe", "epoch_s": 1.0, "eval_s_per_example": 0.1}
+
+    monkeypatch.setattr(plan, "_probe", fake_probe)
+    outside = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        cost = plan.probe(study, progress=False)
+        assert seen == [threads] and torch.get_num_threads() == 3  # measured with the worker's, then restored
+    finally:
+        torch.set_num_threads(outside)
+    assert f"{threads} thread(s) as each trial's worker gets" in cost["source"]
+
+
+def test_an_ablations_plan_adds_its_rows_own_costs(tmp_path, monkeypatch) -> None:
+    """An ablation runs each row once per seed: the plan adds the rows' probed costs (a sweep, whose
+    trials are not known beforehand, is charged its most expensive configuration)."""
+    from pathlib import Path
+
+    from trainables import plan
+    from trainables.study import load_study
+
+    study = load_study(Path(__file__).parents[1] / "search_spaces" / "table8_mnist.yaml")
+    rows = [{"epoch_s": 1000.0, "eval_s_per_example": 0.3}, {"epoch_s": 1000.0, "eval_s_per_example": 0.6},
+            {"epoch_s": 2000.0, "eval_s_per_example": 0.3}, {"epoch_s": 2000.0, "eval_s_per_example": 0.7}]
+    monkeypatch.setattr(plan, "probe", lambda s: {"source": "a probe", "epoch_s": 2000.0, "eval_s_per_example": 0.7,
+                                                  "rows": rows})
+    p = plan.make_plan(study, 0.03, storage=str(tmp_path), available=10_000)
+    three = {o["seeds"]: o for o in p["options"]}[3]
+    need, epochs = three["examples_per_seed"], study.train.optim.epochs
+    train = epochs * 6000.0
+    evaluation = need * 1.9
+    assert three["trials"] == 12
+    assert three["predicted_wall_s"] == pytest.approx(3 * (train + evaluation + 4 * plan.TRIAL_OVERHEAD_S) / p["slots"])
+    assert three["predicted_wall_s"] < 12 * (epochs * 2000.0 + need * 0.7) / p["slots"]  # not every row the dearest
+    assert "1000-2000 s per epoch, 0.30-0.70 s per evaluated example by row" in plan.format_plan(p)
+    written = p["now"]  # as written: 3 seeds x 2,000 examples
+    expected = 3 * (train + 2000 * 1.9 + 4 * plan.TRIAL_OVERHEAD_S) / p["slots"]
+    assert written["predicted_wall_s"] == pytest.approx(expected)
+    assert f"as written (3 seed(s) x 2000 examples): resolves {100 * written['mde']:.1f} points; 12 trials, about" \
+        in plan.format_plan(p)
+
+
 def test_report_json_keeps_every_outcome_packed(tmp_path) -> None:
     import json
 

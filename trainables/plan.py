@@ -64,7 +64,25 @@ def records(study: Study, storage: str) -> dict[str, Any] | None:
 
 def probe(study: Study, *, progress: bool = True) -> dict[str, Any]:
     """Measure, on this machine, a training epoch and the evaluation per example of each row's
-    configuration (the most expensive row is what a plan must budget for)."""
+    configuration (the most expensive row is what a plan must budget for), with the intra-op threads
+    a trial's worker gets (a probe with every core would be as fast as one trial alone, and the plan
+    then divides by the trials that run at once: it would count the cores twice)."""
+    import torch
+
+    from .worker import worker_threads
+
+    threads = worker_threads(study.resources.cpus_per_worker)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        cost = _probe(study, progress=progress)
+    finally:
+        torch.set_num_threads(before)
+    cost["source"] += f", {threads} thread(s) as each trial's worker gets"
+    return cost
+
+
+def _probe(study: Study, *, progress: bool) -> dict[str, Any]:
     import torch
 
     from ancra_tune.data import load_dataset
@@ -100,8 +118,10 @@ def probe(study: Study, *, progress: bool = True) -> dict[str, Any]:
             print(f"  probe {i + 1}/{len(rows)}: {point or 'base'}: epoch ~{epoch_s[-1]:.0f} s, "
                   f"evaluation {eval_s[-1]:.2f} s/example", file=sys.stderr, flush=True)
     return {"source": f"a probe on this machine ({PROBE_BATCHES} training batches and {PROBE_EXAMPLES} evaluated "
-                      "examples per configuration, the most expensive row taken)",
-            "epoch_s": max(epoch_s), "eval_s_per_example": max(eval_s)}
+                      "examples per configuration; an ablation adds its rows' own costs, a sweep is charged its most "
+                      "expensive row)",
+            "epoch_s": max(epoch_s), "eval_s_per_example": max(eval_s),
+            "rows": [{"epoch_s": e, "eval_s_per_example": v} for e, v in zip(epoch_s, eval_s, strict=True)]}
 
 
 def val_examples(study: Study) -> int | None:
@@ -141,22 +161,31 @@ def make_plan(study: Study, detect: float, *, storage: str, seeds: int | None = 
                                "examples_per_row": None if need is None else need * s,
                                "fits_validation_split": None if avail is None else need is not None and need <= avail}
         if need is not None and cost is not None:
-            trials = (len(_rows(study)) if study.kind == "ablation" else study.search.num_samples) * s
-            per_trial = study.train.optim.epochs * cost["epoch_s"] + need * cost["eval_s_per_example"] + \
-                TRIAL_OVERHEAD_S
-            opt["trials"] = trials
-            opt["predicted_wall_s"] = trials * per_trial / slots
-            opt["predicted_eval_share"] = need * cost["eval_s_per_example"] / per_trial
+            opt.update(_predicted(study, cost, s, need, slots))
         options.append(opt)
+    as_written = _predicted(study, cost, s_now, n_now, slots) if cost is not None and n_now else {}
     return {"study": study.name, "kind": study.kind, "detect": detect, "rows": rows,
             "now": {"seeds": s_now, "examples_per_seed": n_now,
-                    "mde": stats.mde(acc, n_now, s_now, seed_sd=sd) if n_now else None},
+                    "mde": stats.mde(acc, n_now, s_now, seed_sd=sd) if n_now else None, **as_written},
             "assumed": {"accuracy": acc, "seed_sd": sd,
                         "source": rec["source"] if rec else "no records of this study here: accuracy taken at 50% "
                         "(the largest binomial variance), the seeds' own spread at 0 (more seeds than planned may "
                         "be needed once it is measured)"},
             "cost": cost, "slots": slots, "validation_examples": avail, "options": options,
             "epochs": study.train.optim.epochs}
+
+
+def _predicted(study: Study, cost: dict[str, Any], seeds: int, examples: int, slots: int) -> dict[str, Any]:
+    """Trials, wall time and evaluation's share of it for ``seeds`` x ``examples``: one trial per row
+    and seed for an ablation (its rows probed one by one), else the sweep's trials, each charged the
+    most expensive configuration."""
+    per_row = cost.get("rows") if study.kind == "ablation" else None
+    per_row = per_row or [cost] * (len(_rows(study)) if study.kind == "ablation" else study.search.num_samples)
+    train = sum(study.train.optim.epochs * r["epoch_s"] for r in per_row)
+    evaluation = sum(examples * r["eval_s_per_example"] for r in per_row)
+    total = train + evaluation + len(per_row) * TRIAL_OVERHEAD_S
+    return {"trials": len(per_row) * seeds, "predicted_wall_s": seeds * total / slots,
+            "predicted_eval_share": evaluation / total}
 
 
 def _duration(s: float) -> str:
@@ -171,10 +200,17 @@ def format_plan(p: dict[str, Any]) -> str:
              f"{100 * p['assumed']['seed_sd']:.1f} points: {p['assumed']['source']}",
              f"  as written ({now['seeds']} seed(s) x {now['examples_per_seed'] or '?'} examples): resolves "
              + (f"{100 * now['mde']:.1f} points" if now["mde"] is not None else
-                "? (the dataset is not readable here)")]
+                "? (the dataset is not readable here)")
+             + (f"; {now['trials']} trials, about {_duration(now['predicted_wall_s'])} of wall time here"
+                if "predicted_wall_s" in now else "")]
     if p["cost"]:
-        lines.append(f"  cost: {p['cost']['epoch_s']:.1f} s per epoch, {p['cost']['eval_s_per_example']:.2f} s per "
-                     f"evaluated example, {p['slots']} trial(s) at once here; from {p['cost']['source']}")
+        rows = p["cost"].get("rows") if p["kind"] == "ablation" else None
+        c = p["cost"]
+        each = (f"{min(r['epoch_s'] for r in rows):.0f}-{max(r['epoch_s'] for r in rows):.0f} s per epoch, "
+                f"{min(r['eval_s_per_example'] for r in rows):.2f}-{max(r['eval_s_per_example'] for r in rows):.2f} s "
+                "per evaluated example by row" if rows else
+                f"{c['epoch_s']:.1f} s per epoch, {c['eval_s_per_example']:.2f} s per evaluated example")
+        lines.append(f"  cost: {each}, {p['slots']} trial(s) at once here; from {p['cost']['source']}")
     for o in p["options"]:
         if o["examples_per_seed"] is None:
             lines.append(f"  {o['seeds']} seeds: no number of examples resolves it (the seeds' own spread is too "

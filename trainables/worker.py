@@ -174,7 +174,7 @@ class TuneSession(Session):
         return ray.tune.get_checkpoint()  # set when Tune restarts the trial or the study resumes
 
 
-def _threads(cpus_per_worker: float) -> int:
+def worker_threads(cpus_per_worker: float) -> int:
     # One intra-op thread per CPU the worker was given: several workers share the cores.
     return max(1, int(math.floor(cpus_per_worker)))
 
@@ -219,7 +219,7 @@ def run_worker(plan: TrialPlan, session: Session) -> dict[str, Any]:
     """One worker's whole run (see :func:`train_loop_per_worker`), reporting through ``session``;
     returns the final row rank 0 reported (empty when none was)."""
     timing = {R.TIMING_PREFIX + "worker_start": time.time()}
-    torch.set_num_threads(_threads(plan.cpus_per_worker))
+    torch.set_num_threads(worker_threads(plan.cpus_per_worker))
     cfg = plan.train
     rank, world, device = session.rank, session.world, session.device
 
