@@ -64,7 +64,7 @@ def records(study: Study, storage: str) -> dict[str, Any] | None:
 
 def probe(study: Study, *, progress: bool = True) -> dict[str, Any]:
     """Measure, on this machine, a training epoch and the evaluation per example of each row's
-    configuration (the most expensive row is what a plan must budget for), with the intra-op threads
+    configuration (each row's, and the most expensive row's for a sweep), with the intra-op threads
     a trial's worker gets (a probe with every core would be as fast as one trial alone, and the plan
     then divides by the trials that run at once: it would count the cores twice)."""
     import torch
@@ -204,13 +204,13 @@ def format_plan(p: dict[str, Any]) -> str:
              + (f"; {now['trials']} trials, about {_duration(now['predicted_wall_s'])} of wall time here"
                 if "predicted_wall_s" in now else "")]
     if p["cost"]:
-        rows = p["cost"].get("rows") if p["kind"] == "ablation" else None
         c = p["cost"]
+        rows = c.get("rows") if p["kind"] == "ablation" else None
         each = (f"{min(r['epoch_s'] for r in rows):.0f}-{max(r['epoch_s'] for r in rows):.0f} s per epoch, "
                 f"{min(r['eval_s_per_example'] for r in rows):.2f}-{max(r['eval_s_per_example'] for r in rows):.2f} s "
                 "per evaluated example by row" if rows else
                 f"{c['epoch_s']:.1f} s per epoch, {c['eval_s_per_example']:.2f} s per evaluated example")
-        lines.append(f"  cost: {each}, {p['slots']} trial(s) at once here; from {p['cost']['source']}")
+        lines.append(f"  cost: {each}, {p['slots']} trial(s) at once here; from {c['source']}")
     for o in p["options"]:
         if o["examples_per_seed"] is None:
             lines.append(f"  {o['seeds']} seeds: no number of examples resolves it (the seeds' own spread is too "

@@ -49,7 +49,7 @@ def find_summary(study: str, storage: str | None = None) -> Path:
     p = Path(study)
     candidates = [p, p / "summary.json"]
     root = Path(storage_mod.root(storage))
-    if "://" not in str(root):
+    if not storage_mod.is_uri(str(root)):
         candidates.append(root / study / "summary.json")
     for c in candidates:
         if c.is_file() and c.name == "summary.json":

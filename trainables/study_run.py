@@ -200,7 +200,7 @@ def run_study(study: Study, *, address: str | None = None, storage: str | None =
     if not storage_mod.is_uri(storage):
         storage = str(Path(storage).resolve())
     space = check_storage(storage)  # before Ray starts: a bad folder fails in a second
-    if "://" not in storage:
+    if not storage_mod.is_uri(storage):
         storage = space["storage"]
     if space.get("warning"):
         log.warning(space["warning"])

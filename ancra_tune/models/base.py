@@ -162,7 +162,8 @@ class RANet(nn.Module):
             aux.append(p)
             # Gate class: the label when given, else this block's own prediction. The argmax
             # has no gradient: an attack on P' alone learns nothing about the gate (masking).
-            hard = weight[p.argmax(dim=1)]  # (N, D)
+            # the argmax gate's rows (N, D); a labelled training step needs them only for ``real``
+            hard = weight[p.argmax(dim=1)] if labels is None or real else None
             rows = weight[labels] if labels is not None else hard
             if labels is None and gate != "hard":
                 soft = F.softmax(p / (soft_gate or 1.0), dim=1) @ weight  # (N, D), differentiable in p
