@@ -247,10 +247,17 @@ class TrainConfig:
     channels_last: bool = False  # memory format for convolutions on CUDA
     out_dir: str = "runs/train"
     progress: bool = True
+    # A mid-epoch checkpoint at most this often (seconds, from the epoch's start or the last one): a
+    # run killed mid-epoch resumes at the step it reached, exactly as if never stopped. 0: only at
+    # epoch ends.
+    checkpoint_every_s: float = 600.0
 
     def __post_init__(self) -> None:
         _choice("config", "device", self.device, DEVICES)
         _choice("config", "precision", self.precision, PRECISIONS)
+        if not self.checkpoint_every_s >= 0:
+            raise ValueError(f"config.checkpoint_every_s must be >= 0 seconds (0: only at epoch ends), "
+                             f"got {self.checkpoint_every_s}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None = None) -> TrainConfig:

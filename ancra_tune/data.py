@@ -291,9 +291,12 @@ class BatchLoader:
         self.augment, self.drop_last, self.seed = augment, drop_last, seed
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         self.epoch = 0
+        self.start = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Iterate ``epoch``'s batches from batch ``start`` on (a run resumed mid-epoch): the same
+        order and augmentations as from its start, the first ``start`` batches skipped unread."""
+        self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
         n = len(self.data)
@@ -307,6 +310,8 @@ class BatchLoader:
             idx = order[k * self.batch_size:(k + 1) * self.batch_size]
             # Drawn for the global batch before sharding: the same for every world size.
             params = draw_augment(len(idx), gen) if self.augment else None
+            if k < self.start:  # drawn all the same: the batches after it get their own draws
+                continue
             shard = slice(self.rank, None, self.world_size)
             idx = idx[shard]
             x = self.data.images[idx].to(self.device, non_blocking=True).float().div_(255.0)

@@ -8,9 +8,11 @@ shards batches by rank; metrics and checkpoints leave through :class:`Callback`.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Sequence
@@ -23,7 +25,14 @@ import yaml
 from torch import Tensor, nn
 
 from . import metric_names as M
-from .checkpoint import CHECKPOINT_NAME, build_model, data_info_to_dict, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    FORMAT_VERSION,
+    build_model,
+    data_info_to_dict,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .config import TrainConfig
 from .data import ArrayData, BatchLoader, DataSplits, epoch_generator, load_dataset
 from .distributed import all_true, is_distributed
@@ -33,6 +42,7 @@ from .validation import clean_accuracy, pgd_correct
 log = logging.getLogger(__name__)
 
 METRICS_NAME = "metrics.jsonl"
+PARTIAL_NAME = "partial_epoch.pt"  # not checkpoint.pt: never taken for a finished epoch's checkpoint
 
 
 class DivergedError(RuntimeError):
@@ -53,6 +63,69 @@ class Callback:
 
     def on_train_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         """After the last epoch."""
+
+
+class PartialStore:
+    """Where a run keeps its mid-epoch checkpoint (one file, replaced atomically). :class:`PartialFile`
+    is a local file; a Ray trial keeps it in the study's storage (``trainables.worker``)."""
+
+    def write(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def read(self) -> bytes | None:
+        """The file's bytes, or None when there is none."""
+        raise NotImplementedError
+
+    def remove(self) -> None:
+        raise NotImplementedError
+
+    def save(self, state: dict[str, Any]) -> None:
+        buf = io.BytesIO()
+        torch.save({"format_version": FORMAT_VERSION, **state}, buf)
+        self.write(buf.getvalue())
+
+    def load(self, map_location: torch.device | str = "cpu") -> dict[str, Any] | None:
+        """The saved state (plain tensors and builtins only, never unpickled code), or None when there
+        is none or it cannot be read (a warning: the run then resumes at its last epoch's end)."""
+        data = self.read()
+        if data is None:
+            return None
+        try:
+            state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable file: fall back to the epoch's start
+            log.warning("mid-epoch checkpoint %s unreadable, ignored (%s)", self, str(e).splitlines()[0][:200])
+            return None
+        if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+            log.warning("mid-epoch checkpoint %s is not one this version writes, ignored", self)
+            return None
+        return state
+
+
+class PartialFile(PartialStore):
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def write(self, data: bytes) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, self.path)
+
+    def read(self) -> bytes | None:
+        return self.path.read_bytes() if self.path.is_file() else None
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _training_part(cfg: TrainConfig) -> dict[str, Any]:
+    """What decides the weights an epoch trains (a mid-epoch checkpoint resumes only under it)."""
+    d = cfg.to_dict()
+    return {"method": resolved_method(cfg.method), **{k: d[k] for k in ("data", "model", "attack", "optim",
+                                                                          "seed", "precision")}}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -86,7 +159,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, *, splits: DataSplits | None = None,
                  callbacks: Sequence[Callback] = (), device: torch.device | str | None = None,
                  rank: int = 0, world_size: int = 1, out_dir: str | Path | None = None,
-                 wrap_model: Any = None) -> None:
+                 wrap_model: Any = None, partial: PartialStore | None = None) -> None:
         self.cfg = cfg
         self.device = torch.device(device) if device is not None else resolve_device(cfg.device)
         self.rank, self.world_size = rank, world_size
@@ -104,6 +177,9 @@ class Trainer:
                                          weight_decay=o.weight_decay)
         self.start_epoch = 0
         self.history: list[dict[str, float]] = []
+        # The mid-epoch checkpoint (config.checkpoint_every_s): rank 0 writes it, every rank reads it.
+        self.partial = partial if partial is not None else PartialFile(self.out_dir / PARTIAL_NAME)
+        self._partial_state: dict[str, Any] | None = None  # what resume_partial loaded, for start_epoch
 
     # ----------------------------------------------------------------- state
 
@@ -132,6 +208,50 @@ class Trainer:
         log.info("resumed from %s at epoch %d", p, self.start_epoch)
         return True
 
+    def resume_partial(self) -> bool:
+        """Continue ``start_epoch`` from its mid-epoch checkpoint, if one of this run is there (after
+        :meth:`resume`, or at a run's start): True if loaded. Training then goes on exactly as if
+        never stopped (the model, optimizer, random streams and the epoch's sums are restored and
+        the data order skips the batches done). One of another epoch, world size or configuration
+        is ignored with a warning."""
+        state = self.partial.load(self.device)
+        if state is None:
+            return False
+        why = None
+        if int(state.get("epoch", -1)) != self.start_epoch:
+            why = f"it is of epoch {int(state.get('epoch', -1)) + 1}, the run resumes at epoch {self.start_epoch + 1}"
+        elif int(state.get("world_size", 0)) != self.world_size:
+            why = f"it was written by {state.get('world_size')} worker(s), this run has {self.world_size}"
+        elif _training_part(TrainConfig.from_dict(state["config"])) != _training_part(self.cfg):
+            why = "it was written by a different configuration"
+        if why is not None:
+            log.warning("mid-epoch checkpoint %s ignored: %s", self.partial, why)
+            return False
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.history = list(state.get("history", []))
+        self._partial_state = state
+        log.info("resumed epoch %d at step %d from %s", self.start_epoch + 1, int(state["step"]), self.partial)
+        return True
+
+    def _save_partial(self, epoch: int, step: int, gen: torch.Generator, sums: dict[str, Tensor],
+                      steps: int, images: int, elapsed: float) -> None:
+        """Every rank takes part (its random streams and sums are gathered); rank 0 writes."""
+        mine: dict[str, Any] = {"gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                                "sums": {k: v.detach().cpu() for k, v in sums.items()}}
+        if self.device.type == "cuda":
+            mine["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        ranks: list[Any] = [mine]
+        if is_distributed():
+            ranks = [None] * self.world_size
+            torch.distributed.all_gather_object(ranks, mine)
+        if self.rank != 0:
+            return
+        self.partial.save({"epoch": epoch, "step": step, "world_size": self.world_size,
+                           "config": self.cfg.to_dict(), "model": self.model.state_dict(),
+                           "optimizer": self.optimizer.state_dict(), "history": self.history,
+                           "ranks": ranks, "steps": steps, "images": images, "elapsed": elapsed})
+
     # ----------------------------------------------------------------- loop
 
     def _loader(self) -> BatchLoader:
@@ -139,19 +259,32 @@ class Trainer:
                            augment=self.splits.augment, drop_last=True, seed=self.cfg.seed,
                            rank=self.rank, world_size=self.world_size, device=self.device)
 
-    def train_epoch(self, epoch: int, loader: BatchLoader | None = None) -> dict[str, float]:
+    def train_epoch(self, epoch: int, loader: BatchLoader | None = None,
+                    resume: dict[str, Any] | None = None) -> dict[str, float]:
+        """One epoch; from a mid-epoch checkpoint's state (``resume``, see :meth:`resume_partial`)
+        it goes on at the step that state reached."""
         loader = loader or self._loader()
-        loader.set_epoch(epoch)
         lr = lr_at(self.cfg, epoch)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         gen = epoch_generator(self.cfg.seed, epoch, stream=2)  # negatives and attack starts
         sums: dict[str, Tensor] = {}
-        steps, images = 0, 0
-        t0 = time.perf_counter()
-        bar = self._progress(loader, epoch)
+        steps, images, start, before = 0, 0, 0, 0.0
+        if resume is not None:
+            mine = resume["ranks"][self.rank]
+            gen.set_state(mine["gen"])
+            torch.set_rng_state(mine["torch_rng"])
+            if "cuda_rng" in mine and self.device.type == "cuda":
+                torch.cuda.set_rng_state(mine["cuda_rng"], self.device)
+            sums = {k: v.to(self.device) for k, v in mine["sums"].items()}
+            start, steps, images = int(resume["step"]), int(resume["steps"]), int(resume["images"])
+            before = float(resume["elapsed"])
+        loader.set_epoch(epoch, start)
+        every = self.cfg.checkpoint_every_s
+        t0 = last_saved = time.perf_counter()
+        bar = self._progress(loader, epoch, start)
         to_nhwc = self.cfg.channels_last and self.device.type == "cuda"
-        for step, (x, y) in enumerate(bar):
+        for step, (x, y) in enumerate(bar, start=start):
             if to_nhwc:  # inputs in the weights' memory format: no layout conversion per convolution
                 x = x.contiguous(memory_format=torch.channels_last)
             loss, parts = ancra_step(self.train_model, x, y, cfg=self.cfg, epoch=epoch, generator=gen)
@@ -169,7 +302,16 @@ class Trainer:
                     raise DivergedError(epoch, step, value)
                 if hasattr(bar, "set_postfix"):
                     bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.2g}")
-        elapsed = time.perf_counter() - t0
+                # A mid-epoch checkpoint when due (rank 0's clock decides for every worker), unless
+                # the epoch's own checkpoint comes next.
+                due = every > 0 and time.perf_counter() - last_saved >= every and step + 1 < len(loader)
+                if is_distributed():
+                    due = not all_true(not due, self.device)
+                if due:
+                    self._save_partial(epoch, step + 1, gen, sums, steps, images,
+                                       before + time.perf_counter() - t0)
+                    last_saved = time.perf_counter()
+        elapsed = before + time.perf_counter() - t0
         if is_distributed() and sums:  # report the global batch's numbers, not one shard's
             keys = sorted(sums)
             stacked = torch.stack([sums[k].float() for k in keys])
@@ -216,13 +358,16 @@ class Trainer:
         """Train from ``start_epoch`` (after ``resume``) to ``optim.epochs``; return the last metrics."""
         if resume:
             self.resume()
+            self.resume_partial()
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
         loader = self._loader()
         metrics: dict[str, float] = self.history[-1] if self.history else {}
+        partial, self._partial_state = self._partial_state, None
         for epoch in range(self.start_epoch, self.cfg.optim.epochs):
-            metrics = {"epoch": float(epoch), **self.train_epoch(epoch, loader)}
+            metrics = {"epoch": float(epoch), **self.train_epoch(epoch, loader, partial)}
+            partial = None
             path = None
             if self.rank == 0:
                 t_val = time.perf_counter()
@@ -235,18 +380,21 @@ class Trainer:
                 self._log_epoch(epoch, metrics)
             for cb in self.callbacks:
                 cb.on_epoch_end(self, epoch, metrics, path)
+            if self.rank == 0:  # the epoch's checkpoint is out (reported): its mid-epoch one is stale
+                self.partial.remove()
         for cb in self.callbacks:
             cb.on_train_end(self, metrics)
         return metrics
 
     # ----------------------------------------------------------------- display
 
-    def _progress(self, loader: BatchLoader, epoch: int) -> Any:
+    def _progress(self, loader: BatchLoader, epoch: int, start: int = 0) -> Any:
         if not self.cfg.progress or self.rank != 0:
             return loader
         from tqdm.auto import tqdm
 
-        return tqdm(loader, desc=f"epoch {epoch + 1}/{self.cfg.optim.epochs}", leave=False, dynamic_ncols=True)
+        return tqdm(loader, desc=f"epoch {epoch + 1}/{self.cfg.optim.epochs}", leave=False, dynamic_ncols=True,
+                    initial=start, total=len(loader))
 
     def _log_epoch(self, epoch: int, m: dict[str, float]) -> None:
         p = self.eval_split()[0]

@@ -42,3 +42,46 @@ def trained_digits_model(ra: bool = False, adversarial: bool = True) -> RANet:
             loss.backward()
             opt.step()
     return model.eval()
+
+
+def ddp_mid_epoch_run(rank: int, world: int, init_file: str, cfg_dict: dict, out: str, kill_at_save: int) -> None:
+    """One rank of a two-process gloo DDP run of the Trainer (torch.multiprocessing.spawn's target):
+    ``kill_at_save`` > 0 stops every rank right after that mid-epoch checkpoint (a collective, so all
+    at once), 0 resumes from the files there; rank 0's final weights go to ``out``/final.pt."""
+    import torch.distributed as dist
+
+    from ancra_tune.config import TrainConfig
+    from ancra_tune.distributed import ddp_wrap
+    from ancra_tune.trainer import Trainer
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        cfg = TrainConfig.from_dict(cfg_dict)
+        trainer = Trainer(cfg, device="cpu", rank=rank, world_size=world,
+                          wrap_model=lambda m: ddp_wrap(m, torch.device("cpu")))
+        if kill_at_save:
+            save, calls = trainer._save_partial, []
+
+            def killing(*args, **kwargs):
+                save(*args, **kwargs)
+                calls.append(1)
+                if len(calls) == kill_at_save:
+                    raise KeyboardInterrupt
+
+            trainer._save_partial = killing
+            try:
+                trainer.fit()
+            except KeyboardInterrupt:
+                return
+            raise AssertionError("the run was not stopped")
+        trainer.resume()
+        found = trainer.resume_partial()
+        resumed_at = (trainer.start_epoch, trainer._partial_state["step"] if found else 0)
+        trainer.fit()
+        if rank == 0:
+            torch.save({"model": trainer.model.state_dict(), "history": trainer.history,
+                        "resumed_at": list(resumed_at)}, f"{out}/final.pt")
+    finally:
+        dist.barrier()  # both ranks leave together (gloo aborts a process whose peer left first)
+        dist.destroy_process_group()

@@ -107,6 +107,24 @@ def test_loader_shards_union_equals_single_process() -> None:
     assert x.min() >= 0 and x.max() <= 1
 
 
+def test_a_loader_started_mid_epoch_gives_the_rest_of_that_epoch() -> None:
+    """Resuming at batch k (a mid-epoch checkpoint): the epoch's batches k, k+1, ... with their own
+    crops and flips, as from the epoch's start; each rank's shard alike."""
+    data = ArrayData(torch.randint(0, 255, (64, 3, 8, 8), dtype=torch.uint8), torch.arange(64))
+    for rank, world in ((0, 1), (1, 2)):
+        loader = BatchLoader(data, batch_size=8, shuffle=True, augment=True, drop_last=True, seed=3, rank=rank,
+                             world_size=world)
+        loader.set_epoch(2)
+        whole = list(loader)
+        loader.set_epoch(2, start=5)
+        rest = list(loader)
+        assert len(rest) == len(whole) - 5
+        for (x, y), (x0, y0) in zip(rest, whole[5:], strict=True):
+            assert torch.equal(x, x0) and torch.equal(y, y0)
+        loader.set_epoch(2)  # the next epoch starts at its beginning again
+        assert len(list(loader)) == len(whole)
+
+
 def test_tinyimagenet_folder(tmp_path: Path) -> None:
     from PIL import Image
 

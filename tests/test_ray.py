@@ -736,6 +736,59 @@ def test_crashed_in_process_trial_restarts_from_its_checkpoint(ray_local, tmp_pa
     _assert_same_weights(result.checkpoint, reference)
 
 
+def _crash_mid_epoch_loop(config: dict) -> None:
+    """The real worker loop in a Tune trial, with its mid-epoch checkpoint in the trial's storage and
+    one injected crash right after the second epoch's first mid-epoch checkpoint; what each start's
+    ``resume_partial`` found is written beside the marker."""
+    import dataclasses
+    import io
+
+    from trainables import worker
+
+    marker = Path(config["marker"])
+    write, resume = worker.StoragePartial.write, worker.Trainer.resume_partial
+
+    def crashing(self, data):
+        write(self, data)
+        if torch.load(io.BytesIO(data), weights_only=True)["epoch"] == 1 and not marker.exists():
+            marker.touch()
+            raise RuntimeError("injected crash mid-epoch")
+
+    def recording(self):
+        found = resume(self)
+        with Path(config["marker"] + ".resumed").open("a") as f:
+            f.write(f"{self.start_epoch} {self._partial_state['step'] if found else -1}\n")
+        return found
+
+    worker.StoragePartial.write, worker.Trainer.resume_partial = crashing, recording
+    plan = dataclasses.replace(config[worker.TrialPlan.KEY], partial=worker.trial_partial())
+    worker.run_worker(plan, worker.TuneSession(use_gpu=False))
+
+
+def test_a_trial_crashed_mid_epoch_restarts_at_its_step(ray_local, tmp_path: Path) -> None:
+    """A trial's mid-epoch checkpoint lives in its folder of the study's storage: Tune restarts the
+    crashed trial from its last epoch's checkpoint and the worker goes on from the step the mid-epoch
+    one reached, ending with an uninterrupted run's weights; none is left behind."""
+    from ray import tune
+
+    from trainables.worker import TrialPlan
+
+    _crash_mid_epoch_loop.__module__ = "__main__"
+    cfg, reference = _two_epoch_reference(tmp_path)
+    cfg = cfg.replace(checkpoint_every_s=1e-9)  # due at once: after the first step of every epoch
+    config = TrialPlan(train=cfg, cpus_per_worker=1.0).loop_config(marker=str(tmp_path / "crashed"))
+    tuner = tune.Tuner(tune.with_resources(lambda c: _crash_mid_epoch_loop(config), {"CPU": 1}),
+                       run_config=tune.RunConfig(name="crash", storage_path=str(tmp_path / "ray"), verbose=0,
+                                                 failure_config=tune.FailureConfig(max_failures=1)))
+    result = tuner.fit()[0]
+    assert result.error is None and (tmp_path / "crashed").exists()  # it crashed, and recovered
+    assert result.metrics["epoch"] == 2
+    # First start: nothing to resume; the restart: epoch 2 (index 1) from its step 1.
+    assert (tmp_path / "crashed.resumed").read_text().split("\n")[:2] == ["0 -1", "1 1"]
+    _assert_same_weights(result.checkpoint, reference)
+    assert not list((tmp_path / "ray").rglob("partial_epoch.pt*"))
+
+
 def _trained_epochs(tmp_path: Path) -> list[int]:
     return [int(e) for e in (tmp_path / "crashed.epochs").read_text().split()]
 

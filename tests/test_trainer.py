@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from ancra_tune.checkpoint import load_model
 from ancra_tune.config import TrainConfig
 from ancra_tune.data import load_dataset
-from ancra_tune.trainer import Callback, DivergedError, Trainer, lr_at
+from ancra_tune.trainer import PARTIAL_NAME, Callback, DivergedError, PartialFile, Trainer, lr_at
 from trainables.cli import main
 
 DIGITS = {"data.dataset": "digits", "data.batch_size": 64, "data.val_size": 0.15, "model.name": "small_cnn",
@@ -206,6 +206,115 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path: Path) -
     # The checkpoint holds tensors and builtins only: it loads with weights_only=True.
     state = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 2
+
+
+class _KilledAfter(PartialFile):
+    """A mid-epoch checkpoint file whose run is killed right after its ``n``-th write."""
+
+    def __init__(self, path: Path, n: int) -> None:
+        super().__init__(path)
+        self.n, self.writes = n, 0
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self.writes += 1
+        if self.writes == self.n:
+            raise KeyboardInterrupt
+
+
+def _same_weights(a: Trainer, b: Trainer) -> None:
+    for (k, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
+        assert torch.equal(x, y), k  # bit for bit
+    for (k, x), y in zip(a.optimizer.state_dict()["state"].items(), b.optimizer.state_dict()["state"].values(),
+                         strict=True):
+        assert torch.equal(x["momentum_buffer"], y["momentum_buffer"]), k
+
+
+def _training_numbers(history: list[dict]) -> list[dict]:
+    timed = ("epoch_time_s", "train_images_per_s", "val_time_s")
+    return [{k: v for k, v in h.items() if k not in timed} for h in history]
+
+
+@pytest.mark.parametrize("kill_at", [2, 4])  # mid-epoch 1; mid-epoch 2 (after epoch 1's checkpoint)
+def test_a_run_killed_mid_epoch_resumes_at_its_step_exactly(tmp_path: Path, kill_at: int) -> None:
+    """With RA, ANC's soft negatives and random attack starts: killed right after a mid-epoch
+    checkpoint, a new trainer goes on from that step, and ends with the weights, momentum and
+    per-epoch numbers of a run never stopped, bit for bit."""
+    kw = {"optim.epochs": 2, "model.ra": True, "checkpoint_every_s": 1e-9}  # due at every 10th step
+    splits = load_dataset(_cfg(tmp_path).data)
+    straight = Trainer(_cfg(tmp_path / "a", **kw), splits=splits)
+    straight.fit()
+    assert not (tmp_path / "a" / PARTIAL_NAME).exists()  # removed once its epoch's checkpoint is out
+
+    steps = len(straight._loader())
+    assert steps > 11  # two mid-epoch checkpoints an epoch (after steps 1 and 11)
+    first = Trainer(_cfg(tmp_path / "b", **kw), splits=splits,
+                    partial=_KilledAfter(tmp_path / "b" / PARTIAL_NAME, kill_at))
+    with pytest.raises(KeyboardInterrupt):
+        first.fit()
+    state = torch.load(tmp_path / "b" / PARTIAL_NAME, weights_only=True)
+    assert (state["epoch"], state["step"]) == ((0, 11) if kill_at == 2 else (1, 11))
+    resumed = Trainer(_cfg(tmp_path / "b", **kw), splits=splits)
+    resumed.fit(resume=True)
+    _same_weights(straight, resumed)
+    assert _training_numbers(resumed.history) == _training_numbers(straight.history)
+    assert not (tmp_path / "b" / PARTIAL_NAME).exists()
+
+
+def test_two_ddp_workers_killed_mid_epoch_resume_at_their_step_exactly(tmp_path: Path) -> None:
+    """Two gloo workers, each with its own random stream and half of every batch: a mid-epoch
+    checkpoint keeps every rank's stream and sums; resumed, the run ends with the weights and
+    numbers of the same two workers never stopped."""
+    import torch.multiprocessing as mp
+    from helpers import ddp_mid_epoch_run
+
+    kw = {**DIGITS, "optim.epochs": 2, "model.ra": True, "checkpoint_every_s": 1e-9}
+    finals = {}
+    for name, kills in (("straight", [0]), ("killed", [3, 0])):  # killed in epoch 2, after its step 1
+        out = tmp_path / name
+        out.mkdir()
+        for i, kill in enumerate(kills):
+            mp.spawn(ddp_mid_epoch_run, nprocs=2, join=True,
+                     args=(2, str(tmp_path / f"{name}-{i}.init"), {**kw, "out_dir": str(out)}, str(out), kill))
+        finals[name] = torch.load(out / "final.pt", weights_only=True)
+    straight, resumed = finals["straight"], finals["killed"]
+    assert straight["resumed_at"] == [0, 0] and resumed["resumed_at"] == [1, 1]  # epoch 2, its step 1
+    for k, v in straight["model"].items():
+        assert torch.equal(v, resumed["model"][k]), k
+    assert _training_numbers(resumed["history"]) == _training_numbers(straight["history"])
+
+
+def test_a_mid_epoch_checkpoint_of_another_epoch_or_configuration_is_ignored(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    kw = {"optim.epochs": 2, "checkpoint_every_s": 1e-9}
+    splits = load_dataset(_cfg(tmp_path).data)
+    first = Trainer(_cfg(tmp_path, **kw), splits=splits, partial=_KilledAfter(tmp_path / PARTIAL_NAME, 2))
+    with pytest.raises(KeyboardInterrupt):
+        first.fit()  # killed in epoch 1, at step 11: no epoch checkpoint yet
+    other = Trainer(_cfg(tmp_path, **kw, **{"method.alpha": 0.5}), splits=splits)
+    with caplog.at_level("WARNING"):
+        assert not other.resume_partial()
+    assert "different configuration" in caplog.text
+    later = Trainer(_cfg(tmp_path, **kw), splits=splits)
+    later.start_epoch = 1  # as if epoch 1's checkpoint had been loaded: the file is of epoch 1, stale
+    with caplog.at_level("WARNING"):
+        assert not later.resume_partial()
+    assert "it is of epoch 1, the run resumes at epoch 2" in caplog.text
+    same = Trainer(_cfg(tmp_path, **kw), splits=splits)
+    assert same.resume_partial() and same._partial_state is not None and same._partial_state["step"] == 11
+    (tmp_path / PARTIAL_NAME).write_bytes(b"torn")  # unreadable: the run starts its epoch over
+    assert not Trainer(_cfg(tmp_path, **kw), splits=splits).resume_partial()
+
+
+def test_no_mid_epoch_checkpoint_when_switched_off_or_not_yet_due(tmp_path: Path) -> None:
+    splits = load_dataset(_cfg(tmp_path).data)
+    for every in (0, 3600):
+        store = _KilledAfter(tmp_path / str(every) / PARTIAL_NAME, 1)
+        Trainer(_cfg(tmp_path / str(every), **{"optim.epochs": 1, "checkpoint_every_s": every}), splits=splits,
+                partial=store).fit()
+        assert store.writes == 0
+    with pytest.raises(ValueError, match="checkpoint_every_s must be >= 0"):
+        _cfg(tmp_path, checkpoint_every_s=-1)
 
 
 def test_resume_refuses_a_different_configuration(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ import torch
 from ancra_tune.config import TrainConfig
 from ancra_tune.distributed import all_true, ddp_wrap
 from ancra_tune.robustness import SuiteConfig
-from ancra_tune.trainer import CHECKPOINT_NAME, Callback, DivergedError, Trainer
+from ancra_tune.trainer import CHECKPOINT_NAME, PARTIAL_NAME, Callback, DivergedError, PartialStore, Trainer
 
 from . import trial_rows as R
 from .scratch_dirs import claim_run_dir, sweep_run_dirs
@@ -174,6 +174,48 @@ class TuneSession(Session):
         return ray.tune.get_checkpoint()  # set when Tune restarts the trial or the study resumes
 
 
+class StoragePartial(PartialStore):
+    """A trial's mid-epoch checkpoint in its folder of the study's storage (a local or shared path,
+    or a bucket: a pyarrow filesystem), where every worker of the trial and a restarted trial find
+    it; replaced atomically (written beside, then moved)."""
+
+    def __init__(self, fs: Any, path: str) -> None:
+        self.fs, self.path = fs, path
+
+    def __str__(self) -> str:
+        return self.path
+
+    def write(self, data: bytes) -> None:
+        tmp = self.path + ".tmp"
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(data)
+        self.fs.move(tmp, self.path)
+
+    def _exists(self) -> bool:
+        import pyarrow.fs
+
+        return self.fs.get_file_info(self.path).type != pyarrow.fs.FileType.NotFound
+
+    def read(self) -> bytes | None:
+        if not self._exists():
+            return None
+        with self.fs.open_input_stream(self.path) as f:
+            return f.read()
+
+    def remove(self) -> None:
+        if self._exists():
+            self.fs.delete_file(self.path)
+
+
+def trial_partial() -> tuple[Any, str]:
+    """(filesystem, path) of the running Tune trial's mid-epoch checkpoint: in its folder of the
+    study's storage, not its working directory (an actor Tune reuses keeps another trial's)."""
+    import ray.tune
+
+    st = ray.tune.get_context().get_storage()
+    return st.storage_filesystem, f"{st.trial_fs_path}/{PARTIAL_NAME}"
+
+
 def worker_threads(cpus_per_worker: float) -> int:
     # One intra-op thread per CPU the worker was given: several workers share the cores.
     return max(1, int(math.floor(cpus_per_worker)))
@@ -201,6 +243,7 @@ class TrialPlan:
     mlflow: TrialSpec | None = None  # the trial's MLflow run, found or created by rank 0
     trial_node: str | None = None  # the Ray node of the Tune trial's process (a tag of its run)
     decisions: DecisionBoard | None = None
+    partial: tuple[Any, str] | None = None  # (pyarrow filesystem, path) of the mid-epoch checkpoint
 
     KEY = "plan"
 
@@ -251,7 +294,7 @@ def run_worker(plan: TrialPlan, session: Session) -> dict[str, Any]:
     callbacks = ([MlflowEpochs(recorder)] if recorder is not None and rank == 0 else []) + \
         [RayReport(session, recorder)]
     trainer = Trainer(cfg, device=device, rank=rank, world_size=world, out_dir=out_dir, wrap_model=wrap,
-                      callbacks=callbacks)
+                      callbacks=callbacks, partial=StoragePartial(*plan.partial) if plan.partial else None)
     timing[R.TIMING_PREFIX + "setup_s"] = time.time() - timing[R.TIMING_PREFIX + "worker_start"]
     try:
         checkpoint = session.checkpoint()
@@ -271,6 +314,8 @@ def run_worker(plan: TrialPlan, session: Session) -> dict[str, Any]:
                 # The last epoch's state is the run's checkpoint until another epoch ends (also when
                 # none is left: the run stopped between its last epoch and its evaluation).
                 shutil.copy2(Path(d) / CHECKPOINT_NAME, out_dir / CHECKPOINT_NAME)
+        if plan.partial is not None:  # killed mid-epoch: go on from the step it reached
+            trainer.resume_partial()
         try:
             t = time.time()
             trainer.fit()
