@@ -20,6 +20,7 @@ LR = "lr"
 EPOCH_TIME_S = "epoch_time_s"
 TRAIN_IMAGES_PER_S = "train_images_per_s"
 VAL_TIME_S = "val_time_s"
+RESUMED_AT_STEP = "resumed_at_step"  # only in an epoch resumed from a mid-epoch checkpoint: its first step
 
 TRAINING = (LOSS, *LOSS_PARTS, TRAIN_NAT_ACC, TRAIN_ADV_ACC, TRAIN_ADV_ACC_LABEL_GATE, TRAIN_NEG_ACC,
             NEG_FALLBACK_RATE, LR, EPOCH_TIME_S, TRAIN_IMAGES_PER_S, VAL_TIME_S)

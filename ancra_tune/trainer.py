@@ -321,6 +321,8 @@ class Trainer:
         if not all_true(math.isfinite(means.get("loss", 0.0)), self.device):
             raise DivergedError(epoch, steps - 1, means.get("loss", float("nan")))
         means.update({M.LR: lr, M.EPOCH_TIME_S: elapsed, M.TRAIN_IMAGES_PER_S: images * self.world_size / elapsed})
+        if start:
+            means[M.RESUMED_AT_STEP] = float(start)
         return means
 
     def eval_split(self) -> tuple[str, ArrayData]:

@@ -193,3 +193,65 @@ def test_a_study_whose_every_trial_fails_exits_1(tmp_path: Path) -> None:
     mc = client(uri)
     parent = mc.get_run(summary["mlflow"]["study_run_id"])
     assert parent.info.status == "FAILED" and parent.data.tags["ancra.status"] == "failed"
+
+
+# One trial of one long epoch, a mid-epoch checkpoint every second: Ctrl+C lands mid-epoch.
+MID_EPOCH = """
+name: {name}
+kind: ablation
+base: quickstart
+train: {{optim.epochs: 1, data.batch_size: 16, data.train_limit: 1280, attack.steps: 2, eval.pgd_steps: 0,
+        model.ra: false, checkpoint_every_s: {every}}}
+resources: {{workers: 1, cpus_per_worker: 0.5, trial_cpus: 0.5}}
+eval: {{preset: quick, n_examples: 32, autoattack: null, square_queries: 10, apgd_iters: 2}}
+ablation: {{grid: {{method.anc: [true]}}}}
+"""
+
+
+def _weights(study_dir: Path) -> dict:
+    from ancra_tune.checkpoint import find_checkpoint, load_checkpoint
+
+    (trial_dir,) = study_dir.glob("run_trial_*")
+    return load_checkpoint(find_checkpoint(trial_dir))["model"]  # the finished run's
+
+
+@pytest.mark.slow
+def test_ctrl_c_mid_epoch_then_resume_goes_on_from_that_step(tmp_path: Path) -> None:
+    """A study stopped mid-epoch loses at most ``checkpoint_every_s`` of training: --resume takes the
+    trial's epoch up at the step its mid-epoch checkpoint reached (the epoch says so), and the trained
+    model is the one of the same study never stopped, bit for bit."""
+    import torch
+
+    cmds = {}
+    for name, every in (("straight", 0), ("stopped", 1)):
+        f = tmp_path / f"{name}.yaml"
+        f.write_text(MID_EPOCH.format(name=name, every=every))
+        cmds[name] = [sys.executable, "-m", "trainables.cli", "ablate", str(f), "--storage", str(tmp_path / "studies"),
+                      "--num-cpus", "1", "--no-mlflow"]
+    study_dir = tmp_path / "studies" / "stopped"
+    proc = subprocess.Popen(cmds["stopped"], cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, preexec_fn=_default_sigint)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(study_dir.glob("run_trial_*/partial_epoch.pt")):
+        time.sleep(0.2)
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+    time.sleep(1.5)  # one more mid-epoch checkpoint, then Ctrl+C
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 130, out[-3000:]
+    (partial,) = study_dir.glob("run_trial_*/partial_epoch.pt")
+    saved = torch.load(partial, weights_only=True)
+    assert saved["epoch"] == 0 and 0 < saved["step"] < 80, saved["step"]
+    again = subprocess.run(cmds["stopped"] + ["--resume"], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    rows = [json.loads(line) for td in study_dir.glob("run_trial_*")
+            for line in (td / "result.json").read_text().splitlines() if line.strip()]
+    epochs = [r for r in rows if "epoch_time_s" in r]
+    assert [r.get("resumed_at_step") for r in epochs] == [saved["step"]], epochs  # one epoch, taken up there
+    assert not list(study_dir.glob("run_trial_*/partial_epoch.pt*"))
+    straight = subprocess.run(cmds["straight"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
+    reference = _weights(tmp_path / "studies" / "straight")
+    for k, v in _weights(study_dir).items():
+        assert torch.equal(v, reference[k]), k

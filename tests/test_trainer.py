@@ -231,7 +231,7 @@ def _same_weights(a: Trainer, b: Trainer) -> None:
 
 
 def _training_numbers(history: list[dict]) -> list[dict]:
-    timed = ("epoch_time_s", "train_images_per_s", "val_time_s")
+    timed = ("epoch_time_s", "train_images_per_s", "val_time_s", "resumed_at_step")
     return [{k: v for k, v in h.items() if k not in timed} for h in history]
 
 
@@ -258,6 +258,9 @@ def test_a_run_killed_mid_epoch_resumes_at_its_step_exactly(tmp_path: Path, kill
     resumed.fit(resume=True)
     _same_weights(straight, resumed)
     assert _training_numbers(resumed.history) == _training_numbers(straight.history)
+    # The resumed epoch says where it was taken up; the others, and the straight run's, do not.
+    assert [h.get("resumed_at_step") for h in resumed.history] == ([11.0, None] if kill_at == 2 else [None, 11.0])
+    assert all("resumed_at_step" not in h for h in straight.history)
     assert not (tmp_path / "b" / PARTIAL_NAME).exists()
 
 
