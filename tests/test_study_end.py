@@ -249,6 +249,8 @@ def test_ctrl_c_mid_epoch_then_resume_goes_on_from_that_step(tmp_path: Path) -> 
             for line in (td / "result.json").read_text().splitlines() if line.strip()]
     epochs = [r for r in rows if "epoch_time_s" in r]
     assert [r.get("resumed_at_step") for r in epochs] == [saved["step"]], epochs  # one epoch, taken up there
+    assert "epoch 1/1" in again.stdout and f"taken up at step {saved['step']})" in again.stdout, \
+        again.stdout[-2000:]
     assert not list(study_dir.glob("run_trial_*/partial_epoch.pt*"))
     straight = subprocess.run(cmds["straight"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]

@@ -39,8 +39,10 @@ class TrialLines(Callback):
         elif R.EPOCH in result and "epoch_time_s" in result:
             value = result.get(self.metric, result.get("val_robust_acc"))
             shown = f"{self.metric} {value:.4f}" if isinstance(value, float) else ""
+            taken_up = result.get("resumed_at_step")
+            taken_up = f", taken up at step {int(taken_up)}" if taken_up else ""
             print(f"  trial {self._name(trial)}: epoch {int(result[R.EPOCH])}/{self.epochs} {shown} "
-                  f"({result['epoch_time_s']:.1f} s)", flush=True)
+                  f"({result['epoch_time_s']:.1f} s{taken_up})", flush=True)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         print(f"  trial {self._name(trial)}: error (its log is in {trial.local_path})", flush=True)
