@@ -1,0 +1,108 @@
+"""Does moving a running study to another commit change what it trains? Check before switching.
+
+A study too long for one session may resume at a newer commit (``--resume`` picks up the trials'
+checkpoints). That is only honest when the newer code trains the same models: this trains every
+configuration of the study's grid (its first seed) for a few steps at both commits, each in a git
+worktree of its own and a process of its own, and compares the weights, momentum buffers and the
+steps' losses bit for bit. It says "same" only if every one is identical.
+
+    python scripts/same_training.py search_spaces/table8_mnist.yaml --base fbcf603            # vs HEAD
+    python scripts/same_training.py search_spaces/table8_mnist.yaml --base fbcf603 --head ee0c6ce --steps 5
+
+The study file is read at ``--head``'s commit; a sweep's configurations are its search space's
+default point. One thread per process, as a trial's worker has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Run inside each worktree: train each configuration `steps` steps, save the states.
+TRAIN = r"""
+import json, sys
+import torch
+from trainables.study import load_study
+from ancra_tune.trainer import Trainer
+
+study_file, steps, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+torch.set_num_threads(1)
+study = load_study(study_file)
+points = study.grid_points() if study.kind == "ablation" else [study.default_point()]
+states, losses = {}, {}
+for point in points:
+    cfg = study.train_config(point, study.seeds[0])
+    cfg = cfg.replace(**{"data.train_limit": steps * cfg.data.batch_size, "optim.epochs": 1,
+                         "eval.pgd_steps": 0, "progress": False, "out_dir": out + "/run"})
+    t = Trainer(cfg)
+    m = t.fit()
+    key = json.dumps(point, sort_keys=True)
+    states[key] = {"model": t.model.state_dict(),
+                   "momentum": [s["momentum_buffer"] for s in t.optimizer.state_dict()["state"].values()]}
+    losses[key] = {k: v for k, v in m.items() if not k.endswith("_s") and k != "train_images_per_s"}
+torch.save(states, out + "/states.pt")
+json.dump(losses, open(out + "/losses.json", "w"))
+"""
+
+
+def _rev(rev: str) -> str:
+    return subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def _train_at(rev: str, study_file: str, steps: int, work: Path) -> Path:
+    tree, out = work / f"tree-{rev}", work / f"out-{rev}"
+    out.mkdir(parents=True)
+    subprocess.run(["git", "worktree", "add", "--detach", str(tree), rev], cwd=ROOT, capture_output=True, check=True)
+    try:
+        shared = ROOT.parent / "shared"  # data paths in the study files are relative to ../shared
+        if shared.exists() and not (tree.parent / "shared").exists():
+            (tree.parent / "shared").symlink_to(shared)
+        env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
+        t0 = time.time()
+        subprocess.run([sys.executable, "-c", TRAIN, study_file, str(steps), str(out)], cwd=tree, env=env,
+                       check=True)
+        print(f"  {rev}: trained in {time.time() - t0:.0f} s", flush=True)
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, capture_output=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("study", help="the study file, as a path inside the repository")
+    ap.add_argument("--base", required=True, help="the commit the study runs at now")
+    ap.add_argument("--head", default="HEAD", help="the commit to move it to (default: HEAD)")
+    ap.add_argument("--steps", type=int, default=5, help="training steps per configuration (default 5)")
+    a = ap.parse_args(argv)
+    import torch
+
+    base, head = _rev(a.base), _rev(a.head)
+    print(f"{a.study}: {a.steps} steps per configuration at {base} and at {head}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="same-training-", dir=ROOT.parent) as d:
+        outs = {rev: _train_at(rev, a.study, a.steps, Path(d)) for rev in (base, head)}
+        states = {rev: torch.load(o / "states.pt", weights_only=True) for rev, o in outs.items()}
+        losses = {rev: json.loads((o / "losses.json").read_text()) for rev, o in outs.items()}
+    same_all = True
+    for key, s0 in states[base].items():
+        s1 = states[head].get(key)
+        same = s1 is not None and all(torch.equal(v, s1["model"][k]) for k, v in s0["model"].items()) \
+            and all(torch.equal(x, y) for x, y in zip(s0["momentum"], s1["momentum"], strict=True)) \
+            and losses[base][key] == losses[head][key]
+        same_all &= same
+        print(f"  {key}: {'same, bit for bit' if same else 'DIFFERENT'} (loss {losses[base][key].get('loss')} "
+              f"vs {(losses[head].get(key) or {}).get('loss')})")
+    print("same training at both commits" if same_all else "the commits train different models: do not switch")
+    return 0 if same_all else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
