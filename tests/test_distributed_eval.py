@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from trainables.distributed_eval import shard_batches
 
@@ -54,3 +55,66 @@ def test_two_workers_give_the_single_process_report(tmp_path: Path) -> None:
     assert sharded == single  # every attack's per-example outcome, the checks, the features
     for name in ("features_hist.png", "embedding.png"):
         assert (tmp_path / "sharded" / name).stat().st_size > 1000
+
+
+def test_a_trial_stopped_mid_evaluation_goes_on_from_its_next_batch(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The end-of-trial evaluation keeps each batch as it finishes (in the trial's folder, through a
+    pyarrow filesystem): stopped after two of four batches, the next start evaluates only the other
+    two and reports what an evaluation never stopped reports; another model starts over; the
+    kept batches go once the evaluation is reported."""
+    import pyarrow.fs
+
+    import ancra_tune.robustness as rob
+    from ancra_tune.config import TrainConfig
+    from ancra_tune.robustness import SuiteConfig
+    from ancra_tune.robustness.report import BatchResult
+    from ancra_tune.trainer import Trainer
+    from trainables.trial_eval import EvalBatches, evaluate_trial
+
+    cfg = TrainConfig.from_dict({
+        "data.dataset": "digits", "data.batch_size": 64, "data.train_limit": 256, "model.name": "small_cnn",
+        "model.ra": True, "attack.steps": 2, "attack.eps": 0.2, "attack.step_size": 0.1, "eval.pgd_steps": 0,
+        "optim.epochs": 1, "optim.lr": 0.05, "progress": False, "out_dir": str(tmp_path / "train")})
+    trainer = Trainer(cfg)
+    trainer.fit()
+    suite = SuiteConfig(eps=0.2, pgd_steps=3, cw_steps=3, mim_steps=3, adaptive_steps=3, sweep_steps=3, apgd_iters=3,
+                        apgd_targets=2, square_queries=20, autoattack=None, batch_size=16, n_examples=64,
+                        check_examples=32)
+    straight = evaluate_trial(trainer, suite)
+
+    calls: list[list[int]] = []
+    evaluate = rob.evaluate_model
+
+    def counted(*args, **kwargs):
+        calls.append(list(kwargs["batches"]))
+        if len(calls) == 3 and stop_at_third:
+            raise KeyboardInterrupt  # stopped while its third batch ran
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(rob, "evaluate_model", counted)
+    store = EvalBatches(pyarrow.fs.LocalFileSystem(), str(tmp_path / "trial" / "eval_batches"))
+    stop_at_third = True
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_trial(trainer, suite, batches=store)
+    kept = sorted(p.name for p in (tmp_path / "trial" / "eval_batches").iterdir())
+    assert kept == ["batch_00000.pt", "batch_00001.pt", "meta.json"]
+    # Kept as plain tensors and builtins.
+    state = torch.load(tmp_path / "trial" / "eval_batches" / "batch_00001.pt", weights_only=True)
+    assert BatchResult.from_state(state).batch_idx == 1
+
+    stop_at_third, calls[:] = False, []
+    spent: dict[str, float] = {}
+    resumed = evaluate_trial(trainer, suite, batches=store, spent=spent)
+    assert calls == [[2], [3]] and spent["batches_resumed"] == 2
+    assert resumed.to_dict() == straight.to_dict()  # every attack's per-example outcome, the checks
+    assert straight.to_dict()["n_examples"] == 64
+
+    # Another model (one more epoch): the kept batches are not its own, every batch is evaluated.
+    trainer.cfg = trainer.cfg.replace(**{"optim.epochs": 2})
+    trainer.fit()
+    calls[:] = []
+    evaluate_trial(trainer, suite, batches=store)
+    assert calls == [[0], [1], [2], [3]]
+    store.remove()
+    assert not (tmp_path / "trial" / "eval_batches").exists()

@@ -761,7 +761,7 @@ def _crash_mid_epoch_loop(config: dict) -> None:
         return found
 
     worker.StoragePartial.write, worker.Trainer.resume_partial = crashing, recording
-    plan = dataclasses.replace(config[worker.TrialPlan.KEY], partial=worker.trial_partial())
+    plan = dataclasses.replace(config[worker.TrialPlan.KEY], folder=worker.trial_folder())
     worker.run_worker(plan, worker.TuneSession(use_gpu=False))
 
 
@@ -771,22 +771,28 @@ def test_a_trial_crashed_mid_epoch_restarts_at_its_step(ray_local, tmp_path: Pat
     one reached, ending with an uninterrupted run's weights; none is left behind."""
     from ray import tune
 
+    from ancra_tune.robustness import SuiteConfig
     from trainables.worker import TrialPlan
 
     _crash_mid_epoch_loop.__module__ = "__main__"
     cfg, reference = _two_epoch_reference(tmp_path)
     cfg = cfg.replace(checkpoint_every_s=1e-9)  # due at once: after the first step of every epoch
-    config = TrialPlan(train=cfg, cpus_per_worker=1.0).loop_config(marker=str(tmp_path / "crashed"))
+    suite = SuiteConfig(eps=0.2, pgd_steps=2, cw_steps=2, mim_steps=2, sweep_steps=2, apgd_iters=2, square_queries=5,
+                        autoattack=None, n_examples=32, batch_size=16, features=False)
+    config = TrialPlan(train=cfg, suite=suite, objective=("robust_acc_worst",), modes=("max",),
+                       cpus_per_worker=1.0).loop_config(marker=str(tmp_path / "crashed"))
     tuner = tune.Tuner(tune.with_resources(lambda c: _crash_mid_epoch_loop(config), {"CPU": 1}),
                        run_config=tune.RunConfig(name="crash", storage_path=str(tmp_path / "ray"), verbose=0,
                                                  failure_config=tune.FailureConfig(max_failures=1)))
     result = tuner.fit()[0]
     assert result.error is None and (tmp_path / "crashed").exists()  # it crashed, and recovered
-    assert result.metrics["epoch"] == 2
+    assert result.metrics["eval_n_examples"] == 32 and result.metrics["train_time_s"] > 0  # trained, then evaluated
+    assert result.metrics["timing.eval_batches_resumed"] == 0
     # First start: nothing to resume; the restart: epoch 2 (index 1) from its step 1.
     assert (tmp_path / "crashed.resumed").read_text().split("\n")[:2] == ["0 -1", "1 1"]
     _assert_same_weights(result.checkpoint, reference)
-    assert not list((tmp_path / "ray").rglob("partial_epoch.pt*"))
+    assert not list((tmp_path / "ray").rglob("partial_epoch.pt*"))  # gone once epoch 2 was out
+    assert not list((tmp_path / "ray").rglob("eval_batches"))  # gone once the evaluation was reported
 
 
 def _trained_epochs(tmp_path: Path) -> list[int]:

@@ -252,6 +252,7 @@ def test_ctrl_c_mid_epoch_then_resume_goes_on_from_that_step(tmp_path: Path) -> 
     assert "epoch 1/1" in again.stdout and f"taken up at step {saved['step']})" in again.stdout, \
         again.stdout[-2000:]
     assert not list(study_dir.glob("run_trial_*/partial_epoch.pt*"))
+    assert not list(study_dir.glob("run_trial_*/eval_batches"))  # the evaluation's kept batches went too
     straight = subprocess.run(cmds["straight"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
     reference = _weights(tmp_path / "studies" / "straight")

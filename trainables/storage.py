@@ -126,3 +126,38 @@ def read_json(path: str) -> Any:
         return json.loads(text)
     except ValueError:
         return None
+
+
+# Files in a trial's folder of the study's storage, through the pyarrow filesystem Tune gives the
+# trial (a local or shared path, or a bucket): what a stopped trial goes on from.
+
+def fs_write(fs: Any, path: str, data: bytes) -> None:
+    """Replace ``path`` whole (written beside, then moved): a reader never sees a torn file."""
+    tmp = path + ".tmp"
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    fs.move(tmp, path)
+
+
+def fs_exists(fs: Any, path: str) -> bool:
+    import pyarrow.fs
+
+    return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+
+
+def fs_read(fs: Any, path: str) -> bytes | None:
+    if not fs_exists(fs, path):
+        return None
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def fs_remove(fs: Any, path: str) -> None:
+    """Remove a file or a folder with what is in it, if it is there."""
+    import pyarrow.fs
+
+    kind = fs.get_file_info(path).type
+    if kind == pyarrow.fs.FileType.Directory:
+        fs.delete_dir(path)
+    elif kind != pyarrow.fs.FileType.NotFound:
+        fs.delete_file(path)

@@ -21,7 +21,7 @@ from .tracking import (
     StudyTracking,
     TrialSpec,
 )
-from .worker import DecisionBoard, TrialPlan, TuneSession, run_worker, train_loop_per_worker, trial_partial
+from .worker import DecisionBoard, TrialPlan, TuneSession, run_worker, train_loop_per_worker, trial_folder
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def run_trial(params: dict[str, Any], *, study: Study, storage: str,
     plan = TrialPlan(train=cfg, suite=study.suite, objective=study.objective.metrics, modes=study.objective.modes,
                      cpus_per_worker=r.cpus_per_worker, sync_batchnorm=r.sync_batchnorm, mlflow=mlflow_run,
                      # rank 0 tags the trial's run with where each process ran (it alone talks to MLflow)
-                     trial_node=ray.get_runtime_context().get_node_id(), partial=trial_partial())
+                     trial_node=ray.get_runtime_context().get_node_id(), folder=trial_folder())
     if r.train_in_trial:  # one worker: this process trains, Tune restarts it from its checkpoints
         started = time.time()
         final = run_worker(plan, TuneSession(use_gpu=r.gpus_per_worker > 0))

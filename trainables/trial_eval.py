@@ -3,6 +3,9 @@ row to Tune (with the checkpoint it belongs to) and the evaluation and model to 
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import io
 import json
 import logging
 import shutil
@@ -11,9 +14,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from ancra_tune.robustness import EvalReport, SuiteConfig
+from ancra_tune.robustness.report import BatchResult
 from ancra_tune.trainer import CHECKPOINT_NAME, Trainer
 
+from . import storage
 from . import trial_rows as R
 from .tracking import TrialRecorder
 
@@ -22,9 +29,65 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+EVAL_BATCHES = "eval_batches"  # the folder of an evaluation's finished batches, in the trial's folder
+
+
+class EvalBatches:
+    """The batches an end-of-trial evaluation has finished, kept in the trial's folder of the study's
+    storage as they finish: a trial stopped mid-evaluation goes on from its next batch (each batch's
+    attacks draw their randomness from the batch's own index, so the outcomes are the ones an
+    unstopped evaluation gets). They belong to one model and one suite (``meta.json``): any other
+    makes them start over. Removed once the evaluation has been reported."""
+
+    def __init__(self, fs: Any, folder: str) -> None:
+        self.fs, self.folder = fs, folder
+
+    def _path(self, b: int) -> str:
+        return f"{self.folder}/batch_{b:05d}.pt"
+
+    def open(self, meta: dict[str, Any], n_batches: int) -> dict[int, BatchResult]:
+        """The finished batches of the evaluation ``meta`` describes (none when they are of another)."""
+        raw = storage.fs_read(self.fs, f"{self.folder}/meta.json")
+        if raw is None or json.loads(raw) != meta:
+            storage.fs_remove(self.fs, self.folder)
+            self.fs.create_dir(self.folder)
+            storage.fs_write(self.fs, f"{self.folder}/meta.json", json.dumps(meta).encode())
+            return {}
+        done: dict[int, BatchResult] = {}
+        for b in range(n_batches):
+            data = storage.fs_read(self.fs, self._path(b))
+            if data is None:
+                continue
+            try:
+                done[b] = BatchResult.from_state(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
+            except Exception as e:  # noqa: BLE001 - an unreadable batch is evaluated again
+                log.warning("evaluation batch %s unreadable, evaluated again (%s)", self._path(b), e)
+        return done
+
+    def save(self, result: BatchResult) -> None:
+        buf = io.BytesIO()
+        torch.save(result.to_state(), buf)
+        storage.fs_write(self.fs, self._path(result.batch_idx), buf.getvalue())
+
+    def remove(self) -> None:
+        storage.fs_remove(self.fs, self.folder)
+
+
+def model_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's weights and buffers (names, shapes, dtypes and values)."""
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        t = v.detach().cpu().contiguous().reshape(-1)  # 0-d buffers (BatchNorm counts) too
+        h.update(f"{k}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
 
 def report_final(trainer: Trainer, suite: SuiteConfig, session: Session, recorder: TrialRecorder | None, *,
-                 objective: list[str] | tuple[str, ...], timing: dict[str, float] | None = None) -> dict[str, Any]:
+                 objective: list[str] | tuple[str, ...], timing: dict[str, float] | None = None,
+                 batches: EvalBatches | None = None) -> dict[str, Any]:
+    """Evaluate the trained model (rank 0; its finished batches kept in ``batches`` as they finish)
+    and report the trial's final row with the last checkpoint; the other ranks report an empty one."""
     if session.rank != 0:
         session.report({R.DIVERGED: 0, R.FINAL: 1})
         return {}
@@ -32,10 +95,12 @@ def report_final(trainer: Trainer, suite: SuiteConfig, session: Session, recorde
         # The evaluation travels with the last checkpoint: its presence marks the run as complete.
         shutil.copy2(trainer.out_dir / CHECKPOINT_NAME, Path(d) / CHECKPOINT_NAME)
         spent: dict[str, float] = {}
-        report = evaluate_trial(trainer, suite, plots_dir=Path(d) if recorder else None, spent=spent)
+        report = evaluate_trial(trainer, suite, plots_dir=Path(d) if recorder else None, spent=spent,
+                                batches=batches)
         # The attacks are the evaluation; drawing its plots for MLflow is tracking's time.
         timing = {**(timing or {}), R.TIMING_PREFIX + "eval_s": spent["attacks_s"],
-                  R.TIMING_PREFIX + "plots_s": spent["report_s"]}
+                  R.TIMING_PREFIX + "plots_s": spent["report_s"],
+                  R.TIMING_PREFIX + "eval_batches_resumed": spent["batches_resumed"]}
         final = R.final_row(report, training_times(trainer), objective)
         (Path(d) / R.FINAL_NAME).write_text(json.dumps(final))
         report.save(Path(d) / R.REPORT_NAME)
@@ -47,6 +112,8 @@ def report_final(trainer: Trainer, suite: SuiteConfig, session: Session, recorde
         timing[R.TIMING_PREFIX + "track_s"] = time.time() - t
         timing[R.TIMING_PREFIX + "worker_end"] = time.time()
         session.report({**final, **timing}, checkpoint=Path(d))
+    if batches is not None:  # the evaluation is in the trial's checkpoint now
+        batches.remove()
     return {**final, **timing}
 
 
@@ -76,14 +143,15 @@ def training_times(trainer: Trainer) -> dict[str, float]:
 
 
 def evaluate_trial(trainer: Trainer, suite: SuiteConfig, *, plots_dir: Path | None = None,
-                   spent: dict[str, float] | None = None) -> EvalReport:
+                   spent: dict[str, float] | None = None, batches: EvalBatches | None = None) -> EvalReport:
     """The end-of-trial suite on the validation split: the report trials are compared by. With
     ``plots_dir`` the feature histograms and embedding are drawn there. ``spent`` receives the
-    seconds the attacks took (``attacks_s``) and the report with its plots (``report_s``)."""
-    import dataclasses
-
+    seconds the attacks took (``attacks_s``), the report with its plots (``report_s``) and the
+    batches taken from an earlier, stopped start (``batches_resumed``): with ``batches`` each batch is
+    kept as it finishes, and those an earlier start finished are not evaluated again."""
     from ancra_tune.robustness import build_report, evaluate_model, seeded_subset
     from ancra_tune.robustness.plots import draw_report
+    from ancra_tune.robustness.runner import batch_slices
 
     suite = dataclasses.replace(suite, features=suite.features and plots_dir is not None)
     val = trainer.splits.val
@@ -91,12 +159,28 @@ def evaluate_trial(trainer: Trainer, suite: SuiteConfig, *, plots_dir: Path | No
     x, y = val.images[idx].float().div(255.0), val.labels[idx]
     model = trainer.model.eval()
     t = time.perf_counter()
-    results = evaluate_model(model, x, y, suite, progress=False)
+    n_batches = len(batch_slices(len(idx), suite.batch_size))
+    done: dict[int, BatchResult] = {}
+    if batches is not None:
+        meta = {"model": model_digest(model), "suite": json.loads(json.dumps(dataclasses.asdict(suite), default=str)),
+                "examples": idx.tolist()}
+        done = batches.open(meta, n_batches)
+    resumed = len(done)
+    if resumed:
+        log.info("evaluation: %d of %d batches finished before, going on from there", resumed, n_batches)
+    results = []
+    for b in range(n_batches):
+        if b not in done:
+            (done[b],) = evaluate_model(model, x, y, suite, progress=False, batches=[b])
+            if batches is not None:
+                batches.save(done[b])
+        results.append(done[b])
     t_report = time.perf_counter()
     report = build_report(results, suite, ra=model.ra, n_classes=trainer.splits.info.num_classes,
                           has_source=False)
     if plots_dir is not None:
         report = draw_report(report, results, plots_dir)
     if spent is not None:
-        spent.update(attacks_s=t_report - t, report_s=time.perf_counter() - t_report)
+        spent.update(attacks_s=t_report - t, report_s=time.perf_counter() - t_report,
+                     batches_resumed=float(resumed))
     return report

@@ -29,10 +29,11 @@ from ancra_tune.distributed import all_true, ddp_wrap
 from ancra_tune.robustness import SuiteConfig
 from ancra_tune.trainer import CHECKPOINT_NAME, PARTIAL_NAME, Callback, DivergedError, PartialStore, Trainer
 
+from . import storage
 from . import trial_rows as R
 from .scratch_dirs import claim_run_dir, sweep_run_dirs
 from .tracking import FAST_FAIL_ENV, TrialRecorder, TrialSpec
-from .trial_eval import report_final, track_final
+from .trial_eval import EVAL_BATCHES, EvalBatches, report_final, track_final
 
 FINAL_NAME, REPORT_NAME = R.FINAL_NAME, R.REPORT_NAME
 log = logging.getLogger(__name__)
@@ -177,7 +178,7 @@ class TuneSession(Session):
 class StoragePartial(PartialStore):
     """A trial's mid-epoch checkpoint in its folder of the study's storage (a local or shared path,
     or a bucket: a pyarrow filesystem), where every worker of the trial and a restarted trial find
-    it; replaced atomically (written beside, then moved)."""
+    it; replaced atomically."""
 
     def __init__(self, fs: Any, path: str) -> None:
         self.fs, self.path = fs, path
@@ -186,34 +187,23 @@ class StoragePartial(PartialStore):
         return self.path
 
     def write(self, data: bytes) -> None:
-        tmp = self.path + ".tmp"
-        with self.fs.open_output_stream(tmp) as f:
-            f.write(data)
-        self.fs.move(tmp, self.path)
-
-    def _exists(self) -> bool:
-        import pyarrow.fs
-
-        return self.fs.get_file_info(self.path).type != pyarrow.fs.FileType.NotFound
+        storage.fs_write(self.fs, self.path, data)
 
     def read(self) -> bytes | None:
-        if not self._exists():
-            return None
-        with self.fs.open_input_stream(self.path) as f:
-            return f.read()
+        return storage.fs_read(self.fs, self.path)
 
     def remove(self) -> None:
-        if self._exists():
-            self.fs.delete_file(self.path)
+        storage.fs_remove(self.fs, self.path)
 
 
-def trial_partial() -> tuple[Any, str]:
-    """(filesystem, path) of the running Tune trial's mid-epoch checkpoint: in its folder of the
-    study's storage, not its working directory (an actor Tune reuses keeps another trial's)."""
+def trial_folder() -> tuple[Any, str]:
+    """(filesystem, path) of the running Tune trial's folder in the study's storage, where what a
+    stopped trial goes on from is kept (its mid-epoch checkpoint, its evaluation's finished
+    batches); not its working directory (an actor Tune reuses keeps another trial's)."""
     import ray.tune
 
     st = ray.tune.get_context().get_storage()
-    return st.storage_filesystem, f"{st.trial_fs_path}/{PARTIAL_NAME}"
+    return st.storage_filesystem, st.trial_fs_path
 
 
 def worker_threads(cpus_per_worker: float) -> int:
@@ -243,7 +233,9 @@ class TrialPlan:
     mlflow: TrialSpec | None = None  # the trial's MLflow run, found or created by rank 0
     trial_node: str | None = None  # the Ray node of the Tune trial's process (a tag of its run)
     decisions: DecisionBoard | None = None
-    partial: tuple[Any, str] | None = None  # (pyarrow filesystem, path) of the mid-epoch checkpoint
+    # (pyarrow filesystem, path) of the trial's folder in the study's storage: its mid-epoch checkpoint
+    # and its evaluation's finished batches are kept there (None: nothing kept between starts)
+    folder: tuple[Any, str] | None = None
 
     KEY = "plan"
 
@@ -293,8 +285,10 @@ def run_worker(plan: TrialPlan, session: Session) -> dict[str, Any]:
     # MLflow first: an epoch is in the run before the report that may let ASHA stop the trial.
     callbacks = ([MlflowEpochs(recorder)] if recorder is not None and rank == 0 else []) + \
         [RayReport(session, recorder)]
+    fs, folder = plan.folder if plan.folder is not None else (None, "")
     trainer = Trainer(cfg, device=device, rank=rank, world_size=world, out_dir=out_dir, wrap_model=wrap,
-                      callbacks=callbacks, partial=StoragePartial(*plan.partial) if plan.partial else None)
+                      callbacks=callbacks,
+                      partial=StoragePartial(fs, f"{folder}/{PARTIAL_NAME}") if plan.folder else None)
     timing[R.TIMING_PREFIX + "setup_s"] = time.time() - timing[R.TIMING_PREFIX + "worker_start"]
     try:
         checkpoint = session.checkpoint()
@@ -314,7 +308,7 @@ def run_worker(plan: TrialPlan, session: Session) -> dict[str, Any]:
                 # The last epoch's state is the run's checkpoint until another epoch ends (also when
                 # none is left: the run stopped between its last epoch and its evaluation).
                 shutil.copy2(Path(d) / CHECKPOINT_NAME, out_dir / CHECKPOINT_NAME)
-        if plan.partial is not None:  # killed mid-epoch: go on from the step it reached
+        if plan.folder is not None:  # killed mid-epoch: go on from the step it reached
             trainer.resume_partial()
         try:
             t = time.time()
@@ -330,7 +324,8 @@ def run_worker(plan: TrialPlan, session: Session) -> dict[str, Any]:
             session.report(R.diverged_row(e.epoch + 1, e.step, plan.objective, plan.modes))
             return {}
         if plan.suite is not None:  # the end-of-trial evaluation, unless none is asked for
-            return report_final(trainer, plan.suite, session, recorder, objective=plan.objective,
+            batches = EvalBatches(fs, f"{folder}/{EVAL_BATCHES}") if plan.folder else None
+            return report_final(trainer, plan.suite, session, recorder, objective=plan.objective, batches=batches,
                                  timing=timing)
         return {}
     finally:

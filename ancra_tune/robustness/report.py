@@ -47,6 +47,23 @@ class BatchResult:
     probe: GradientProbe | None = None
     suspicious: bool = False  # the probes found the gradients broken: Square ran with its larger budget
 
+    def to_state(self) -> dict[str, Any]:
+        """Plain tensors and builtins (``torch.save`` / ``torch.load(weights_only=True)``): a batch
+        kept on disk while an evaluation runs, so a stopped one goes on from its next batch."""
+        state = {f: getattr(self, f) for f in self.__dataclass_fields__ if f != "probe"}
+        state["correct"], state["attacked"], state["flags"] = dict(self.correct), dict(self.attacked), list(self.flags)
+        if self.probe is not None:
+            state["probe"] = {"cosine": self.probe.cosine, "rises": self.probe.rises,
+                              "informative": self.probe.informative}
+        return state
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> BatchResult:
+        fields = {k: v for k, v in state.items() if k in cls.__dataclass_fields__}
+        if fields.get("probe") is not None:
+            fields["probe"] = GradientProbe(**fields["probe"])
+        return cls(**fields)
+
 
 @dataclass(frozen=True)
 class AttackResult:
