@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -169,7 +170,7 @@ def test_the_plans_probe_runs_with_the_threads_a_trials_worker_gets(monkeypatch,
     study = dataclasses.replace(study, resources=dataclasses.replace(study.resources, cpus_per_worker=cpus_per_worker))
     seen: list[int] = []
 
-    def fake_probe(s, *, progress):
+    def fake_probe(s, *, progress, survive):
         seen.append(torch.get_num_threads())
         return {"source": "a probe", "epoch_s": 1.0, "eval_s_per_example": 0.1}
 
@@ -195,8 +196,8 @@ def test_an_ablations_plan_adds_its_rows_own_costs(tmp_path, monkeypatch) -> Non
     study = load_study(Path(__file__).parents[1] / "search_spaces" / "table8_mnist.yaml")
     rows = [{"epoch_s": 1000.0, "eval_s_per_example": 0.3}, {"epoch_s": 1000.0, "eval_s_per_example": 0.6},
             {"epoch_s": 2000.0, "eval_s_per_example": 0.3}, {"epoch_s": 2000.0, "eval_s_per_example": 0.7}]
-    monkeypatch.setattr(plan, "probe", lambda s: {"source": "a probe", "epoch_s": 2000.0, "eval_s_per_example": 0.7,
-                                                  "rows": rows})
+    monkeypatch.setattr(plan, "probe", lambda s, **kw: {"source": "a probe", "epoch_s": 2000.0,
+                                                        "eval_s_per_example": 0.7, "rows": rows})
     p = plan.make_plan(study, 0.03, storage=str(tmp_path), available=10_000)
     three = {o["seeds"]: o for o in p["options"]}[3]
     need, epochs = three["examples_per_seed"], study.train.optim.epochs
@@ -225,3 +226,25 @@ def test_report_json_keeps_every_outcome_packed(tmp_path) -> None:
     assert all(len(v) <= 4 * (2000 // 8 + 3) // 3 for v in stored["outcomes"].values())  # 2000 bits in ~336 chars
     back = type(r).load(path)
     assert back.per_example == r.per_example and back.outcomes("worst") == r.outcomes("worst")
+
+
+def test_the_plans_probe_charges_a_surviving_example_every_attacks_whole_budget() -> None:
+    """A robust model's surviving examples cost every attack's whole budget (a barely trained model is
+    fooled at once, and the plan once took its cost for every example: ten times too cheap on MNIST):
+    the probe times correctly classified examples at a vanishing eps, where Square spends all its
+    queries, and charges the assumed accuracy's share of examples that cost."""
+    from helpers import digits_splits, trained_digits_model
+
+    from ancra_tune.robustness import SuiteConfig
+    from trainables import plan
+
+    model, s = trained_digits_model(ra=False), digits_splits()
+    x, y = s.val.images.float().div(255.0), s.val.labels
+    keep = plan.survivors(model, x, y, 4)
+    assert keep.numel() == 4 and bool((model(x[keep]).logits.argmax(1) == y[keep]).all())
+    suite = SuiteConfig(eps=0.1, pgd_steps=1, cw_steps=1, mim_steps=1, sweep_steps=1, apgd_iters=1, square_queries=300,
+                        square_queries_suspicious=300, autoattack=None, features=False)
+    _, survivor_rows = plan.eval_cost(model, x[keep], y[keep], dataclasses.replace(suite, eps=plan.SURVIVOR_EPS))
+    _, fooled_rows = plan.eval_cost(model, x[keep], y[keep], dataclasses.replace(suite, eps=1.0))
+    assert survivor_rows >= 300  # Square's every query, on every example
+    assert fooled_rows < 100  # fooled at once: Square stops at its first queries

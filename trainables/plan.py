@@ -30,6 +30,13 @@ from .study import Study
 TRIAL_OVERHEAD_S = 13.0  # Tune-over-Train start-up per trial measured on the 2-core machine (README)
 PROBE_BATCHES = 3
 PROBE_EXAMPLES = 8
+PROBE_SURVIVORS = 4
+# The evaluation's cost per example depends on what survives: an attack stops on (or skips) an example
+# it has fooled, and the cascade sends only the survivors on. A model trained a few batches is fooled
+# at once, so the probe also times examples that nothing can fool: correctly classified ones at a
+# vanishing eps, on which every attack spends its whole budget (Square all its queries, APGD every
+# iteration, AutoAttack every attack): what a robust model's surviving examples cost.
+SURVIVOR_EPS = 1e-6
 
 
 def _rows(study: Study) -> list[dict[str, Any]]:
@@ -62,11 +69,13 @@ def records(study: Study, storage: str) -> dict[str, Any] | None:
             "eval_s_per_example": float(np.mean(per_example)) if per_example else None}
 
 
-def probe(study: Study, *, progress: bool = True) -> dict[str, Any]:
+def probe(study: Study, *, progress: bool = True, survive: float = 0.5) -> dict[str, Any]:
     """Measure, on this machine, a training epoch and the evaluation per example of each row's
     configuration (each row's, and the most expensive row's for a sweep), with the intra-op threads
     a trial's worker gets (a probe with every core would be as fast as one trial alone, and the plan
-    then divides by the trials that run at once: it would count the cores twice)."""
+    then divides by the trials that run at once: it would count the cores twice). An evaluated
+    example is charged ``survive`` x what one that survives every attack costs, plus the rest x what
+    one fooled at once costs (``survive``: the worst-case accuracy the plan assumes)."""
     import torch
 
     from .worker import worker_threads
@@ -75,21 +84,44 @@ def probe(study: Study, *, progress: bool = True) -> dict[str, Any]:
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        cost = _probe(study, progress=progress)
+        cost = _probe(study, progress=progress, survive=survive)
     finally:
         torch.set_num_threads(before)
     cost["source"] += f", {threads} thread(s) as each trial's worker gets"
     return cost
 
 
-def _probe(study: Study, *, progress: bool) -> dict[str, Any]:
+def eval_cost(model: Any, x: Any, y: Any, suite: Any) -> tuple[float, float]:
+    """(seconds, inputs through the model) per example of ``suite`` on (x, y), in one batch."""
+    from ancra_tune.robustness.runner import evaluate_model
+
+    rows = [0]
+    hook = model.register_forward_hook(lambda m, args, out: rows.__setitem__(0, rows[0] + args[0].shape[0]))
+    try:
+        k = x.shape[0]
+        t0 = time.perf_counter()
+        evaluate_model(model, x, y, replace(suite, batch_size=k, n_examples=k), progress=False)
+        return (time.perf_counter() - t0) / k, rows[0] / k
+    finally:
+        hook.remove()
+
+
+def survivors(model: Any, x: Any, y: Any, k: int) -> Any:
+    """Indices of up to ``k`` examples the model classifies correctly."""
+    import torch
+
+    with torch.no_grad():
+        pred = torch.cat([model(x[i:i + 256]).logits.argmax(1) for i in range(0, x.shape[0], 256)])
+    return (pred == y).nonzero().squeeze(1)[:k]
+
+
+def _probe(study: Study, *, progress: bool, survive: float = 0.5) -> dict[str, Any]:
     import torch
 
     from ancra_tune.data import load_dataset
-    from ancra_tune.robustness.runner import evaluate_model
     from ancra_tune.trainer import Trainer
 
-    epoch_s, eval_s = [], []
+    epoch_s, eval_s, parts = [], [], []
     splits = None
     rows = _rows(study)
     for i, point in enumerate(rows):
@@ -110,18 +142,27 @@ def _probe(study: Study, *, progress: bool) -> dict[str, Any]:
             model = trainer.model.eval()
             k = min(PROBE_EXAMPLES, len(splits.val))
             x, y = splits.val.images[:k].float().div(255.0), splits.val.labels[:k]
-            suite = replace(study.suite, batch_size=k, n_examples=k)
-            t0 = time.perf_counter()
-            evaluate_model(model, x, y, suite, progress=False)
-            eval_s.append((time.perf_counter() - t0) / k)
+            fooled, _ = eval_cost(model, x, y, study.suite)
+            pool_x = splits.val.images[:512].float().div(255.0)
+            keep = survivors(model, pool_x, splits.val.labels[:512], PROBE_SURVIVORS)
+            survived = fooled
+            if keep.numel():
+                survived, _ = eval_cost(model, pool_x[keep], splits.val.labels[:512][keep],
+                                        replace(study.suite, eps=SURVIVOR_EPS))
+            parts.append({"survivor": survived, "fooled": fooled})
+            eval_s.append(survive * survived + (1 - survive) * fooled)
         if progress:
             print(f"  probe {i + 1}/{len(rows)}: {point or 'base'}: epoch ~{epoch_s[-1]:.0f} s, "
-                  f"evaluation {eval_s[-1]:.2f} s/example", file=sys.stderr, flush=True)
-    return {"source": f"a probe on this machine ({PROBE_BATCHES} training batches and {PROBE_EXAMPLES} evaluated "
-                      "examples per configuration; an ablation adds its rows' own costs, a sweep is charged its most "
-                      "expensive row)",
+                  f"evaluation {eval_s[-1]:.2f} s/example ({parts[-1]['survivor']:.2f} s for one that survives "
+                  f"every attack, {parts[-1]['fooled']:.2f} s for the first ones, on which a model trained "
+                  f"{PROBE_BATCHES} batches is mostly fooled at once)", file=sys.stderr, flush=True)
+    return {"source": f"a probe on this machine ({PROBE_BATCHES} training batches, {PROBE_EXAMPLES} evaluated "
+                      f"examples and {PROBE_SURVIVORS} that no attack fools per configuration, an evaluated example "
+                      f"charged {100 * survive:.0f}% of the survivors' cost as the assumed accuracy says; an ablation "
+                      "adds its rows' own costs, a sweep is charged its most expensive row)",
             "epoch_s": max(epoch_s), "eval_s_per_example": max(eval_s),
-            "rows": [{"epoch_s": e, "eval_s_per_example": v} for e, v in zip(epoch_s, eval_s, strict=True)]}
+            "rows": [{"epoch_s": e, "eval_s_per_example": v, "eval_s_survivor": p["survivor"],
+                      "eval_s_fooled": p["fooled"]} for e, v, p in zip(epoch_s, eval_s, parts, strict=True)]}
 
 
 def val_examples(study: Study) -> int | None:
@@ -145,7 +186,7 @@ def make_plan(study: Study, detect: float, *, storage: str, seeds: int | None = 
     sd = rec["seed_sd"] if rec else 0.0
     cost = dict(rec) if rec and rec.get("epoch_s") and rec.get("eval_s_per_example") else None
     if cost is None and measure:
-        cost = probe(study)
+        cost = probe(study, survive=acc)
     s_now = len(study.seeds)
     avail = available if available is not None else val_examples(study)
     n_now = study.suite.n_examples or avail
