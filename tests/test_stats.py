@@ -207,10 +207,10 @@ def test_an_ablations_plan_adds_its_rows_own_costs(tmp_path, monkeypatch) -> Non
     assert three["predicted_wall_s"] == pytest.approx(3 * (train + evaluation + 4 * plan.TRIAL_OVERHEAD_S) / p["slots"])
     assert three["predicted_wall_s"] < 12 * (epochs * 2000.0 + need * 0.7) / p["slots"]  # not every row the dearest
     assert "1000-2000 s per epoch, 0.30-0.70 s per evaluated example by row" in plan.format_plan(p)
-    written = p["now"]  # as written: 3 seeds x 2,000 examples
-    expected = 3 * (train + 2000 * 1.9 + 4 * plan.TRIAL_OVERHEAD_S) / p["slots"]
+    written, n = p["now"], study.suite.n_examples  # as written: 3 seeds x 1,667 examples
+    expected = 3 * (train + n * 1.9 + 4 * plan.TRIAL_OVERHEAD_S) / p["slots"]
     assert written["predicted_wall_s"] == pytest.approx(expected)
-    assert f"as written (3 seed(s) x 2000 examples): resolves {100 * written['mde']:.1f} points; 12 trials, about" \
+    assert f"as written (3 seed(s) x {n} examples): resolves {100 * written['mde']:.1f} points; 12 trials, about" \
         in plan.format_plan(p)
 
 
