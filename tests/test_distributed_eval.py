@@ -101,12 +101,15 @@ def test_a_trial_stopped_mid_evaluation_goes_on_from_its_next_batch(tmp_path: Pa
     assert kept == ["batch_00000.pt", "batch_00001.pt", "meta.json"]
     # Kept as plain tensors and builtins.
     state = torch.load(tmp_path / "trial" / "eval_batches" / "batch_00001.pt", weights_only=True)
-    assert BatchResult.from_state(state).batch_idx == 1
+    assert BatchResult.from_state(state["result"]).batch_idx == 1
 
+    kept_s = sum(torch.load(tmp_path / "trial" / "eval_batches" / f"batch_0000{b}.pt", weights_only=True)["seconds"]
+                 for b in (0, 1))
     stop_at_third, calls[:] = False, []
     spent: dict[str, float] = {}
     resumed = evaluate_trial(trainer, suite, batches=store, spent=spent)
     assert calls == [[2], [3]] and spent["batches_resumed"] == 2
+    assert spent["attacks_s"] > kept_s > 0  # the evaluation's time counts the earlier start's batches
     assert resumed.to_dict() == straight.to_dict()  # every attack's per-example outcome, the checks
     assert straight.to_dict()["n_examples"] == 64
 

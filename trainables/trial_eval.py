@@ -45,28 +45,32 @@ class EvalBatches:
     def _path(self, b: int) -> str:
         return f"{self.folder}/batch_{b:05d}.pt"
 
-    def open(self, meta: dict[str, Any], n_batches: int) -> dict[int, BatchResult]:
-        """The finished batches of the evaluation ``meta`` describes (none when they are of another)."""
+    def open(self, meta: dict[str, Any], n_batches: int) -> dict[int, tuple[BatchResult, float]]:
+        """The finished batches of the evaluation ``meta`` describes, with the seconds each took (none
+        when they are of another)."""
         raw = storage.fs_read(self.fs, f"{self.folder}/meta.json")
         if raw is None or json.loads(raw) != meta:
             storage.fs_remove(self.fs, self.folder)
             self.fs.create_dir(self.folder)
             storage.fs_write(self.fs, f"{self.folder}/meta.json", json.dumps(meta).encode())
             return {}
-        done: dict[int, BatchResult] = {}
+        done: dict[int, tuple[BatchResult, float]] = {}
         for b in range(n_batches):
             data = storage.fs_read(self.fs, self._path(b))
             if data is None:
                 continue
             try:
-                done[b] = BatchResult.from_state(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
+                state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+                if "result" not in state:  # kept by d923040, which did not keep the batch's time
+                    state = {"result": state, "seconds": 0.0}
+                done[b] = BatchResult.from_state(state["result"]), float(state["seconds"])
             except Exception as e:  # noqa: BLE001 - an unreadable batch is evaluated again
                 log.warning("evaluation batch %s unreadable, evaluated again (%s)", self._path(b), e)
         return done
 
-    def save(self, result: BatchResult) -> None:
+    def save(self, result: BatchResult, seconds: float) -> None:
         buf = io.BytesIO()
-        torch.save(result.to_state(), buf)
+        torch.save({"result": result.to_state(), "seconds": seconds}, buf)
         storage.fs_write(self.fs, self._path(result.batch_idx), buf.getvalue())
 
     def remove(self) -> None:
@@ -146,7 +150,7 @@ def evaluate_trial(trainer: Trainer, suite: SuiteConfig, *, plots_dir: Path | No
                    spent: dict[str, float] | None = None, batches: EvalBatches | None = None) -> EvalReport:
     """The end-of-trial suite on the validation split: the report trials are compared by. With
     ``plots_dir`` the feature histograms and embedding are drawn there. ``spent`` receives the
-    seconds the attacks took (``attacks_s``), the report with its plots (``report_s``) and the
+    seconds the attacks took (``attacks_s``, over every start), the report with its plots (``report_s``) and the
     batches taken from an earlier, stopped start (``batches_resumed``): with ``batches`` each batch is
     kept as it finishes, and those an earlier start finished are not evaluated again."""
     from ancra_tune.robustness import build_report, evaluate_model, seeded_subset
@@ -158,9 +162,8 @@ def evaluate_trial(trainer: Trainer, suite: SuiteConfig, *, plots_dir: Path | No
     idx = seeded_subset(len(val), suite.n_examples, suite.seed)
     x, y = val.images[idx].float().div(255.0), val.labels[idx]
     model = trainer.model.eval()
-    t = time.perf_counter()
     n_batches = len(batch_slices(len(idx), suite.batch_size))
-    done: dict[int, BatchResult] = {}
+    done: dict[int, tuple[BatchResult, float]] = {}
     if batches is not None:
         meta = {"model": model_digest(model), "suite": json.loads(json.dumps(dataclasses.asdict(suite), default=str)),
                 "examples": idx.tolist()}
@@ -168,19 +171,21 @@ def evaluate_trial(trainer: Trainer, suite: SuiteConfig, *, plots_dir: Path | No
     resumed = len(done)
     if resumed:
         log.info("evaluation: %d of %d batches finished before, going on from there", resumed, n_batches)
-    results = []
     for b in range(n_batches):
         if b not in done:
-            (done[b],) = evaluate_model(model, x, y, suite, progress=False, batches=[b])
+            t = time.perf_counter()
+            (result,) = evaluate_model(model, x, y, suite, progress=False, batches=[b])
+            done[b] = result, time.perf_counter() - t
             if batches is not None:
-                batches.save(done[b])
-        results.append(done[b])
+                batches.save(*done[b])
+    results = [done[b][0] for b in range(n_batches)]
     t_report = time.perf_counter()
     report = build_report(results, suite, ra=model.ra, n_classes=trainer.splits.info.num_classes,
                           has_source=False)
     if plots_dir is not None:
         report = draw_report(report, results, plots_dir)
     if spent is not None:
-        spent.update(attacks_s=t_report - t, report_s=time.perf_counter() - t_report,
+        # every batch's own time, those of an earlier start included: what the evaluation cost
+        spent.update(attacks_s=sum(done[b][1] for b in range(n_batches)), report_s=time.perf_counter() - t_report,
                      batches_resumed=float(resumed))
     return report
