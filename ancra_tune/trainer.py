@@ -305,7 +305,7 @@ class Trainer:
                 # A mid-epoch checkpoint when due (rank 0's clock decides for every worker), unless
                 # the epoch's own checkpoint comes next.
                 due = every > 0 and time.perf_counter() - last_saved >= every and step + 1 < len(loader)
-                if is_distributed():
+                if every > 0 and is_distributed():  # every rank has the same setting: no collective when off
                     due = not all_true(not due, self.device)
                 if due:
                     self._save_partial(epoch, step + 1, gen, sums, steps, images,

@@ -143,12 +143,11 @@ def _probe(study: Study, *, progress: bool, survive: float = 0.5) -> dict[str, A
             k = min(PROBE_EXAMPLES, len(splits.val))
             x, y = splits.val.images[:k].float().div(255.0), splits.val.labels[:k]
             fooled, _ = eval_cost(model, x, y, study.suite)
-            pool_x = splits.val.images[:512].float().div(255.0)
-            keep = survivors(model, pool_x, splits.val.labels[:512], PROBE_SURVIVORS)
+            pool_x, pool_y = splits.val.images[:512].float().div(255.0), splits.val.labels[:512]
+            keep = survivors(model, pool_x, pool_y, PROBE_SURVIVORS)
             survived = fooled
             if keep.numel():
-                survived, _ = eval_cost(model, pool_x[keep], splits.val.labels[:512][keep],
-                                        replace(study.suite, eps=SURVIVOR_EPS))
+                survived, _ = eval_cost(model, pool_x[keep], pool_y[keep], replace(study.suite, eps=SURVIVOR_EPS))
             parts.append({"survivor": survived, "fooled": fooled})
             eval_s.append(survive * survived + (1 - survive) * fooled)
         if progress:

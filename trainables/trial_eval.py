@@ -165,8 +165,7 @@ def evaluate_trial(trainer: Trainer, suite: SuiteConfig, *, plots_dir: Path | No
     n_batches = len(batch_slices(len(idx), suite.batch_size))
     done: dict[int, tuple[BatchResult, float]] = {}
     if batches is not None:
-        meta = {"model": model_digest(model), "suite": json.loads(json.dumps(dataclasses.asdict(suite), default=str)),
-                "examples": idx.tolist()}
+        meta = {"model": model_digest(model), "suite": suite.to_dict(), "examples": idx.tolist()}
         done = batches.open(meta, n_batches)
     resumed = len(done)
     if resumed:

@@ -285,10 +285,12 @@ def run_worker(plan: TrialPlan, session: Session) -> dict[str, Any]:
     # MLflow first: an epoch is in the run before the report that may let ASHA stop the trial.
     callbacks = ([MlflowEpochs(recorder)] if recorder is not None and rank == 0 else []) + \
         [RayReport(session, recorder)]
-    fs, folder = plan.folder if plan.folder is not None else (None, "")
+    partial = batches = None  # kept in the trial's folder: what a stopped trial goes on from
+    if plan.folder is not None:
+        fs, folder = plan.folder
+        partial, batches = StoragePartial(fs, f"{folder}/{PARTIAL_NAME}"), EvalBatches(fs, f"{folder}/{EVAL_BATCHES}")
     trainer = Trainer(cfg, device=device, rank=rank, world_size=world, out_dir=out_dir, wrap_model=wrap,
-                      callbacks=callbacks,
-                      partial=StoragePartial(fs, f"{folder}/{PARTIAL_NAME}") if plan.folder else None)
+                      callbacks=callbacks, partial=partial)
     timing[R.TIMING_PREFIX + "setup_s"] = time.time() - timing[R.TIMING_PREFIX + "worker_start"]
     try:
         checkpoint = session.checkpoint()
@@ -308,7 +310,7 @@ def run_worker(plan: TrialPlan, session: Session) -> dict[str, Any]:
                 # The last epoch's state is the run's checkpoint until another epoch ends (also when
                 # none is left: the run stopped between its last epoch and its evaluation).
                 shutil.copy2(Path(d) / CHECKPOINT_NAME, out_dir / CHECKPOINT_NAME)
-        if plan.folder is not None:  # killed mid-epoch: go on from the step it reached
+        if partial is not None:  # killed mid-epoch: go on from the step it reached
             trainer.resume_partial()
         try:
             t = time.time()
@@ -324,7 +326,6 @@ def run_worker(plan: TrialPlan, session: Session) -> dict[str, Any]:
             session.report(R.diverged_row(e.epoch + 1, e.step, plan.objective, plan.modes))
             return {}
         if plan.suite is not None:  # the end-of-trial evaluation, unless none is asked for
-            batches = EvalBatches(fs, f"{folder}/{EVAL_BATCHES}") if plan.folder else None
             return report_final(trainer, plan.suite, session, recorder, objective=plan.objective, batches=batches,
                                  timing=timing)
         return {}
