@@ -200,7 +200,7 @@ MID_EPOCH = """
 name: {name}
 kind: ablation
 base: quickstart
-train: {{optim.epochs: 1, data.batch_size: 16, data.train_limit: 1280, attack.steps: 2, eval.pgd_steps: 0,
+train: {{optim.epochs: 1, data.batch_size: 8, data.train_limit: 1280, attack.steps: 3, eval.pgd_steps: 0,
         model.ra: false, checkpoint_every_s: {every}}}
 resources: {{workers: 1, cpus_per_worker: 0.5, trial_cpus: 0.5}}
 eval: {{preset: quick, n_examples: 32, autoattack: null, square_queries: 10, apgd_iters: 2}}
@@ -235,13 +235,12 @@ def test_ctrl_c_mid_epoch_then_resume_goes_on_from_that_step(tmp_path: Path) -> 
     while time.time() < deadline and not list(study_dir.glob("run_trial_*/partial_epoch.pt")):
         time.sleep(0.2)
         assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-    time.sleep(1.5)  # one more mid-epoch checkpoint, then Ctrl+C
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)  # right after the first mid-epoch checkpoint: well before the epoch's end
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 130, out[-3000:]
     (partial,) = study_dir.glob("run_trial_*/partial_epoch.pt")
     saved = torch.load(partial, weights_only=True)
-    assert saved["epoch"] == 0 and 0 < saved["step"] < 80, saved["step"]
+    assert saved["epoch"] == 0 and 0 < saved["step"] < 160, saved["step"]
     again = subprocess.run(cmds["stopped"] + ["--resume"], cwd=ROOT, env=_env(), capture_output=True, text=True,
                            timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
