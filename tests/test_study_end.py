@@ -244,6 +244,9 @@ def test_ctrl_c_mid_epoch_then_resume_goes_on_from_that_step(tmp_path: Path) -> 
     again = subprocess.run(cmds["stopped"] + ["--resume"], cwd=ROOT, env=_env(), capture_output=True, text=True,
                            timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    summary = json.loads((study_dir / "summary.json").read_text())
+    assert summary["outcome"] == "finished" and summary["sessions"] == 2, summary["status_counts"]
+    assert summary["status_counts"]["finished"] == 1 and summary["status_counts"]["interrupted"] == 0
     rows = [json.loads(line) for td in study_dir.glob("run_trial_*")
             for line in (td / "result.json").read_text().splitlines() if line.strip()]
     epochs = [r for r in rows if "epoch_time_s" in r]
