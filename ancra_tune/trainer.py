@@ -64,6 +64,10 @@ class Callback:
     def on_train_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         """After the last epoch."""
 
+    def on_mid_epoch_checkpoint(self, trainer: Trainer, epoch: int, step: int, steps: int) -> None:
+        """On rank 0, after a mid-epoch checkpoint of ``epoch`` (0-based) was written: ``step`` of the
+        epoch's ``steps`` are done (``config.checkpoint_every_s``)."""
+
 
 class PartialStore:
     """Where a run keeps its mid-epoch checkpoint (one file, replaced atomically). :class:`PartialFile`
@@ -311,6 +315,9 @@ class Trainer:
                     self._save_partial(epoch, step + 1, gen, sums, steps, images,
                                        before + time.perf_counter() - t0)
                     last_saved = time.perf_counter()
+                    if self.rank == 0:
+                        for cb in self.callbacks:
+                            cb.on_mid_epoch_checkpoint(self, epoch, step + 1, len(loader))
         elapsed = before + time.perf_counter() - t0
         if is_distributed() and sums:  # report the global batch's numbers, not one shard's
             keys = sorted(sums)

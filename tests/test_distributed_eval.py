@@ -70,6 +70,8 @@ def test_a_trial_stopped_mid_evaluation_goes_on_from_its_next_batch(tmp_path: Pa
     from ancra_tune.robustness import SuiteConfig
     from ancra_tune.robustness.report import BatchResult
     from ancra_tune.trainer import Trainer
+    from trainables.progress import ProgressFile, describe
+    from trainables.study_status import _kept_batches
     from trainables.trial_eval import EvalBatches, evaluate_trial
 
     cfg = TrainConfig.from_dict({
@@ -105,11 +107,26 @@ def test_a_trial_stopped_mid_evaluation_goes_on_from_its_next_batch(tmp_path: Pa
 
     kept_s = sum(torch.load(tmp_path / "trial" / "eval_batches" / f"batch_0000{b}.pt", weights_only=True)["seconds"]
                  for b in (0, 1))
+    # Between the starts `ancra-tune status` counts the kept batches.
+    assert _kept_batches(store.fs, str(tmp_path / "trial")).startswith(
+        "evaluation: 2 of 4 batches kept (32 of 64 examples; the last at ")
     stop_at_third, calls[:] = False, []
     spent: dict[str, float] = {}
-    resumed = evaluate_trial(trainer, suite, batches=store, spent=spent)
+    told: list[tuple] = []
+    progress = ProgressFile(store.fs, str(tmp_path / "trial"))
+
+    def on_batch(*args) -> None:
+        told.append(args)
+        progress.evaluating(*args)
+
+    resumed = evaluate_trial(trainer, suite, batches=store, spent=spent, on_batch=on_batch)
     assert calls == [[2], [3]] and spent["batches_resumed"] == 2
     assert spent["attacks_s"] > kept_s > 0  # the evaluation's time counts the earlier start's batches
+    # How far it is, at its start and after each batch: batches, of, examples, of, seconds, resumed.
+    assert [t[:4] + t[5:] for t in told] == [(2, 4, 32, 64, 2), (3, 4, 48, 64, 2), (4, 4, 64, 64, 2)]
+    assert told[0][4] == pytest.approx(kept_s) and told[-1][4] == pytest.approx(spent["attacks_s"])
+    assert told[0][4] < told[1][4] < told[2][4]
+    assert describe(progress.read()).startswith("evaluation: 4 of 4 batches (64 of 64 examples) in ")
     assert resumed.to_dict() == straight.to_dict()  # every attack's per-example outcome, the checks
     assert straight.to_dict()["n_examples"] == 64
 

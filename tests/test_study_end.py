@@ -90,6 +90,16 @@ def _start_and_stop(cmd: list[str], study_dir: Path, how: signal.Signals) -> sub
     return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
 
 
+def _status(tmp_path: Path, name: str = "study.yaml") -> dict:
+    """``ancra-tune status`` of the study file ``tmp_path / name`` (--json)."""
+    study = tmp_path / name
+    out = subprocess.run([sys.executable, "-m", "trainables.cli", "status", str(study), "--storage",
+                          str(tmp_path / "studies"), "--json"], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout)
+
+
 def _assert_ended_as_uninterrupted(study_dir: Path, uri: str, name: str, summary: dict) -> None:
     """The end state of a study that ran to its end: exit code 0 was checked by the caller."""
     from trainables.scheduler import read_state
@@ -137,7 +147,23 @@ def test_ctrl_c_then_resume_ends_as_an_uninterrupted_study(tmp_path: Path, mlflo
     first = _start_and_stop(cmd, study_dir, signal.SIGINT)
     assert first.returncode == 130, first.stdout[-3000:]
     assert "interrupted (SIGINT)" in first.stdout and "--resume" in first.stdout
-    assert json.loads((study_dir / "summary.json").read_text())["outcome"] == "interrupted"
+    stopped = json.loads((study_dir / "summary.json").read_text())
+    assert stopped["outcome"] == "interrupted"
+    # Between the sessions `ancra-tune status` tells the same story from the folder alone.
+    status = _status(tmp_path)
+    assert status["driver"] is None and status["sessions"] == 1 and status["planned"] == 6
+    assert status["wall_time_s"] == pytest.approx(stopped["wall_time_s"], abs=15)
+    by_id = {t["trial_id"]: t for t in status["trials"]}
+    unstarted = 0  # a trial Tune had made but not started has no folder yet: waiting
+    for t in stopped["trials"]:
+        mine = by_id.get(t["trial_id"])
+        if mine is None:
+            assert t["status"] == "interrupted" and t["epochs_run"] == 0, t
+            unstarted += 1
+            continue
+        want = {"finished": "evaluated", "stopped": "stopped", "interrupted": "unfinished"}[t["status"]]
+        assert (mine["state"], mine["epochs"]) == (want, t["epochs_run"]), (t, mine)
+    assert stopped["n_trials"] - unstarted >= 2 and status["counts"]["waiting"] == 6 - stopped["n_trials"] + unstarted
 
     # --json: stdout is the summary alone, as JSON; the lines for people went to stderr.
     again = subprocess.run(cmd + ["--resume", "--json"], cwd=ROOT, env=_env(), capture_output=True, text=True,
@@ -147,6 +173,10 @@ def test_ctrl_c_then_resume_ends_as_an_uninterrupted_study(tmp_path: Path, mlflo
     assert summary == json.loads((study_dir / "summary.json").read_text())
     assert "epoch" in again.stderr and summary["sessions"] == 2
     _assert_ended_as_uninterrupted(study_dir, mlflow_server, name, summary)
+    status = _status(tmp_path)
+    assert status["counts"]["waiting"] == status["counts"]["unfinished"] == 0 and status["sessions"] == 2
+    assert status["counts"]["evaluated"] == summary["status_counts"]["finished"]
+    assert not list(study_dir.glob("run_trial_*/trial_progress.json"))  # gone with the evaluation
 
     # --resume of a finished study: nothing trained, the same answer, exit 0.
     third = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
@@ -241,6 +271,8 @@ def test_ctrl_c_mid_epoch_then_resume_goes_on_from_that_step(tmp_path: Path) -> 
     (partial,) = study_dir.glob("run_trial_*/partial_epoch.pt")
     saved = torch.load(partial, weights_only=True)
     assert saved["epoch"] == 0 and 0 < saved["step"] < 160, saved["step"]
+    (trial,) = [t for t in _status(tmp_path, "stopped.yaml")["trials"] if t["trial_id"]]
+    assert trial["state"] == "unfinished" and trial["now"].startswith(f"epoch 1/1: step {saved['step']} of ")
     again = subprocess.run(cmds["stopped"] + ["--resume"], cwd=ROOT, env=_env(), capture_output=True, text=True,
                            timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
@@ -255,6 +287,7 @@ def test_ctrl_c_mid_epoch_then_resume_goes_on_from_that_step(tmp_path: Path) -> 
         again.stdout[-2000:]
     assert not list(study_dir.glob("run_trial_*/partial_epoch.pt*"))
     assert not list(study_dir.glob("run_trial_*/eval_batches"))  # the evaluation's kept batches went too
+    assert not list(study_dir.glob("run_trial_*/trial_progress.json"))
     straight = subprocess.run(cmds["straight"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
     reference = _weights(tmp_path / "studies" / "straight")

@@ -264,6 +264,43 @@ def test_a_run_killed_mid_epoch_resumes_at_its_step_exactly(tmp_path: Path, kill
     assert not (tmp_path / "b" / PARTIAL_NAME).exists()
 
 
+def test_each_mid_epoch_checkpoint_tells_the_callbacks_its_step(tmp_path: Path) -> None:
+    """Rank 0's callbacks hear of each mid-epoch checkpoint (its epoch, step and the epoch's steps), as
+    written; a Ray trial's progress file then says where the run is."""
+    import pyarrow.fs
+
+    from trainables.progress import ProgressFile, TrainingProgress, describe
+
+    class Saved(PartialFile):
+        def __init__(self, path: Path) -> None:
+            super().__init__(path)
+            self.saved: list[tuple[int, int]] = []
+
+        def save(self, state: dict) -> None:
+            super().save(state)
+            self.saved.append((state["epoch"], state["step"]))
+
+    class Told(Callback):
+        def __init__(self) -> None:
+            self.told: list[tuple[int, int, int]] = []
+
+        def on_mid_epoch_checkpoint(self, trainer, epoch, step, steps):
+            self.told.append((epoch, step, steps))
+
+    told, store = Told(), Saved(tmp_path / PARTIAL_NAME)
+    progress = ProgressFile(pyarrow.fs.LocalFileSystem(), str(tmp_path))
+    trainer = Trainer(_cfg(tmp_path, **{"optim.epochs": 2, "checkpoint_every_s": 1e-9}), partial=store,
+                      callbacks=[told, TrainingProgress(progress)])
+    trainer.fit()
+    steps = len(trainer._loader())
+    assert len(store.saved) >= 4 and told.told == [(e, s, steps) for e, s in store.saved]
+    assert all(0 < s < steps for _, s in store.saved)
+    last = progress.read()
+    assert last is not None and (last["epoch"], last["epochs"], last["step"], last["steps"]) == \
+        (store.saved[-1][0] + 1, 2, store.saved[-1][1], steps)
+    assert describe(last).startswith(f"epoch 2/2: step {store.saved[-1][1]} of {steps} (")
+
+
 def test_two_ddp_workers_killed_mid_epoch_resume_at_their_step_exactly(tmp_path: Path) -> None:
     """Two gloo workers, each with its own random stream and half of every batch: a mid-epoch
     checkpoint keeps every rank's stream and sums; resumed, the run ends with the weights and

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from typing import Any
 
 from ray.tune import Callback
@@ -12,6 +13,7 @@ from ray.tune import Callback
 from ancra_tune.config import params_text
 
 from . import trial_rows as R
+from .progress import ProgressFile, describe
 from .study import Study
 
 log = logging.getLogger(__name__)
@@ -19,7 +21,8 @@ log = logging.getLogger(__name__)
 
 class TrialLines(Callback):
     """One compact line per trial event on the console instead of Ray's status tables: the trial,
-    what it searched, epoch k/n and the scheduler's metric; its end (finished, stopped, error)."""
+    what it searched, epoch k/n and the scheduler's metric; its end (finished, stopped, error); and
+    between its results, how far its epoch or its evaluation is."""
 
     def __init__(self, study: Study, epochs: int) -> None:
         self.metric, self.epochs = study.scheduler.metric, epochs
@@ -47,6 +50,34 @@ class TrialLines(Callback):
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         print(f"  trial {self._name(trial)}: error (its log is in {trial.local_path})", flush=True)
 
+    # Between a trial's results, where it is: its epoch's step at each mid-epoch checkpoint and its
+    # evaluation's batches as they finish (each trial's progress file, :mod:`trainables.progress`),
+    # one line when it changes. An epoch can take an hour here and an evaluation several: without
+    # this the console says nothing for that long. (State set on first use: a resumed study's Tune
+    # restores this callback as its first session pickled it.)
+
+    PROGRESS_EVERY_S = 20.0
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        now = time.monotonic()
+        if not hasattr(self, "_progress_shown"):
+            self._session_start, self._next_look, self._progress_shown = time.time(), now, {}
+        if now < self._next_look:
+            return
+        for trial in trials:
+            if trial.status == "RUNNING":
+                self.show_progress(trial)
+        # Tune's loop waits while this reads: many trials on a slow store are looked at less often.
+        self._next_look = now + max(self.PROGRESS_EVERY_S, 10 * (time.monotonic() - now))
+
+    def show_progress(self, trial: Any) -> None:
+        p = ProgressFile(trial.storage.storage_filesystem, trial.storage.trial_fs_path).read()
+        shown = self._progress_shown.get(trial.trial_id)
+        if p is None or float(p.get("at", 0)) < self._session_start or p["at"] == shown:
+            return  # none, from an earlier session, or shown
+        self._progress_shown[trial.trial_id] = p["at"]
+        print(f"  trial {self._name(trial)}: {describe(p)}", flush=True)
+
 
 class TrackingWatch(Callback):
     """On the driver's console: which trials' MLflow records an outage holds back (rank 0 logs to
@@ -67,3 +98,4 @@ class TrackingWatch(Callback):
         elif before and not n:
             print(f"MLflow is back: trial {trial.trial_id}'s records are delivered", file=sys.stderr, flush=True)
         self.pending[trial.trial_id] = n
+

@@ -11,6 +11,7 @@ import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,7 @@ from ancra_tune.trainer import CHECKPOINT_NAME, Trainer
 
 from . import storage
 from . import trial_rows as R
+from .progress import ProgressFile
 from .tracking import TrialRecorder
 
 if TYPE_CHECKING:
@@ -89,9 +91,10 @@ def model_digest(model: torch.nn.Module) -> str:
 
 def report_final(trainer: Trainer, suite: SuiteConfig, session: Session, recorder: TrialRecorder | None, *,
                  objective: list[str] | tuple[str, ...], timing: dict[str, float] | None = None,
-                 batches: EvalBatches | None = None) -> dict[str, Any]:
-    """Evaluate the trained model (rank 0; its finished batches kept in ``batches`` as they finish)
-    and report the trial's final row with the last checkpoint; the other ranks report an empty one."""
+                 batches: EvalBatches | None = None, progress: ProgressFile | None = None) -> dict[str, Any]:
+    """Evaluate the trained model (rank 0; its finished batches kept in ``batches`` and counted in
+    ``progress`` as they finish) and report the trial's final row with the last checkpoint; the other
+    ranks report an empty one."""
     if session.rank != 0:
         session.report({R.DIVERGED: 0, R.FINAL: 1})
         return {}
@@ -99,8 +102,9 @@ def report_final(trainer: Trainer, suite: SuiteConfig, session: Session, recorde
         # The evaluation travels with the last checkpoint: its presence marks the run as complete.
         shutil.copy2(trainer.out_dir / CHECKPOINT_NAME, Path(d) / CHECKPOINT_NAME)
         spent: dict[str, float] = {}
+        on_batch = progress.evaluating if progress is not None else None
         report = evaluate_trial(trainer, suite, plots_dir=Path(d) if recorder else None, spent=spent,
-                                batches=batches)
+                                batches=batches, on_batch=on_batch)
         # The attacks are the evaluation; drawing its plots for MLflow is tracking's time.
         timing = {**(timing or {}), R.TIMING_PREFIX + "eval_s": spent["attacks_s"],
                   R.TIMING_PREFIX + "plots_s": spent["report_s"],
@@ -118,6 +122,8 @@ def report_final(trainer: Trainer, suite: SuiteConfig, session: Session, recorde
         session.report({**final, **timing}, checkpoint=Path(d))
     if batches is not None:  # the evaluation is in the trial's checkpoint now
         batches.remove()
+    if progress is not None:
+        progress.remove()
     return {**final, **timing}
 
 
@@ -147,12 +153,15 @@ def training_times(trainer: Trainer) -> dict[str, float]:
 
 
 def evaluate_trial(trainer: Trainer, suite: SuiteConfig, *, plots_dir: Path | None = None,
-                   spent: dict[str, float] | None = None, batches: EvalBatches | None = None) -> EvalReport:
+                   spent: dict[str, float] | None = None, batches: EvalBatches | None = None,
+                   on_batch: Callable[..., None] | None = None) -> EvalReport:
     """The end-of-trial suite on the validation split: the report trials are compared by. With
     ``plots_dir`` the feature histograms and embedding are drawn there. ``spent`` receives the
     seconds the attacks took (``attacks_s``, over every start), the report with its plots (``report_s``) and the
     batches taken from an earlier, stopped start (``batches_resumed``): with ``batches`` each batch is
-    kept as it finishes, and those an earlier start finished are not evaluated again."""
+    kept as it finishes, and those an earlier start finished are not evaluated again. ``on_batch`` hears
+    how far it is (:meth:`trainables.progress.ProgressFile.evaluating`'s arguments) when it starts and
+    after each batch."""
     from ancra_tune.robustness import build_report, evaluate_model, seeded_subset
     from ancra_tune.robustness.plots import draw_report
     from ancra_tune.robustness.runner import batch_slices
@@ -162,7 +171,8 @@ def evaluate_trial(trainer: Trainer, suite: SuiteConfig, *, plots_dir: Path | No
     idx = seeded_subset(len(val), suite.n_examples, suite.seed)
     x, y = val.images[idx].float().div(255.0), val.labels[idx]
     model = trainer.model.eval()
-    n_batches = len(batch_slices(len(idx), suite.batch_size))
+    slices = batch_slices(len(idx), suite.batch_size)
+    n_batches = len(slices)
     done: dict[int, tuple[BatchResult, float]] = {}
     if batches is not None:
         meta = {"model": model_digest(model), "suite": suite.to_dict(), "examples": idx.tolist()}
@@ -170,6 +180,13 @@ def evaluate_trial(trainer: Trainer, suite: SuiteConfig, *, plots_dir: Path | No
     resumed = len(done)
     if resumed:
         log.info("evaluation: %d of %d batches finished before, going on from there", resumed, n_batches)
+
+    def tell() -> None:
+        if on_batch is not None:
+            on_batch(len(done), n_batches, sum(slices[b].stop - slices[b].start for b in done), len(idx),
+                     sum(sec for _, sec in done.values()), resumed)
+
+    tell()
     for b in range(n_batches):
         if b not in done:
             t = time.perf_counter()
@@ -177,6 +194,7 @@ def evaluate_trial(trainer: Trainer, suite: SuiteConfig, *, plots_dir: Path | No
             done[b] = result, time.perf_counter() - t
             if batches is not None:
                 batches.save(*done[b])
+            tell()
     results = [done[b][0] for b in range(n_batches)]
     t_report = time.perf_counter()
     report = build_report(results, suite, ra=model.ra, n_classes=trainer.splits.info.num_classes,

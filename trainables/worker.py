@@ -31,6 +31,7 @@ from ancra_tune.trainer import CHECKPOINT_NAME, PARTIAL_NAME, Callback, Diverged
 
 from . import storage
 from . import trial_rows as R
+from .progress import ProgressFile, TrainingProgress
 from .scratch_dirs import claim_run_dir, sweep_run_dirs
 from .tracking import FAST_FAIL_ENV, TrialRecorder, TrialSpec
 from .trial_eval import EVAL_BATCHES, EvalBatches, report_final, track_final
@@ -285,10 +286,13 @@ def run_worker(plan: TrialPlan, session: Session) -> dict[str, Any]:
     # MLflow first: an epoch is in the run before the report that may let ASHA stop the trial.
     callbacks = ([MlflowEpochs(recorder)] if recorder is not None and rank == 0 else []) + \
         [RayReport(session, recorder)]
-    partial = batches = None  # kept in the trial's folder: what a stopped trial goes on from
+    partial = batches = progress = None  # kept in the trial's folder: what a stopped trial goes on from
     if plan.folder is not None:
         fs, folder = plan.folder
         partial, batches = StoragePartial(fs, f"{folder}/{PARTIAL_NAME}"), EvalBatches(fs, f"{folder}/{EVAL_BATCHES}")
+        if rank == 0:  # where it is between results, for the console and `ancra-tune status`
+            progress = ProgressFile(fs, folder)
+            callbacks.append(TrainingProgress(progress))
     trainer = Trainer(cfg, device=device, rank=rank, world_size=world, out_dir=out_dir, wrap_model=wrap,
                       callbacks=callbacks, partial=partial)
     timing[R.TIMING_PREFIX + "setup_s"] = time.time() - timing[R.TIMING_PREFIX + "worker_start"]
@@ -327,7 +331,7 @@ def run_worker(plan: TrialPlan, session: Session) -> dict[str, Any]:
             return {}
         if plan.suite is not None:  # the end-of-trial evaluation, unless none is asked for
             return report_final(trainer, plan.suite, session, recorder, objective=plan.objective, batches=batches,
-                                 timing=timing)
+                                 progress=progress, timing=timing)
         return {}
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)

@@ -18,7 +18,7 @@ from ancra_tune.config import (
 from ancra_tune.data import DatasetUnavailableError
 
 from .core_commands import _eval, _train
-from .study_commands import _plan, _study
+from .study_commands import _plan, _status, _study
 from .tracking_commands import _best, _report, _store, _ui
 
 
@@ -118,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="without records, do not measure the cost here (accuracy and power only)")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON on stdout")
     pl.set_defaults(func=_plan)
+
+    ss = sub.add_parser("status", help="where a study stands, from its folder (also while it runs, or between "
+                                       "sessions): its sessions, wall time, and each trial's epoch, step or evaluation")
+    ss.add_argument("file", help="the study file, e.g. search_spaces/table8_mnist.yaml")
+    ss.add_argument("--storage", help="where the study runs; default: $ANCRA_STORAGE, else runs/studies")
+    ss.add_argument("--json", action="store_true", help="print it as JSON on stdout")
+    ss.set_defaults(func=_status)
 
     b = sub.add_parser("best", help="register a study's best trial model in MLflow with the alias `champion`")
     b.add_argument("study", help="the study's name (its MLflow experiment)")

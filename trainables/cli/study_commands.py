@@ -88,6 +88,30 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace) -> int:
+    """0 when the study has begun (running or not), 2 when its folder holds no session of it."""
+    import json
+    import shlex
+
+    from ..storage import root as storage_root
+    from ..study import load_study
+    from ..study_status import format_status, study_status
+
+    study = load_study(args.file)
+    root = storage_root(args.storage)
+    st = study_status(study, root)
+    if not st.sessions:
+        print(f"error: study {study.name} has not run in {root} (no {st.study_dir}/study_state); run it with "
+              f"`ancra-tune {'ablate' if study.kind == 'ablation' else 'sweep'} {args.file}`", file=sys.stderr)
+        return EXIT_USAGE
+    command = shlex.join(["ancra-tune", "ablate" if study.kind == "ablation" else "sweep", args.file,
+                          *(["--storage", args.storage] if args.storage else []), "--resume"])
+    print(format_status(st, resume_command=command), file=sys.stderr if args.json else sys.stdout, flush=True)
+    if args.json:
+        print(json.dumps(st.to_dict(), indent=1, default=str))
+    return 0
+
+
 def study_exit_code(summary: StudySummary) -> int:
     """0: the study finished and at least one trial did; 1: it ended without a finished trial, or a full
     disk stopped it; 130: interrupted (``--resume`` continues). Usage and config errors exit 2 earlier."""

@@ -1,0 +1,99 @@
+"""Where a running trial is between the results Tune records: a trial's epoch can take an hour and
+its evaluation several, and neither says anything until it ends.
+
+Rank 0 keeps one small file in the trial's folder of the study's storage (``trial_progress.json``,
+replaced whole): the step its epoch had reached at its last mid-epoch checkpoint, or the batches its
+evaluation has finished. The driver's console prints it when it changes
+(:class:`trainables.console.ProgressLines`) and ``ancra-tune status`` reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from ancra_tune.trainer import Callback, Trainer
+
+from . import storage
+
+log = logging.getLogger(__name__)
+
+PROGRESS_NAME = "trial_progress.json"
+TRAINING, EVALUATING = "training", "evaluating"
+
+
+class ProgressFile:
+    """A trial's progress file (through the pyarrow filesystem Tune gives the trial: a local or shared
+    path, or a bucket). Writing it is never fatal: it only informs."""
+
+    def __init__(self, fs: Any, folder: str) -> None:
+        self.fs, self.path = fs, f"{folder}/{PROGRESS_NAME}"
+
+    def write(self, **fields: Any) -> None:
+        try:
+            storage.fs_write(self.fs, self.path, json.dumps({**fields, "at": time.time()}).encode())
+        except Exception as e:  # noqa: BLE001 - the run goes on; only its progress line is missing
+            log.warning("cannot write %s: %s", self.path, e)
+
+    def read(self) -> dict[str, Any] | None:
+        try:
+            raw = storage.fs_read(self.fs, self.path)
+            data = json.loads(raw) if raw is not None else None
+        except Exception:  # noqa: BLE001 - unreadable (or half-written on a store without moves): none
+            return None
+        return data if isinstance(data, dict) and data.get("phase") in (TRAINING, EVALUATING) else None
+
+    def remove(self) -> None:
+        try:
+            storage.fs_remove(self.fs, self.path)
+        except Exception as e:  # noqa: BLE001
+            log.warning("cannot remove %s: %s", self.path, e)
+
+    # what the worker writes
+
+    def training(self, epoch: int, epochs: int, step: int, steps: int) -> None:
+        """``epoch`` is 1-based: ``step`` of its ``steps`` are done."""
+        self.write(phase=TRAINING, epoch=epoch, epochs=epochs, step=step, steps=steps)
+
+    def evaluating(self, batches: int, n_batches: int, examples: int, n_examples: int, seconds: float,
+                   resumed: int = 0) -> None:
+        """``batches`` of ``n_batches`` finished (``resumed`` of them by an earlier start), holding
+        ``examples`` of ``n_examples``, in ``seconds`` over every start."""
+        self.write(phase=EVALUATING, batches=batches, n_batches=n_batches, examples=examples,
+                   n_examples=n_examples, seconds=seconds, resumed=resumed)
+
+
+class TrainingProgress(Callback):
+    """Trainer hook (rank 0): each mid-epoch checkpoint's step goes to the progress file."""
+
+    def __init__(self, progress: ProgressFile) -> None:
+        self.progress = progress
+
+    def on_mid_epoch_checkpoint(self, trainer: Trainer, epoch: int, step: int, steps: int) -> None:
+        self.progress.training(epoch + 1, trainer.cfg.optim.epochs, step, steps)
+
+
+def _minutes(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def describe(p: dict[str, Any]) -> str:
+    """One line for people: ``epoch 4/5: step 120 of 453 (26%)`` or ``evaluation: 3 of 7 batches
+    (750 of 1,667 examples) in 62 min, about 83 min left``."""
+    when = time.strftime("%H:%M", time.localtime(float(p.get("at", 0))))
+    if p["phase"] == TRAINING:
+        step, steps = int(p["step"]), max(1, int(p["steps"]))
+        return (f"epoch {int(p['epoch'])}/{int(p['epochs'])}: step {step} of {steps} ({100 * step / steps:.0f}%) "
+                f"at its checkpoint of {when}")
+    done, total, seconds = int(p["batches"]), max(1, int(p["n_batches"])), float(p["seconds"])
+    text = (f"evaluation: {done} of {total} batches ({int(p['examples']):,} of {int(p['n_examples']):,} examples) "
+            f"in {_minutes(seconds)}")
+    if 0 < done < total and seconds > 0:
+        text += f", about {_minutes(seconds / done * (total - done))} left"
+    return text + f" (at {when})"

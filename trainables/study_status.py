@@ -1,0 +1,257 @@
+"""Where a study stands, from its folder alone: ``ancra-tune status STUDY_FILE``.
+
+A study too long for one session runs over many (``--resume``). Between them, and while one runs
+(from another shell or machine that sees the storage), this says what is done and what is left
+without a Ray instance, MLflow or the lock: whether a driver runs it now, its wall time over its sessions, and
+each trial (started ones from their folders; an ablation's others from its grid): its epochs, and
+where it is between results (its epoch's step at the last mid-epoch checkpoint, its evaluation's
+finished batches: :mod:`trainables.progress`), or that it is evaluated, diverged, stopped by the
+scheduler, failed or waiting. It shows no trial's evaluation: that is the study's answer
+(``ancra-tune report``, once it has finished).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ancra_tune.config import params_text
+from ancra_tune.trainer import PARTIAL_NAME
+
+from . import sessions, storage
+from . import trial_rows as R
+from .progress import EVALUATING, TRAINING, ProgressFile, describe
+from .scheduler import read_state
+from .study import Study
+from .study_lock import HOLDER_NAME
+from .trial import SEED_KEY
+
+# Tune's trial folders: run_trial_<trial id>_<counter>_<params>_<date>; an ablation's trial ids end in
+# its grid variant (9f600_00000), a sweep's do not (652a40ad).
+TRIAL_FOLDER = re.compile(r"^run_trial_([0-9a-f]+(?:_\d{5})?)_(\d+)_")
+EVALUATED, DIVERGED, STOPPED, FAILED, RUNNING, WAITING = (
+    "evaluated", "diverged", "stopped", "failed", "unfinished", "waiting")
+
+
+@dataclass
+class TrialStatus:
+    trial_id: str | None  # None: not started yet
+    params: dict[str, Any]
+    state: str  # EVALUATED, DIVERGED, STOPPED, FAILED, RUNNING, WAITING
+    epochs: int = 0  # finished epochs
+    train_time_s: float = 0.0
+    now: str = ""  # where it is, for people
+    progress: dict[str, Any] | None = None  # its progress file, when current
+
+
+@dataclass
+class StudyStatus:
+    study: str
+    kind: str
+    study_dir: str
+    epochs: int
+    driver: dict[str, Any] | None  # who runs it now (the lock's holder), None: nobody
+    sessions: int
+    wall_time_s: float
+    planned: int  # trials the study file asks for (a sweep: its samples and extensions)
+    trials: list[TrialStatus] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        out = {s: 0 for s in (EVALUATED, RUNNING, WAITING, STOPPED, DIVERGED, FAILED)}
+        for t in self.trials:
+            out[t.state] += 1
+        out[WAITING] += max(0, self.planned - len(self.trials))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "counts": self.counts()}
+
+
+def _filesystem(path: str) -> tuple[Any, str]:
+    import pyarrow.fs
+
+    if storage.is_uri(path):
+        return pyarrow.fs.FileSystem.from_uri(path)
+    return pyarrow.fs.LocalFileSystem(), os.path.abspath(path)
+
+
+def _trial_folders(fs: Any, study_dir: str) -> list[str]:
+    """The study's trial folders, its extensions' (``more-<k>/``) included, in creation order."""
+    import pyarrow.fs
+
+    def folders(root: str, prefix: str) -> list[Any]:
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+        return [i for i in infos if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith(prefix)]
+
+    out: list[str] = []
+    for root in [study_dir] + sorted(i.path for i in folders(study_dir, "more-")):
+        out += [i.path for i in sorted(folders(root, "run_trial_"), key=lambda i: _counter(i.base_name))]
+    return out
+
+
+def _counter(name: str) -> int:
+    try:  # run_trial_<id>_<counter>_...
+        return int(name.split("_")[3])
+    except (IndexError, ValueError):
+        return 0
+
+
+def _json_lines(fs: Any, path: str) -> list[dict[str, Any]]:
+    raw = storage.fs_read(fs, path)
+    rows = []
+    for line in (raw or b"").decode(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:  # a line being written
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def _driver(fs: Any, study_dir: str) -> dict[str, Any] | None:
+    """The process that holds the study's lock (``study_lock``), if it is alive; a killed driver's
+    note is left behind, and one on another host is taken at its word."""
+    raw = storage.fs_read(fs, f"{study_dir}/{HOLDER_NAME}")
+    try:
+        holder = json.loads(raw) if raw else None
+    except ValueError:
+        return None
+    if not isinstance(holder, dict):
+        return None
+    if holder.get("host") == socket.gethostname():
+        try:
+            os.kill(int(holder["pid"]), 0)
+        except (ProcessLookupError, KeyError, ValueError, TypeError):
+            return None
+        except PermissionError:  # alive, another user's
+            pass
+    return holder
+
+
+def trial_status(fs: Any, folder: str, epochs: int, stopped: set[str]) -> TrialStatus:
+    rows = _json_lines(fs, f"{folder}/result.json")
+    raw = storage.fs_read(fs, f"{folder}/params.json")
+    params = json.loads(raw) if raw else {}
+    named = TRIAL_FOLDER.match(folder.rstrip("/").rsplit("/", 1)[-1])
+    trial_id = next((str(r["trial_id"]) for r in rows if r.get("trial_id")), named.group(1) if named else folder)
+    done = [r for r in rows if R.is_epoch(r)]
+    t = TrialStatus(trial_id=trial_id, params=params, state=RUNNING, epochs=len(done),
+                    train_time_s=float(sum(r["epoch_time_s"] for r in done)))
+    if any(R.is_final(r) for r in rows):
+        t.state, t.now = EVALUATED, "evaluated"
+        return t
+    diverged = next((r for r in rows if R.is_diverged(r)), None)
+    if diverged is not None:
+        t.state, t.now = DIVERGED, f"diverged at epoch {diverged.get(R.DIVERGED_EPOCH)}"
+        return t
+    if trial_id in stopped:
+        t.state, t.now = STOPPED, f"stopped by the scheduler after epoch {t.epochs}"
+        return t
+    p = ProgressFile(fs, folder).read()
+    if p is not None and (p["phase"] == EVALUATING or (p["phase"] == TRAINING and int(p["epoch"]) > t.epochs)):
+        t.progress, t.now = p, describe(p)
+    elif t.epochs >= epochs:
+        t.now = f"trained; {_kept_batches(fs, folder)}"
+    else:
+        t.now = f"{t.epochs} of {epochs} epochs done"
+        partial = fs.get_file_info(f"{folder}/{PARTIAL_NAME}")
+        if partial.mtime_ns:  # a version without progress files left only this
+            t.now += (f"; epoch {t.epochs + 1} has a mid-epoch checkpoint of "
+                      f"{time.strftime('%H:%M', time.localtime(partial.mtime_ns / 1e9))}")
+    if storage.fs_exists(fs, f"{folder}/error.txt"):
+        t.state = FAILED  # unless a driver runs it again (study_status)
+        t.now += "; it failed (error.txt in its folder)"
+    return t
+
+
+def _kept_batches(fs: Any, folder: str) -> str:
+    """What a trained trial's evaluation has kept (``eval_batches/``; what a version without
+    progress files leaves too)."""
+    import pyarrow.fs
+
+    from .trial_eval import EVAL_BATCHES
+
+    raw = storage.fs_read(fs, f"{folder}/{EVAL_BATCHES}/meta.json")
+    try:
+        meta = json.loads(raw) if raw else None
+        n, size = len(meta["examples"]), int(meta["suite"]["batch_size"])
+    except (ValueError, KeyError, TypeError):
+        return "its evaluation has not kept a batch yet"
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(f"{folder}/{EVAL_BATCHES}", allow_not_found=True))
+    kept = sorted(int(i.base_name[6:11]) for i in infos if i.base_name.startswith("batch_")
+                  and i.base_name.endswith(".pt"))
+    examples = sum(min(n, (b + 1) * size) - b * size for b in kept)
+    return (f"evaluation: {len(kept)} of {-(-n // size)} batches kept ({examples:,} of {n:,} examples; "
+            f"the last at {time.strftime('%H:%M', time.localtime(max(i.mtime_ns for i in infos) / 1e9))})")
+
+
+def study_status(study: Study, storage_root: str) -> StudyStatus:
+    """Where ``study`` (in ``storage_root``) stands now, from its folder."""
+    study_dir = storage.join(storage_root, study.name)
+    fs, path = _filesystem(study_dir)
+    history = sessions.load(study_dir)
+    state = read_state(study_dir) or {}
+    stopped = set(state.get("stopped", ()))
+    epochs = study.train.optim.epochs
+    trials = [trial_status(fs, f, epochs, stopped) for f in _trial_folders(fs, path)]
+    driver = _driver(fs, path)
+    for t in trials:
+        if t.state == FAILED and driver:  # Tune retries a failed trial while it has failures left
+            t.state = RUNNING
+    reported = [float(r[R.REPORTED_AT]) for f in _trial_folders(fs, path)
+                for r in _json_lines(fs, f"{f}/result.json") if isinstance(r.get(R.REPORTED_AT), (int, float))]
+    # The session running now lasts until now; one whose driver was killed, until its last result.
+    last_start = history[-1].started if history else 0.0
+    now = time.time() if driver else max([last_start] + [t for t in reported if t >= last_start])
+    wall = sessions.wall_time_s(history, reported, now=now)
+    if study.kind == "ablation":
+        planned = len(study.grid_points()) * len(study.seeds)
+        started = {_key(t.params) for t in trials}
+        grid = study.ablation.grid
+        # In the order Tune starts them: the seed varies slowest, the grid's first key fastest.
+        points = sorted(({**point, SEED_KEY: seed} for point in study.grid_points() for seed in study.seeds),
+                        key=lambda q: (list(study.seeds).index(q[SEED_KEY]),
+                                       *(list(grid[k]).index(q[k]) for k in reversed(list(grid)))))
+        trials += [TrialStatus(trial_id=None, params=q, state=WAITING, now="waiting")
+                   for q in points if _key(q) not in started]
+    else:
+        planned = study.search.num_samples + sum(sessions.extensions(history).values())
+    return StudyStatus(study=study.name, kind=study.kind, study_dir=study_dir, epochs=epochs, driver=driver,
+                       sessions=len(history), wall_time_s=wall, planned=planned, trials=trials)
+
+
+def _key(params: dict[str, Any]) -> str:
+    return json.dumps({k: params[k] for k in sorted(params)}, default=str)
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+
+
+def format_status(st: StudyStatus, resume_command: str | None = None) -> str:
+    c = st.counts()
+    lines = [f"study {st.study} ({st.kind}): {st.study_dir}"]
+    if st.driver:
+        lines.append(f"running now: process {st.driver.get('pid')} on {st.driver.get('host')} since "
+                     f"{st.driver.get('since')}")
+    elif st.sessions:
+        lines.append("not running" + (f": `{resume_command}` goes on with it" if resume_command and
+                                       c[WAITING] + c[RUNNING] + c[FAILED] else ""))
+    else:
+        lines.append("not started")
+    lines.append(f"wall time {_hours(st.wall_time_s)} over {st.sessions} session(s); {st.planned} trials: "
+                 + ", ".join(f"{n} {k}" for k, n in c.items() if n))
+    lines.append(f"  {'trial':<7} {'epochs':>6} {'training':>9}  {'params':<28} now")
+    for t in st.trials:
+        tid = t.trial_id.rsplit("_", 1)[-1] if t.trial_id else "-"
+        shown = params_text(t.params, sep=" ") + f" seed={t.params.get(SEED_KEY, '-')}"
+        epochs = f"{t.epochs}/{st.epochs}" if t.trial_id else "-"
+        train = _hours(t.train_time_s) if t.train_time_s else "-"
+        lines.append(f"  {tid:<7} {epochs:>6} {train:>9}  {shown:<28} {t.now}")
+    return "\n".join(lines)
