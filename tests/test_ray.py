@@ -440,6 +440,7 @@ def _check_study_page(summary: dict, parent_run_id: str, mc) -> None:
     assert main(["report", str(out)]) == 0
     page = (out / "report" / "report.md").read_text()
     assert "| configuration | seeds | n/seed | clean (%) | PGD-" in page and "## How this page was made" in page
+    assert "asks for 2 configurations x 2 seeds = 4 runs; 2 finished, and only they are in the cells" in page
     table = json.loads((out / "report" / "table.json").read_text())
     rows = {r["config"]["optim.lr"]: r for r in table["rows"]}
     for lr, row in rows.items():
@@ -450,6 +451,7 @@ def _check_study_page(summary: dict, parent_run_id: str, mc) -> None:
         assert row["trials"] == len(group) == 2 and row["finished"] == len(reports)
         if not reports:  # the diverged configuration
             assert row["worst"] is None and f"| optim.lr={lr} | 0/2 |" in page
+            assert f"lr={lr:.3g} seed 0 (diverged); lr={lr:.3g} seed 1 (diverged)." in page
             continue
         worst = [r["robust_acc_worst"] for r in reports]
         cell = row["worst"]

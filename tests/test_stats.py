@@ -248,3 +248,30 @@ def test_the_plans_probe_charges_a_surviving_example_every_attacks_whole_budget(
     _, fooled_rows = plan.eval_cost(model, x[keep], y[keep], dataclasses.replace(suite, eps=1.0))
     assert survivor_rows >= 300  # Square's every query, on every example
     assert fooled_rows < 100  # fooled at once: Square stops at its first queries
+
+
+def test_a_page_published_before_its_study_ended_names_the_runs_no_cell_counts() -> None:
+    """Only finished runs are in the cells: the page says how many of the study file's runs that is,
+    and names each one that is not (not started, interrupted, diverged, failed), by row and seed."""
+    from trainables import ablation_table
+    from trainables.study_page import runs_line
+
+    trials, reports = _synthetic_ablation(np.random.default_rng(3))
+    trials = [t for t in trials if t["trial_id"] not in ("same2", "better1")]  # never started
+    trials[0] = {**trials[0], "status": "interrupted"}  # baseline seed 0
+    reports.pop("baseline0")
+    points, seeds = [{"arm": a} for a in ("baseline", "better", "same")], [0, 1, 2]
+    (text, blank) = runs_line({"trials": trials}, points, seeds)
+    assert blank == "" and text.startswith("**Runs.** The study file asks for 3 configurations x 3 seeds = 9 runs; "
+                                           "6 finished, and only they are in the cells below.")
+    assert text.endswith("Not finished, so in no cell: arm=baseline seed 0 (interrupted); arm=better seed 1 "
+                         "(not started); arm=same seed 2 (not started).")
+    table = ablation_table.build(trials, reports, ["arm"], points=points, seeds=seeds)
+    rows = {r["config"]["arm"]: r for r in table["rows"]}
+    assert [rows[a]["worst"]["seeds"] for a in ("baseline", "better", "same")] == [2, 2, 2]
+    md = "\n".join(ablation_table.markdown(table))
+    assert "| arm=baseline | 2/3 | 2000 |" in md and "| arm=same | 2/3 | 2000 |" in md
+    # Paired against the baseline on the seeds both rows have: seed 2 for better, seed 1 for same.
+    worst = {c["row"]["arm"]: c for c in table["comparisons"] if c["metric"] == "worst"}
+    assert worst["better"]["seeds"] == 1 and worst["same"]["seeds"] == 1
+    assert runs_line({"trials": trials}, None, seeds) == []

@@ -133,11 +133,11 @@ def _cells(trials: Sequence[Mapping[str, Any]], reports: Mapping[str, EvalReport
 
 
 def build(trials: Sequence[Mapping[str, Any]], reports: Mapping[str, EvalReport | None], grid_keys: Sequence[str],
-          points: Sequence[Mapping[str, Any]] | None = None, baseline: Mapping[str, Any] | None = None
-          ) -> dict[str, Any]:
+          points: Sequence[Mapping[str, Any]] | None = None, baseline: Mapping[str, Any] | None = None,
+          seeds: Sequence[int] | None = None) -> dict[str, Any]:
     """The table as ``table.json`` holds it. ``points``: the grid's configurations in order (default:
     as the trials first show them); ``baseline``: the row the others are compared with (default:
-    the first point)."""
+    the first point); ``seeds``: the seeds the study asks of every row (default: the trials')."""
     keys = list(grid_keys)
     if points is None:
         points = []
@@ -152,7 +152,8 @@ def build(trials: Sequence[Mapping[str, Any]], reports: Mapping[str, EvalReport 
         group = [t for t in trials if all(t["params"].get(k) == v for k, v in point.items())]
         cells = _cells(group, reports)
         row: dict[str, Any] = {"config": dict(point), "trials": len(group),
-                               "finished": sum(t["status"] == S.FINISHED for t in group)}
+                               "finished": sum(t["status"] == S.FINISHED for t in group),
+                               "planned_seeds": len(seeds) if seeds is not None else None}
         for col in COLUMNS:
             c = cells.get(col.key)
             row[col.key] = None if c is None else {**c.estimate().to_dict(), "flagged": c.flagged,
@@ -233,7 +234,8 @@ def markdown(table: Mapping[str, Any]) -> list[str]:
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table["rows"]:
         w = r.get("worst") or r.get("clean") or {}
-        cells = [_conf(r["config"]), f"{w.get('seeds', 0)}/{r['trials']}", str(w.get("n", "–"))]
+        cells = [_conf(r["config"]), f"{w.get('seeds', 0)}/{r.get('planned_seeds') or r['trials']}",
+                 str(w.get("n", "–"))]
         cells += [_cell(r.get(c.key)) for c in cols]
         cells += [", ".join(r["checks_failed"]) or "none",
                   "n/a" if r.get(TIME) is None else f"{r[TIME]:.1f}"]

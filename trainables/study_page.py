@@ -181,6 +181,26 @@ def sweep_plots(summary: StudySummary, metric: str, mode: str, out: Path) -> lis
 # --------------------------------------------------------------------------- the page
 
 
+def runs_line(summary: StudySummary, points: list[dict[str, Any]] | None, seeds: list[int] | None) -> list[str]:
+    """How many of the runs the study file asks for are in the table, and which are not (a study
+    published before its end, or runs that failed: no cell counts them)."""
+    if points is None or seeds is None:
+        return []
+    missing = []
+    for point in points:
+        for seed in seeds:
+            t = next((t for t in summary["trials"] if t["params"].get(SEED_KEY) == seed
+                      and all(t["params"].get(k) == v for k, v in point.items())), None)
+            if t is None or t["status"] != S.FINISHED:
+                missing.append(f"{params_text(point)} seed {seed} ({'not started' if t is None else t['status']})")
+    total = len(points) * len(seeds)
+    text = (f"**Runs.** The study file asks for {len(points)} configurations x {len(seeds)} seeds = {total} runs; "
+            f"{total - len(missing)} finished, and only they are in the cells below.")
+    if missing:
+        text += f" Not finished, so in no cell: {'; '.join(missing)}."
+    return [text, ""]
+
+
 def provenance(summary: StudySummary) -> list[str]:
     import torch
 
@@ -218,16 +238,18 @@ def build_page(summary_path: Path, out: Path | None = None) -> Path:
         from . import ablation_table
 
         keys = sorted({k for t in summary["trials"] for k in t["params"] if k != SEED_KEY})
-        points = baseline = None
-        try:  # the grid's order and the study's baseline, when the study file is still there
+        points = baseline = seeds = None
+        try:  # the grid's order, its seeds and the study's baseline, when the study file is still there
             from .study import load_study
 
             study = load_study(summary["study_file"])
             keys, points, baseline = list(study.ablation.grid), study.grid_points(), study.ablation.baseline
+            seeds = list(study.seeds)
         except Exception:  # noqa: BLE001 (the trials' own order, the first point as the baseline)
             pass
-        table = ablation_table.build(summary["trials"], reports, keys, points=points, baseline=baseline)
-        lines += ["## Accuracy by configuration", ""] + ablation_table.markdown(table)
+        table = ablation_table.build(summary["trials"], reports, keys, points=points, baseline=baseline, seeds=seeds)
+        lines += ["## Accuracy by configuration", ""] + runs_line(summary, points, seeds) + \
+            ablation_table.markdown(table)
         (out / "table.json").write_text(json.dumps(table, indent=1, default=str))
     else:
         from .study import load_study
