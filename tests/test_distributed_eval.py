@@ -65,7 +65,7 @@ def test_a_trial_stopped_mid_evaluation_goes_on_from_its_next_batch(tmp_path: Pa
     kept batches go once the evaluation is reported."""
     import pyarrow.fs
 
-    import ancra_tune.robustness as rob
+    import ancra_tune.robustness.kept as kept_mod
     from ancra_tune.config import TrainConfig
     from ancra_tune.robustness import SuiteConfig
     from ancra_tune.robustness.report import BatchResult
@@ -86,7 +86,7 @@ def test_a_trial_stopped_mid_evaluation_goes_on_from_its_next_batch(tmp_path: Pa
     straight = evaluate_trial(trainer, suite)
 
     calls: list[list[int]] = []
-    evaluate = rob.evaluate_model
+    evaluate = kept_mod.evaluate_model
 
     def counted(*args, **kwargs):
         calls.append(list(kwargs["batches"]))
@@ -94,7 +94,7 @@ def test_a_trial_stopped_mid_evaluation_goes_on_from_its_next_batch(tmp_path: Pa
             raise KeyboardInterrupt  # stopped while its third batch ran
         return evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(rob, "evaluate_model", counted)
+    monkeypatch.setattr(kept_mod, "evaluate_model", counted)
     store = EvalBatches(pyarrow.fs.LocalFileSystem(), str(tmp_path / "trial" / "eval_batches"))
     stop_at_third = True
     with pytest.raises(KeyboardInterrupt):

@@ -195,6 +195,46 @@ def test_cli_eval_writes_report_and_pngs(tmp_path: Path, capsys) -> None:
     assert "trained with RA" in capsys.readouterr().err
 
 
+def test_cli_eval_stopped_goes_on_from_its_next_batch(tmp_path: Path, capsys, monkeypatch) -> None:
+    """`ancra-tune eval` keeps each finished batch beside its report: stopped (Ctrl+C) in its third of
+    four batches it exits 130 saying where they are, and the same command evaluates only the other two
+    and writes the report an unstopped evaluation writes; the kept batches go with the report."""
+    import ancra_tune.robustness.kept as kept_mod
+    from trainables.cli import main
+
+    ckpt = tmp_path / "ra"
+    assert main(["train", "quickstart", "--set", "optim.epochs=1", "--set", "data.train_limit=64", "--set",
+                 "eval.max_examples=32", "--out", str(ckpt), "--quiet"]) == 0
+    cmd = ["eval", str(ckpt / "checkpoint.pt"), "--quick", "--n", "64", "--batch-size", "16", "--no-autoattack",
+           "--quiet"]
+    assert main([*cmd, "--out", str(tmp_path / "straight")]) == 0
+    calls: list[list[int]] = []
+    evaluate = kept_mod.evaluate_model
+
+    def counted(*args, **kwargs):
+        calls.append(list(kwargs["batches"]))
+        if len(calls) == 3 and stop:
+            raise KeyboardInterrupt  # Ctrl+C while its third batch runs
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(kept_mod, "evaluate_model", counted)
+    out, stop = tmp_path / "stopped", True
+    capsys.readouterr()
+    assert main([*cmd, "--out", str(out)]) == 130
+    assert f"its finished batches are kept in {out / 'eval_batches'}" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "eval_batches").iterdir()) == ["batch_00000.pt", "batch_00001.pt",
+                                                                        "meta.json"]
+    calls[:], stop = [], False
+    assert main([*cmd, "--out", str(out)]) == 0
+    assert calls == [[2], [3]]
+    assert f"going on from the evaluation kept in {out / 'eval_batches'}: 2 of 4 batches done (32 of 64 examples" \
+        in capsys.readouterr().out
+    a, b = (json.loads((d / "report.json").read_text()) for d in (tmp_path / "straight", out))
+    for k in ("n_examples", "clean_acc", "robust_acc_worst", "attacks", "checks", "per_example"):
+        assert a[k] == b[k], k
+    assert not (out / "eval_batches").exists()
+
+
 def test_pca_embedding_projects_on_the_leading_components() -> None:
     """The quick preset's embedding: the two directions of largest variance (two clusters apart
     along one feature land on either side of the first axis); other methods are refused."""

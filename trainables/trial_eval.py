@@ -4,21 +4,16 @@ row to Tune (with the checkpoint it belongs to) and the evaluation and model to 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import io
 import json
 import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from ancra_tune.robustness import EvalReport, SuiteConfig
-from ancra_tune.robustness.report import BatchResult
+from ancra_tune.robustness.kept import BatchFiles, KeptBatches, OnBatch, evaluate_kept, model_digest
 from ancra_tune.trainer import CHECKPOINT_NAME, Trainer
 
 from . import storage
@@ -34,59 +29,35 @@ log = logging.getLogger(__name__)
 EVAL_BATCHES = "eval_batches"  # the folder of an evaluation's finished batches, in the trial's folder
 
 
-class EvalBatches:
-    """The batches an end-of-trial evaluation has finished, kept in the trial's folder of the study's
-    storage as they finish: a trial stopped mid-evaluation goes on from its next batch (each batch's
-    attacks draw their randomness from the batch's own index, so the outcomes are the ones an
-    unstopped evaluation gets). They belong to one model and one suite (``meta.json``): any other
-    makes them start over. Removed once the evaluation has been reported."""
+class FsBatchFiles(BatchFiles):
+    """Files in a folder of the study's storage, through the pyarrow filesystem Tune gives the trial."""
 
     def __init__(self, fs: Any, folder: str) -> None:
         self.fs, self.folder = fs, folder
 
-    def _path(self, b: int) -> str:
-        return f"{self.folder}/batch_{b:05d}.pt"
+    def __str__(self) -> str:
+        return self.folder
 
-    def open(self, meta: dict[str, Any], n_batches: int) -> dict[int, tuple[BatchResult, float]]:
-        """The finished batches of the evaluation ``meta`` describes, with the seconds each took (none
-        when they are of another)."""
-        raw = storage.fs_read(self.fs, f"{self.folder}/meta.json")
-        if raw is None or json.loads(raw) != meta:
-            storage.fs_remove(self.fs, self.folder)
+    def read(self, name: str) -> bytes | None:
+        return storage.fs_read(self.fs, f"{self.folder}/{name}")
+
+    def write(self, name: str, data: bytes) -> None:
+        if not storage.fs_exists(self.fs, self.folder):
             self.fs.create_dir(self.folder)
-            storage.fs_write(self.fs, f"{self.folder}/meta.json", json.dumps(meta).encode())
-            return {}
-        done: dict[int, tuple[BatchResult, float]] = {}
-        for b in range(n_batches):
-            data = storage.fs_read(self.fs, self._path(b))
-            if data is None:
-                continue
-            try:
-                state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-                if "result" not in state:  # kept by d923040, which did not keep the batch's time
-                    state = {"result": state, "seconds": 0.0}
-                done[b] = BatchResult.from_state(state["result"]), float(state["seconds"])
-            except Exception as e:  # noqa: BLE001 - an unreadable batch is evaluated again
-                log.warning("evaluation batch %s unreadable, evaluated again (%s)", self._path(b), e)
-        return done
+        storage.fs_write(self.fs, f"{self.folder}/{name}", data)
 
-    def save(self, result: BatchResult, seconds: float) -> None:
-        buf = io.BytesIO()
-        torch.save({"result": result.to_state(), "seconds": seconds}, buf)
-        storage.fs_write(self.fs, self._path(result.batch_idx), buf.getvalue())
-
-    def remove(self) -> None:
+    def clear(self) -> None:
         storage.fs_remove(self.fs, self.folder)
 
 
-def model_digest(model: torch.nn.Module) -> str:
-    """SHA-256 of a model's weights and buffers (names, shapes, dtypes and values)."""
-    h = hashlib.sha256()
-    for k, v in model.state_dict().items():
-        t = v.detach().cpu().contiguous().reshape(-1)  # 0-d buffers (BatchNorm counts) too
-        h.update(f"{k}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+class EvalBatches(KeptBatches):
+    """The batches an end-of-trial evaluation has finished, kept in the trial's folder of the study's
+    storage as they finish (:mod:`ancra_tune.robustness.kept`): a trial stopped mid-evaluation goes
+    on from its next batch. Removed once the evaluation has been reported."""
+
+    def __init__(self, fs: Any, folder: str) -> None:
+        super().__init__(FsBatchFiles(fs, folder))
+        self.fs, self.folder = fs, folder
 
 
 def report_final(trainer: Trainer, suite: SuiteConfig, session: Session, recorder: TrialRecorder | None, *,
@@ -154,7 +125,7 @@ def training_times(trainer: Trainer) -> dict[str, float]:
 
 def evaluate_trial(trainer: Trainer, suite: SuiteConfig, *, plots_dir: Path | None = None,
                    spent: dict[str, float] | None = None, batches: EvalBatches | None = None,
-                   on_batch: Callable[..., None] | None = None) -> EvalReport:
+                   on_batch: OnBatch | None = None) -> EvalReport:
     """The end-of-trial suite on the validation split: the report trials are compared by. With
     ``plots_dir`` the feature histograms and embedding are drawn there. ``spent`` receives the
     seconds the attacks took (``attacks_s``, over every start), the report with its plots (``report_s``) and the
@@ -162,40 +133,16 @@ def evaluate_trial(trainer: Trainer, suite: SuiteConfig, *, plots_dir: Path | No
     kept as it finishes, and those an earlier start finished are not evaluated again. ``on_batch`` hears
     how far it is (:meth:`trainables.progress.ProgressFile.evaluating`'s arguments) when it starts and
     after each batch."""
-    from ancra_tune.robustness import build_report, evaluate_model, seeded_subset
+    from ancra_tune.robustness import build_report, seeded_subset
     from ancra_tune.robustness.plots import draw_report
-    from ancra_tune.robustness.runner import batch_slices
 
     suite = dataclasses.replace(suite, features=suite.features and plots_dir is not None)
     val = trainer.splits.val
     idx = seeded_subset(len(val), suite.n_examples, suite.seed)
     x, y = val.images[idx].float().div(255.0), val.labels[idx]
     model = trainer.model.eval()
-    slices = batch_slices(len(idx), suite.batch_size)
-    n_batches = len(slices)
-    done: dict[int, tuple[BatchResult, float]] = {}
-    if batches is not None:
-        meta = {"model": model_digest(model), "suite": suite.to_dict(), "examples": idx.tolist()}
-        done = batches.open(meta, n_batches)
-    resumed = len(done)
-    if resumed:
-        log.info("evaluation: %d of %d batches finished before, going on from there", resumed, n_batches)
-
-    def tell() -> None:
-        if on_batch is not None:
-            on_batch(len(done), n_batches, sum(slices[b].stop - slices[b].start for b in done), len(idx),
-                     sum(sec for _, sec in done.values()), resumed)
-
-    tell()
-    for b in range(n_batches):
-        if b not in done:
-            t = time.perf_counter()
-            (result,) = evaluate_model(model, x, y, suite, progress=False, batches=[b])
-            done[b] = result, time.perf_counter() - t
-            if batches is not None:
-                batches.save(*done[b])
-            tell()
-    results = [done[b][0] for b in range(n_batches)]
+    meta = {"model": model_digest(model), "suite": suite.to_dict(), "examples": idx.tolist()}
+    results, seconds, resumed = evaluate_kept(model, x, y, suite, kept=batches, meta=meta, on_batch=on_batch)
     t_report = time.perf_counter()
     report = build_report(results, suite, ra=model.ra, n_classes=trainer.splits.info.num_classes,
                           has_source=False)
@@ -203,6 +150,5 @@ def evaluate_trial(trainer: Trainer, suite: SuiteConfig, *, plots_dir: Path | No
         report = draw_report(report, results, plots_dir)
     if spent is not None:
         # every batch's own time, those of an earlier start included: what the evaluation cost
-        spent.update(attacks_s=sum(done[b][1] for b in range(n_batches)), report_s=time.perf_counter() - t_report,
-                     batches_resumed=float(resumed))
+        spent.update(attacks_s=seconds, report_s=time.perf_counter() - t_report, batches_resumed=float(resumed))
     return report

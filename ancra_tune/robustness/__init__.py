@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .checks import Check, zero_gradient_mask
+from .kept import KeptBatches, LocalBatchFiles, OnBatch, evaluate_kept, model_digest
 from .report import AttackResult, BatchResult, EvalReport, build_report, feature_pairs, format_report
 from .runner import LogitsOnly, batch_slices, evaluate_model, run_attack, run_batch
 from .suite import PRESETS, SURROGATES, TARGETS, AttackSpec, SuiteConfig, plan_attacks
@@ -59,7 +60,7 @@ def load_eval_data(train_cfg: Any, split: str, data_root: str | None = None) -> 
 
 
 def _prepare(path: str | Path, cfg: SuiteConfig, *, split: str, source: str | Path | None, device: str,
-             data_root: str | None) -> tuple[Any, Any, Any, Tensor, Tensor, Any, dict[str, Any]]:
+             data_root: str | None) -> tuple[Any, Any, Any, Tensor, Tensor, Any, dict[str, Any], Tensor]:
     from ..checkpoint import load_model
 
     dev = torch.device(device)
@@ -79,21 +80,42 @@ def _prepare(path: str | Path, cfg: SuiteConfig, *, split: str, source: str | Pa
                 f"{info.in_channels}x{info.image_size}x{info.image_size}: transfer attacks need the same task")
     meta = {"checkpoint": str(path), "split": split, "source": str(source) if source else None,
             "model": train_cfg.model.name, "dataset": train_cfg.data.dataset}
-    return model, train_cfg, info, x[idx], y[idx], src, meta
+    return model, train_cfg, info, x[idx], y[idx], src, meta, idx
+
+
+def _attacks(model: Any, x: Tensor, y: Tensor, cfg: SuiteConfig, *, src: Any, idx: Tensor, split: str,
+             progress: bool, evaluate: Evaluate | None, keep: str | Path | None,
+             on_batch: OnBatch | None) -> list[BatchResult]:
+    """Every batch's results: by ``evaluate`` (e.g. sharded over Ray workers), or here, each batch
+    kept in the folder ``keep`` as it finishes (a stopped evaluation goes on from its next batch)."""
+    if evaluate is not None:
+        return evaluate(model, x, y, cfg, source=src, progress=progress)
+    kept = KeptBatches(LocalBatchFiles(keep)) if keep is not None else None
+    meta = {"model": model_digest(model), "ra": bool(model.ra), "suite": cfg.to_dict(), "split": split,
+            "examples": idx.tolist(), "source": model_digest(src) if src is not None else None}
+    results, _, _ = evaluate_kept(model, x, y, cfg, kept=kept, meta=meta, source=src, on_batch=on_batch,
+                                  progress=progress)
+    return results
 
 
 def evaluate_checkpoint(path: str | Path, cfg: SuiteConfig, *, split: str = "val", source: str | Path | None = None,
                         out_dir: str | Path | None = None, device: str = "cpu", data_root: str | None = None,
-                        progress: bool = True, evaluate: Evaluate | None = None) -> EvalReport:
+                        progress: bool = True, evaluate: Evaluate | None = None, keep: str | Path | None = None,
+                        on_batch: OnBatch | None = None) -> EvalReport:
     """The full evaluation of a checkpoint; with ``out_dir`` its ``report.json`` and PNGs go there.
 
     ``evaluate``: runs the attacks, with :func:`evaluate_model`'s signature (default: this
     process); ``trainables.distributed_eval`` passes one that shards batches over Ray workers.
+    ``keep`` (in this process only): a folder where each finished batch is kept, so that a stopped
+    evaluation of the same model, suite and examples goes on from its next batch with the outcomes
+    an unstopped one gets (:mod:`.kept`); emptied once the report is out. ``on_batch`` hears how far
+    it is, at its start and after each batch.
     """
-    model, _, info, x, y, src, meta = _prepare(path, cfg, split=split, source=source, device=device,
-                                               data_root=data_root)
+    model, _, info, x, y, src, meta, idx = _prepare(path, cfg, split=split, source=source, device=device,
+                                                    data_root=data_root)
     out = Path(out_dir) if out_dir is not None else None
-    results = (evaluate or evaluate_model)(model, x, y, cfg, source=src, progress=progress)
+    results = _attacks(model, x, y, cfg, src=src, idx=idx, split=split, progress=progress, evaluate=evaluate,
+                       keep=keep, on_batch=on_batch)
     report = build_report(results, cfg, ra=model.ra, n_classes=info.num_classes, has_source=src is not None,
                           meta={**meta, "variant": "standard"})
     if out is not None:
@@ -101,26 +123,31 @@ def evaluate_checkpoint(path: str | Path, cfg: SuiteConfig, *, split: str = "val
 
         report = draw_report(report, results, out)
         report.save(out / "report.json")
+    if keep is not None and evaluate is None:
+        LocalBatchFiles(keep).clear()
     return report
 
 
 def evaluate_deployment(path: str | Path, cfg: SuiteConfig, *, split: str = "val", source: str | Path | None = None,
                         out_dir: str | Path | None = None, device: str = "cpu", data_root: str | None = None,
-                        progress: bool = True, evaluate: Evaluate | None = None) -> dict[str, EvalReport]:
+                        progress: bool = True, evaluate: Evaluate | None = None, keep: str | Path | None = None,
+                        on_batch: OnBatch | None = None) -> dict[str, EvalReport]:
     """Deployment RA (paper Fig. 7): a standard checkpoint with RA off and switched on, side by side
-    (``report.json`` holds both)."""
+    (``report.json`` holds both). ``keep``, ``on_batch``: as :func:`evaluate_checkpoint` (each
+    variant's batches in a folder of its own)."""
     import json
 
     from ..checkpoint import load_model
 
-    model, _, info, x, y, src, meta = _prepare(path, cfg, split=split, source=source, device=device,
-                                               data_root=data_root)
+    model, _, info, x, y, src, meta, idx = _prepare(path, cfg, split=split, source=source, device=device,
+                                                    data_root=data_root)
     if model.ra:
         raise ValueError(f"{path} was trained with RA on; deployment RA (Fig. 7) applies to standard models")
     out = Path(out_dir) if out_dir is not None else None
     reports = {}
     for name, m in (("standard", model), ("deployment_ra", load_model(path, ra=True, map_location=device)[0])):
-        results = (evaluate or evaluate_model)(m, x, y, cfg, source=src, progress=progress)
+        results = _attacks(m, x, y, cfg, src=src, idx=idx, split=split, progress=progress, evaluate=evaluate,
+                           keep=Path(keep) / name if keep is not None else None, on_batch=on_batch)
         reports[name] = build_report(results, cfg, ra=m.ra, n_classes=info.num_classes, has_source=src is not None,
                                      meta={**meta, "variant": name})
         if out is not None:
@@ -131,4 +158,6 @@ def evaluate_deployment(path: str | Path, cfg: SuiteConfig, *, split: str = "val
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.json").write_text(json.dumps({"deployment": True,
                                                      **{k: r.to_dict() for k, r in reports.items()}}, indent=1))
+    if keep is not None and evaluate is None:
+        LocalBatchFiles(keep).clear()
     return reports

@@ -13,7 +13,7 @@ from ancra_tune.config import (
     resolve_config_path,
 )
 
-from .codes import EXIT_DONE
+from .codes import EXIT_DONE, EXIT_INTERRUPTED
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -91,22 +91,37 @@ def _eval(args: argparse.Namespace) -> int:
     cfg = SuiteConfig.preset_config("quick" if args.quick else "full", **overrides)
     out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / f"eval_{args.split}"
     device = args.device if args.device != "auto" else ("cuda" if _cuda() else "cpu")
+    text = sys.stderr if args.json else sys.stdout  # --json: stdout holds the JSON alone
+    keep = None if args.workers else out / "eval_batches"  # a stopped evaluation goes on from its next batch
+
+    def taken_up(done: int, n: int, examples: int, n_examples: int, seconds: float, resumed: int) -> None:
+        if resumed and done == resumed:
+            print(f"going on from the evaluation kept in {keep}: {done} of {n} batches done ({examples:,} of "
+                  f"{n_examples:,} examples, {seconds / 60:.0f} min)", file=text, flush=True)
+
     kwargs = dict(split=args.split, source=args.source, out_dir=out, device=device, data_root=args.data_root,
-                  progress=not args.quiet)
+                  progress=not args.quiet, keep=keep, on_batch=taken_up)
     if args.workers:  # shard the batches over Ray workers (a local Ray, or --address)
         from ..distributed_eval import ray_evaluator
 
         kwargs["evaluate"] = ray_evaluator(args.workers, address=args.address, cpus_per_worker=args.cpus_per_worker,
                                            gpus_per_worker=1.0 if device == "cuda" else 0.0)
         kwargs["device"] = "cpu"  # the workers move the model to their own device
-    text = sys.stderr if args.json else sys.stdout  # --json: stdout holds the JSON alone
+    try:
+        if args.deploy_ra:
+            reports = evaluate_deployment(args.checkpoint, cfg, **kwargs)
+        else:
+            report = evaluate_checkpoint(args.checkpoint, cfg, **kwargs)
+    except KeyboardInterrupt:
+        kept = f"its finished batches are kept in {keep}: the same command goes on from there" if keep else \
+            "nothing is kept with --workers"
+        print(f"\nstopped; {kept}", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     if args.deploy_ra:
-        reports = evaluate_deployment(args.checkpoint, cfg, **kwargs)
         for name, r in reports.items():
             print(f"== {name} ==\n{format_report(r)}\n", file=text)
         shown = {k: r.to_dict(per_example=False) for k, r in reports.items()}
     else:
-        report = evaluate_checkpoint(args.checkpoint, cfg, **kwargs)
         print(format_report(report), file=text)
         shown = report.to_dict(per_example=False)
         print(f"robustness card: {out / 'robustness_card.png'}", file=text)

@@ -1,0 +1,158 @@
+"""An evaluation that keeps each batch as it finishes, so a stopped one goes on from its next batch.
+
+A full evaluation of a robust model takes hours on a small machine (a surviving example costs every
+attack its whole budget). Each finished batch's per-example outcomes are kept (plain tensors and
+builtins, with the seconds the batch took) beside a ``meta.json`` that ties them to one model (the
+SHA-256 of its weights), one suite and one list of examples: an evaluation of anything else starts
+over. Each batch's attacks draw their randomness from the batch's own index, so the outcomes of an
+evaluation stopped and taken up are the ones an unstopped evaluation gets.
+
+Where the files live is a :class:`BatchFiles`: a local folder here (``ancra-tune eval``), a trial's
+folder of the study's storage in ``trainables`` (a shared path or a bucket).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .report import BatchResult
+from .runner import batch_slices, evaluate_model
+from .suite import SuiteConfig
+
+log = logging.getLogger(__name__)
+
+META_NAME = "meta.json"
+
+#: told how far an evaluation is, when it starts and after each batch: (batches done, batches,
+#: examples done, examples, seconds over every start, batches taken from an earlier start)
+OnBatch = Callable[[int, int, int, int, float, int], None]
+
+
+class BatchFiles:
+    """Named files in one folder, each replaced whole."""
+
+    def read(self, name: str) -> bytes | None:
+        raise NotImplementedError
+
+    def write(self, name: str, data: bytes) -> None:
+        raise NotImplementedError
+
+    def clear(self) -> None:
+        """Remove the folder and everything in it (if it is there)."""
+        raise NotImplementedError
+
+
+class LocalBatchFiles(BatchFiles):
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+
+    def __str__(self) -> str:
+        return str(self.folder)
+
+    def read(self, name: str) -> bytes | None:
+        p = self.folder / name
+        return p.read_bytes() if p.is_file() else None
+
+    def write(self, name: str, data: bytes) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / (name + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, self.folder / name)
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def batch_name(b: int) -> str:
+    return f"batch_{b:05d}.pt"
+
+
+class KeptBatches:
+    """The batches an evaluation has finished, in ``files``."""
+
+    def __init__(self, files: BatchFiles) -> None:
+        self.files = files
+
+    def open(self, meta: Mapping[str, Any], n_batches: int) -> dict[int, tuple[BatchResult, float]]:
+        """The finished batches of the evaluation ``meta`` describes, with the seconds each took (none,
+        and the folder emptied, when they are of another)."""
+        raw = self.files.read(META_NAME)
+        if raw is None or json.loads(raw) != meta:
+            self.files.clear()
+            self.files.write(META_NAME, json.dumps(meta).encode())
+            return {}
+        done: dict[int, tuple[BatchResult, float]] = {}
+        for b in range(n_batches):
+            data = self.files.read(batch_name(b))
+            if data is None:
+                continue
+            try:
+                state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+                if "result" not in state:  # kept by d923040, which did not keep the batch's time
+                    state = {"result": state, "seconds": 0.0}
+                done[b] = BatchResult.from_state(state["result"]), float(state["seconds"])
+            except Exception as e:  # noqa: BLE001 - an unreadable batch is evaluated again
+                log.warning("evaluation batch %s of %s unreadable, evaluated again (%s)", b, self.files, e)
+        return done
+
+    def save(self, result: BatchResult, seconds: float) -> None:
+        buf = io.BytesIO()
+        torch.save({"result": result.to_state(), "seconds": seconds}, buf)
+        self.files.write(batch_name(result.batch_idx), buf.getvalue())
+
+    def remove(self) -> None:
+        self.files.clear()
+
+
+def model_digest(model: nn.Module) -> str:
+    """SHA-256 of a model's weights and buffers (names, shapes, dtypes and values)."""
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        t = v.detach().cpu().contiguous().reshape(-1)  # 0-d buffers (BatchNorm counts) too
+        h.update(f"{k}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def evaluate_kept(model: Any, x: Tensor, y: Tensor, suite: SuiteConfig, *, kept: KeptBatches | None,
+                  meta: Mapping[str, Any], source: nn.Module | None = None, on_batch: OnBatch | None = None,
+                  progress: bool = False) -> tuple[list[BatchResult], float, int]:
+    """:func:`evaluate_model` one batch at a time, each kept in ``kept`` as it finishes and those an
+    earlier start finished (of the evaluation ``meta`` describes) taken from there. Returns the
+    batches' results, the seconds they took over every start, and how many came from an earlier one."""
+    slices = batch_slices(x.shape[0], suite.batch_size)
+    n = len(slices)
+    done = kept.open(meta, n) if kept is not None else {}
+    resumed = len(done)
+    if resumed:
+        log.info("evaluation: %d of %d batches finished before (%s), going on from there", resumed, n, kept.files)
+
+    def tell() -> None:
+        if on_batch is not None:
+            on_batch(len(done), n, sum(slices[b].stop - slices[b].start for b in done), x.shape[0],
+                     sum(sec for _, sec in done.values()), resumed)
+
+    tell()
+    for b in range(n):
+        if b in done:
+            continue
+        t = time.perf_counter()
+        # each batch's own bar (its attacks) when ``progress``
+        (result,) = evaluate_model(model, x, y, suite, source=source, progress=progress, batches=[b])
+        done[b] = result, time.perf_counter() - t
+        if kept is not None:
+            kept.save(*done[b])
+        tell()
+    return [done[b][0] for b in range(n)], sum(sec for _, sec in done.values()), resumed
