@@ -98,4 +98,3 @@ class TrackingWatch(Callback):
         elif before and not n:
             print(f"MLflow is back: trial {trial.trial_id}'s records are delivered", file=sys.stderr, flush=True)
         self.pending[trial.trial_id] = n
-
