@@ -108,7 +108,7 @@ def test_a_trial_stopped_mid_evaluation_goes_on_from_its_next_batch(tmp_path: Pa
     kept_s = sum(torch.load(tmp_path / "trial" / "eval_batches" / f"batch_0000{b}.pt", weights_only=True)["seconds"]
                  for b in (0, 1))
     # Between the starts `ancra-tune status` counts the kept batches.
-    assert _kept_batches(store.fs, str(tmp_path / "trial")).startswith(
+    assert _kept_batches(store.fs, str(tmp_path / "trial"))[0].startswith(
         "evaluation: 2 of 4 batches kept (32 of 64 examples; the last at ")
     stop_at_third, calls[:] = False, []
     spent: dict[str, float] = {}

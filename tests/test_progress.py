@@ -83,6 +83,7 @@ name: st
 kind: ablation
 base: quickstart
 train: {{optim.epochs: 3}}
+evaluation: {{preset: quick, n_examples: 64}}
 ablation: {{grid: {{method.anc: [false, true], model.ra: [false, true]}}}}
 seeds: [0, 1]
 """
@@ -108,7 +109,7 @@ def test_status_of_an_ablation_from_its_folder(tmp_path: Path) -> None:
     from trainables import sessions
     from trainables.study import load_study
     from trainables.study_lock import HOLDER_NAME
-    from trainables.study_status import study_status
+    from trainables.study_status import format_status, study_status
     from trainables.trial_eval import EvalBatches
 
     (tmp_path / "st.yaml").write_text(ABLATION.format())
@@ -121,7 +122,8 @@ def test_status_of_an_ablation_from_its_folder(tmp_path: Path) -> None:
     # 0: evaluated; 1: evaluating (progress file); 2: trained, 2 of 4 batches kept by an older version;
     # 3: in epoch 2 (progress file of its mid-epoch checkpoint); 4 (seed 1): diverged; 5 (seed 1): failed.
     _trial_folder(sd, 0, grid[0], [{**epoch, "reported_at": t0 + 100 * k} for k in (1, 2, 3)]
-                  + [{"final": 1, "diverged": 0, "reported_at": t0 + 400}])
+                  + [{"final": 1, "diverged": 0, "reported_at": t0 + 400, "timing.eval_s": 128.0,
+                      "eval_n_examples": 64}])
     f1 = _trial_folder(sd, 1, grid[1], [{**epoch, "reported_at": t0 + 100 * k} for k in (1, 2, 3)])
     ProgressFile(_fs(), str(f1)).evaluating(batches=1, n_batches=4, examples=16, n_examples=64, seconds=60.0)
     f2 = _trial_folder(sd, 2, grid[2], [{**epoch, "reported_at": t0 + 100 * k} for k in (1, 2, 3)])
@@ -157,12 +159,19 @@ def test_status_of_an_ablation_from_its_folder(tmp_path: Path) -> None:
     assert st.trials[0].train_time_s == 300.0
     # Waiting: the grid's one point not started, in Tune's order (the seed slowest, the first key fastest).
     assert [(t.trial_id, t.params) for t in st.trials[7:]] == [(None, {**grid[3], "seed": 1})]
+    # Left, at each row's measured rates (100 s an epoch; 2 and 3.75 s an example for the first two
+    # rows, the RA rows' evaluation not measured yet): 48 examples of trial 1, 1.6 epochs of trial 3,
+    # 2 of trial 6, 3 of the waiting one; the failed trial is not run again by anyone.
+    assert st.left_s == pytest.approx(48 * 3.75 + 160 + 200 + 300) and st.slots == 1
+    assert st.not_counted == ["the evaluation of anc=False ra=True", "the evaluation of anc=True ra=True"]
+    assert "left at the rates its trials measured: at least 14 min of wall time" in format_status(st)
 
     # A driver alive on this host: the failed trial is Tune's to retry, the session runs until now.
     holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": "then", "command": "ancra-tune ablate"}
     (sd / HOLDER_NAME).write_text(json.dumps(holder))
     st = study_status(study, str(storage))
     assert st.driver == holder and st.trials[5].state == "unfinished"
+    assert st.left_s == pytest.approx(840 + 3 * 100 + 64 * 3.75)  # the failed trial, run again
     assert st.wall_time_s == pytest.approx(1000 + time.time() - (t0 + 2000), abs=60)
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (sd / HOLDER_NAME).write_text(json.dumps({**holder, "pid": int(gone.stdout)}))  # a killed driver's note

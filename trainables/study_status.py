@@ -47,6 +47,8 @@ class TrialStatus:
     train_time_s: float = 0.0
     now: str = ""  # where it is, for people
     progress: dict[str, Any] | None = None  # its progress file, when current
+    eval_s: float = 0.0  # its evaluation's seconds so far (0: not measured)
+    eval_examples: int = 0  # ... and the examples they evaluated
 
 
 @dataclass
@@ -60,6 +62,9 @@ class StudyStatus:
     wall_time_s: float
     planned: int  # trials the study file asks for (a sweep: its samples and extensions)
     trials: list[TrialStatus] = field(default_factory=list)
+    slots: int = 1  # trials at once (the last session's)
+    left_s: float | None = None  # an ablation's trial-seconds left at the rates measured so far
+    not_counted: list[str] = field(default_factory=list)  # what that leaves out (nothing measured yet)
 
     def counts(self) -> dict[str, int]:
         out = {s: 0 for s in (EVALUATED, RUNNING, WAITING, STOPPED, DIVERGED, FAILED)}
@@ -143,8 +148,11 @@ def trial_status(fs: Any, folder: str, epochs: int, stopped: set[str]) -> TrialS
     done = [r for r in rows if R.is_epoch(r)]
     t = TrialStatus(trial_id=trial_id, params=params, state=RUNNING, epochs=len(done),
                     train_time_s=float(sum(r["epoch_time_s"] for r in done)))
-    if any(R.is_final(r) for r in rows):
+    final = next((r for r in rows if R.is_final(r)), None)
+    if final is not None:
         t.state, t.now = EVALUATED, "evaluated"
+        t.eval_s = float(final.get(R.TIMING_PREFIX + "eval_s") or 0.0)
+        t.eval_examples = int(final.get("eval_n_examples") or 0)
         return t
     diverged = next((r for r in rows if R.is_diverged(r)), None)
     if diverged is not None:
@@ -156,8 +164,11 @@ def trial_status(fs: Any, folder: str, epochs: int, stopped: set[str]) -> TrialS
     p = ProgressFile(fs, folder).read()
     if p is not None and (p["phase"] == EVALUATING or (p["phase"] == TRAINING and int(p["epoch"]) > t.epochs)):
         t.progress, t.now = p, describe(p)
+        if p["phase"] == EVALUATING:
+            t.eval_s, t.eval_examples = float(p["seconds"]), int(p["examples"])
     elif t.epochs >= epochs:
-        t.now = f"trained; {_kept_batches(fs, folder)}"
+        text, t.eval_examples = _kept_batches(fs, folder)
+        t.now = f"trained; {text}"
     else:
         t.now = f"{t.epochs} of {epochs} epochs done"
         partial = fs.get_file_info(f"{folder}/{PARTIAL_NAME}")
@@ -170,9 +181,9 @@ def trial_status(fs: Any, folder: str, epochs: int, stopped: set[str]) -> TrialS
     return t
 
 
-def _kept_batches(fs: Any, folder: str) -> str:
+def _kept_batches(fs: Any, folder: str) -> tuple[str, int]:
     """What a trained trial's evaluation has kept (``eval_batches/``; what a version without
-    progress files leaves too)."""
+    progress files leaves too), and how many examples that is."""
     import pyarrow.fs
 
     from .trial_eval import EVAL_BATCHES
@@ -182,13 +193,14 @@ def _kept_batches(fs: Any, folder: str) -> str:
         meta = json.loads(raw) if raw else None
         n, size = len(meta["examples"]), int(meta["suite"]["batch_size"])
     except (ValueError, KeyError, TypeError):
-        return "its evaluation has not kept a batch yet"
+        return "its evaluation has not kept a batch yet", 0
     infos = fs.get_file_info(pyarrow.fs.FileSelector(f"{folder}/{EVAL_BATCHES}", allow_not_found=True))
     kept = sorted(int(i.base_name[6:11]) for i in infos if i.base_name.startswith("batch_")
                   and i.base_name.endswith(".pt"))
     examples = sum(min(n, (b + 1) * size) - b * size for b in kept)
     return (f"evaluation: {len(kept)} of {-(-n // size)} batches kept ({examples:,} of {n:,} examples; "
-            f"the last at {time.strftime('%H:%M', time.localtime(max(i.mtime_ns for i in infos) / 1e9))})")
+            f"the last at {time.strftime('%H:%M', time.localtime(max(i.mtime_ns for i in infos) / 1e9))})",
+            examples)
 
 
 def study_status(study: Study, storage_root: str) -> StudyStatus:
@@ -222,8 +234,53 @@ def study_status(study: Study, storage_root: str) -> StudyStatus:
                    for q in points if _key(q) not in started]
     else:
         planned = study.search.num_samples + sum(sessions.extensions(history).values())
-    return StudyStatus(study=study.name, kind=study.kind, study_dir=study_dir, epochs=epochs, driver=driver,
-                       sessions=len(history), wall_time_s=wall, planned=planned, trials=trials)
+    st = StudyStatus(study=study.name, kind=study.kind, study_dir=study_dir, epochs=epochs, driver=driver,
+                     sessions=len(history), wall_time_s=wall, planned=planned, trials=trials,
+                     slots=history[-1].slots if history else 1)
+    if study.kind == "ablation" and study.suite is not None:
+        st.left_s, st.not_counted = time_left(trials, epochs, study.suite.n_examples)
+    return st
+
+
+def time_left(trials: list[TrialStatus], epochs: int, n_examples: int | None) -> tuple[float, list[str]]:
+    """Trial-seconds an ablation has left at the rates its own trials measured, row by row (a row's
+    seconds per epoch, and per evaluated example), and what that leaves out: the part of a row none
+    of whose trials has measured it yet (so the sum is a lower bound until every row has)."""
+
+    def row(t: TrialStatus) -> str:
+        return params_text({k: v for k, v in t.params.items() if k != SEED_KEY}, sep=" ")
+
+    per_epoch: dict[str, list[float]] = {}
+    per_example: dict[str, list[float]] = {}
+    for t in trials:
+        if t.epochs and t.train_time_s:
+            per_epoch.setdefault(row(t), [0.0, 0.0])
+            per_epoch[row(t)][0] += t.train_time_s
+            per_epoch[row(t)][1] += t.epochs
+        if t.eval_s > 0 and t.eval_examples:
+            per_example.setdefault(row(t), [0.0, 0.0])
+            per_example[row(t)][0] += t.eval_s
+            per_example[row(t)][1] += t.eval_examples
+    left, missing = 0.0, set()
+    for t in trials:
+        if t.state not in (RUNNING, WAITING):
+            continue
+        r = row(t)
+        to_train = float(epochs - t.epochs)
+        if t.progress and t.progress["phase"] == TRAINING:
+            to_train -= int(t.progress["step"]) / max(1, int(t.progress["steps"]))
+        if to_train > 0:
+            if r in per_epoch:
+                left += to_train * per_epoch[r][0] / per_epoch[r][1]
+            else:
+                missing.add(f"the training of {r}")
+        to_eval = (n_examples or 0) - t.eval_examples
+        if to_eval > 0:
+            if r in per_example:
+                left += to_eval * per_example[r][0] / per_example[r][1]
+            else:
+                missing.add(f"the evaluation of {r}")
+    return left, sorted(missing)
 
 
 def _key(params: dict[str, Any]) -> str:
@@ -247,6 +304,13 @@ def format_status(st: StudyStatus, resume_command: str | None = None) -> str:
         lines.append("not started")
     lines.append(f"wall time {_hours(st.wall_time_s)} over {st.sessions} session(s); {st.planned} trials: "
                  + ", ".join(f"{n} {k}" for k, n in c.items() if n))
+    if st.left_s is not None and (c[RUNNING] + c[WAITING]):
+        text = (f"left at the rates its trials measured: {'at least ' if st.not_counted else 'about '}"
+                f"{_hours(st.left_s / max(1, st.slots))} of wall time ({_hours(st.left_s)} of trial time, "
+                f"{st.slots} at a time)")
+        if st.not_counted:
+            text += "; not counted (nothing measured yet): " + ", ".join(st.not_counted)
+        lines.append(text)
     lines.append(f"  {'trial':<7} {'epochs':>6} {'training':>9}  {'params':<28} now")
     for t in st.trials:
         tid = t.trial_id.rsplit("_", 1)[-1] if t.trial_id else "-"
