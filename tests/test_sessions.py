@@ -44,3 +44,41 @@ def test_outcome_and_exit_code(summary: dict, outcome: str, code: int) -> None:
     assert S.outcome_of(summary) == outcome
     assert study_exit_code({**summary, "outcome": outcome}) == code
     assert study_exit_code(summary) == code  # summaries of older versions (no outcome)
+
+
+def test_a_killed_session_ends_at_its_trials_last_trace_not_their_last_result(tmp_path: Path) -> None:
+    """An epoch or an evaluation can take hours: a killed driver's session lasted until its trials'
+    last mid-epoch checkpoint, progress note or kept evaluation batch, not only their last result.
+    Recorded when the next session begins (``--resume``); traces older than the session ignored."""
+    import json
+    import os
+
+    from trainables.progress import ProgressFile
+    from trainables.study_status import _filesystem, last_activity
+
+    t0 = 1_700_000_000.0
+    study = tmp_path / "s"
+    a, b = (study / f"run_trial_ab123_0000{i}_{i}_x" for i in (0, 1))
+    for f in (a, b):
+        f.mkdir(parents=True)
+    (a / "result.json").write_text(json.dumps({"epoch_time_s": 9.0, "reported_at": t0 + 45}) + "\n")
+    (a / "partial_epoch.pt").write_bytes(b"x")
+    os.utime(a / "partial_epoch.pt", (t0 + 200, t0 + 200))
+    (b / "eval_batches").mkdir()
+    (b / "eval_batches" / "batch_00000.pt").write_bytes(b"x")
+    os.utime(b / "eval_batches" / "batch_00000.pt", (t0 + 300, t0 + 300))
+    ProgressFile(*_filesystem(str(a))).write(phase="training", epoch=1, epochs=2, step=3, steps=9)
+    os.utime(a / "trial_progress.json", (t0 + 150, t0 + 150))  # the note's own time is inside it
+    assert last_activity(str(study), since=t0) > t0 + 300  # the progress note was written just now
+    (a / "trial_progress.json").unlink()
+    assert last_activity(str(study), since=t0) == pytest.approx(t0 + 300)
+    assert last_activity(str(study), since=t0 + 301) is None
+
+    history = [S.Session(started=t0 - 10, ended=t0, outcome=S.INTERRUPTED), S.Session(started=t0)]
+    S.save(str(study), history)
+    S.close_killed(str(study), history, last_activity(str(study), since=t0))
+    kept = S.load(str(study))
+    assert (kept[1].ended, kept[1].outcome) == (pytest.approx(t0 + 300), S.INTERRUPTED)
+    assert S.wall_time_s(kept, [t0 + 45], now=t0 + 10_000) == pytest.approx(10 + 300)  # not 10 + 45
+    S.close_killed(str(study), [S.Session(started=t0)], None)  # no trace at all: it counts nothing
+    assert S.load(str(study))[-1].ended == t0

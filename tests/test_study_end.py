@@ -201,6 +201,9 @@ def test_a_killed_driver_then_resume_ends_as_an_uninterrupted_study(tmp_path: Pa
     summary = json.loads((study_dir / "summary.json").read_text())
     assert summary["sessions"] == 2
     _assert_ended_as_uninterrupted(study_dir, mlflow_server, name, summary)
+    # The killed session was closed when the next began: at its trials' last trace, after its start.
+    killed = json.loads((study_dir / "study_state" / "sessions.json").read_text())[0]
+    assert killed["outcome"] == "interrupted" and killed["started"] < killed["ended"] < time.time()
 
 
 def test_a_study_whose_every_trial_fails_exits_1(tmp_path: Path) -> None:

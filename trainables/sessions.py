@@ -3,8 +3,9 @@
 A study may take several sessions (Ctrl+C, a killed driver, a full disk, then ``--resume``). Each
 session is one entry of ``study_state/sessions.json`` in the study folder: when it started, when
 it ended and its outcome. The study's wall time is the sum of its sessions' (a killed session's
-end is taken from the last result its trials reported), so shares of it stay between 0 and 1, and
-a study whose last session finished is not run again by ``--resume``.
+end is the last trace its trials left, a result, a mid-epoch checkpoint or a kept evaluation batch,
+recorded when the next session begins; older ones without it end at the last result), so shares
+of it stay between 0 and 1, and a study whose last session finished is not run again by ``--resume``.
 """
 
 from __future__ import annotations
@@ -61,6 +62,15 @@ def begin(study_dir: str, *, resume: bool, command: str | None = None, slots: in
     sessions.append(Session(started=time.time(), command=command, slots=slots, experiment=experiment, added=added))
     save(study_dir, sessions)
     return sessions
+
+
+def close_killed(study_dir: str, sessions: list[Session], last_seen: float | None) -> None:
+    """The last session had no end (its driver was killed): it ended when its trials last left a
+    trace (``last_seen``; its start when they left none), interrupted."""
+    if sessions and sessions[-1].ended is None:
+        sessions[-1].ended = max(sessions[-1].started, last_seen or 0.0)
+        sessions[-1].outcome = INTERRUPTED
+        save(study_dir, sessions)
 
 
 def end(study_dir: str, sessions: list[Session], outcome: str) -> None:

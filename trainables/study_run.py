@@ -288,6 +288,10 @@ def _run_locked(study: Study, interruption: Interruption, *, address: str | None
         print(f"study {study.name} is finished (its last session ran to its end): nothing to train; its "
               "answer again below", file=sys.stderr, flush=True)
     else:
+        if resume and history and history[-1].ended is None:  # its driver was killed: when did it stop?
+            from .study_status import last_activity
+
+            sessions.close_killed(study_path, history, last_activity(study_path, since=history[-1].started))
         history = sessions.begin(study_path, resume=resume, command=shlex.join(sys.argv), slots=max_concurrent,
                                  experiment=extension, added=added)
     slots = max([s.slots for s in history] or [max_concurrent])  # trials at once, in any session

@@ -203,6 +203,29 @@ def _kept_batches(fs: Any, folder: str) -> tuple[str, int]:
             examples)
 
 
+def last_activity(study_dir: str, since: float) -> float | None:
+    """The last time after ``since`` that a trial of the study left a trace: a result, its progress
+    file, its mid-epoch checkpoint or an evaluation batch it kept. A killed driver's session lasted
+    until then (its trials' results alone say less: an epoch or an evaluation can take hours)."""
+    import pyarrow.fs
+
+    from .trial_eval import EVAL_BATCHES
+
+    fs, path = _filesystem(study_dir)
+    seen: list[float] = []
+    for folder in _trial_folders(fs, path):
+        seen += [float(r[R.REPORTED_AT]) for r in _json_lines(fs, f"{folder}/result.json")
+                 if isinstance(r.get(R.REPORTED_AT), (int, float))]
+        p = ProgressFile(fs, folder).read()
+        if p is not None:
+            seen.append(float(p["at"]))
+        infos = [fs.get_file_info(f"{folder}/{PARTIAL_NAME}")]
+        infos += fs.get_file_info(pyarrow.fs.FileSelector(f"{folder}/{EVAL_BATCHES}", allow_not_found=True))
+        seen += [i.mtime_ns / 1e9 for i in infos if i.mtime_ns]
+    seen = [t for t in seen if t >= since]
+    return max(seen) if seen else None
+
+
 def study_status(study: Study, storage_root: str) -> StudyStatus:
     """Where ``study`` (in ``storage_root``) stands now, from its folder."""
     study_dir = storage.join(storage_root, study.name)
