@@ -6,8 +6,9 @@ without a Ray instance, MLflow or the lock: whether a driver runs it now, its wa
 each trial (started ones from their folders; an ablation's others from its grid): its epochs, and
 where it is between results (its epoch's step at the last mid-epoch checkpoint, its evaluation's
 finished batches: :mod:`trainables.progress`), or that it is evaluated, diverged, stopped by the
-scheduler, failed or waiting. It shows no trial's evaluation: that is the study's answer
-(``ancra-tune report``, once it has finished).
+scheduler, failed or waiting; for an ablation, the time left at the rates its own trials measured
+(:func:`time_left`). It shows no trial's evaluation: that is the study's answer (``ancra-tune
+report``, once it has finished).
 """
 
 from __future__ import annotations
