@@ -123,10 +123,21 @@ def test_a_trial_stopped_mid_evaluation_goes_on_from_its_next_batch(tmp_path: Pa
     assert calls == [[2], [3]] and spent["batches_resumed"] == 2
     assert spent["attacks_s"] > kept_s > 0  # the evaluation's time counts the earlier start's batches
     # How far it is, at its start and after each batch: batches, of, examples, of, seconds, resumed.
-    assert [t[:4] + t[5:] for t in told] == [(2, 4, 32, 64, 2), (3, 4, 48, 64, 2), (4, 4, 64, 64, 2)]
+    assert [t[:4] + t[5:] for t in told] == [(2, 4, 32, 64, 2, 32), (3, 4, 48, 64, 2, 48), (4, 4, 64, 64, 2, 64)]
     assert told[0][4] == pytest.approx(kept_s) and told[-1][4] == pytest.approx(spent["attacks_s"])
     assert told[0][4] < told[1][4] < told[2][4]
     assert describe(progress.read()).startswith("evaluation: 4 of 4 batches (64 of 64 examples) in ")
+
+    # A batch kept by d923040 (its outcomes without its time): taken as it is, its examples not timed.
+    first = tmp_path / "trial" / "eval_batches" / "batch_00000.pt"
+    torch.save(torch.load(first, weights_only=True)["result"], first)
+    calls[:], told[:] = [], []
+    again: dict[str, float] = {}
+    assert evaluate_trial(trainer, suite, batches=store, spent=again, on_batch=on_batch).to_dict() == \
+        straight.to_dict()
+    assert calls == [] and again["batches_resumed"] == 4 and again["batches_untimed"] == 1
+    assert [t[:4] + t[5:] for t in told] == [(4, 4, 64, 64, 4, 48)] and told[0][4] < spent["attacks_s"]
+    assert ", about" not in describe(progress.read()) and "for the 48 timed" in describe(progress.read())
     assert resumed.to_dict() == straight.to_dict()  # every attack's per-example outcome, the checks
     assert straight.to_dict()["n_examples"] == 64
 

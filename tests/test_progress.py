@@ -54,7 +54,11 @@ def test_progress_lines_say_what_changed_in_this_session_once(tmp_path: Path, ca
     files[1].evaluating(batches=3, n_batches=7, examples=750, n_examples=1667, seconds=3720.0, resumed=1)
     step()
     out = capsys.readouterr().out
-    assert "evaluation: 3 of 7 batches (750 of 1,667 examples) in 62 min, about 83 min left" in out, out
+    assert "evaluation: 3 of 7 batches (750 of 1,667 examples) in 62 min, about 76 min left" in out, out
+    files[1].evaluating(batches=3, n_batches=7, examples=750, n_examples=1667, seconds=1200.0, resumed=3, timed=250)
+    step()  # two of its batches were kept by d923040, without their time
+    out = capsys.readouterr().out
+    assert "(750 of 1,667 examples), 20 min for the 250 timed, about 73 min left" in out, out
 
     files[1].evaluating(batches=4, n_batches=7, examples=1000, n_examples=1667, seconds=4960.0)
     lines.on_step_end(0, trials)  # the next look is 20 s after the last one

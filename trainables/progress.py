@@ -58,11 +58,13 @@ class ProgressFile:
         self.write(phase=TRAINING, epoch=epoch, epochs=epochs, step=step, steps=steps)
 
     def evaluating(self, batches: int, n_batches: int, examples: int, n_examples: int, seconds: float,
-                   resumed: int = 0) -> None:
+                   resumed: int = 0, timed: int | None = None) -> None:
         """``batches`` of ``n_batches`` finished (``resumed`` of them by an earlier start), holding
-        ``examples`` of ``n_examples``, in ``seconds`` over every start."""
+        ``examples`` of ``n_examples``, in ``seconds`` over every start, which timed ``timed`` of the
+        examples (default: all; batches kept by d923040 have no time)."""
         self.write(phase=EVALUATING, batches=batches, n_batches=n_batches, examples=examples,
-                   n_examples=n_examples, seconds=seconds, resumed=resumed)
+                   n_examples=n_examples, seconds=seconds, resumed=resumed,
+                   timed=examples if timed is None else timed)
 
 
 class TrainingProgress(Callback):
@@ -92,8 +94,13 @@ def describe(p: dict[str, Any]) -> str:
         return (f"epoch {int(p['epoch'])}/{int(p['epochs'])}: step {step} of {steps} ({100 * step / steps:.0f}%) "
                 f"at its checkpoint of {when}")
     done, total, seconds = int(p["batches"]), max(1, int(p["n_batches"])), float(p["seconds"])
-    text = (f"evaluation: {done} of {total} batches ({int(p['examples']):,} of {int(p['n_examples']):,} examples) "
-            f"in {_minutes(seconds)}")
-    if 0 < done < total and seconds > 0:
-        text += f", about {_minutes(seconds / done * (total - done))} left"
+    examples, n = int(p["examples"]), int(p["n_examples"])
+    timed = int(p.get("timed", examples))
+    text = f"evaluation: {done} of {total} batches ({examples:,} of {n:,} examples)"
+    if timed == examples:
+        text += f" in {_minutes(seconds)}"
+    elif timed:
+        text += f", {_minutes(seconds)} for the {timed:,} timed"
+    if 0 < examples < n and timed and seconds > 0:
+        text += f", about {_minutes(seconds / timed * (n - examples))} left"
     return text + f" (at {when})"

@@ -49,7 +49,8 @@ class TrialStatus:
     now: str = ""  # where it is, for people
     progress: dict[str, Any] | None = None  # its progress file, when current
     eval_s: float = 0.0  # its evaluation's seconds so far (0: not measured)
-    eval_examples: int = 0  # ... and the examples they evaluated
+    eval_examples: int = 0  # the examples its evaluation has done
+    eval_timed: int = 0  # ... of which the seconds above timed (batches kept by d923040 have no time)
 
 
 @dataclass
@@ -154,6 +155,8 @@ def trial_status(fs: Any, folder: str, epochs: int, stopped: set[str]) -> TrialS
         t.state, t.now = EVALUATED, "evaluated"
         t.eval_s = float(final.get(R.TIMING_PREFIX + "eval_s") or 0.0)
         t.eval_examples = int(final.get("eval_n_examples") or 0)
+        # batches taken from an earlier start count their own time, unless d923040 kept them: unknown
+        t.eval_timed = t.eval_examples if not final.get(R.TIMING_PREFIX + "eval_untimed_batches") else 0
         return t
     diverged = next((r for r in rows if R.is_diverged(r)), None)
     if diverged is not None:
@@ -167,6 +170,7 @@ def trial_status(fs: Any, folder: str, epochs: int, stopped: set[str]) -> TrialS
         t.progress, t.now = p, describe(p)
         if p["phase"] == EVALUATING:
             t.eval_s, t.eval_examples = float(p["seconds"]), int(p["examples"])
+            t.eval_timed = int(p.get("timed", t.eval_examples))
     elif t.epochs >= epochs:
         text, t.eval_examples = _kept_batches(fs, folder)
         t.now = f"trained; {text}"
@@ -281,10 +285,10 @@ def time_left(trials: list[TrialStatus], epochs: int, n_examples: int | None) ->
             per_epoch.setdefault(row(t), [0.0, 0.0])
             per_epoch[row(t)][0] += t.train_time_s
             per_epoch[row(t)][1] += t.epochs
-        if t.eval_s > 0 and t.eval_examples:
+        if t.eval_s > 0 and t.eval_timed:
             per_example.setdefault(row(t), [0.0, 0.0])
             per_example[row(t)][0] += t.eval_s
-            per_example[row(t)][1] += t.eval_examples
+            per_example[row(t)][1] += t.eval_timed
     left, missing = 0.0, set()
     for t in trials:
         if t.state not in (RUNNING, WAITING):

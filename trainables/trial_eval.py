@@ -79,7 +79,8 @@ def report_final(trainer: Trainer, suite: SuiteConfig, session: Session, recorde
         # The attacks are the evaluation; drawing its plots for MLflow is tracking's time.
         timing = {**(timing or {}), R.TIMING_PREFIX + "eval_s": spent["attacks_s"],
                   R.TIMING_PREFIX + "plots_s": spent["report_s"],
-                  R.TIMING_PREFIX + "eval_batches_resumed": spent["batches_resumed"]}
+                  R.TIMING_PREFIX + "eval_batches_resumed": spent["batches_resumed"],
+                  R.TIMING_PREFIX + "eval_untimed_batches": spent["batches_untimed"]}
         final = R.final_row(report, training_times(trainer), objective)
         (Path(d) / R.FINAL_NAME).write_text(json.dumps(final))
         report.save(Path(d) / R.REPORT_NAME)
@@ -129,7 +130,8 @@ def evaluate_trial(trainer: Trainer, suite: SuiteConfig, *, plots_dir: Path | No
     """The end-of-trial suite on the validation split: the report trials are compared by. With
     ``plots_dir`` the feature histograms and embedding are drawn there. ``spent`` receives the
     seconds the attacks took (``attacks_s``, over every start), the report with its plots (``report_s``) and the
-    batches taken from an earlier, stopped start (``batches_resumed``): with ``batches`` each batch is
+    batches taken from an earlier, stopped start (``batches_resumed``; ``batches_untimed``: those of
+    them kept by d923040, whose time is not in ``attacks_s``): with ``batches`` each batch is
     kept as it finishes, and those an earlier start finished are not evaluated again. ``on_batch`` hears
     how far it is (:meth:`trainables.progress.ProgressFile.evaluating`'s arguments) when it starts and
     after each batch."""
@@ -142,7 +144,8 @@ def evaluate_trial(trainer: Trainer, suite: SuiteConfig, *, plots_dir: Path | No
     x, y = val.images[idx].float().div(255.0), val.labels[idx]
     model = trainer.model.eval()
     meta = {"model": model_digest(model), "suite": suite.to_dict(), "examples": idx.tolist()}
-    results, seconds, resumed = evaluate_kept(model, x, y, suite, kept=batches, meta=meta, on_batch=on_batch)
+    results, seconds, resumed, untimed = evaluate_kept(model, x, y, suite, kept=batches, meta=meta,
+                                                       on_batch=on_batch)
     t_report = time.perf_counter()
     report = build_report(results, suite, ra=model.ra, n_classes=trainer.splits.info.num_classes,
                           has_source=False)
@@ -150,5 +153,6 @@ def evaluate_trial(trainer: Trainer, suite: SuiteConfig, *, plots_dir: Path | No
         report = draw_report(report, results, plots_dir)
     if spent is not None:
         # every batch's own time, those of an earlier start included: what the evaluation cost
-        spent.update(attacks_s=seconds, report_s=time.perf_counter() - t_report, batches_resumed=float(resumed))
+        spent.update(attacks_s=seconds, report_s=time.perf_counter() - t_report, batches_resumed=float(resumed),
+                     batches_untimed=float(untimed))
     return report

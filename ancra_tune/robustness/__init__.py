@@ -93,7 +93,7 @@ def _attacks(model: Any, x: Tensor, y: Tensor, cfg: SuiteConfig, *, src: Any, id
     kept = KeptBatches(LocalBatchFiles(keep)) if keep is not None else None
     meta = {"model": model_digest(model), "ra": bool(model.ra), "suite": cfg.to_dict(), "split": split,
             "examples": idx.tolist(), "source": model_digest(src) if src is not None else None}
-    results, _, _ = evaluate_kept(model, x, y, cfg, kept=kept, meta=meta, source=src, on_batch=on_batch,
+    results, *_ = evaluate_kept(model, x, y, cfg, kept=kept, meta=meta, source=src, on_batch=on_batch,
                                   progress=progress)
     return results
 

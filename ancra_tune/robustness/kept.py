@@ -36,8 +36,9 @@ log = logging.getLogger(__name__)
 META_NAME = "meta.json"
 
 #: told how far an evaluation is, when it starts and after each batch: (batches done, batches,
-#: examples done, examples, seconds over every start, batches taken from an earlier start)
-OnBatch = Callable[[int, int, int, int, float, int], None]
+#: examples done, examples, seconds over every start, batches taken from an earlier start, examples
+#: whose batch's time is known: batches kept by d923040 lack it)
+OnBatch = Callable[[int, int, int, int, float, int, int], None]
 
 
 class BatchFiles:
@@ -128,10 +129,11 @@ def model_digest(model: nn.Module) -> str:
 
 def evaluate_kept(model: Any, x: Tensor, y: Tensor, suite: SuiteConfig, *, kept: KeptBatches | None,
                   meta: Mapping[str, Any], source: nn.Module | None = None, on_batch: OnBatch | None = None,
-                  progress: bool = False) -> tuple[list[BatchResult], float, int]:
+                  progress: bool = False) -> tuple[list[BatchResult], float, int, int]:
     """:func:`evaluate_model` one batch at a time, each kept in ``kept`` as it finishes and those an
     earlier start finished (of the evaluation ``meta`` describes) taken from there. Returns the
-    batches' results, the seconds they took over every start, and how many came from an earlier one."""
+    batches' results, the seconds they took over every start, how many came from an earlier one, and
+    how many of those have no time (kept by d923040)."""
     slices = batch_slices(x.shape[0], suite.batch_size)
     n = len(slices)
     done = kept.open(meta, n) if kept is not None else {}
@@ -141,8 +143,9 @@ def evaluate_kept(model: Any, x: Tensor, y: Tensor, suite: SuiteConfig, *, kept:
 
     def tell() -> None:
         if on_batch is not None:
-            on_batch(len(done), n, sum(slices[b].stop - slices[b].start for b in done), x.shape[0],
-                     sum(sec for _, sec in done.values()), resumed)
+            size = {b: slices[b].stop - slices[b].start for b in done}
+            on_batch(len(done), n, sum(size.values()), x.shape[0], sum(sec for _, sec in done.values()), resumed,
+                     sum(size[b] for b, (_, sec) in done.items() if sec > 0))
 
     tell()
     for b in range(n):
@@ -155,4 +158,5 @@ def evaluate_kept(model: Any, x: Tensor, y: Tensor, suite: SuiteConfig, *, kept:
         if kept is not None:
             kept.save(*done[b])
         tell()
-    return [done[b][0] for b in range(n)], sum(sec for _, sec in done.values()), resumed
+    return ([done[b][0] for b in range(n)], sum(sec for _, sec in done.values()), resumed,
+            sum(sec <= 0 for _, sec in done.values()))

@@ -94,7 +94,7 @@ def _eval(args: argparse.Namespace) -> int:
     text = sys.stderr if args.json else sys.stdout  # --json: stdout holds the JSON alone
     keep = None if args.workers else out / "eval_batches"  # a stopped evaluation goes on from its next batch
 
-    def taken_up(done: int, n: int, examples: int, n_examples: int, seconds: float, resumed: int) -> None:
+    def taken_up(done: int, n: int, examples: int, n_examples: int, seconds: float, resumed: int, timed: int) -> None:
         if resumed and done == resumed:
             print(f"going on from the evaluation kept in {keep}: {done} of {n} batches done ({examples:,} of "
                   f"{n_examples:,} examples, {seconds / 60:.0f} min)", file=text, flush=True)
