@@ -74,6 +74,8 @@ def test_progress_file_is_replaced_whole_and_a_torn_one_reads_as_none(tmp_path: 
     assert got is not None and got["batches"] == 7 and abs(got["at"] - time.time()) < 60
     assert describe(got).startswith("evaluation: 7 of 7 batches (1,667 of 1,667 examples) in 2.0 h (at ")
     assert not list(tmp_path.glob("*.tmp"))
+    p.evaluating(batches=0, n_batches=7, examples=0, n_examples=1667, seconds=0.0)
+    assert describe(p.read()).startswith("evaluation begun: 7 batches, 1,667 examples (at ")
     (tmp_path / "trial_progress.json").write_text('{"phase": "evaluating", "batc')
     assert p.read() is None
     (tmp_path / "trial_progress.json").write_text('{"phase": "something else"}')

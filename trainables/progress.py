@@ -96,6 +96,8 @@ def describe(p: dict[str, Any]) -> str:
     done, total, seconds = int(p["batches"]), max(1, int(p["n_batches"])), float(p["seconds"])
     examples, n = int(p["examples"]), int(p["n_examples"])
     timed = int(p.get("timed", examples))
+    if not done:
+        return f"evaluation begun: {total} batches, {n:,} examples (at {when})"
     text = f"evaluation: {done} of {total} batches ({examples:,} of {n:,} examples)"
     if timed == examples:
         text += f" in {_minutes(seconds)}"
