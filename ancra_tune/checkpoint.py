@@ -16,6 +16,15 @@ from .models import RANet, create_model
 FORMAT_VERSION = 1
 
 
+def write_atomic(path: str | Path, data: bytes) -> None:
+    """Replace ``path`` whole (written beside, then renamed): a reader never sees a torn file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     """Write atomically (temp file + rename): a crash mid-write never leaves a torn checkpoint."""
     path = Path(path)

@@ -12,7 +12,6 @@ import io
 import json
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Sequence
@@ -32,6 +31,7 @@ from .checkpoint import (
     data_info_to_dict,
     load_checkpoint,
     save_checkpoint,
+    write_atomic,
 )
 from .config import TrainConfig
 from .data import ArrayData, BatchLoader, DataSplits, epoch_generator, load_dataset
@@ -113,10 +113,7 @@ class PartialFile(PartialStore):
         return str(self.path)
 
     def write(self, data: bytes) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, self.path)
+        write_atomic(self.path, data)
 
     def read(self) -> bytes | None:
         return self.path.read_bytes() if self.path.is_file() else None

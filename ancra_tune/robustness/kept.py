@@ -17,7 +17,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable, Mapping
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..checkpoint import write_atomic
 from .report import BatchResult
 from .runner import batch_slices, evaluate_model
 from .suite import SuiteConfig
@@ -67,10 +67,7 @@ class LocalBatchFiles(BatchFiles):
         return p.read_bytes() if p.is_file() else None
 
     def write(self, name: str, data: bytes) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.folder / (name + ".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, self.folder / name)
+        write_atomic(self.folder / name, data)
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
