@@ -141,8 +141,8 @@ def _driver(fs: Any, study_dir: str) -> dict[str, Any] | None:
     return holder
 
 
-def trial_status(fs: Any, folder: str, epochs: int, stopped: set[str]) -> TrialStatus:
-    rows = _json_lines(fs, f"{folder}/result.json")
+def trial_status(fs: Any, folder: str, epochs: int, stopped: set[str], rows: list[dict[str, Any]]) -> TrialStatus:
+    """One started trial, from its folder and its results (``rows``, its ``result.json``)."""
     raw = storage.fs_read(fs, f"{folder}/params.json")
     params = json.loads(raw) if raw else {}
     named = TRIAL_FOLDER.match(folder.rstrip("/").rsplit("/", 1)[-1])
@@ -239,13 +239,14 @@ def study_status(study: Study, storage_root: str) -> StudyStatus:
     state = read_state(study_dir) or {}
     stopped = set(state.get("stopped", ()))
     epochs = study.train.optim.epochs
-    trials = [trial_status(fs, f, epochs, stopped) for f in _trial_folders(fs, path)]
+    results = {f: _json_lines(fs, f"{f}/result.json") for f in _trial_folders(fs, path)}
+    trials = [trial_status(fs, f, epochs, stopped, rows) for f, rows in results.items()]
     driver = _driver(fs, path)
     for t in trials:
         if t.state == FAILED and driver:  # Tune retries a failed trial while it has failures left
             t.state = RUNNING
-    reported = [float(r[R.REPORTED_AT]) for f in _trial_folders(fs, path)
-                for r in _json_lines(fs, f"{f}/result.json") if isinstance(r.get(R.REPORTED_AT), (int, float))]
+    reported = [float(r[R.REPORTED_AT]) for rows in results.values() for r in rows
+                if isinstance(r.get(R.REPORTED_AT), (int, float))]
     # The session running now lasts until now; one whose driver was killed, until its last result.
     last_start = history[-1].started if history else 0.0
     now = time.time() if driver else max([last_start] + [t for t in reported if t >= last_start])
