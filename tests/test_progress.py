@@ -89,7 +89,7 @@ name: st
 kind: ablation
 base: quickstart
 train: {{optim.epochs: 3}}
-evaluation: {{preset: quick, n_examples: 64}}
+evaluation: {{preset: quick, n_examples: 64, batch_size: 16}}
 ablation: {{grid: {{method.anc: [false, true], model.ra: [false, true]}}}}
 seeds: [0, 1]
 """
@@ -128,8 +128,8 @@ def test_status_of_an_ablation_from_its_folder(tmp_path: Path) -> None:
     # 0: evaluated; 1: evaluating (progress file); 2: trained, 2 of 4 batches kept by an older version;
     # 3: in epoch 2 (progress file of its mid-epoch checkpoint); 4 (seed 1): diverged; 5 (seed 1): failed.
     _trial_folder(sd, 0, grid[0], [{**epoch, "reported_at": t0 + 100 * k} for k in (1, 2, 3)]
-                  + [{"final": 1, "diverged": 0, "reported_at": t0 + 400, "timing.eval_s": 128.0,
-                      "eval_n_examples": 64}])
+                  + [{"final": 1, "diverged": 0, "reported_at": t0 + 400, "timing.eval_s": 96.0,
+                      "eval_n_examples": 64, "timing.eval_untimed_batches": 1}])  # its first 16, no time
     f1 = _trial_folder(sd, 1, grid[1], [{**epoch, "reported_at": t0 + 100 * k} for k in (1, 2, 3)])
     ProgressFile(_fs(), str(f1)).evaluating(batches=1, n_batches=4, examples=16, n_examples=64, seconds=60.0)
     f2 = _trial_folder(sd, 2, grid[2], [{**epoch, "reported_at": t0 + 100 * k} for k in (1, 2, 3)])
@@ -163,14 +163,23 @@ def test_status_of_an_ablation_from_its_folder(tmp_path: Path) -> None:
     assert now[4] == "diverged at epoch 2" and now[5].endswith("it failed (error.txt in its folder)")
     assert [t.epochs for t in st.trials[:7]] == [3, 3, 3, 1, 1, 0, 1]
     assert st.trials[0].train_time_s == 300.0
+    # Its first batch was kept by d923040, untimed: its 96 s timed the other 48 examples.
+    assert (st.trials[0].eval_s, st.trials[0].eval_examples, st.trials[0].eval_timed) == (96.0, 64, 48)
     # Waiting: the grid's one point not started, in Tune's order (the seed slowest, the first key fastest).
     assert [(t.trial_id, t.params) for t in st.trials[7:]] == [(None, {**grid[3], "seed": 1})]
-    # Left, at each row's measured rates (100 s an epoch; 2 and 3.75 s an example for the first two
-    # rows, the RA rows' evaluation not measured yet): 48 examples of trial 1, 1.6 epochs of trial 3,
-    # 2 of trial 6, 3 of the waiting one; the failed trial is not run again by anyone.
+    # Left, at each row's measured rates (100 s an epoch; 2 (96 s for the 48 timed) and 3.75 s an
+    # example for the first two rows, the RA rows' evaluation not measured yet): 48 examples of
+    # trial 1, 1.6 epochs of trial 3, 2 of trial 6, 3 of the waiting one; the failed trial is not run again by anyone.
     assert st.left_s == pytest.approx(48 * 3.75 + 160 + 200 + 300) and st.slots == 1
     assert st.not_counted == ["the evaluation of anc=False ra=True", "the evaluation of anc=True ra=True"]
     assert "left at the rates its trials measured: at least 14 min of wall time" in format_status(st)
+    # Not running: the command its last stopped session printed, with the flags it ran with.
+    assert st.resume_command is None
+    assert "not running: `ancra-tune x --resume`" in format_status(st, "ancra-tune x --resume")
+    said = "ancra-tune ablate st.yaml --storage s --tracking-uri sqlite:///m.db --resume"
+    (sd / "summary.json").write_text(json.dumps({"outcome": "interrupted", "resume_command": said}))
+    st = study_status(study, str(storage))
+    assert st.resume_command == said and f"not running: `{said}` goes on with it" in format_status(st, "ancra-tune x")
 
     # A driver alive on this host: the failed trial is Tune's to retry, the session runs until now.
     holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": "then", "command": "ancra-tune ablate"}

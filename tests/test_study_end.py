@@ -153,6 +153,7 @@ def test_ctrl_c_then_resume_ends_as_an_uninterrupted_study(tmp_path: Path, mlflo
     status = _status(tmp_path)
     assert status["driver"] is None and status["sessions"] == 1 and status["planned"] == 6
     assert status["wall_time_s"] == pytest.approx(stopped["wall_time_s"], abs=15)
+    assert status["resume_command"] == stopped["resume_command"] and "--tracking-uri" in status["resume_command"]
     by_id = {t["trial_id"]: t for t in status["trials"]}
     unstarted = 0  # a trial Tune had made but not started has no folder yet: waiting
     for t in stopped["trials"]:

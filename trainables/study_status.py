@@ -67,6 +67,7 @@ class StudyStatus:
     slots: int = 1  # trials at once (the last session's)
     left_s: float | None = None  # an ablation's trial-seconds left at the rates measured so far
     not_counted: list[str] = field(default_factory=list)  # what that leaves out (nothing measured yet)
+    resume_command: str | None = None  # the command its last stopped session said goes on with it
 
     def counts(self) -> dict[str, int]:
         out = {s: 0 for s in (EVALUATED, RUNNING, WAITING, STOPPED, DIVERGED, FAILED)}
@@ -141,8 +142,10 @@ def _driver(fs: Any, study_dir: str) -> dict[str, Any] | None:
     return holder
 
 
-def trial_status(fs: Any, folder: str, epochs: int, stopped: set[str], rows: list[dict[str, Any]]) -> TrialStatus:
-    """One started trial, from its folder and its results (``rows``, its ``result.json``)."""
+def trial_status(fs: Any, folder: str, epochs: int, stopped: set[str], rows: list[dict[str, Any]],
+                 batch_size: int | None = None) -> TrialStatus:
+    """One started trial, from its folder and its results (``rows``, its ``result.json``);
+    ``batch_size``: its evaluation's batches (the study's suite)."""
     raw = storage.fs_read(fs, f"{folder}/params.json")
     params = json.loads(raw) if raw else {}
     named = TRIAL_FOLDER.match(folder.rstrip("/").rsplit("/", 1)[-1])
@@ -155,8 +158,13 @@ def trial_status(fs: Any, folder: str, epochs: int, stopped: set[str], rows: lis
         t.state, t.now = EVALUATED, "evaluated"
         t.eval_s = float(final.get(R.TIMING_PREFIX + "eval_s") or 0.0)
         t.eval_examples = int(final.get("eval_n_examples") or 0)
-        # batches taken from an earlier start count their own time, unless d923040 kept them: unknown
-        t.eval_timed = t.eval_examples if not final.get(R.TIMING_PREFIX + "eval_untimed_batches") else 0
+        # batches taken from an earlier start count their own time, unless d923040 kept them: those
+        # have none. They were the first ones (an evaluation keeps its batches in order).
+        untimed = int(final.get(R.TIMING_PREFIX + "eval_untimed_batches") or 0)
+        if untimed:
+            t.eval_timed = max(0, t.eval_examples - untimed * batch_size) if batch_size else 0
+        else:
+            t.eval_timed = t.eval_examples
         return t
     diverged = next((r for r in rows if R.is_diverged(r)), None)
     if diverged is not None:
@@ -240,7 +248,8 @@ def study_status(study: Study, storage_root: str) -> StudyStatus:
     stopped = set(state.get("stopped", ()))
     epochs = study.train.optim.epochs
     results = {f: _json_lines(fs, f"{f}/result.json") for f in _trial_folders(fs, path)}
-    trials = [trial_status(fs, f, epochs, stopped, rows) for f, rows in results.items()]
+    batch_size = study.suite.batch_size if study.suite is not None else None
+    trials = [trial_status(fs, f, epochs, stopped, rows, batch_size) for f, rows in results.items()]
     driver = _driver(fs, path)
     for t in trials:
         if t.state == FAILED and driver:  # Tune retries a failed trial while it has failures left
@@ -265,10 +274,20 @@ def study_status(study: Study, storage_root: str) -> StudyStatus:
         planned = study.search.num_samples + sum(sessions.extensions(history).values())
     st = StudyStatus(study=study.name, kind=study.kind, study_dir=study_dir, epochs=epochs, driver=driver,
                      sessions=len(history), wall_time_s=wall, planned=planned, trials=trials,
-                     slots=history[-1].slots if history else 1)
+                     slots=history[-1].slots if history else 1, resume_command=_resume_command(storage_root, study))
     if study.kind == "ablation" and study.suite is not None:
         st.left_s, st.not_counted = time_left(trials, epochs, study.suite.n_examples)
     return st
+
+
+def _resume_command(storage_root: str, study: Study) -> str | None:
+    """The command the study's last stopped session printed to go on (its ``summary.json``): the one it
+    was run with, its flags (``--tracking-uri``, ``--storage``) included."""
+    from .study_history import summary_dir
+
+    summary = storage.read_json(storage.join(summary_dir(storage_root, study.name), "summary.json"))
+    command = summary.get("resume_command") if isinstance(summary, dict) else None
+    return command if isinstance(command, str) and command else None
 
 
 def time_left(trials: list[TrialStatus], epochs: int, n_examples: int | None) -> tuple[float, list[str]]:
@@ -321,7 +340,9 @@ def _hours(seconds: float) -> str:
 
 
 def format_status(st: StudyStatus, resume_command: str | None = None) -> str:
+    """``resume_command``: said when it is not running, if its last session left none of its own."""
     c = st.counts()
+    resume_command = st.resume_command or resume_command
     lines = [f"study {st.study} ({st.kind}): {st.study_dir}"]
     if st.driver:
         lines.append(f"running now: process {st.driver.get('pid')} on {st.driver.get('host')} since "
