@@ -198,3 +198,22 @@ def test_status_of_a_study_that_never_ran_exits_2(tmp_path: Path, capsys) -> Non
 
     assert main(["status", "quickstart", "--storage", str(tmp_path)]) == 2
     assert "has not run in" in capsys.readouterr().err
+
+
+def test_status_read_by_a_reader_that_goes_away_ends_quietly(tmp_path: Path) -> None:
+    """`ancra-tune status ... | head -1`: the pipe closed before the output is written ends the
+    command as SIGPIPE ends a program (141), without a traceback."""
+    import subprocess
+    import sys
+
+    from trainables import sessions
+
+    (tmp_path / "st.yaml").write_text(ABLATION.format())
+    sessions.save(str(tmp_path / "studies" / "st"), [sessions.Session(started=1_700_000_000.0)])
+    cmd = [sys.executable, "-m", "trainables.cli", "status", str(tmp_path / "st.yaml"), "--storage",
+           str(tmp_path / "studies"), "--json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader has gone before a line is written (imports take seconds)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err[-2000:]
+    assert "Traceback" not in err and "study st (ablation)" in err  # what was said on stderr still is

@@ -192,7 +192,13 @@ def entry() -> None:
     # SIGINT as Ctrl+C wherever it was started (sweeps install their own handler on top).
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    rc = main()
+    try:
+        rc = main()
+    except BrokenPipeError:
+        # Whoever read its output has gone (`ancra-tune status ... | head`): end quietly, as a program
+        # that SIGPIPE ends does (its status), and let nothing more be written to the closed pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        rc = 128 + signal.SIGPIPE
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         ray.shutdown()
