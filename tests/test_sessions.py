@@ -82,3 +82,43 @@ def test_a_killed_session_ends_at_its_trials_last_trace_not_their_last_result(tm
     assert S.wall_time_s(kept, [t0 + 45], now=t0 + 10_000) == pytest.approx(10 + 300)  # not 10 + 45
     S.close_killed(str(study), [S.Session(started=t0)], None)  # no trace at all: it counts nothing
     assert S.load(str(study))[-1].ended == t0
+
+
+def test_each_session_records_the_code_it_ran_and_the_page_says_which(tmp_path: Path) -> None:
+    """A study run over sessions at several commits: each session records its code's commit (the
+    repository its ``trainables`` was imported from, and whether it had uncommitted changes) and its
+    driver's machine; the study's page says which sessions ran which code, not only which built it."""
+    import os
+    import socket
+    import subprocess
+
+    from trainables.study_page import provenance
+
+    study = str(tmp_path / "s")
+    h = S.begin(study, resume=False, command="ancra-tune ablate s.yaml")
+    repo = Path(S.__file__).parent
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True)
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True,
+                            text=True)
+    if head.returncode == 0:
+        assert h[0].code["commit"] == head.stdout.strip() and len(h[0].code["commit"]) == 40
+        assert h[0].code["dirty"] == bool(status.stdout.strip())
+    else:  # an installed copy outside Git
+        assert h[0].code["commit"] is None and h[0].code["version"]
+    assert h[0].machine["host"] == socket.gethostname() and h[0].machine["cpus"] == os.cpu_count()
+    assert S.load(study)[0].code == h[0].code  # kept in sessions.json
+
+    # Two sessions of a version that recorded nothing, two at one commit, one at another with changes.
+    a, b = "a" * 40, "b" * 40
+    here = {"host": "vm", "arch": "x86_64", "cpus": 2, "gpu": None}
+    S.save(study, [S.Session(started=0.0, ended=1.0), S.Session(started=2.0, ended=3.0),
+                   S.Session(started=4.0, ended=5.0, code={"commit": a, "dirty": False}, machine=here),
+                   S.Session(started=6.0, ended=7.0, code={"commit": a, "dirty": False}, machine=here),
+                   S.Session(started=8.0, code={"commit": b, "dirty": True}, machine={**here, "gpu": "NVIDIA H100"})])
+    lines = provenance({"study": "s", "study_file": str(tmp_path / "s.yaml"), "study_dir": study})
+    text = "\n".join(lines)
+    assert ("- code each of its 5 session(s) ran: sessions 1-2: not recorded; sessions 3-4: `aaaaaaa`; "
+            "session 5: `bbbbbbb` with uncommitted changes") in text
+    assert ("- machine (each session's driver): sessions 1-2: not recorded; sessions 3-4: vm (x86_64, 2 CPUs, "
+            "GPU none); session 5: vm (x86_64, 2 CPUs, GPU NVIDIA H100)") in text
+    assert "- page built by code at " in text

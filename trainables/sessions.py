@@ -36,6 +36,8 @@ class Session:
     slots: int = 1  # trials it ran at once
     experiment: str | None = None  # the Tune experiment it ran: None the study's own, "more-<k>" an extension
     added: int | None = None  # an extension's trials (`--more N`)
+    code: dict[str, Any] | None = None  # the code it ran (code_version.running_code); None: not recorded
+    machine: dict[str, Any] | None = None  # its driver's machine (code_version.this_machine)
 
 
 def path(study_dir: str) -> str:
@@ -59,7 +61,10 @@ def begin(study_dir: str, *, resume: bool, command: str | None = None, slots: in
     """Record a new session (a fresh study forgets the sessions of an earlier study of that name; an
     extension, ``--more``, keeps them)."""
     sessions = load(study_dir) if resume or experiment is not None else []
-    sessions.append(Session(started=time.time(), command=command, slots=slots, experiment=experiment, added=added))
+    from .code_version import running_code, this_machine
+
+    sessions.append(Session(started=time.time(), command=command, slots=slots, experiment=experiment, added=added,
+                            code=running_code(), machine=this_machine()))
     save(study_dir, sessions)
     return sessions
 

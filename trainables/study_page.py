@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -201,25 +199,45 @@ def runs_line(summary: StudySummary, points: list[dict[str, Any]] | None, seeds:
     return [text, ""]
 
 
+def by_session(history: list[Any], describe: Any) -> str:
+    """``describe`` of each session, consecutive sessions that say the same grouped: "sessions 1-9:
+    not recorded; sessions 10-12: `d8ffc69`" (one kind of session: only what it says)."""
+    groups: list[list[Any]] = []
+    for i, s in enumerate(history, 1):
+        text = describe(s)
+        if groups and groups[-1][2] == text:
+            groups[-1][1] = i
+        else:
+            groups.append([i, i, text])
+    if len(groups) == 1:
+        return groups[0][2]
+    return "; ".join(f"session{'s' if a != b else ''} {a}{f'-{b}' if a != b else ''}: {t}" for a, b, t in groups)
+
+
 def provenance(summary: StudySummary) -> list[str]:
     import torch
 
+    from . import sessions
+    from .code_version import describe, describe_machine, git_commit, running_code, this_machine
+
     study_file = Path(summary.get("study_file", ""))
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=study_file.parent if study_file.parent.is_dir()
-                                else None, capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    history = sessions.load(summary["study_dir"]) if summary.get("study_dir") else []
+    here = running_code()
+    built = describe(here)
+    if study_file.is_file() and (mine := git_commit(study_file)) and mine[0] != here["commit"]:
+        built += f"; the study file's repository at `{mine[0][:7]}`" + (" with uncommitted changes" if mine[1] else "")
     lines = ["## How this page was made", "",
-             f"- study file: `{study_file}`; storage: `{summary.get('study_dir')}`",
-             f"- commit: `{commit}` (of the study file's repository when the page was built)",
-             f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, GPU {gpu}; Python "
-             f"{platform.python_version()}, torch {torch.__version__}",
-             f"- study wall time: {summary.get('wall_time_s', 0):.0f} s (trials' training "
-             f"{summary.get('trial_train_time_s', 0):.0f} s); trials: " +
-             ", ".join(f"{n} {k}" for k, n in summary.get("status_counts", {}).items() if n),
-             f"- built by: `ancra-tune report {summary.get('study')}`"]
+             f"- study file: `{study_file}`; storage: `{summary.get('study_dir')}`"]
+    if history:
+        code = by_session(history, lambda s: describe(s.code))
+        lines += [f"- code each of its {len(history)} session(s) ran: {code}",
+                  f"- machine (each session's driver): {by_session(history, lambda s: describe_machine(s.machine))}"]
+    lines += [f"- page built by code at {built}, on {describe_machine(this_machine())}; Python "
+              f"{platform.python_version()}, torch {torch.__version__}",
+              f"- study wall time: {summary.get('wall_time_s', 0):.0f} s (trials' training "
+              f"{summary.get('trial_train_time_s', 0):.0f} s); trials: " +
+              ", ".join(f"{n} {k}" for k, n in summary.get("status_counts", {}).items() if n),
+              f"- built by: `ancra-tune report {summary.get('study')}`"]
     if study_file.is_file():
         lines += ["", "<details><summary>study file</summary>", "", "```yaml", study_file.read_text().rstrip(),
                   "```", "", "</details>"]

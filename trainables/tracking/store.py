@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from ..code_version import git_commit  # noqa: F401 - the study run's tags
 
 log = logging.getLogger(__name__)
 
@@ -140,21 +141,6 @@ def log_metrics(mc: Any, run_id: str, metrics: Mapping[str, Any], step: int) -> 
     # Numbers (bools as 0/1); strings and None are not metrics.
     mc.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in sorted(metrics.items())
                                   if isinstance(v, (int, float))])
-
-
-def git_commit(path: str | Path) -> tuple[str, bool] | None:
-    """(commit, dirty) of the repository holding ``path``, or None outside Git."""
-    d = Path(path).resolve()
-    d = d if d.is_dir() else d.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=d, capture_output=True, text=True, timeout=10)
-        if head.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=d,
-                               capture_output=True, text=True, timeout=10)
-        return head.stdout.strip(), bool(dirty.stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def quote(v: str) -> str:
