@@ -1,29 +1,20 @@
-"""`ancra-tune eval --workers N`: batches sharded over Ray workers merge into the report a single
+"""`ancra-tune eval --workers N`: batches spread over Ray workers merge into the report a single
 process gives on the same examples (AutoAttack included)."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from trainables.distributed_eval import shard_batches
-
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def test_shards_are_balanced_and_cover_every_batch() -> None:
-    assert shard_batches(5, 2) == [[0, 2, 4], [1, 3]]
-    assert shard_batches(2, 4) == [[0], [1]]  # never an empty shard
-    for n, w in ((1, 1), (7, 3), (16, 5)):
-        shards = shard_batches(n, w)
-        assert sorted(b for s in shards for b in s) == list(range(n))
-        assert max(map(len, shards)) - min(map(len, shards)) <= 1
 
 
 @pytest.mark.ray
@@ -39,14 +30,32 @@ def test_two_workers_give_the_single_process_report(tmp_path: Path) -> None:
     Trainer(cfg).fit()
     ckpt = tmp_path / "train" / "checkpoint.pt"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    common = [sys.executable, "-m", "trainables.cli", "eval", str(ckpt), "--quick", "--n", "64", "--batch-size", "16",
+    common = [sys.executable, "-m", "trainables.cli", "eval", str(ckpt), "--quick", "--n", "64", "--batch-size", "8",
               "--quiet"]
     reports = {}
-    for name, extra in (("single", []), ("sharded", ["--workers", "2"])):
-        out = subprocess.run(common + ["--out", str(tmp_path / name)] + extra, capture_output=True, text=True,
-                             env=env, timeout=900, cwd=tmp_path)
-        assert out.returncode == 0, out.stderr[-3000:]
-        reports[name] = json.loads((tmp_path / name / "report.json").read_text())
+    out = subprocess.run(common + ["--out", str(tmp_path / "single")], capture_output=True, text=True, env=env,
+                         timeout=900, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    reports["single"] = json.loads((tmp_path / "single" / "report.json").read_text())
+    # Over two workers, stopped (Ctrl+C) once a batch is kept, then the same command: it goes on from
+    # the kept batches and writes the report one process writes.
+    sharded = common + ["--out", str(tmp_path / "sharded"), "--workers", "2"]
+    kept = tmp_path / "sharded" / "eval_batches"
+    proc = subprocess.Popen(sharded, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    deadline = time.time() + 600
+    while proc.poll() is None and not list(kept.glob("batch_*.pt")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert f"its finished batches are kept in {kept}" in err
+    n_kept = len(list(kept.glob("batch_*.pt")))
+    assert 1 <= n_kept < 8, n_kept  # 64 examples in batches of 8
+    out = subprocess.run(sharded, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"going on from the evaluation kept in {kept}: {n_kept} of 8 batches done" in out.stdout
+    assert not kept.exists()
+    reports["sharded"] = json.loads((tmp_path / "sharded" / "report.json").read_text())
     single, sharded = reports["single"], reports["sharded"]
     assert single["n_examples"] == 64 and any(a["kind"] == "autoattack" for a in single["attacks"])
     assert single["autoattack_acc"] is not None

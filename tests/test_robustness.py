@@ -235,6 +235,43 @@ def test_cli_eval_stopped_goes_on_from_its_next_batch(tmp_path: Path, capsys, mo
     assert not (out / "eval_batches").exists()
 
 
+def test_batches_that_come_back_out_of_order_are_kept_and_a_stop_goes_on_from_them(tmp_path: Path, batch) -> None:
+    """A runner that hands the batches back in another order (Ray workers: whichever finishes first)
+    has each kept as it comes back; stopped after two, it is closed (its work in flight called off),
+    asked next time for the other two alone, and the outcomes are those of one straight run."""
+    from ancra_tune.robustness.kept import KeptBatches, LocalBatchFiles, batches_here, evaluate_kept
+
+    x, y = batch[0][:64], batch[1][:64]
+    model = trained_digits_model()
+    cfg = SuiteConfig.preset_config("quick", eps=EPS, batch_size=16, autoattack=None)
+    meta = {"model": "m", "suite": cfg.to_dict()}
+    straight, *_ = evaluate_kept(model, x, y, cfg, kept=None, meta=meta)
+    asked: list[list[int]] = []
+    closed: list[bool] = []
+
+    def backwards(model, x, y, suite, source, batches):
+        asked.append(list(batches))
+        try:
+            yield from batches_here(model, x, y, suite, source, list(reversed(batches)))
+        finally:
+            closed.append(True)
+
+    def stop_after_two(done: int, *_: object) -> None:
+        if done == 2:
+            raise KeyboardInterrupt
+
+    kept = KeptBatches(LocalBatchFiles(tmp_path / "kept"))
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_kept(model, x, y, cfg, kept=kept, meta=meta, run=backwards, on_batch=stop_after_two)
+    assert asked == [[0, 1, 2, 3]] and closed == [True]
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["batch_00002.pt", "batch_00003.pt", "meta.json"]
+    results, seconds, resumed, untimed = evaluate_kept(model, x, y, cfg, kept=kept, meta=meta, run=backwards)
+    assert asked[1:] == [[0, 1]] and (resumed, untimed) == (2, 0) and seconds > 0
+    a, b = (build_report(r, cfg, ra=False, n_classes=10, has_source=False, meta={}).to_dict()
+            for r in (straight, results))
+    assert a["n_examples"] == 64 and a == b  # every attack's per-example outcome
+
+
 def test_pca_embedding_projects_on_the_leading_components() -> None:
     """The quick preset's embedding: the two directions of largest variance (two clusters apart
     along one feature land on either side of the first axis); other methods are refused."""

@@ -1,15 +1,19 @@
-"""Distributed evaluation: the robustness suite's batches sharded over Ray workers.
+"""Distributed evaluation: the robustness suite's batches spread over Ray workers.
 
 Every batch's attacks draw their randomness from (seed, batch index, attack), so a batch gives
-the same per-example outcomes wherever it runs; the driver merges the shards' per-example
+the same per-example outcomes wherever it runs; the driver merges the batches' per-example
 results with :func:`ancra_tune.robustness.build_report` into the report a single process
-gives on the same examples (AutoAttack included: it runs per batch too).
+gives on the same examples (AutoAttack included: it runs per batch too). Each batch is one task,
+at most ``workers`` at once, a free worker taking the next batch (batches do not cost the same:
+the first holds the examples every attack and check runs on); the driver keeps each batch as it
+comes back (``ancra-tune eval``'s ``eval_batches/``), so a stopped evaluation goes on from there.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -17,69 +21,73 @@ from torch import Tensor, nn
 from ancra_tune.robustness import BatchResult, SuiteConfig, batch_slices, evaluate_model
 
 
-def shard_batches(n_batches: int, workers: int) -> list[list[int]]:
-    """Round-robin shards of batch indices (balanced when batches cost the same); no empty shard."""
-    shards = [list(range(k, n_batches, workers)) for k in range(min(workers, n_batches))]
-    return [s for s in shards if s]
-
-
-def _eval_shard(model: nn.Module, x: Tensor, y: Tensor, cfg: SuiteConfig, source: nn.Module | None,
-                batches: list[int], device: str, threads: int) -> list[BatchResult]:
+def _eval_batch(model: nn.Module, x: Tensor, y: Tensor, cfg: SuiteConfig, source: nn.Module | None,
+                batch: int, device: str, threads: int) -> tuple[BatchResult, float]:
+    """One batch on a worker: its result (on the CPU, for the driver) and the seconds it took there."""
+    t = time.perf_counter()
     torch.set_num_threads(threads)
     dev = torch.device(device)
     model = model.to(dev).eval()
     src = source.to(dev).eval() if source is not None else None
-    results = evaluate_model(model, x, y, cfg, source=src, progress=False, batches=batches)
-    for r in results:  # back to CPU for the driver
-        r.clean, r.zero_grad = r.clean.cpu(), r.zero_grad.cpu()
-        r.correct = {k: v.cpu() for k, v in r.correct.items()}
-    return results
+    (r,) = evaluate_model(model, x, y, cfg, source=src, progress=False, batches=[batch])
+    r.clean, r.zero_grad = r.clean.cpu(), r.zero_grad.cpu()
+    r.correct = {k: v.cpu() for k, v in r.correct.items()}
+    return r, time.perf_counter() - t
 
 
 class RayEvaluator:
-    """An ``evaluate`` callable for :func:`ancra_tune.robustness.evaluate_checkpoint` that runs
-    the batches on ``workers`` Ray tasks of ``cpus`` CPUs (and ``gpus`` GPUs) each."""
+    """An ``evaluate`` for :func:`ancra_tune.robustness.evaluate_checkpoint` that runs the batches
+    as Ray tasks of ``cpus`` CPUs (and ``gpus`` GPUs) each, at most ``workers`` at once."""
 
     def __init__(self, workers: int, *, cpus: float = 1.0, gpus: float = 0.0) -> None:
         if workers < 1:
             raise ValueError(f"--workers {workers} is invalid: must be >= 1")
         self.workers, self.cpus, self.gpus = workers, cpus, gpus
-        self.shards: list[list[int]] = []
 
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, cfg: SuiteConfig, *, source: nn.Module | None = None,
-                 progress: bool = True, batches: Sequence[int] | None = None) -> list[BatchResult]:
+    def each(self, model: nn.Module, x: Tensor, y: Tensor, cfg: SuiteConfig, source: nn.Module | None,
+             batches: Sequence[int], *, progress: bool = False) -> Iterator[tuple[BatchResult, float]]:
+        """Each of ``batches`` with the seconds it took on its worker, as it comes back (a
+        :data:`ancra_tune.robustness.BatchRunner`); closed or stopped early, the tasks in flight are
+        called off."""
         import ray
 
-        n_batches = len(batch_slices(x.shape[0], cfg.batch_size))
-        todo = list(range(n_batches)) if batches is None else list(batches)
-        self.shards = [[todo[i] for i in s] for s in shard_batches(len(todo), self.workers)]
-        if len(self.shards) < self.workers:
-            print(f"note: {len(todo)} batch(es) of {cfg.batch_size} for {self.workers} workers: only "
-                  f"{len(self.shards)} can work; a smaller --batch-size gives more shards", flush=True)
+        todo = list(batches)
+        if not todo:
+            return
+        if len(todo) < self.workers:
+            print(f"note: {len(todo)} batch(es) of {cfg.batch_size} to evaluate for {self.workers} workers: only "
+                  f"{len(todo)} can work; a smaller --batch-size gives more batches", flush=True)
         device = "cuda" if self.gpus > 0 else "cpu"
-        task = ray.remote(_eval_shard).options(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=2)
+        task = ray.remote(_eval_batch).options(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=2)
         refs = [ray.put(v) for v in (model.cpu(), x, y, source.cpu() if source is not None else None)]
         threads = max(1, int(math.floor(self.cpus)))
-        pending = [task.remote(*refs[:3], cfg, refs[3], shard, device, threads) for shard in self.shards]
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(pending), desc=f"shards on {self.workers} workers", dynamic_ncols=True)
-        results: list[BatchResult] = []
+            bar = tqdm(total=len(todo), desc=f"batches on {self.workers} workers", dynamic_ncols=True)
+        pending: dict[object, int] = {}
         try:
-            while pending:
-                done, pending = ray.wait(pending, num_returns=1)
-                results.extend(ray.get(done[0]))
+            while todo or pending:
+                while todo and len(pending) < self.workers:
+                    pending[task.remote(*refs[:3], cfg, refs[3], todo.pop(0), device, threads)] = 0
+                done, _ = ray.wait(list(pending), num_returns=1)
+                del pending[done[0]]
+                result, seconds = ray.get(done[0])
                 if bar is not None:
                     bar.update(1)
-        except BaseException:
+                yield result, seconds
+        finally:  # a stop (Ctrl+C), a failed batch, or the caller closed it
             for ref in pending:
                 ray.cancel(ref, force=True)
-            raise
-        finally:
             if bar is not None:
                 bar.close()
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, cfg: SuiteConfig, *, source: nn.Module | None = None,
+                 progress: bool = True, batches: Sequence[int] | None = None) -> list[BatchResult]:
+        """Every batch (or ``batches``), in batch order, once all are back."""
+        todo = range(len(batch_slices(x.shape[0], cfg.batch_size))) if batches is None else batches
+        results = [r for r, _ in self.each(model, x, y, cfg, source, list(todo), progress=progress)]
         return sorted(results, key=lambda r: r.batch_idx)
 
 

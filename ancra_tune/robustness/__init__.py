@@ -9,6 +9,7 @@ evaluates a checkpoint end to end.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -18,16 +19,16 @@ import torch
 from torch import Tensor
 
 from .checks import Check, zero_gradient_mask
-from .kept import KeptBatches, LocalBatchFiles, OnBatch, evaluate_kept, model_digest
+from .kept import BatchRunner, KeptBatches, LocalBatchFiles, OnBatch, evaluate_kept, model_digest
 from .report import AttackResult, BatchResult, EvalReport, build_report, feature_pairs, format_report
 from .runner import LogitsOnly, batch_slices, evaluate_model, run_attack, run_batch
 from .suite import PRESETS, SURROGATES, TARGETS, AttackSpec, SuiteConfig, plan_attacks
 
 __all__ = [
-    "PRESETS", "SURROGATES", "TARGETS", "AttackResult", "AttackSpec", "BatchResult", "Check", "EvalReport",
-    "LogitsOnly", "SuiteConfig", "batch_slices", "build_report", "evaluate_checkpoint", "evaluate_deployment",
-    "evaluate_model", "feature_pairs", "format_report", "load_eval_data", "plan_attacks", "run_attack", "run_batch",
-    "seeded_subset", "zero_gradient_mask",
+    "PRESETS", "SURROGATES", "TARGETS", "AttackResult", "AttackSpec", "BatchResult", "BatchRunner", "Check",
+    "EvalReport", "LogitsOnly", "SuiteConfig", "batch_slices", "build_report", "evaluate_checkpoint",
+    "evaluate_deployment", "evaluate_model", "feature_pairs", "format_report", "load_eval_data", "plan_attacks",
+    "run_attack", "run_batch", "seeded_subset", "zero_gradient_mask",
 ]
 
 Evaluate = Callable[..., list[BatchResult]]
@@ -86,15 +87,19 @@ def _prepare(path: str | Path, cfg: SuiteConfig, *, split: str, source: str | Pa
 def _attacks(model: Any, x: Tensor, y: Tensor, cfg: SuiteConfig, *, src: Any, idx: Tensor, split: str,
              progress: bool, evaluate: Evaluate | None, keep: str | Path | None,
              on_batch: OnBatch | None) -> list[BatchResult]:
-    """Every batch's results: by ``evaluate`` (e.g. sharded over Ray workers), or here, each batch
-    kept in the folder ``keep`` as it finishes (a stopped evaluation goes on from its next batch)."""
-    if evaluate is not None:
+    """Every batch's results, each kept in the folder ``keep`` as it finishes (a stopped evaluation
+    goes on from its next batch): here, or by ``evaluate`` (e.g. over Ray workers: one with an ``each``
+    method, a :data:`BatchRunner`, keeps its batches too; a plain callable returns them all at once)."""
+    run = getattr(evaluate, "each", None)
+    if run is not None:
+        run = functools.partial(run, progress=progress)
+    elif evaluate is not None:
         return evaluate(model, x, y, cfg, source=src, progress=progress)
     kept = KeptBatches(LocalBatchFiles(keep)) if keep is not None else None
     meta = {"model": model_digest(model), "ra": bool(model.ra), "suite": cfg.to_dict(), "split": split,
             "examples": idx.tolist(), "source": model_digest(src) if src is not None else None}
     results, *_ = evaluate_kept(model, x, y, cfg, kept=kept, meta=meta, source=src, on_batch=on_batch,
-                                  progress=progress)
+                                  progress=progress, run=run)
     return results
 
 
@@ -105,8 +110,9 @@ def evaluate_checkpoint(path: str | Path, cfg: SuiteConfig, *, split: str = "val
     """The full evaluation of a checkpoint; with ``out_dir`` its ``report.json`` and PNGs go there.
 
     ``evaluate``: runs the attacks, with :func:`evaluate_model`'s signature (default: this
-    process); ``trainables.distributed_eval`` passes one that shards batches over Ray workers.
-    ``keep`` (in this process only): a folder where each finished batch is kept, so that a stopped
+    process); ``trainables.distributed_eval`` passes one that spreads the batches over Ray workers
+    (its ``each``, a :data:`BatchRunner`, yields each batch as it finishes).
+    ``keep``: a folder where each finished batch is kept, so that a stopped
     evaluation of the same model, suite and examples goes on from its next batch with the outcomes
     an unstopped one gets (:mod:`.kept`); emptied once the report is out. ``on_batch`` hears how far
     it is, at its start and after each batch.
@@ -123,7 +129,7 @@ def evaluate_checkpoint(path: str | Path, cfg: SuiteConfig, *, split: str = "val
 
         report = draw_report(report, results, out)
         report.save(out / "report.json")
-    if keep is not None and evaluate is None:
+    if keep is not None:
         LocalBatchFiles(keep).clear()
     return report
 
@@ -158,6 +164,6 @@ def evaluate_deployment(path: str | Path, cfg: SuiteConfig, *, split: str = "val
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.json").write_text(json.dumps({"deployment": True,
                                                      **{k: r.to_dict() for k, r in reports.items()}}, indent=1))
-    if keep is not None and evaluate is None:
+    if keep is not None:
         LocalBatchFiles(keep).clear()
     return reports

@@ -19,7 +19,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,12 @@ META_NAME = "meta.json"
 #: examples done, examples, seconds over every start, batches taken from an earlier start, examples
 #: whose batch's time is known: batches kept by d923040 lack it)
 OnBatch = Callable[[int, int, int, int, float, int, int], None]
+
+#: runs an evaluation's batches ``(model, x, y, suite, source, batches)``, yielding each batch's
+#: result with the seconds it took as it finishes, in any order: here one after another
+#: (:func:`batches_here`), or spread over workers (``trainables.distributed_eval.RayEvaluator.each``)
+BatchRunner = Callable[[Any, Tensor, Tensor, SuiteConfig, "nn.Module | None", list[int]],
+                       Iterator[tuple[BatchResult, float]]]
 
 
 class BatchFiles:
@@ -124,13 +130,22 @@ def model_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def batches_here(model: Any, x: Tensor, y: Tensor, suite: SuiteConfig, source: nn.Module | None,
+                 batches: list[int], *, progress: bool = False) -> Iterator[tuple[BatchResult, float]]:
+    """The batches one after another in this process (each batch's own bar, its attacks, when ``progress``)."""
+    for b in batches:
+        t = time.perf_counter()
+        (result,) = evaluate_model(model, x, y, suite, source=source, progress=progress, batches=[b])
+        yield result, time.perf_counter() - t
+
+
 def evaluate_kept(model: Any, x: Tensor, y: Tensor, suite: SuiteConfig, *, kept: KeptBatches | None,
                   meta: Mapping[str, Any], source: nn.Module | None = None, on_batch: OnBatch | None = None,
-                  progress: bool = False) -> tuple[list[BatchResult], float, int, int]:
+                  progress: bool = False, run: BatchRunner | None = None) -> tuple[list[BatchResult], float, int, int]:
     """:func:`evaluate_model` one batch at a time, each kept in ``kept`` as it finishes and those an
-    earlier start finished (of the evaluation ``meta`` describes) taken from there. Returns the
-    batches' results, the seconds they took over every start, how many came from an earlier one, and
-    how many of those have no time (kept by d923040)."""
+    earlier start finished (of the evaluation ``meta`` describes) taken from there; ``run`` runs the
+    others (default: here, in order). Returns the batches' results, the seconds they took over every
+    start, how many came from an earlier one, and how many of those have no time (kept by d923040)."""
     slices = batch_slices(x.shape[0], suite.batch_size)
     n = len(slices)
     done = kept.open(meta, n) if kept is not None else {}
@@ -145,15 +160,18 @@ def evaluate_kept(model: Any, x: Tensor, y: Tensor, suite: SuiteConfig, *, kept:
                      sum(size[b] for b, (_, sec) in done.items() if sec > 0))
 
     tell()
-    for b in range(n):
-        if b in done:
-            continue
-        t = time.perf_counter()
-        # each batch's own bar (its attacks) when ``progress``
-        (result,) = evaluate_model(model, x, y, suite, source=source, progress=progress, batches=[b])
-        done[b] = result, time.perf_counter() - t
-        if kept is not None:
-            kept.save(*done[b])
-        tell()
+    todo = [b for b in range(n) if b not in done]
+    results = run(model, x, y, suite, source, todo) if run is not None else \
+        batches_here(model, x, y, suite, source, todo, progress=progress)
+    try:
+        for result, seconds in results:
+            done[result.batch_idx] = result, seconds
+            if kept is not None:
+                kept.save(result, seconds)
+            tell()
+    finally:
+        close = getattr(results, "close", None)  # a generator's: a stop here calls off the runner's work in flight
+        if close is not None:
+            close()
     return ([done[b][0] for b in range(n)], sum(sec for _, sec in done.values()), resumed,
             sum(sec <= 0 for _, sec in done.values()))

@@ -71,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     e.add_argument("--data-root")
     e.add_argument("--out", help="output folder (default: eval_<split> beside the checkpoint)")
-    e.add_argument("--workers", type=int, help="shard the evaluation (AutoAttack included) over N Ray workers; "
-                                               "the merged report equals a single-process run")
+    e.add_argument("--workers", type=int, help="spread the evaluation's batches (AutoAttack included) over N Ray "
+                                               "workers; the merged report equals a single-process run, and a "
+                                               "stopped one goes on from its kept batches as one here does")
     e.add_argument("--address", help="with --workers: a running Ray cluster (e.g. auto); default: a local Ray")
     e.add_argument("--cpus-per-worker", type=float, default=1.0, help="with --workers (default 1)")
     e.add_argument("--json", action="store_true", help="print the report (without per-example data) as JSON on "

@@ -92,7 +92,7 @@ def _eval(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / f"eval_{args.split}"
     device = args.device if args.device != "auto" else ("cuda" if _cuda() else "cpu")
     text = sys.stderr if args.json else sys.stdout  # --json: stdout holds the JSON alone
-    keep = None if args.workers else out / "eval_batches"  # a stopped evaluation goes on from its next batch
+    keep = out / "eval_batches"  # a stopped evaluation goes on from its next batch (with --workers too)
 
     def taken_up(done: int, n: int, examples: int, n_examples: int, seconds: float, resumed: int, timed: int) -> None:
         if resumed and done == resumed:
@@ -113,9 +113,8 @@ def _eval(args: argparse.Namespace) -> int:
         else:
             report = evaluate_checkpoint(args.checkpoint, cfg, **kwargs)
     except KeyboardInterrupt:
-        kept = f"its finished batches are kept in {keep}: the same command goes on from there" if keep else \
-            "nothing is kept with --workers"
-        print(f"\nstopped; {kept}", file=sys.stderr, flush=True)
+        print(f"\nstopped; its finished batches are kept in {keep}: the same command goes on from there",
+              file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
     if args.deploy_ra:
         for name, r in reports.items():
