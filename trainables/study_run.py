@@ -43,6 +43,7 @@ from .study_lock import study_lock
 from .summary import summarize, write_ablation_tables
 from .tracking import (
     StudyTracking,
+    TrackingError,
     check_tracking,
     end_study_run,
     prepare_store,
@@ -77,6 +78,20 @@ class DiskWatch(Callback):
         if self._guard is None or self._guard.interruption is not interruption:
             self._guard = DiskGuard(self.folder, interruption)
         self._guard.check()
+
+
+def answers(uri: str, *, tries: int = 3, wait_s: float = 5.0) -> None:
+    """Raise :class:`TrackingError` unless the store answers within a few probes (seconds each): a
+    server down at the study's end is not waited for through MLflow's retries of every call (minutes,
+    measured: 4), and a blip of a few seconds is."""
+    for k in range(tries):
+        try:
+            check_tracking(uri, prepare=False)
+            return
+        except TrackingError as e:
+            if k == tries - 1:
+                raise TrackingError(f"no answer to {tries} probes {wait_s:g} s apart") from e
+            time.sleep(wait_s)
 
 
 def deliver_backlog(tracking: StudyTracking, study: Study, rows: list[dict[str, Any]]) -> int:
@@ -344,6 +359,7 @@ def _run_locked(study: Study, interruption: Interruption, *, address: str | None
         files += list(write_ablation_tables(study, summary, out))
     if tracking is not None:
         try:
+            answers(tracking.uri)
             n = deliver_backlog(tracking, study, summary["trials"])
             if n:
                 print(f"MLflow: delivered the records of {n} trial(s) that an outage had held back",
