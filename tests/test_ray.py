@@ -790,6 +790,8 @@ def test_a_trial_crashed_mid_epoch_restarts_at_its_step(ray_local, tmp_path: Pat
     assert result.error is None and (tmp_path / "crashed").exists()  # it crashed, and recovered
     assert result.metrics["eval_n_examples"] == 32 and result.metrics["train_time_s"] > 0  # trained, then evaluated
     assert result.metrics["timing.eval_batches_resumed"] == 0
+    # The trial held one of the two CPUs: the other, free, took its evaluation's second batch.
+    assert result.metrics["timing.eval_batches_helped"] == 1
     # First start: nothing to resume; the restart: epoch 2 (index 1) from its step 1.
     assert (tmp_path / "crashed.resumed").read_text().split("\n")[:2] == ["0 -1", "1 1"]
     _assert_same_weights(result.checkpoint, reference)

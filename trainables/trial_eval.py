@@ -75,12 +75,13 @@ def report_final(trainer: Trainer, suite: SuiteConfig, session: Session, recorde
         spent: dict[str, float] = {}
         on_batch = progress.evaluating if progress is not None else None
         report = evaluate_trial(trainer, suite, plots_dir=Path(d) if recorder else None, spent=spent,
-                                batches=batches, on_batch=on_batch)
+                                batches=batches, on_batch=on_batch, spare_cpus=True)
         # The attacks are the evaluation; drawing its plots for MLflow is tracking's time.
         timing = {**(timing or {}), R.TIMING_PREFIX + "eval_s": spent["attacks_s"],
                   R.TIMING_PREFIX + "plots_s": spent["report_s"],
                   R.TIMING_PREFIX + "eval_batches_resumed": spent["batches_resumed"],
-                  R.TIMING_PREFIX + "eval_untimed_batches": spent["batches_untimed"]}
+                  R.TIMING_PREFIX + "eval_untimed_batches": spent["batches_untimed"],
+                  R.TIMING_PREFIX + "eval_batches_helped": spent["batches_helped"]}
         final = R.final_row(report, training_times(trainer), objective)
         (Path(d) / R.FINAL_NAME).write_text(json.dumps(final))
         report.save(Path(d) / R.REPORT_NAME)
@@ -126,7 +127,7 @@ def training_times(trainer: Trainer) -> dict[str, float]:
 
 def evaluate_trial(trainer: Trainer, suite: SuiteConfig, *, plots_dir: Path | None = None,
                    spent: dict[str, float] | None = None, batches: EvalBatches | None = None,
-                   on_batch: OnBatch | None = None) -> EvalReport:
+                   on_batch: OnBatch | None = None, spare_cpus: bool = False) -> EvalReport:
     """The end-of-trial suite on the validation split: the report trials are compared by. With
     ``plots_dir`` the feature histograms and embedding are drawn there. ``spent`` receives the
     seconds the attacks took (``attacks_s``, over every start), the report with its plots (``report_s``) and the
@@ -134,7 +135,8 @@ def evaluate_trial(trainer: Trainer, suite: SuiteConfig, *, plots_dir: Path | No
     them kept by d923040, whose time is not in ``attacks_s``): with ``batches`` each batch is
     kept as it finishes, and those an earlier start finished are not evaluated again. ``on_batch`` hears
     how far it is (:meth:`trainables.progress.ProgressFile.evaluating`'s arguments) when it starts and
-    after each batch."""
+    after each batch. ``spare_cpus``: inside a Ray cluster, on the CPU, a CPU nobody holds takes some
+    of the batches (:mod:`trainables.spare_cpus`: the same outcomes; ``batches_helped`` in ``spent``)."""
     from ancra_tune.robustness import build_report, seeded_subset
     from ancra_tune.robustness.plots import draw_report
 
@@ -144,8 +146,16 @@ def evaluate_trial(trainer: Trainer, suite: SuiteConfig, *, plots_dir: Path | No
     x, y = val.images[idx].float().div(255.0), val.labels[idx]
     model = trainer.model.eval()
     meta = {"model": model_digest(model), "suite": suite.to_dict(), "examples": idx.tolist()}
+    run = None
+    if spare_cpus and next(model.parameters()).device.type == "cpu":
+        import ray
+
+        if ray.is_initialized():
+            from .spare_cpus import SpareCpus
+
+            run = SpareCpus()
     results, seconds, resumed, untimed = evaluate_kept(model, x, y, suite, kept=batches, meta=meta,
-                                                       on_batch=on_batch)
+                                                       on_batch=on_batch, run=run)
     t_report = time.perf_counter()
     report = build_report(results, suite, ra=model.ra, n_classes=trainer.splits.info.num_classes,
                           has_source=False)
@@ -154,5 +164,5 @@ def evaluate_trial(trainer: Trainer, suite: SuiteConfig, *, plots_dir: Path | No
     if spent is not None:
         # every batch's own time, those of an earlier start included: what the evaluation cost
         spent.update(attacks_s=seconds, report_s=time.perf_counter() - t_report, batches_resumed=float(resumed),
-                     batches_untimed=float(untimed))
+                     batches_untimed=float(untimed), batches_helped=float(len(run.helped) if run else 0))
     return report
