@@ -6,7 +6,9 @@ runs the evaluation's batches here, in order, and whenever the Ray cluster has a
 holds it starts a helper there (an actor of one CPU, with this process's threads) and hands it
 the last batch left, then the next, while one is left beside the batch here. A batch goes to the
 helper only once the helper is alive, so none waits for a CPU that never comes; a helper that
-never got one is called off at the end. Each batch's attacks draw their randomness from the
+never got one is called off at the end. The helper is polite: none starts, and a running one is
+let go after its batch, while anyone waits for resources (a placement group not yet placed: a
+trial Tune is starting, a Ray Train worker group). Each batch's attacks draw their randomness from the
 batch's own index, and the helper computes with the same weights and threads, so the outcomes are
 those of the batch run here (``tests/test_spare_cpus.py``).
 """
@@ -58,9 +60,18 @@ class SpareCpus:
         self.helped: list[int] = []  # the batches a helper evaluated
 
     def _free(self) -> bool:
+        """A CPU no one holds and no one waits for."""
         import ray
 
-        return ray.available_resources().get("CPU", 0.0) >= self.cpus
+        return ray.available_resources().get("CPU", 0.0) >= self.cpus and not self._wanted()
+
+    @staticmethod
+    def _wanted() -> bool:
+        """Someone waits for resources: a placement group not placed yet (a trial Tune is starting, a
+        Ray Train worker group). The helper then lets its CPU go after its batch."""
+        from ray.util import placement_group_table
+
+        return any(pg.get("state") in ("PENDING", "RESCHEDULING") for pg in placement_group_table().values())
 
     def __call__(self, model: Any, x: Tensor, y: Tensor, suite: SuiteConfig, source: nn.Module | None,
                  batches: list[int]) -> Iterator[tuple[BatchResult, float]]:
@@ -100,8 +111,12 @@ class SpareCpus:
                     alive = None
                     log.info("evaluation: a spare CPU helps with the last batches")
                 if actor is not None and alive is None and given is None and len(todo) >= 2:
-                    b = todo.pop()
-                    given = (actor.batch.remote(b), b)
+                    if self._wanted():  # its CPU goes to whoever waits; another helper may come later
+                        ray.kill(actor)
+                        actor = None
+                    else:
+                        b = todo.pop()
+                        given = (actor.batch.remote(b), b)
                 if todo:
                     yield from batches_here(model, x, y, suite, source, [todo.pop(0)])
                 elif given is not None:
