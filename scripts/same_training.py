@@ -12,6 +12,8 @@ trained model, and compares every per-example outcome. It says "same" only if ev
     python scripts/same_training.py search_spaces/table8_mnist.yaml --base fbcf603            # vs HEAD
     python scripts/same_training.py search_spaces/table8_mnist.yaml --base fbcf603 --head ee0c6ce --steps 5
     python scripts/same_training.py search_spaces/table8_mnist.yaml --base d923040 --eval-examples 16
+    python scripts/same_training.py search_spaces/table8_mnist.yaml --base d923040 --eval-examples 8 \
+        --eval-batch-size 4 --spare-cpus     # at HEAD the second batch on a spare CPU's helper
 
 The study file is read at ``--head``'s commit; a sweep's configurations are its search space's
 default point. One thread per process, as a trial's worker has.
@@ -38,7 +40,11 @@ from trainables.study import load_study
 from ancra_tune.trainer import Trainer
 
 study_file, steps, out, n_eval = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+eval_batch, spare = int(sys.argv[5]), sys.argv[6] == "1"
 torch.set_num_threads(1)
+if spare:  # a local Ray whose CPUs nobody holds: the evaluation's helper takes the last batches
+    from trainables.ray_session import init_ray
+    init_ray(None, num_cpus=2)
 study = load_study(study_file)
 points = study.grid_points() if study.kind == "ablation" else [study.default_point()]
 states, losses, reports = {}, {}, {}
@@ -57,7 +63,11 @@ for point in points:
         from trainables.trial_eval import evaluate_trial
 
         suite = dataclasses.replace(study.suite, n_examples=n_eval, check_examples=None)
-        reports[key] = evaluate_trial(t, suite).to_dict()
+        if eval_batch:
+            suite = dataclasses.replace(suite, batch_size=eval_batch)
+        spent = {}
+        reports[key] = evaluate_trial(t, suite, spent=spent, **({"spare_cpus": True} if spare else {})).to_dict()
+        reports[key]["_helped"] = spent.get("batches_helped", 0)
 torch.save(states, out + "/states.pt")
 json.dump(losses, open(out + "/losses.json", "w"))
 json.dump(reports, open(out + "/reports.json", "w"))
@@ -69,7 +79,8 @@ def _rev(rev: str) -> str:
                           check=True).stdout.strip()
 
 
-def _train_at(rev: str, study_file: str, steps: int, work: Path, n_eval: int = 0) -> Path:
+def _train_at(rev: str, study_file: str, steps: int, work: Path, n_eval: int = 0, eval_batch: int = 0,
+              spare: bool = False) -> Path:
     tree, out = work / f"tree-{rev}", work / f"out-{rev}"
     out.mkdir(parents=True)
     subprocess.run(["git", "worktree", "add", "--detach", str(tree), rev], cwd=ROOT, capture_output=True, check=True)
@@ -79,8 +90,8 @@ def _train_at(rev: str, study_file: str, steps: int, work: Path, n_eval: int = 0
             (tree.parent / "shared").symlink_to(shared)
         env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
         t0 = time.time()
-        subprocess.run([sys.executable, "-c", TRAIN, study_file, str(steps), str(out), str(n_eval)], cwd=tree,
-                       env=env, check=True)
+        subprocess.run([sys.executable, "-c", TRAIN, study_file, str(steps), str(out), str(n_eval), str(eval_batch),
+                        "1" if spare else "0"], cwd=tree, env=env, check=True)
         print(f"  {rev}: trained{' and evaluated' if n_eval else ''} in {time.time() - t0:.0f} s", flush=True)
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, capture_output=True)
@@ -96,13 +107,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-examples", type=int, default=0, metavar="N",
                     help="also run the study's evaluation on N held-out examples of each trained model and compare "
                          "every per-example outcome (default 0: training only)")
+    ap.add_argument("--eval-batch-size", type=int, default=0, metavar="B",
+                    help="the evaluation's batch size at both commits (default: the study's)")
+    ap.add_argument("--spare-cpus", action="store_true",
+                    help="at --head, evaluate inside a local Ray of 2 free CPUs, so that a helper on a spare CPU "
+                         "takes the last batches (trainables.spare_cpus); give --eval-batch-size so there are several")
     a = ap.parse_args(argv)
     import torch
 
     base, head = _rev(a.base), _rev(a.head)
     print(f"{a.study}: {a.steps} steps per configuration at {base} and at {head}", flush=True)
     with tempfile.TemporaryDirectory(prefix="same-training-", dir=ROOT.parent) as d:
-        outs = {rev: _train_at(rev, a.study, a.steps, Path(d), a.eval_examples) for rev in (base, head)}
+        outs = {rev: _train_at(rev, a.study, a.steps, Path(d), a.eval_examples, a.eval_batch_size,
+                               a.spare_cpus and rev == head) for rev in (base, head)}
         states = {rev: torch.load(o / "states.pt", weights_only=True) for rev, o in outs.items()}
         losses = {rev: json.loads((o / "losses.json").read_text()) for rev, o in outs.items()}
         reports = {rev: json.loads((o / "reports.json").read_text()) if (o / "reports.json").is_file() else {}
@@ -118,13 +135,15 @@ def main(argv: list[str] | None = None) -> int:
               f"vs {(losses[head].get(key) or {}).get('loss')})")
         if a.eval_examples:
             r0, r1 = reports[base].get(key), reports[head].get(key)
+            helped = [int((r or {}).pop("_helped", 0)) for r in (r0, r1)]
             differ = sorted(k for k in set(r0 or {}) | set(r1 or {}) if (r0 or {}).get(k) != (r1 or {}).get(k))
             same_eval = r0 is not None and not differ
             same_all &= same_eval
             shown = (f"{len(r0['per_example']['outcomes'])} outcome lists (clean, worst case, each attack) x "
                      f"{r0['n_examples']} examples, worst case {r0['robust_acc_worst']}" if r0 else "none")
             print(f"    its evaluation: {'same, every per-example outcome' if same_eval else 'DIFFERENT'} ({shown}"
-                  f"{'; differs in ' + ', '.join(differ) if differ else ''})")
+                  f"{'; differs in ' + ', '.join(differ) if differ else ''}"
+                  f"{f'; at {head} a spare CPU evaluated {helped[1]} of its batches' if a.spare_cpus else ''})")
     what = "training and evaluation" if a.eval_examples else "training"
     print(f"same {what} at both commits" if same_all else f"the commits differ in {what}: do not switch")
     return 0 if same_all else 1
