@@ -97,6 +97,33 @@ def test_trial_run_is_created_once_per_trial(mlflow_server: str) -> None:
     assert mc.get_run(b).data.params == {"method.alpha": "0.7"}
 
 
+def test_params_another_process_logged_at_the_same_moment_are_not_an_error(mlflow_server: str,
+                                                                          monkeypatch) -> None:
+    """Two processes adopting one trial's new run both log its params; the second insert fails on the
+    unique key (seen in CI). The same values there: the call goes on; other values: it fails."""
+    from mlflow.exceptions import MlflowException
+
+    import trainables.tracking.runs as runs_mod
+
+    mc = tr.client(mlflow_server)
+    exp = tr.ensure_experiment(mc, "param_race", mlflow_server)
+    tracking = tr.StudyTracking(mlflow_server, exp, mc.create_run(exp, tags={tr.ROLE: "study"}).info.run_id)
+    real = runs_mod.log_params
+
+    def raced(value: str):
+        def log(mc, run_id, params):
+            real(mc, run_id, {k: value for k in params})  # the other process, first
+            raise MlflowException("UNIQUE constraint failed: params.key, params.run_uuid")
+        return log
+
+    monkeypatch.setattr(runs_mod, "log_params", raced("0.7"))
+    rid = tr.trial_run(tracking, "t1", name="trial 1", params={"method.alpha": 0.7})
+    assert mc.get_run(rid).data.params == {"method.alpha": "0.7"}
+    monkeypatch.setattr(runs_mod, "log_params", raced("0.9"))
+    with pytest.raises(MlflowException, match="UNIQUE"):
+        tr.trial_run(tracking, "t2", name="trial 2", params={"method.alpha": 0.7})
+
+
 def test_a_trial_ends_with_one_run_whatever_creates_reached_mlflow(mlflow_server: str) -> None:
     """A create whose answer was lost (a timeout, a retried request) leaves a run the caller never saw:
     the next call adopts it (params filled in); a second run of the same trial, the newer one, is never

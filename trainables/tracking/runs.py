@@ -187,7 +187,14 @@ def trial_run(tracking: StudyTracking, trial_id: str, *, name: str, params: Mapp
     have = found.data.params
     missing = {k: v for k, v in params.items() if k not in have}
     if missing:  # a run created by a request whose answer was lost has none yet
-        log_params(mc, run_id, missing)
+        try:
+            log_params(mc, run_id, missing)
+        except Exception:
+            # Another process filled them in at the same moment (params are unique per run): fine when
+            # they are now there with these values.
+            now = mc.get_run(run_id).data.params
+            if any(now.get(k) != str(v)[:6000] for k, v in missing.items()):
+                raise
     if tags and any(found.data.tags.get(k) != v for k, v in tags.items()):
         from mlflow.entities import RunTag
 
