@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from functools import cache
 
 import torch
@@ -56,6 +58,7 @@ def ddp_mid_epoch_run(rank: int, world: int, init_file: str, cfg_dict: dict, out
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    ok = False
     try:
         cfg = TrainConfig.from_dict(cfg_dict)
         trainer = Trainer(cfg, device="cpu", rank=rank, world_size=world,
@@ -73,6 +76,7 @@ def ddp_mid_epoch_run(rank: int, world: int, init_file: str, cfg_dict: dict, out
             try:
                 trainer.fit()
             except KeyboardInterrupt:
+                ok = True
                 return
             raise AssertionError("the run was not stopped")
         trainer.resume()
@@ -82,6 +86,12 @@ def ddp_mid_epoch_run(rank: int, world: int, init_file: str, cfg_dict: dict, out
         if rank == 0:
             torch.save({"model": trainer.model.state_dict(), "history": trainer.history,
                         "resumed_at": list(resumed_at)}, f"{out}/final.pt")
+        ok = True
     finally:
         dist.barrier()  # both ranks leave together (gloo aborts a process whose peer left first)
         dist.destroy_process_group()
+        if ok:  # done, its files written: leave without the interpreter's teardown, where gloo's threads
+            # can abort the process ("terminate called without an active exception": once in CI, under load)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
