@@ -34,7 +34,8 @@ from typing import Any
 import torch
 
 from ancra_tune.config import TrainConfig
-from ancra_tune.robustness import SuiteConfig, evaluate_checkpoint, evaluate_model
+from ancra_tune.robustness import SuiteConfig, evaluate_checkpoint
+from ancra_tune.robustness.kept import batches_here
 from ancra_tune.robustness.suite import cascade_order, plan_attacks
 from ancra_tune.trainer import Trainer
 
@@ -71,25 +72,26 @@ def run(ckpt: Path, source: Path, n: int, mode: str, eps: float) -> dict[str, An
     counter = PassCounter()
     kills: dict[str, int] = {}
 
-    def evaluate(model: Any, x: Any, y: Any, c: SuiteConfig, **kw: Any) -> Any:
+    def counted(model: Any, x: Any, y: Any, c: SuiteConfig, src: Any, batches: list[int]) -> Any:
+        """The batches here (a BatchRunner), their forward passes counted."""
+        plan = plan_attacks(c, ra=model.ra, has_source=src is not None)
         handle = model.register_forward_hook(counter.hook)
         try:
-            results = evaluate_model(model, x, y, c, **kw)
+            for r, seconds in batches_here(model, x, y, c, src, batches):
+                # on the check examples: which attack broke each example first, in cascade order
+                alive = r.clean[r.check] if r.check is not None else r.clean.clone()
+                for i in cascade_order(plan):
+                    s = plan[i]
+                    if s.in_worst_case:
+                        broke = alive & ~r.correct[s.name]
+                        kills[s.name] = kills.get(s.name, 0) + int(broke.sum())
+                        alive &= r.correct[s.name]
+                yield r, seconds
         finally:
             handle.remove()
-        plan = plan_attacks(c, ra=model.ra, has_source=kw.get("source") is not None)
-        for r in results:  # on the check examples: which attack broke each example first, in cascade order
-            alive = r.clean[r.check] if r.check is not None else r.clean.clone()
-            for i in cascade_order(plan):
-                s = plan[i]
-                if s.in_worst_case:
-                    broke = alive & ~r.correct[s.name]
-                    kills[s.name] = kills.get(s.name, 0) + int(broke.sum())
-                    alive &= r.correct[s.name]
-        return results
 
     t0 = time.perf_counter()
-    report = evaluate_checkpoint(ckpt, cfg, split="test", source=source, progress=False, evaluate=evaluate)
+    report = evaluate_checkpoint(ckpt, cfg, split="test", source=source, progress=False, run=counted)
     wall = time.perf_counter() - t0
     return {"n": n, "mode": mode, "seconds": wall, "forward_per_example": counter.forward / n,
             "grad_passes_per_example": counter.with_grad / n, "worst": report.robust_acc_worst,

@@ -66,7 +66,11 @@ for point in points:
         if eval_batch:
             suite = dataclasses.replace(suite, batch_size=eval_batch)
         spent = {}
-        reports[key] = evaluate_trial(t, suite, spent=spent, **({"spare_cpus": True} if spare else {})).to_dict()
+        kw = {}
+        if spare:  # the API of each revision since 21e28d0
+            from trainables import spare_cpus
+            kw = {"run": spare_cpus.for_trial(t.model)} if hasattr(spare_cpus, "for_trial") else {"spare_cpus": True}
+        reports[key] = evaluate_trial(t, suite, spent=spent, **kw).to_dict()
         reports[key]["_helped"] = spent.get("batches_helped", 0)
 torch.save(states, out + "/states.pt")
 json.dump(losses, open(out + "/losses.json", "w"))

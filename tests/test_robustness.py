@@ -391,3 +391,35 @@ def test_attacks_through_the_surrogates_score_each_visited_point_from_their_own_
         assert len(calls) == 1 + 1 + 4  # the clean pass, APGD's start and its iterations: none scored twice
     finally:
         handle.remove()
+
+
+def test_a_batch_moved_to_another_device_takes_every_tensor_with_it(batch) -> None:
+    """A worker's batch computed on its GPU goes back to a driver that may have none
+    (``BatchResult.to``): every tensor moves (the masking probe's and the features' too), nothing
+    else changes."""
+    from dataclasses import fields
+
+    x, y = batch[0][:32], batch[1][:32]
+    cfg = SuiteConfig(eps=0.1, pgd_steps=3, cw_steps=3, mim_steps=3, adaptive_steps=3, sweep_steps=3, apgd_iters=3,
+                      apgd_targets=2, square_queries=30, autoattack=None, batch_size=32, features=True,
+                      check_examples=16)
+    (r,) = evaluate_model(trained_digits_model(ra=True), x, y, cfg, progress=False)
+
+    def tensors(v: object) -> list[torch.Tensor]:
+        if isinstance(v, torch.Tensor):
+            return [v]
+        if isinstance(v, dict):
+            return [t for w in v.values() for t in tensors(w)]
+        if hasattr(v, "__dataclass_fields__"):
+            return [t for f in fields(v) for t in tensors(getattr(v, f.name))]
+        return []
+
+    every = tensors(r)
+    assert r.probe is not None and r.feat_adv is not None and r.check is not None and len(every) >= 12
+    moved = r.to("meta")
+    assert len(tensors(moved)) == len(every) and all(t.device.type == "meta" for t in tensors(moved))
+    assert [tuple(t.shape) for t in tensors(moved)] == [tuple(t.shape) for t in every]
+    back = r.to("cpu")
+    assert all(torch.equal(a, b) for a, b in zip(tensors(back), every, strict=True))
+    assert (back.batch_idx, back.attacked, back.flags, back.suspicious) == (r.batch_idx, r.attacked, r.flags,
+                                                                           r.suspicious)

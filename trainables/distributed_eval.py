@@ -12,43 +12,40 @@ comes back (``ancra-tune eval``'s ``eval_batches/``), so a stopped evaluation go
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ancra_tune.robustness import BatchResult, SuiteConfig, batch_slices, evaluate_model
+from ancra_tune.robustness import BatchResult, SuiteConfig
+from ancra_tune.robustness.kept import batches_here
 
 
 def _eval_batch(model: nn.Module, x: Tensor, y: Tensor, cfg: SuiteConfig, source: nn.Module | None,
                 batch: int, device: str, threads: int) -> tuple[BatchResult, float]:
     """One batch on a worker: its result (on the CPU, for the driver) and the seconds it took there."""
-    t = time.perf_counter()
     torch.set_num_threads(threads)
     dev = torch.device(device)
     model = model.to(dev).eval()
     src = source.to(dev).eval() if source is not None else None
-    (r,) = evaluate_model(model, x, y, cfg, source=src, progress=False, batches=[batch])
-    r.clean, r.zero_grad = r.clean.cpu(), r.zero_grad.cpu()
-    r.correct = {k: v.cpu() for k, v in r.correct.items()}
-    return r, time.perf_counter() - t
+    ((result, seconds),) = batches_here(model, x, y, cfg, src, [batch])
+    return result.to("cpu"), seconds
 
 
 class RayEvaluator:
-    """An ``evaluate`` for :func:`ancra_tune.robustness.evaluate_checkpoint` that runs the batches
-    as Ray tasks of ``cpus`` CPUs (and ``gpus`` GPUs) each, at most ``workers`` at once."""
+    """A :data:`ancra_tune.robustness.BatchRunner` that runs an evaluation's batches as Ray tasks of
+    ``cpus`` CPUs (and ``gpus`` GPUs) each, at most ``workers`` at once, a free worker taking the
+    next batch; with ``progress`` a bar counts the batches."""
 
-    def __init__(self, workers: int, *, cpus: float = 1.0, gpus: float = 0.0) -> None:
+    def __init__(self, workers: int, *, cpus: float = 1.0, gpus: float = 0.0, progress: bool = False) -> None:
         if workers < 1:
             raise ValueError(f"--workers {workers} is invalid: must be >= 1")
-        self.workers, self.cpus, self.gpus = workers, cpus, gpus
+        self.workers, self.cpus, self.gpus, self.progress = workers, cpus, gpus, progress
 
-    def each(self, model: nn.Module, x: Tensor, y: Tensor, cfg: SuiteConfig, source: nn.Module | None,
-             batches: Sequence[int], *, progress: bool = False) -> Iterator[tuple[BatchResult, float]]:
-        """Each of ``batches`` with the seconds it took on its worker, as it comes back (a
-        :data:`ancra_tune.robustness.BatchRunner`); closed or stopped early, the tasks in flight are
-        called off."""
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, cfg: SuiteConfig, source: nn.Module | None,
+                 batches: Sequence[int]) -> Iterator[tuple[BatchResult, float]]:
+        """Each of ``batches`` with the seconds it took on its worker, as it comes back; closed or
+        stopped early, the tasks in flight are called off."""
         import ray
 
         todo = list(batches)
@@ -62,7 +59,7 @@ class RayEvaluator:
         refs = [ray.put(v) for v in (model.cpu(), x, y, source.cpu() if source is not None else None)]
         threads = max(1, int(math.floor(self.cpus)))
         bar = None
-        if progress:
+        if self.progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(todo), desc=f"batches on {self.workers} workers", dynamic_ncols=True)
@@ -83,13 +80,6 @@ class RayEvaluator:
             if bar is not None:
                 bar.close()
 
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, cfg: SuiteConfig, *, source: nn.Module | None = None,
-                 progress: bool = True, batches: Sequence[int] | None = None) -> list[BatchResult]:
-        """Every batch (or ``batches``), in batch order, once all are back."""
-        todo = range(len(batch_slices(x.shape[0], cfg.batch_size))) if batches is None else batches
-        results = [r for r, _ in self.each(model, x, y, cfg, source, list(todo), progress=progress)]
-        return sorted(results, key=lambda r: r.batch_idx)
-
 
 def cluster_check(cpus: float, gpus: float, nodes: list[dict[str, float]]) -> None:
     """Fail fast when not even one shard task fits any node."""
@@ -100,11 +90,11 @@ def cluster_check(cpus: float, gpus: float, nodes: list[dict[str, float]]) -> No
 
 
 def ray_evaluator(workers: int, *, address: str | None = None, cpus_per_worker: float = 1.0,
-                  gpus_per_worker: float = 0.0) -> RayEvaluator:
-    """Join or start Ray, check that a shard fits, and return the ``evaluate`` callable that
-    :func:`ancra_tune.robustness.evaluate_checkpoint` runs the attacks with."""
+                  gpus_per_worker: float = 0.0, progress: bool = False) -> RayEvaluator:
+    """Join or start Ray, check that a batch's task fits, and return the ``run`` that
+    :func:`ancra_tune.robustness.evaluate_checkpoint` runs the batches with."""
     from .ray_session import alive_nodes, init_ray
 
     init_ray(address)
     cluster_check(cpus_per_worker, gpus_per_worker, alive_nodes())
-    return RayEvaluator(workers, cpus=cpus_per_worker, gpus=gpus_per_worker)
+    return RayEvaluator(workers, cpus=cpus_per_worker, gpus=gpus_per_worker, progress=progress)

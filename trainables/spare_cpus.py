@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ancra_tune.robustness import BatchResult, SuiteConfig, evaluate_model
+from ancra_tune.robustness import BatchResult, SuiteConfig
 from ancra_tune.robustness.kept import batches_here
 
 log = logging.getLogger(__name__)
@@ -43,12 +43,8 @@ class _Helper:
         return True
 
     def batch(self, b: int) -> tuple[BatchResult, float]:
-        import time
-
-        t = time.perf_counter()
-        (r,) = evaluate_model(self.model, self.x, self.y, self.suite, source=self.source, progress=False,
-                              batches=[b])
-        return r, time.perf_counter() - t
+        ((result, seconds),) = batches_here(self.model, self.x, self.y, self.suite, self.source, [b])
+        return result, seconds
 
 
 class SpareCpus:
@@ -124,3 +120,13 @@ class SpareCpus:
         finally:
             if actor is not None:
                 ray.kill(actor)
+
+
+def for_trial(model: nn.Module) -> SpareCpus | None:
+    """How a trial's evaluation runs its batches: with :class:`SpareCpus` for a model on the CPU inside a
+    Ray cluster; otherwise (a GPU's evaluation, or no Ray) ``None``, all of them in the trial."""
+    import ray
+
+    if next(model.parameters()).device.type != "cpu" or not ray.is_initialized():
+        return None
+    return SpareCpus()

@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ancra_tune.robustness import EvalReport, SuiteConfig
-from ancra_tune.robustness.kept import BatchFiles, KeptBatches, OnBatch, evaluate_kept, model_digest
+from ancra_tune.robustness.kept import BatchFiles, BatchRunner, KeptBatches, OnBatch, evaluate_kept, model_digest
 from ancra_tune.trainer import CHECKPOINT_NAME, Trainer
 
 from . import storage
 from . import trial_rows as R
 from .progress import ProgressFile
+from .spare_cpus import for_trial as spare_cpus_for
 from .tracking import TrialRecorder
 
 if TYPE_CHECKING:
@@ -75,7 +76,7 @@ def report_final(trainer: Trainer, suite: SuiteConfig, session: Session, recorde
         spent: dict[str, float] = {}
         on_batch = progress.evaluating if progress is not None else None
         report = evaluate_trial(trainer, suite, plots_dir=Path(d) if recorder else None, spent=spent,
-                                batches=batches, on_batch=on_batch, spare_cpus=True)
+                                batches=batches, on_batch=on_batch, run=spare_cpus_for(trainer.model))
         # The attacks are the evaluation; drawing its plots for MLflow is tracking's time.
         timing = {**(timing or {}), R.TIMING_PREFIX + "eval_s": spent["attacks_s"],
                   R.TIMING_PREFIX + "plots_s": spent["report_s"],
@@ -127,7 +128,7 @@ def training_times(trainer: Trainer) -> dict[str, float]:
 
 def evaluate_trial(trainer: Trainer, suite: SuiteConfig, *, plots_dir: Path | None = None,
                    spent: dict[str, float] | None = None, batches: EvalBatches | None = None,
-                   on_batch: OnBatch | None = None, spare_cpus: bool = False) -> EvalReport:
+                   on_batch: OnBatch | None = None, run: BatchRunner | None = None) -> EvalReport:
     """The end-of-trial suite on the validation split: the report trials are compared by. With
     ``plots_dir`` the feature histograms and embedding are drawn there. ``spent`` receives the
     seconds the attacks took (``attacks_s``, over every start), the report with its plots (``report_s``) and the
@@ -135,8 +136,9 @@ def evaluate_trial(trainer: Trainer, suite: SuiteConfig, *, plots_dir: Path | No
     them kept by d923040, whose time is not in ``attacks_s``): with ``batches`` each batch is
     kept as it finishes, and those an earlier start finished are not evaluated again. ``on_batch`` hears
     how far it is (:meth:`trainables.progress.ProgressFile.evaluating`'s arguments) when it starts and
-    after each batch. ``spare_cpus``: inside a Ray cluster, on the CPU, a CPU nobody holds takes some
-    of the batches (:mod:`trainables.spare_cpus`: the same outcomes; ``batches_helped`` in ``spent``)."""
+    after each batch. ``run`` runs the batches (default: here, one after another); a
+    :class:`trainables.spare_cpus.SpareCpus` lets a CPU nobody holds take some of them (the same
+    outcomes; how many in ``spent``'s ``batches_helped``)."""
     from ancra_tune.robustness import build_report, seeded_subset
     from ancra_tune.robustness.plots import draw_report
 
@@ -146,14 +148,6 @@ def evaluate_trial(trainer: Trainer, suite: SuiteConfig, *, plots_dir: Path | No
     x, y = val.images[idx].float().div(255.0), val.labels[idx]
     model = trainer.model.eval()
     meta = {"model": model_digest(model), "suite": suite.to_dict(), "examples": idx.tolist()}
-    run = None
-    if spare_cpus and next(model.parameters()).device.type == "cpu":
-        import ray
-
-        if ray.is_initialized():
-            from .spare_cpus import SpareCpus
-
-            run = SpareCpus()
     results, seconds, resumed, untimed = evaluate_kept(model, x, y, suite, kept=batches, meta=meta,
                                                        on_batch=on_batch, run=run)
     t_report = time.perf_counter()
@@ -164,5 +158,5 @@ def evaluate_trial(trainer: Trainer, suite: SuiteConfig, *, plots_dir: Path | No
     if spent is not None:
         # every batch's own time, those of an earlier start included: what the evaluation cost
         spent.update(attacks_s=seconds, report_s=time.perf_counter() - t_report, batches_resumed=float(resumed),
-                     batches_untimed=float(untimed), batches_helped=float(len(run.helped) if run else 0))
+                     batches_untimed=float(untimed), batches_helped=float(len(getattr(run, "helped", ()))))
     return report

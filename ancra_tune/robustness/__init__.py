@@ -9,8 +9,6 @@ evaluates a checkpoint end to end.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -30,9 +28,6 @@ __all__ = [
     "evaluate_deployment", "evaluate_model", "feature_pairs", "format_report", "load_eval_data", "plan_attacks",
     "run_attack", "run_batch", "seeded_subset", "zero_gradient_mask",
 ]
-
-Evaluate = Callable[..., list[BatchResult]]
-
 
 def seeded_subset(n_total: int, n: int | None, seed: int) -> Tensor:
     """The first ``n`` examples of a fixed permutation: the same examples every time."""
@@ -85,33 +80,26 @@ def _prepare(path: str | Path, cfg: SuiteConfig, *, split: str, source: str | Pa
 
 
 def _attacks(model: Any, x: Tensor, y: Tensor, cfg: SuiteConfig, *, src: Any, idx: Tensor, split: str,
-             progress: bool, evaluate: Evaluate | None, keep: str | Path | None,
+             progress: bool, run: BatchRunner | None, keep: str | Path | None,
              on_batch: OnBatch | None) -> list[BatchResult]:
     """Every batch's results, each kept in the folder ``keep`` as it finishes (a stopped evaluation
-    goes on from its next batch): here, or by ``evaluate`` (e.g. over Ray workers: one with an ``each``
-    method, a :data:`BatchRunner`, keeps its batches too; a plain callable returns them all at once)."""
-    run = getattr(evaluate, "each", None)
-    if run is not None:
-        run = functools.partial(run, progress=progress)
-    elif evaluate is not None:
-        return evaluate(model, x, y, cfg, source=src, progress=progress)
+    goes on from its next batch): here, or by ``run`` (e.g. over Ray workers)."""
     kept = KeptBatches(LocalBatchFiles(keep)) if keep is not None else None
     meta = {"model": model_digest(model), "ra": bool(model.ra), "suite": cfg.to_dict(), "split": split,
             "examples": idx.tolist(), "source": model_digest(src) if src is not None else None}
     results, *_ = evaluate_kept(model, x, y, cfg, kept=kept, meta=meta, source=src, on_batch=on_batch,
-                                  progress=progress, run=run)
+                                progress=progress, run=run)
     return results
 
 
 def evaluate_checkpoint(path: str | Path, cfg: SuiteConfig, *, split: str = "val", source: str | Path | None = None,
                         out_dir: str | Path | None = None, device: str = "cpu", data_root: str | None = None,
-                        progress: bool = True, evaluate: Evaluate | None = None, keep: str | Path | None = None,
+                        progress: bool = True, run: BatchRunner | None = None, keep: str | Path | None = None,
                         on_batch: OnBatch | None = None) -> EvalReport:
     """The full evaluation of a checkpoint; with ``out_dir`` its ``report.json`` and PNGs go there.
 
-    ``evaluate``: runs the attacks, with :func:`evaluate_model`'s signature (default: this
-    process); ``trainables.distributed_eval`` passes one that spreads the batches over Ray workers
-    (its ``each``, a :data:`BatchRunner`, yields each batch as it finishes).
+    ``run``: runs the batches, yielding each as it finishes (a :data:`BatchRunner`; default: here,
+    one after another); ``trainables.distributed_eval`` has one that spreads them over Ray workers.
     ``keep``: a folder where each finished batch is kept, so that a stopped
     evaluation of the same model, suite and examples goes on from its next batch with the outcomes
     an unstopped one gets (:mod:`.kept`); emptied once the report is out. ``on_batch`` hears how far
@@ -120,7 +108,7 @@ def evaluate_checkpoint(path: str | Path, cfg: SuiteConfig, *, split: str = "val
     model, _, info, x, y, src, meta, idx = _prepare(path, cfg, split=split, source=source, device=device,
                                                     data_root=data_root)
     out = Path(out_dir) if out_dir is not None else None
-    results = _attacks(model, x, y, cfg, src=src, idx=idx, split=split, progress=progress, evaluate=evaluate,
+    results = _attacks(model, x, y, cfg, src=src, idx=idx, split=split, progress=progress, run=run,
                        keep=keep, on_batch=on_batch)
     report = build_report(results, cfg, ra=model.ra, n_classes=info.num_classes, has_source=src is not None,
                           meta={**meta, "variant": "standard"})
@@ -136,10 +124,10 @@ def evaluate_checkpoint(path: str | Path, cfg: SuiteConfig, *, split: str = "val
 
 def evaluate_deployment(path: str | Path, cfg: SuiteConfig, *, split: str = "val", source: str | Path | None = None,
                         out_dir: str | Path | None = None, device: str = "cpu", data_root: str | None = None,
-                        progress: bool = True, evaluate: Evaluate | None = None, keep: str | Path | None = None,
+                        progress: bool = True, run: BatchRunner | None = None, keep: str | Path | None = None,
                         on_batch: OnBatch | None = None) -> dict[str, EvalReport]:
     """Deployment RA (paper Fig. 7): a standard checkpoint with RA off and switched on, side by side
-    (``report.json`` holds both). ``keep``, ``on_batch``: as :func:`evaluate_checkpoint` (each
+    (``report.json`` holds both). ``run``, ``keep``, ``on_batch``: as :func:`evaluate_checkpoint` (each
     variant's batches in a folder of its own)."""
     import json
 
@@ -152,7 +140,7 @@ def evaluate_deployment(path: str | Path, cfg: SuiteConfig, *, split: str = "val
     out = Path(out_dir) if out_dir is not None else None
     reports = {}
     for name, m in (("standard", model), ("deployment_ra", load_model(path, ra=True, map_location=device)[0])):
-        results = _attacks(m, x, y, cfg, src=src, idx=idx, split=split, progress=progress, evaluate=evaluate,
+        results = _attacks(m, x, y, cfg, src=src, idx=idx, split=split, progress=progress, run=run,
                            keep=Path(keep) / name if keep is not None else None, on_batch=on_batch)
         reports[name] = build_report(results, cfg, ra=m.ra, n_classes=info.num_classes, has_source=src is not None,
                                      meta={**meta, "variant": name})

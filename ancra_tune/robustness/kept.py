@@ -42,7 +42,7 @@ OnBatch = Callable[[int, int, int, int, float, int, int], None]
 
 #: runs an evaluation's batches ``(model, x, y, suite, source, batches)``, yielding each batch's
 #: result with the seconds it took as it finishes, in any order: here one after another
-#: (:func:`batches_here`), or spread over workers (``trainables.distributed_eval.RayEvaluator.each``)
+#: (:func:`batches_here`), or spread over workers (``trainables.distributed_eval.RayEvaluator``)
 BatchRunner = Callable[[Any, Tensor, Tensor, SuiteConfig, "nn.Module | None", list[int]],
                        Iterator[tuple[BatchResult, float]]]
 

@@ -57,6 +57,20 @@ class BatchResult:
                               "informative": self.probe.informative}
         return state
 
+    def to(self, device: str | torch.device) -> BatchResult:
+        """The same outcomes with every tensor on ``device`` (a worker's batch, computed on its GPU,
+        goes back to a driver that may have none)."""
+        def move(v: Any) -> Any:
+            if isinstance(v, Tensor):
+                return v.to(device)
+            if isinstance(v, dict):
+                return {k: move(t) for k, t in v.items()}
+            if isinstance(v, GradientProbe):
+                return GradientProbe(move(v.cosine), move(v.rises), move(v.informative))
+            return v
+
+        return BatchResult(**{f: move(getattr(self, f)) for f in self.__dataclass_fields__})
+
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> BatchResult:
         fields = {k: v for k, v in state.items() if k in cls.__dataclass_fields__}

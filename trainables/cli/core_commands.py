@@ -104,8 +104,8 @@ def _eval(args: argparse.Namespace) -> int:
     if args.workers:  # shard the batches over Ray workers (a local Ray, or --address)
         from ..distributed_eval import ray_evaluator
 
-        kwargs["evaluate"] = ray_evaluator(args.workers, address=args.address, cpus_per_worker=args.cpus_per_worker,
-                                           gpus_per_worker=1.0 if device == "cuda" else 0.0)
+        kwargs["run"] = ray_evaluator(args.workers, address=args.address, cpus_per_worker=args.cpus_per_worker,
+                                      gpus_per_worker=1.0 if device == "cuda" else 0.0, progress=not args.quiet)
         kwargs["device"] = "cpu"  # the workers move the model to their own device
     try:
         if args.deploy_ra:
