@@ -124,6 +124,43 @@ def test_params_another_process_logged_at_the_same_moment_are_not_an_error(mlflo
         tr.trial_run(tracking, "t2", name="trial 2", params={"method.alpha": 0.7})
 
 
+def test_a_studys_run_names_the_code_each_session_ran(mlflow_server: str, tmp_path: Path, monkeypatch) -> None:
+    """The study's run carries the commit of the code that runs it (not of the study file's
+    repository), the study file's own commit where that differs, and each session's code in order: a
+    resume at another commit adds it, one at the same commit adds nothing."""
+    from types import SimpleNamespace
+
+    import trainables.tracking.runs as runs_mod
+    from trainables.code_version import running_code
+
+    code = running_code()
+    here = code["commit"][:7] + ("+dirty" if code["dirty"] else "") if code["commit"] else \
+        f"ancra-tune {code['version']}"
+    repo = tmp_path / "elsewhere"  # a study file in a repository of its own
+    repo.mkdir()
+    (repo / "s.yaml").write_text("name: x\n")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    for cmd in (["init", "-q"], ["add", "s.yaml"], ["commit", "-qm", "s"]):
+        subprocess.run(git + cmd, check=True, capture_output=True)
+    theirs = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    study = SimpleNamespace(name="code_commits", kind="sweep", path=repo / "s.yaml")
+    mc = tr.client(mlflow_server)
+
+    def start(resume: bool) -> dict[str, str]:
+        t = runs_mod.start_study_run(mlflow_server, study, study_path=str(tmp_path / "st"), resume=resume,
+                                     params={}, train_config={})
+        return mc.get_run(t.parent_run_id).data.tags
+
+    tags = start(False)
+    assert tags["ancra.code_commits"] == here and tags["ancra.study_file_commit"] == theirs
+    assert tags.get("mlflow.source.git.commit") == code["commit"] != theirs
+    assert start(True)["ancra.code_commits"] == here  # the same code: nothing added
+    monkeypatch.setattr(runs_mod, "running_code", lambda: {"commit": "b" * 40, "dirty": True, "version": "0"})
+    assert start(True)["ancra.code_commits"] == f"{here},bbbbbbb+dirty"
+    assert start(True)["ancra.code_commits"] == f"{here},bbbbbbb+dirty"
+    assert start(True)["mlflow.source.git.commit"] == code["commit"]  # the first session's, as MLflow shows it
+
+
 def test_a_trial_ends_with_one_run_whatever_creates_reached_mlflow(mlflow_server: str) -> None:
     """A create whose answer was lost (a timeout, a retried request) leaves a run the caller never saw:
     the next call adopts it (params filled in); a second run of the same trial, the newer one, is never

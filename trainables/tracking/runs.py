@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import statuses as S
+from ..code_version import running_code
 from .store import (
     PARENT,
     ROLE,
@@ -52,17 +53,25 @@ def start_study_run(uri: str, study: Any, *, study_path: str, resume: bool,
             run_id = found[0].info.run_id
             mc.update_run(run_id, status="RUNNING")
             mc.set_tag(run_id, STATUS, "running")
+            before = found[0].data.tags.get(CODE_COMMITS, "")
+            code = _code_tag()
+            if code not in before.split(","):  # this session runs other code than the sessions before
+                mc.set_tag(run_id, CODE_COMMITS, f"{before},{code}" if before else code)
             return StudyTracking(uri, exp_id, run_id)
         log.warning("no MLflow run of study %s at %s: starting a new parent run", study.name, study_path)
     tags = {ROLE: "study", STUDY_PATH: study_path, "ancra.study_kind": study.kind, STATUS: "running",
             "mlflow.runName": study.name, "mlflow.source.name": str(study.path), "mlflow.source.type": "LOCAL"}
-    commit = git_commit(study.path)
-    if commit is not None:
-        tags["mlflow.source.git.commit"] = commit[0]
-        tags["ancra.git_dirty"] = str(commit[1]).lower()
+    code = running_code()
+    if code["commit"] is not None:  # the code that runs the study, not the study file's repository
+        tags["mlflow.source.git.commit"] = code["commit"]
+        tags["ancra.git_dirty"] = str(code["dirty"]).lower()
+    tags[CODE_COMMITS] = _code_tag(code)
+    in_git = git_commit(study.path)
+    if in_git is not None and in_git[0] != code["commit"]:
+        tags["ancra.study_file_commit"] = in_git[0] + (" (with uncommitted changes)" if in_git[1] else "")
     run = mc.create_run(exp_id, tags=tags, run_name=study.name)
     run_id = run.info.run_id
-    log_params(mc, run_id, {**params, "git_commit": commit[0] if commit else "unknown"})
+    log_params(mc, run_id, {**params, "git_commit": code["commit"] or "unknown"})
     with tempfile.TemporaryDirectory() as d:
         import yaml
 
@@ -70,6 +79,18 @@ def start_study_run(uri: str, study: Any, *, study_path: str, resume: bool,
         mc.log_artifact(run_id, str(study.path), artifact_path="study")
         mc.log_artifact(run_id, str(Path(d, "train_config.yaml")), artifact_path="study")
     return StudyTracking(uri, exp_id, run_id)
+
+
+#: tag of a study's run: the code each session ran, in order, once each (short commits, "+dirty" for
+#: uncommitted changes; "ancra-tune VERSION" outside Git); a resume at a new commit adds it
+CODE_COMMITS = "ancra.code_commits"
+
+
+def _code_tag(code: Mapping[str, Any] | None = None) -> str:
+    code = running_code() if code is None else code
+    if code.get("commit"):
+        return code["commit"][:7] + ("+dirty" if code.get("dirty") else "")
+    return f"ancra-tune {code.get('version') or 'unknown'}"
 
 
 LOST = S.LOST  # ancra.status of a run whose trial Tune never saved (its driver was killed first)
