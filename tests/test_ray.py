@@ -467,6 +467,16 @@ def _check_study_page(summary: dict, parent_run_id: str, mc) -> None:
     assert table["mde"] is not None and 0 < table["mde"] < 1
     logged = {a.path for a in mc.list_artifacts(parent_run_id, "report")}
     assert "report/report.md" in logged and "report/table.json" in logged
+    # Shipped (the summary, its reports/ and the study file in a folder of their own), the page is
+    # rebuilt from them alone once the study folder and the study file are gone: anyone reruns the tests.
+    shipped = out.parent / "shipped"
+    shutil.copytree(out / "reports", shipped / "reports")
+    shutil.copy2(out / "summary.json", shipped / "summary.json")
+    shutil.copy2(summary["study_file"], shipped / Path(summary["study_file"]).name)
+    out.rename(out.parent / "moved")
+    Path(summary["study_file"]).rename(Path(summary["study_file"]).with_suffix(".moved"))
+    assert main(["report", str(shipped)]) == 0
+    assert json.loads((shipped / "report" / "table.json").read_text()) == table
 
 
 def _two_trial_cli(tmp_path: Path, name: str, *, epochs: int, storage: Path, tracking_uri: str,

@@ -249,8 +249,11 @@ def build_page(summary_path: Path, out: Path | None = None) -> Path:
     summary = json.loads(summary_path.read_text())
     out = out or summary_path.parent / "report"
     out.mkdir(parents=True, exist_ok=True)
-    reports = load_reports(summary)
+    reports = load_reports(summary, beside=summary_path.parent)
     metric, mode = next(iter(summary["objective"].items()))
+    study_file = Path(summary["study_file"])
+    if not study_file.is_file() and (summary_path.parent / study_file.name).is_file():
+        study_file = summary_path.parent / study_file.name  # a copy shipped beside the summary
     lines = [f"# Study `{summary['study']}` ({summary['kind']})", ""]
     if summary["kind"] == "ablation":
         from . import ablation_table
@@ -260,7 +263,7 @@ def build_page(summary_path: Path, out: Path | None = None) -> Path:
         try:  # the grid's order, its seeds and the study's baseline, when the study file is still there
             from .study import load_study
 
-            study = load_study(summary["study_file"])
+            study = load_study(study_file)
             keys, points, baseline = list(study.ablation.grid), study.grid_points(), study.ablation.baseline
             seeds = list(study.seeds)
         except Exception:  # noqa: BLE001 (the trials' own order, the first point as the baseline)
@@ -274,7 +277,7 @@ def build_page(summary_path: Path, out: Path | None = None) -> Path:
 
         space: dict[str, Any] = {}
         try:
-            space = distributions(load_study(summary["study_file"]))
+            space = distributions(load_study(study_file))
         except Exception:  # noqa: BLE001 (the study file moved: no importance, the rest stands)
             space = {}
         done = sorted((t for t in summary["trials"] if t["status"] == S.FINISHED and t.get(metric) is not None),

@@ -248,14 +248,19 @@ def keep_reports(study_dir: str, rows: list[dict[str, Any]]) -> None:
             log.warning("cannot keep the evaluation report of trial %s in the study folder: %s", row["trial_id"], e)
 
 
-def load_reports(summary: StudySummary) -> dict[str, EvalReport | None]:
-    """Every finished trial's report: from the study folder, else beside its checkpoint."""
+def load_reports(summary: StudySummary, beside: Path | None = None) -> dict[str, EvalReport | None]:
+    """Every finished trial's report: from the folder ``beside`` (where a copy of the summary was
+    shipped with its ``reports/``: anyone reruns the tests from them), else the study folder, else
+    beside its checkpoint."""
     out: dict[str, EvalReport | None] = {}
     for t in summary["trials"]:
         report = None
         if t.get("status") == S.FINISHED:
-            text = storage_mod.read_text(storage_mod.join(summary["study_dir"], *t["report"].split("/"))) \
-                if t.get("report") else None
+            text = None
+            if t.get("report") and beside is not None and (beside / t["report"]).is_file():
+                text = (beside / t["report"]).read_text()
+            elif t.get("report"):
+                text = storage_mod.read_text(storage_mod.join(summary["study_dir"], *t["report"].split("/")))
             if text is not None:
                 report = EvalReport.from_dict(json.loads(text))
             else:
