@@ -173,6 +173,15 @@ def test_status_of_an_ablation_from_its_folder(tmp_path: Path) -> None:
     assert st.left_s == pytest.approx(48 * 3.75 + 160 + 200 + 300) and st.slots == 1
     assert st.not_counted == ["the evaluation of anc=False ra=True", "the evaluation of anc=True ra=True"]
     assert "left at the rates its trials measured: at least 14 min of wall time" in format_status(st)
+    # The rates by configuration, beside which the plan's prediction is read.
+    r = st.rates["anc=False ra=False"]
+    assert (r.epochs, r.per_epoch, r.examples, r.per_example) == (4, 100.0, 48, 2.0)
+    assert (st.rates["anc=True ra=False"].examples, st.rates["anc=True ra=False"].per_example) == (16, 3.75)
+    assert st.rates["anc=False ra=True"].per_example is None
+    shown = format_status(st)
+    assert "  anc=False ra=False           100 s per epoch (4 epochs); 2.00 s per evaluated example (48 examples " \
+        "timed)" in shown
+    assert "  anc=False ra=True            100 s per epoch (4 epochs); no evaluation timed yet" in shown
     # Not running: the command its last stopped session printed, with the flags it ran with.
     assert st.resume_command is None
     assert "not running: `ancra-tune x --resume`" in format_status(st, "ancra-tune x --resume")

@@ -68,6 +68,7 @@ class StudyStatus:
     left_s: float | None = None  # an ablation's trial-seconds left at the rates measured so far
     not_counted: list[str] = field(default_factory=list)  # what that leaves out (nothing measured yet)
     resume_command: str | None = None  # the command its last stopped session said goes on with it
+    rates: dict[str, RowRates] = field(default_factory=dict)  # an ablation's rates by row, measured so far
 
     def counts(self) -> dict[str, int]:
         out = {s: 0 for s in (EVALUATED, RUNNING, WAITING, STOPPED, DIVERGED, FAILED)}
@@ -277,6 +278,7 @@ def study_status(study: Study, storage_root: str) -> StudyStatus:
                      slots=history[-1].slots if history else 1, resume_command=_resume_command(storage_root, study))
     if study.kind == "ablation" and study.suite is not None:
         st.left_s, st.not_counted = time_left(trials, epochs, study.suite.n_examples)
+        st.rates = measured_rates(trials)
     return st
 
 
@@ -290,42 +292,65 @@ def _resume_command(storage_root: str, study: Study) -> str | None:
     return command if isinstance(command, str) and command else None
 
 
+@dataclass
+class RowRates:
+    """What one configuration's trials have measured so far: seconds per epoch over the epochs they
+    trained, seconds per evaluated example over the examples whose batches were timed."""
+
+    epochs: int = 0
+    train_s: float = 0.0
+    examples: int = 0
+    eval_s: float = 0.0
+
+    @property
+    def per_epoch(self) -> float | None:
+        return self.train_s / self.epochs if self.epochs else None
+
+    @property
+    def per_example(self) -> float | None:
+        return self.eval_s / self.examples if self.examples else None
+
+
+def row_name(t: TrialStatus) -> str:
+    return params_text({k: v for k, v in t.params.items() if k != SEED_KEY}, sep=" ")
+
+
+def measured_rates(trials: list[TrialStatus]) -> dict[str, RowRates]:
+    """Each configuration's rates, from its trials (an unfinished evaluation's timed batches too)."""
+    out: dict[str, RowRates] = {}
+    for t in trials:
+        r = out.setdefault(row_name(t), RowRates())
+        if t.epochs and t.train_time_s:
+            r.epochs += t.epochs
+            r.train_s += t.train_time_s
+        if t.eval_s > 0 and t.eval_timed:
+            r.examples += t.eval_timed
+            r.eval_s += t.eval_s
+    return out
+
+
 def time_left(trials: list[TrialStatus], epochs: int, n_examples: int | None) -> tuple[float, list[str]]:
     """Trial-seconds an ablation has left at the rates its own trials measured, row by row (a row's
     seconds per epoch, and per evaluated example), and what that leaves out: the part of a row none
     of whose trials has measured it yet (so the sum is a lower bound until every row has)."""
-
-    def row(t: TrialStatus) -> str:
-        return params_text({k: v for k, v in t.params.items() if k != SEED_KEY}, sep=" ")
-
-    per_epoch: dict[str, list[float]] = {}
-    per_example: dict[str, list[float]] = {}
-    for t in trials:
-        if t.epochs and t.train_time_s:
-            per_epoch.setdefault(row(t), [0.0, 0.0])
-            per_epoch[row(t)][0] += t.train_time_s
-            per_epoch[row(t)][1] += t.epochs
-        if t.eval_s > 0 and t.eval_timed:
-            per_example.setdefault(row(t), [0.0, 0.0])
-            per_example[row(t)][0] += t.eval_s
-            per_example[row(t)][1] += t.eval_timed
+    rates = measured_rates(trials)
     left, missing = 0.0, set()
     for t in trials:
         if t.state not in (RUNNING, WAITING):
             continue
-        r = row(t)
+        r = row_name(t)
         to_train = float(epochs - t.epochs)
         if t.progress and t.progress["phase"] == TRAINING:
             to_train -= int(t.progress["step"]) / max(1, int(t.progress["steps"]))
         if to_train > 0:
-            if r in per_epoch:
-                left += to_train * per_epoch[r][0] / per_epoch[r][1]
+            if rates[r].per_epoch is not None:
+                left += to_train * rates[r].per_epoch
             else:
                 missing.add(f"the training of {r}")
         to_eval = (n_examples or 0) - t.eval_examples
         if to_eval > 0:
-            if r in per_example:
-                left += to_eval * per_example[r][0] / per_example[r][1]
+            if rates[r].per_example is not None:
+                left += to_eval * rates[r].per_example
             else:
                 missing.add(f"the evaluation of {r}")
     return left, sorted(missing)
@@ -361,6 +386,14 @@ def format_status(st: StudyStatus, resume_command: str | None = None) -> str:
         if st.not_counted:
             text += "; not counted (nothing measured yet): " + ", ".join(st.not_counted)
         lines.append(text)
+    if any(r.epochs or r.examples for r in st.rates.values()):
+        lines.append("measured so far, by configuration (the plan's probe predicted these: `ancra-tune plan`):")
+        for name, r in st.rates.items():
+            epoch = f"{r.per_epoch:,.0f} s per epoch ({r.epochs} epochs)" if r.per_epoch is not None else \
+                "no epoch yet"
+            example = f"{r.per_example:.2f} s per evaluated example ({r.examples:,} examples timed)" \
+                if r.per_example is not None else "no evaluation timed yet"
+            lines.append(f"  {name:<28} {epoch}; {example}")
     lines.append(f"  {'trial':<7} {'epochs':>6} {'training':>9}  {'params':<28} now")
     for t in st.trials:
         tid = t.trial_id.rsplit("_", 1)[-1] if t.trial_id else "-"
