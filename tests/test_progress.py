@@ -21,6 +21,19 @@ def _fs():
     return pyarrow.fs.LocalFileSystem()
 
 
+@pytest.mark.parametrize("verbose", [False, True])
+def test_verbose_adds_rays_tables_to_the_progress_lines(tmp_path: Path, verbose: bool) -> None:
+    """``--verbose`` shows Ray's own status tables beside the trials' progress lines, not instead of them."""
+    from trainables.console import TrialLines
+    from trainables.study import load_study
+    from trainables.study_run import build_tuner
+
+    tuner = build_tuner(load_study("quickstart"), storage=str(tmp_path), max_concurrent=1, verbose=verbose)
+    run_config = tuner._local_tuner._run_config  # what Tune will run with (no Ray needed to build it)
+    assert sum(isinstance(c, TrialLines) for c in run_config.callbacks) == 1
+    assert run_config.verbose == (1 if verbose else 0)
+
+
 def test_progress_lines_say_what_changed_in_this_session_once(tmp_path: Path, capsys) -> None:
     from trainables.console import TrialLines
     from trainables.study import load_study

@@ -164,14 +164,14 @@ def build_tuner(study: Study, *, storage: str, smoke_test: bool = False, resume:
             raise FileNotFoundError(f"no study to resume at {path}; run it first without --resume")
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                   restart_errored=False)  # the scheduler's state: PersistentASHA
-    callbacks: list[Any] = [] if verbose else [TrialLines(study, study.train.optim.epochs)]
+    callbacks: list[Any] = [TrialLines(study, study.train.optim.epochs)]  # --verbose: Ray's tables too
     if tracking is not None:
         callbacks.append(TrackingWatch(tracking.uri))
     if "://" not in storage:
         callbacks.append(DiskWatch(storage))
     if decided_by_scheduler(study):
         callbacks.append(Decisions(board_name(path)))
-    # Ray's per-trial status tables only with --verbose; the compact lines above otherwise.
+    # Ray's per-trial status tables only with --verbose, beside the compact lines above.
     run_config = tune.RunConfig(name=name, storage_path=root, verbose=1 if verbose else 0,
                                 failure_config=tune.FailureConfig(max_failures=study.max_failures),
                                 # trials that train in the trial keep their last two epochs' checkpoints

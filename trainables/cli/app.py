@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--no-mlflow", action="store_true", help="log nothing to MLflow")
         p.add_argument("--json", action="store_true",
                        help="print the summary as JSON on stdout (the table goes to stderr)")
-        p.add_argument("--verbose", action="store_true", help="Ray's own log lines and status tables")
+        p.add_argument("--verbose", action="store_true", help="Ray's own log lines and status tables too")
         p.set_defaults(func=lambda a, k=kind: _study(a, k))
 
     pl = sub.add_parser("plan", help="what a study must evaluate (examples x seeds) to resolve a difference, and "
