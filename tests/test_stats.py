@@ -98,7 +98,7 @@ def test_a_page_claims_the_arm_better_by_construction_and_not_the_equal_one() ->
     assert row["worst"]["ci95"][0] < row["worst"]["mean"] < row["worst"]["ci95"][1]
     assert 0 < table["mde"] < 0.05 and table["mde_inputs"]["n"] == 2000
     text = "\n".join(ablation_table.markdown(table))
-    assert "arm=better | worst case | +" in text and "higher by" in text and "points**" in text
+    assert "arm=better | worst case | 2,000 x 3 | +" in text and "higher by" in text and "points**" in text
     same_line = next(line for line in text.splitlines() if line.startswith("| arm=same | worst case"))
     assert "higher" not in same_line and "lower" not in same_line
 
@@ -274,4 +274,5 @@ def test_a_page_published_before_its_study_ended_names_the_runs_no_cell_counts()
     # Paired against the baseline on the seeds both rows have: seed 2 for better, seed 1 for same.
     worst = {c["row"]["arm"]: c for c in table["comparisons"] if c["metric"] == "worst"}
     assert worst["better"]["seeds"] == 1 and worst["same"]["seeds"] == 1
+    assert "| arm=better | worst case | 2,000 x 1 | " in md  # the page says what each comparison stands on
     assert runs_line({"trials": trials}, None, seeds) == []

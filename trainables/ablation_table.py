@@ -247,11 +247,13 @@ def markdown(table: Mapping[str, Any]) -> list[str]:
     comps = table["comparisons"]
     if comps:
         out += ["", f"### Against the baseline ({_conf(table['baseline'])})", "",
-                "| configuration | column | difference (points) | 95% interval | p | p (Holm) | what it supports |",
-                "|---|---|---|---|---|---|---|"]
+                "| configuration | column | n x seeds | difference (points) | 95% interval | p | p (Holm) | "
+                "what it supports |",
+                "|---|---|---|---|---|---|---|---|"]
         for c in comps:
             lo, hi = c["ci95"]
-            out.append(f"| {_conf(c['row'])} | {titles[c['metric']]['title']} | {100 * c['diff']:+.1f} | "
+            out.append(f"| {_conf(c['row'])} | {titles[c['metric']]['title']} | {c['n']:,} x {c['seeds']} | "
+                       f"{100 * c['diff']:+.1f} | "
                        f"[{100 * lo:+.1f}, {100 * hi:+.1f}] | {c['p']:.2g} | {c['p_holm']:.2g} | {c['verdict']} |")
         tests = sorted({c["test"] for c in comps})
         out += ["", f"Tests: {'; '.join(tests)}; p corrected for the {len(comps)} comparisons of this page "
