@@ -276,3 +276,22 @@ def test_a_page_published_before_its_study_ended_names_the_runs_no_cell_counts()
     assert worst["better"]["seeds"] == 1 and worst["same"]["seeds"] == 1
     assert "| arm=better | worst case | 2,000 x 1 | " in md  # the page says what each comparison stands on
     assert runs_line({"trials": trials}, None, seeds) == []
+
+
+def test_a_difference_the_seeds_disagree_on_is_said_to_be_these_models_only() -> None:
+    """McNemar pools the seeds' examples, so three models that move by +12, +5 and -3 points give a
+    tiny p; the two-way interval resamples the seeds too and holds 0. The page may then say
+    "higher" only of these seeds' models, with that interval; a difference every seed shares is
+    said plainly."""
+    rng = np.random.default_rng(1)
+    hard = rng.random((3, 2000))
+    base = hard < 0.5
+    split = np.stack([hard[i] < 0.5 + d for i, d in enumerate((0.12, 0.05, -0.03))])
+    c = stats.compare(split, base)
+    assert c.p < 1e-20 and c.ci95[0] < 0 < c.ci95[1]
+    said = stats.verdict(c)
+    assert said.startswith(f"higher by {100 * c.diff:.1f} points") and "not across seeds" in said
+    assert f"[{100 * c.ci95[0]:+.1f}, {100 * c.ci95[1]:+.1f}], holds 0" in said
+    shared = np.stack([hard[i] < 0.55 for i in range(3)])
+    c = stats.compare(shared, base)
+    assert c.ci95[0] > 0 and stats.verdict(c) == f"higher by {100 * c.diff:.1f} points (p = {c.p:.2g})"

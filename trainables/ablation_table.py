@@ -257,7 +257,9 @@ def markdown(table: Mapping[str, Any]) -> list[str]:
                        f"[{100 * lo:+.1f}, {100 * hi:+.1f}] | {c['p']:.2g} | {c['p_holm']:.2g} | {c['verdict']} |")
         tests = sorted({c["test"] for c in comps})
         out += ["", f"Tests: {'; '.join(tests)}; p corrected for the {len(comps)} comparisons of this page "
-                "(Holm). A difference is called higher or lower only where the corrected p is below 0.05."]
+                "(Holm). A difference is called higher or lower only where the corrected p is below 0.05, and "
+                "said to be one of these seeds' models where its interval over seeds and examples still holds 0 "
+                "(the test pools the seeds' examples; the interval resamples the seeds too)."]
     if table.get("mde") is not None:
         i = table["mde_inputs"]
         out += ["", f"**Power.** With {i['n']} examples per seed and {i['seeds']} seed(s) per row, near "

@@ -195,11 +195,18 @@ def holm(pvalues: Sequence[float]) -> list[float]:
 
 def verdict(c: Comparison, *, level: float = ALPHA, what: str = "") -> str:
     """What a page may say of a comparison: higher or lower only where the (corrected) test supports
-    it; otherwise that no difference is resolvable at this size, with the interval's half-width."""
+    it, and where the interval over seeds and examples still holds 0 (the seeds disagree), that the
+    difference is one of these seeds' models; otherwise that no difference is resolvable at this
+    size, with the interval's half-width."""
     p = c.p_holm if c.p_holm is not None else c.p
     if p < level:
         word = "higher" if c.diff > 0 else "lower"
-        return f"{word}{' ' + what if what else ''} by {100 * abs(c.diff):.1f} points (p = {p:.2g})"
+        said = f"{word}{' ' + what if what else ''} by {100 * abs(c.diff):.1f} points (p = {p:.2g})"
+        lo, hi = c.ci95
+        if lo <= 0 <= hi:  # the test pools the seeds' examples; the interval resamples the seeds too
+            said += (f" on these seeds' models, not across seeds: the interval over seeds and examples, "
+                     f"[{100 * lo:+.1f}, {100 * hi:+.1f}], holds 0")
+        return said
     half = max(abs(c.ci95[0] - c.diff), abs(c.ci95[1] - c.diff))
     return f"no difference resolvable at this size (±{100 * half:.1f} points, p = {p:.2g})"
 
