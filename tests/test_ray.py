@@ -477,6 +477,7 @@ def _check_study_page(summary: dict, parent_run_id: str, mc) -> None:
     Path(summary["study_file"]).rename(Path(summary["study_file"]).with_suffix(".moved"))
     assert main(["report", str(shipped)]) == 0
     assert json.loads((shipped / "report" / "table.json").read_text()) == table
+    assert "<details><summary>study file</summary>" in (shipped / "report" / "report.md").read_text()
 
 
 def _two_trial_cli(tmp_path: Path, name: str, *, epochs: int, storage: Path, tracking_uri: str,

@@ -214,13 +214,21 @@ def by_session(history: list[Any], describe: Any) -> str:
     return "; ".join(f"session{'s' if a != b else ''} {a}{f'-{b}' if a != b else ''}: {t}" for a, b, t in groups)
 
 
-def provenance(summary: StudySummary) -> list[str]:
+def study_file_of(summary: StudySummary, summary_path: Path | None = None) -> Path:
+    """The study file the summary names, or the copy shipped beside ``summary_path`` when that path is gone."""
+    study_file = Path(summary.get("study_file", ""))
+    if summary_path is not None and not study_file.is_file() and (summary_path.parent / study_file.name).is_file():
+        return summary_path.parent / study_file.name
+    return study_file
+
+
+def provenance(summary: StudySummary, summary_path: Path | None = None) -> list[str]:
     import torch
 
     from . import sessions
     from .code_version import describe, describe_machine, git_commit, running_code, this_machine
 
-    study_file = Path(summary.get("study_file", ""))
+    study_file = study_file_of(summary, summary_path)
     history = sessions.load(summary["study_dir"]) if summary.get("study_dir") else []
     here = running_code()
     built = describe(here)
@@ -251,9 +259,7 @@ def build_page(summary_path: Path, out: Path | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     reports = load_reports(summary, beside=summary_path.parent)
     metric, mode = next(iter(summary["objective"].items()))
-    study_file = Path(summary["study_file"])
-    if not study_file.is_file() and (summary_path.parent / study_file.name).is_file():
-        study_file = summary_path.parent / study_file.name  # a copy shipped beside the summary
+    study_file = study_file_of(summary, summary_path)
     lines = [f"# Study `{summary['study']}` ({summary['kind']})", ""]
     if summary["kind"] == "ablation":
         from . import ablation_table
@@ -314,7 +320,7 @@ def build_page(summary_path: Path, out: Path | None = None) -> Path:
         lines += ["", "## Search", ""] + [f"![{f}]({f})" for f in files]
         curve = best_so_far(summary, metric, mode)
         (out / "best_so_far.json").write_text(json.dumps(curve))
-    lines += [""] + provenance(summary)
+    lines += [""] + provenance(summary, summary_path)
     page = out / "report.md"
     page.write_text("\n".join(lines) + "\n")
     return page
