@@ -277,8 +277,8 @@ def study_status(study: Study, storage_root: str) -> StudyStatus:
                      sessions=len(history), wall_time_s=wall, planned=planned, trials=trials,
                      slots=history[-1].slots if history else 1, resume_command=_resume_command(storage_root, study))
     if study.kind == "ablation" and study.suite is not None:
-        st.left_s, st.not_counted = time_left(trials, epochs, study.suite.n_examples)
         st.rates = measured_rates(trials)
+        st.left_s, st.not_counted = time_left(trials, st.rates, epochs, study.suite.n_examples)
     return st
 
 
@@ -329,11 +329,12 @@ def measured_rates(trials: list[TrialStatus]) -> dict[str, RowRates]:
     return out
 
 
-def time_left(trials: list[TrialStatus], epochs: int, n_examples: int | None) -> tuple[float, list[str]]:
-    """Trial-seconds an ablation has left at the rates its own trials measured, row by row (a row's
-    seconds per epoch, and per evaluated example), and what that leaves out: the part of a row none
-    of whose trials has measured it yet (so the sum is a lower bound until every row has)."""
-    rates = measured_rates(trials)
+def time_left(trials: list[TrialStatus], rates: dict[str, RowRates], epochs: int,
+              n_examples: int | None) -> tuple[float, list[str]]:
+    """Trial-seconds an ablation has left at the rates its own trials measured (``rates``:
+    :func:`measured_rates`), row by row (a row's seconds per epoch, and per evaluated example), and
+    what that leaves out: the part of a row none of whose trials has measured it yet (so the sum is
+    a lower bound until every row has)."""
     left, missing = 0.0, set()
     for t in trials:
         if t.state not in (RUNNING, WAITING):
