@@ -467,17 +467,26 @@ def _check_study_page(summary: dict, parent_run_id: str, mc) -> None:
     assert table["mde"] is not None and 0 < table["mde"] < 1
     logged = {a.path for a in mc.list_artifacts(parent_run_id, "report")}
     assert "report/report.md" in logged and "report/table.json" in logged
-    # Shipped (the summary, its reports/ and the study file in a folder of their own), the page is
-    # rebuilt from them alone once the study folder and the study file are gone: anyone reruns the tests.
+    # Exported (`ancra-tune export`: the summary, its reports/, the sessions and the study file in a
+    # folder of their own, no checkpoint), the page is rebuilt from the export alone once the study
+    # folder and the study file are gone (a lost machine): anyone reruns the tests.
     shipped = out.parent / "shipped"
-    shutil.copytree(out / "reports", shipped / "reports")
-    shutil.copy2(out / "summary.json", shipped / "summary.json")
-    shutil.copy2(summary["study_file"], shipped / Path(summary["study_file"]).name)
+    assert main(["export", str(out), "--to", str(shipped)]) == 0
+    finished = [t for t in summary["trials"] if t["status"] == "finished"]
+    manifest = json.loads((shipped / "MANIFEST.json").read_text())
+    assert set(manifest["files"]) == {"summary.json", "sessions.json", Path(summary["study_file"]).name,
+                                      *(t["report"] for t in finished)} and manifest["evaluated"] == len(finished)
+    assert not list(shipped.rglob("checkpoint*"))
+    page_here = (out / "report" / "report.md").read_text()
     out.rename(out.parent / "moved")
     Path(summary["study_file"]).rename(Path(summary["study_file"]).with_suffix(".moved"))
-    assert main(["report", str(shipped)]) == 0
+    assert main(["export", "--check", str(shipped)]) == 0
+    assert main(["report", str(shipped), "--no-mlflow"]) == 0
     assert json.loads((shipped / "report" / "table.json").read_text()) == table
-    assert "<details><summary>study file</summary>" in (shipped / "report" / "report.md").read_text()
+    page = (shipped / "report" / "report.md").read_text()
+    assert "<details><summary>study file</summary>" in page
+    sessions_line = next(line for line in page_here.splitlines() if "session(s) ran" in line)
+    assert sessions_line in page  # which code each session ran: from the exported sessions.json
 
 
 def _two_trial_cli(tmp_path: Path, name: str, *, epochs: int, storage: Path, tracking_uri: str,

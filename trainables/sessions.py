@@ -45,7 +45,11 @@ def path(study_dir: str) -> str:
 
 
 def load(study_dir: str) -> list[Session]:
-    raw = storage.read_json(path(study_dir))
+    return parse(storage.read_json(path(study_dir)))
+
+
+def parse(raw: Any) -> list[Session]:
+    """The sessions of a sessions.json's content (a study folder's, or an export's copy)."""
     if not isinstance(raw, list):
         return []
     fields = set(Session.__dataclass_fields__)

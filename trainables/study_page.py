@@ -230,6 +230,9 @@ def provenance(summary: StudySummary, summary_path: Path | None = None) -> list[
 
     study_file = study_file_of(summary, summary_path)
     history = sessions.load(summary["study_dir"]) if summary.get("study_dir") else []
+    shipped = summary_path.parent / "sessions.json" if summary_path is not None else None
+    if not history and shipped is not None and shipped.is_file():  # an export, the study folder gone
+        history = sessions.parse(json.loads(shipped.read_text()))
     here = running_code()
     built = describe(here)
     if study_file.is_file() and (mine := git_commit(study_file)) and mine[0] != here["commit"]:

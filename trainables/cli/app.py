@@ -18,7 +18,7 @@ from ancra_tune.config import (
 from ancra_tune.data import DatasetUnavailableError
 
 from .core_commands import _eval, _train
-from .study_commands import _plan, _status, _study
+from .study_commands import _export, _plan, _status, _study
 from .tracking_commands import _best, _report, _store, _ui
 
 
@@ -144,6 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", type=Path, help="folder for the page (default: the study folder's report/)")
     r.add_argument("--no-mlflow", action="store_true", help="do not log the page to the study's MLflow run")
     r.set_defaults(func=_report)
+
+    x = sub.add_parser("export", help="a stopped study's record in a folder of its own: its summary, each evaluated "
+                                      "trial's per-example outcomes, its sessions, the study file (no checkpoints)")
+    x.add_argument("study", nargs="?", help="the study file (its folder under --storage), or the study folder")
+    x.add_argument("--to", type=Path, help="the folder to write (new, or an earlier export of the same study)")
+    x.add_argument("--storage", help="default: $ANCRA_STORAGE, else runs/studies")
+    x.add_argument("--check", type=Path, metavar="FOLDER",
+                   help="verify an export instead: every file the one exported (exit 1 if not)")
+    x.set_defaults(func=_export)
 
     st = sub.add_parser("store", help="snapshot the local (sqlite) MLflow store to the study storage, or restore it "
                                       "(what cluster.yaml's head does: the store outlives the head)")

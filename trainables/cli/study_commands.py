@@ -208,3 +208,42 @@ def format_summary(summary: StudySummary) -> str:
         ui = f"ancra-tune ui {summary['study']}" if m["tracking_uri"].startswith("sqlite:") else m["tracking_uri"]
         lines.append(f"  {ui}   # every trial in MLflow (study run {m['study_run_id']})")
     return "\n".join(lines)
+
+
+def _export(args: argparse.Namespace) -> int:
+    """Copy a stopped study's record (summary, per-example outcomes, sessions, study file) into a folder
+    of its own; --check: verify such a folder."""
+    import shlex
+    from pathlib import Path
+
+    from ..storage import join, root
+    from ..study import load_study
+    from ..study_export import ExportError, check, describe, export
+    from ..study_lock import StudyLockedError
+
+    try:
+        if args.check:
+            problems = check(args.check)
+            for p in problems:
+                print(f"  {p}", file=sys.stderr)
+            print(f"{args.check}: {'intact' if not problems else f'{len(problems)} problem(s)'}",
+                  file=sys.stderr if problems else sys.stdout)
+            return EXIT_FAILED if problems else EXIT_DONE
+        if not args.study or not args.to:
+            print("error: give the study (its file or folder) and --to FOLDER, or --check FOLDER", file=sys.stderr)
+            return EXIT_USAGE
+        given = Path(args.study)
+        study_file = None
+        if given.is_dir():
+            study_dir = str(given)
+        else:
+            study = load_study(args.study)
+            study_file, study_dir = study.path, join(root(args.storage), study.name)
+        manifest = export(study_dir, args.to, command=shlex.join(["ancra-tune", "export", *sys.argv[2:]]),
+                          study_file=study_file)
+    except (ExportError, StudyLockedError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"{args.to}: {describe(manifest)}; {manifest['_written']} file(s) written "
+          f"({manifest['_changed']} replaced), {len(manifest['_removed'])} removed")
+    return EXIT_DONE

@@ -1,0 +1,143 @@
+"""``ancra-tune export``: a stopped study's record (summary, per-example outcomes, sessions, study file)
+in a folder of its own, brought up to date by exporting again, and verified by ``--check``.
+
+The study folders here are written by hand in the layout a study leaves (test_ray exports a real one
+and rebuilds its page from the export alone)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from trainables import sessions
+from trainables.cli import main
+from trainables.study_export import ExportError, export, record
+from trainables.study_lock import study_lock
+
+
+def _study(tmp_path: Path, *, finished: int = 2, n_sessions: int = 1, summary_sessions: int | None = None,
+           last_ended: bool = True) -> Path:
+    """A study folder as a stopped ablation leaves it: ``finished`` evaluated trials of 3."""
+    folder = tmp_path / "studies" / "demo"
+    (folder / "reports").mkdir(parents=True)
+    (folder / "run_trial_x" / "checkpoint_000001").mkdir(parents=True)
+    (folder / "run_trial_x" / "checkpoint_000001" / "checkpoint.pt").write_bytes(b"\0" * 4096)
+    study_file = tmp_path / "demo.yaml"
+    study_file.write_text("name: demo\nkind: ablation\n")
+    trials = []
+    for i in range(3):
+        row = {"trial_id": f"t{i}", "status": "finished" if i < finished else "interrupted", "params": {"seed": i}}
+        if i < finished:
+            row["report"] = f"reports/t{i}.json"
+            (folder / row["report"]).write_text(json.dumps({"per_example": [1, 0, 1, i]}))
+        trials.append(row)
+    summary = {"study": "demo", "kind": "ablation", "study_file": str(study_file), "study_dir": str(folder),
+               "outcome": "interrupted", "sessions": summary_sessions or n_sessions, "wall_time_s": 7200.0,
+               "status_counts": {"finished": finished, "interrupted": 3 - finished}, "trials": trials}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    history = [sessions.Session(started=1000.0 * k, ended=1000.0 * k + 500, outcome="interrupted")
+               for k in range(1, n_sessions + 1)]
+    if not last_ended:
+        history[-1].ended = history[-1].outcome = None
+    sessions.save(str(folder), history)
+    return folder
+
+
+def _sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def test_export_holds_the_record_and_no_checkpoint(tmp_path: Path, capsys) -> None:
+    folder = _study(tmp_path)
+    out = tmp_path / "export"
+    assert main(["export", str(folder), "--to", str(out)]) == 0
+    assert "2 evaluated trial(s) of 3" in capsys.readouterr().out
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert files == ["MANIFEST.json", "demo.yaml", "reports/t0.json", "reports/t1.json", "sessions.json",
+                     "summary.json"]  # no checkpoint, no trial folder
+    manifest = json.loads((out / "MANIFEST.json").read_text())
+    assert manifest["study"] == "demo" and manifest["evaluated"] == 2 and manifest["sessions"] == 1
+    assert manifest["command"].startswith("ancra-tune export") and manifest["code"]
+    source = {"demo.yaml": tmp_path / "demo.yaml", "sessions.json": folder / "study_state" / "sessions.json"}
+    for rel, f in manifest["files"].items():
+        assert f["sha256"] == _sha(out / rel) == _sha(source.get(rel, folder / rel))
+    assert main(["export", "--check", str(out)]) == 0
+
+
+def test_exporting_again_adds_what_finished_since_and_touches_nothing_else(tmp_path: Path, capsys) -> None:
+    folder = _study(tmp_path, finished=1)
+    out = tmp_path / "export"
+    export(str(folder), out, command="first")
+    (out / "NOTES.md").write_text("mine")  # not the export's: left alone
+    before = (out / "reports" / "t0.json").stat().st_mtime_ns
+    # The next session evaluates t1 and stops: its summary names the new report.
+    summary = json.loads((folder / "summary.json").read_text())
+    summary["trials"][1].update(status="finished", report="reports/t1.json")
+    summary["sessions"] = 2
+    (folder / "reports" / "t1.json").write_text(json.dumps({"per_example": [0, 0]}))
+    (folder / "summary.json").write_text(json.dumps(summary))
+    history = sessions.load(str(folder)) + [sessions.Session(started=5000.0, ended=5100.0, outcome="interrupted")]
+    sessions.save(str(folder), history)
+    m = export(str(folder), out, command="second")
+    assert m["_written"] == 3 and m["_changed"] == 2 and m["_removed"] == []  # t1, summary, sessions
+    assert (out / "reports" / "t0.json").stat().st_mtime_ns == before  # unchanged: not rewritten
+    assert json.loads((out / "MANIFEST.json").read_text())["evaluated"] == 2
+    assert (out / "NOTES.md").read_text() == "mine"
+    # A report that left the record (the trial was run again from scratch) leaves the export too.
+    summary["trials"][0].pop("report")
+    summary["trials"][0]["status"] = "interrupted"
+    (folder / "summary.json").write_text(json.dumps(summary))
+    m = export(str(folder), out, command="third")
+    assert m["_removed"] == ["reports/t0.json"] and not (out / "reports" / "t0.json").exists()
+    assert (out / "NOTES.md").is_file()
+
+
+def test_check_names_each_file_that_changed_or_went(tmp_path: Path, capsys) -> None:
+    folder = _study(tmp_path)
+    out = tmp_path / "export"
+    export(str(folder), out, command="x")
+    (out / "reports" / "t0.json").write_text("{}")
+    (out / "reports" / "t1.json").unlink()
+    assert main(["export", "--check", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "reports/t0.json: changed since it was exported" in err and "reports/t1.json: missing" in err
+    assert "2 problem(s)" in err
+    (out / "summary.json").write_text("{not json")
+    assert main(["export", "--check", str(out)]) == 1
+    assert "summary.json: changed" in capsys.readouterr().err
+
+
+def test_export_refuses_what_would_be_an_untrue_record(tmp_path: Path, capsys) -> None:
+    # A killed driver's session wrote no summary: trials it finished would be missing.
+    folder = _study(tmp_path, n_sessions=2, summary_sessions=1, last_ended=False)
+    with pytest.raises(ExportError, match="ended without writing its summary"):
+        record(str(folder))
+    folder2 = _study(tmp_path / "b")
+    (folder2 / "reports" / "t1.json").unlink()
+    with pytest.raises(ExportError, match=r"1 report\(s\) the summary names are not in"):
+        record(str(folder2))
+    # Another study's export, or a folder that is not an export, is not overwritten.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "MANIFEST.json").write_text(json.dumps({"study": "else", "files": {}}))
+    folder3 = _study(tmp_path / "c")
+    assert main(["export", str(folder3), "--to", str(other)]) == 2
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x.txt").write_text("x")
+    assert main(["export", str(folder3), "--to", str(full)]) == 2
+    err = capsys.readouterr().err
+    assert "holds the export of study 'else'" in err and "holds no MANIFEST.json" in err
+    assert main(["export", str(tmp_path / "nowhere"), "--to", str(tmp_path / "e")]) == 2
+
+
+def test_a_running_study_is_not_exported(tmp_path: Path, capsys) -> None:
+    folder = _study(tmp_path)
+    with study_lock(str(folder)):  # what its driver holds while it runs
+        assert main(["export", str(folder), "--to", str(tmp_path / "export")]) == 2
+    assert "is in use by process" in capsys.readouterr().err
+    assert not (tmp_path / "export").exists()
+    assert main(["export", str(folder), "--to", str(tmp_path / "export")]) == 0  # once it stopped

@@ -1,0 +1,196 @@
+"""A study's record in a folder of its own: what outlives the machine the study ran on, and what a
+published answer ships so that anyone reruns its tests.
+
+``ancra-tune export STUDY --to DIR`` copies, at a stop or at the end (no driver may be running it):
+
+- ``summary.json``: the study's summary as of its last session's end (every trial's row);
+- ``reports/``: each evaluated trial's report with its per-example outcomes (what the tests read);
+- ``sessions.json``: each session: when it ran, its end, the command, the commit and machine;
+- the study file the summary names;
+- ``MANIFEST.json``: when, by which command and code, and each file's size and SHA-256.
+
+A study folder lives on its machine's disk (or a bucket); a machine that is lost takes it along,
+checkpoints, kept evaluation batches and results together. An export holds no checkpoint (2 MB and
+more each, the trials in progress need them to go on): it is the record of what finished, small
+enough to keep beside the code (a few tens of kB a trial), not a way to resume a trial.
+``ancra-tune report DIR`` rebuilds the study's page from it alone, and ``ancra-tune export --check
+DIR`` says whether every file is still the one exported.
+
+Exporting again into the same folder brings it up to date: new and changed files are written (each
+replaced whole), and a file an earlier export wrote that is no longer part of the record is removed;
+a file the manifest did not write is never touched, and a folder that is not this study's export
+is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from . import sessions
+from . import storage as storage_mod
+from .study_lock import study_lock
+
+MANIFEST = "MANIFEST.json"
+SUMMARY = "summary.json"
+SESSIONS = "sessions.json"
+FORMAT = 1
+
+
+class ExportError(ValueError):
+    """The study cannot be exported (yet), or the folder is not its export; the message says why."""
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _read(study_dir: str, rel: str) -> bytes | None:
+    text = storage_mod.read_text(storage_mod.join(study_dir, *rel.split("/")))
+    return None if text is None else text.encode()
+
+
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    p = Path(folder) / MANIFEST
+    if not p.is_file():
+        return None
+    try:
+        data = json.loads(p.read_text())
+    except ValueError as e:
+        raise ExportError(f"{p} is not an export's manifest ({e})") from None
+    if not isinstance(data, dict) or "files" not in data:
+        raise ExportError(f"{p} is not an export's manifest (no file list)")
+    return data
+
+
+def record(study_dir: str, study_file: Path | None = None) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """The study's summary and the files of its record (path in the export -> content), read from
+    ``study_dir``; ``study_file``: the study file to ship (default: the one the summary names, a path
+    relative to wherever its driver ran). Raises :class:`ExportError` when the folder holds no summary, or when its last
+    session ended without writing one (a killed driver: the summary is older than the trials)."""
+    raw = _read(study_dir, SUMMARY)
+    if raw is None:
+        raise ExportError(f"{study_dir} holds no summary.json: a study is exported once a session of it has "
+                          "stopped (Ctrl+C) or ended; a killed driver writes none (run --resume, then stop it)")
+    summary = json.loads(raw)
+    history = sessions.load(study_dir)
+    if history and (history[-1].ended is None or summary.get("sessions") != len(history)):
+        raise ExportError(f"the last of study {summary.get('study')}'s {len(history)} sessions ended without "
+                          f"writing its summary (the summary is from session {summary.get('sessions')}): trials "
+                          "that finished since would be missing; run it with --resume, stop it with Ctrl+C, "
+                          "then export")
+    files = {SUMMARY: raw}
+    if history:
+        files[SESSIONS] = (storage_mod.read_text(sessions.path(study_dir)) or "").encode()
+    missing = []
+    for t in summary.get("trials", []):
+        rel = t.get("report")
+        if not rel:
+            continue
+        data = _read(study_dir, rel)
+        if data is None:
+            missing.append(rel)
+        else:
+            files[rel] = data
+    if missing:
+        raise ExportError(f"{len(missing)} report(s) the summary names are not in {study_dir}: "
+                          + ", ".join(missing[:5]))
+    study_file = Path(study_file or summary.get("study_file", ""))
+    if study_file.is_file():
+        files[study_file.name] = study_file.read_bytes()
+    return summary, files
+
+
+def export(study_dir: str, out: Path, *, command: str, study_file: Path | None = None) -> dict[str, Any]:
+    """Write ``study_dir``'s record into ``out`` (see the module); return the manifest written. The
+    study's lock is held meanwhile: a running driver makes it refuse (StudyLockedError)."""
+    from .code_version import running_code, this_machine
+
+    out = Path(out)
+    if not storage_mod.is_uri(study_dir) and not Path(study_dir).is_dir():
+        raise ExportError(f"no study folder {study_dir}")
+    with study_lock(study_dir):
+        summary, files = record(study_dir, study_file)
+    old = read_manifest(out) if out.exists() else None
+    if old is not None and old.get("study") != summary.get("study"):
+        raise ExportError(f"{out} holds the export of study {old.get('study')!r}, not {summary.get('study')!r}: "
+                          "give each study a folder of its own")
+    if old is None and out.exists() and any(out.iterdir()):
+        raise ExportError(f"{out} is not empty and holds no {MANIFEST}: export into a new folder or an "
+                          "earlier export of the same study")
+    if not any(n for n in files if n.endswith((".yaml", ".yml"))):
+        print(f"warning: the study file {summary.get('study_file')} is gone: the export has none "
+              "(the page rebuilt from it shows the grid in the trials' order)")
+    written = changed = 0
+    for rel, data in files.items():
+        target = out / rel
+        if target.is_file() and target.read_bytes() == data:
+            continue
+        changed += target.exists()
+        _write(target, data)
+        written += 1
+    removed = []
+    for rel in sorted(set((old or {}).get("files", {})) - set(files)):
+        p = out / rel
+        if p.is_file():
+            p.unlink()
+            removed.append(rel)
+    counts = summary.get("status_counts", {})
+    manifest = {
+        "format": FORMAT, "study": summary.get("study"), "kind": summary.get("kind"),
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": command,
+        "code": running_code(), "machine": this_machine(), "study_dir": study_dir,
+        "outcome": summary.get("outcome"), "sessions": summary.get("sessions"),
+        "wall_time_s": summary.get("wall_time_s"), "trials": counts,
+        "evaluated": sum(1 for t in summary.get("trials", []) if t.get("report")),
+        "files": {rel: {"bytes": len(data), "sha256": _sha256(data)} for rel, data in sorted(files.items())},
+    }
+    _write(out / MANIFEST, (json.dumps(manifest, indent=1, default=str) + "\n").encode())
+    manifest["_written"], manifest["_changed"], manifest["_removed"] = written, changed, removed
+    return manifest
+
+
+def check(folder: Path) -> list[str]:
+    """What is wrong with the export in ``folder`` (nothing: an empty list): a file the manifest
+    lists that is missing or differs, a report its summary names that the export lacks."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise ExportError(f"{folder} holds no {MANIFEST}: not an export (ancra-tune export STUDY --to {folder})")
+    problems = []
+    for rel, want in manifest["files"].items():
+        p = folder / rel
+        if not p.is_file():
+            problems.append(f"{rel}: missing")
+        elif _sha256(p.read_bytes()) != want["sha256"]:
+            problems.append(f"{rel}: changed since it was exported ({p.stat().st_size} bytes, "
+                            f"{want['bytes']} exported)")
+    try:
+        summary = json.loads((folder / SUMMARY).read_text()) if (folder / SUMMARY).is_file() else {}
+    except ValueError:
+        summary = {}  # changed: said above
+    if isinstance(summary, dict):
+        for t in summary.get("trials", []):
+            if t.get("report") and t["report"] not in manifest["files"]:
+                problems.append(f"{t['report']}: named by the summary, not exported")
+    return problems
+
+
+def describe(manifest: dict[str, Any]) -> str:
+    """One line for the console: what the export holds."""
+    size = sum(f["bytes"] for f in manifest["files"].values())
+    wall = manifest.get("wall_time_s") or 0
+    return (f"study {manifest['study']} ({manifest.get('outcome')}, {manifest.get('sessions')} session(s), "
+            f"{wall / 3600:.2f} h of wall time): {manifest['evaluated']} evaluated trial(s) of "
+            f"{sum((manifest.get('trials') or {}).values())}, {len(manifest['files'])} files, {size / 1e3:.0f} kB")
