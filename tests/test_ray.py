@@ -588,6 +588,76 @@ def test_interrupted_study_resumes_each_trial_once(ray_local, tmp_path: Path, ml
         init_ray(None, num_cpus=2)
 
 
+@pytest.mark.slow
+@pytest.mark.ci
+def test_a_lost_study_goes_on_from_its_record(ray_local, tmp_path: Path, mlflow_server: str, capsys) -> None:
+    """The study's folder is lost with its machine after a session in which one of its two trials was
+    evaluated: started again from its export (`--from-record`), it brings that trial and the session
+    in, runs only the other, and ends with both in its summary, its status and its page."""
+    import ray
+
+    from trainables.cli import main
+
+    ray.shutdown()  # the CLI process starts its own Ray
+    try:
+        storage = tmp_path / "studies"
+        f, cmd = _two_trial_cli(tmp_path, "lost", epochs=1, storage=storage, tracking_uri=mlflow_server)
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+        out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        study_dir = storage / "lost"
+        summary = json.loads((study_dir / "summary.json").read_text())
+        kept = next(t for t in summary["trials"] if t["params"]["optim.lr"] == 0.05)
+        cut = next(t for t in summary["trials"] if t["params"]["optim.lr"] == 0.02)
+        assert kept["status"] == cut["status"] == "finished"
+        # As a session stopped while lr 0.02 was being evaluated leaves it: that trial interrupted, unreported.
+        (study_dir / cut["report"]).unlink()
+        cut.update(status="interrupted", report=None)
+        (study_dir / "summary.json").write_text(json.dumps(summary))
+        record = tmp_path / "record"
+        assert main(["export", str(study_dir), "--to", str(record)]) == 0
+        shutil.rmtree(study_dir)  # the machine is lost
+
+        changed = tmp_path / "changed.yaml"
+        changed.write_text(f.read_text().replace("optim.epochs: 1", "optim.epochs: 2"))
+        refused = subprocess.run([*cmd[:4], str(changed), *cmd[5:], "--from-record", str(record)], cwd=ROOT, env=env,
+                                 capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 2 and "is not the study file the record was made with" in refused.stderr
+        assert not list(study_dir.glob("run_trial_*"))
+
+        again = subprocess.run(cmd + ["--from-record", str(record)], cwd=ROOT, env=env, capture_output=True,
+                               text=True, timeout=600)
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+        assert "1 trial(s) and 1 session(s) from its record" in again.stderr and "; 1 to run" in again.stderr
+        trial_dirs = list(study_dir.glob("run_trial_*"))
+        assert len(trial_dirs) == 1 and json.loads((trial_dirs[0] / "params.json").read_text())["optim.lr"] == 0.02
+        final = json.loads((study_dir / "summary.json").read_text())
+        assert final["status_counts"]["finished"] == 2 and final["n_trials"] == 2 and final["sessions"] == 2
+        rows = {t["params"]["optim.lr"]: t for t in final["trials"]}
+        assert rows[0.05]["imported"] and rows[0.05]["trial_id"] == kept["trial_id"]
+        assert rows[0.05]["robust_acc_worst"] == kept["robust_acc_worst"]
+        assert not rows[0.02].get("imported") and rows[0.02]["trial_id"] != cut["trial_id"]
+        assert (study_dir / rows[0.05]["report"]).read_text() == (record / kept["report"]).read_text()
+        assert (study_dir / rows[0.02]["report"]).is_file()
+        assert final["wall_time_s"] > summary["wall_time_s"]  # the record's session counts
+        capsys.readouterr()
+        assert main(["status", str(f), "--storage", str(storage), "--json"]) == 0
+        status = json.loads(capsys.readouterr().out)
+        assert status["counts"]["evaluated"] == 2 and status["counts"]["waiting"] == 0 and status["sessions"] == 2
+        assert [t["now"] for t in status["trials"]].count("evaluated (from the study's record)") == 1
+        assert main(["report", str(study_dir), "--no-mlflow"]) == 0
+        table = json.loads((study_dir / "report" / "table.json").read_text())
+        assert sorted((r["config"]["optim.lr"], r["finished"]) for r in table["rows"]) == [(0.02, 1), (0.05, 1)]
+        # The folder is there now: going on is --resume's, not --from-record's.
+        twice = subprocess.run(cmd + ["--from-record", str(record)], cwd=ROOT, env=env, capture_output=True,
+                               text=True, timeout=300)
+        assert twice.returncode == 2 and "holds a study already" in twice.stderr
+    finally:
+        from trainables.ray_session import init_ray
+
+        init_ray(None, num_cpus=2)
+
+
 def _crash_once_loop(config: dict, in_trial: bool = False) -> None:
     """The real worker loop (in a Train worker, or in the Tune trial itself), with one injected
     crash right after the first epoch's checkpoint."""

@@ -141,3 +141,52 @@ def test_a_running_study_is_not_exported(tmp_path: Path, capsys) -> None:
     assert "is in use by process" in capsys.readouterr().err
     assert not (tmp_path / "export").exists()
     assert main(["export", str(folder), "--to", str(tmp_path / "export")]) == 0  # once it stopped
+
+
+ABLATION = """name: demo
+kind: ablation
+base: quickstart
+train: {optim.epochs: 1}
+ablation:
+  grid:
+    optim.lr: [0.05, 0.02]
+seeds: [0, 1]
+"""
+
+
+def test_a_record_starts_a_lost_folder_with_what_finished(tmp_path: Path) -> None:
+    from trainables.study import load_study
+    from trainables.study_export import import_record, imported_rows, points_left
+
+    folder = _study(tmp_path)  # t0, t1 evaluated; t2 interrupted
+    (tmp_path / "demo.yaml").write_text(ABLATION)
+    summary = json.loads((folder / "summary.json").read_text())
+    for t, (lr, seed) in zip(summary["trials"], [(0.05, 0), (0.02, 0), (0.05, 1)], strict=True):
+        t["params"] = {"optim.lr": lr, "seed": seed}
+    summary["trials"][1]["status"] = "diverged"  # a diverged trial is a result too: not run again
+    (folder / "summary.json").write_text(json.dumps(summary))
+    record = tmp_path / "record"
+    export(str(folder), record, command="x")
+    study = load_study(tmp_path / "demo.yaml")
+    lost = str(tmp_path / "new" / "demo")
+    imported = import_record(record, study, lost)
+    assert [t["trial_id"] for t in imported["rows"]] == ["t0", "t1"] and imported["sessions"] == 1
+    assert [t["trial_id"] for t in imported_rows(lost)] == ["t0", "t1"]
+    assert (Path(lost) / "reports" / "t0.json").read_text() == (folder / "reports" / "t0.json").read_text()
+    assert len(sessions.load(lost)) == 1
+    # What is left runs, in the grid's order (the seed slowest): t2's pair again, and the fourth.
+    assert points_left(study, imported["rows"]) == [{"optim.lr": 0.05, "seed": 1}, {"optim.lr": 0.02, "seed": 1}]
+    assert len(points_left(study, [])) == 4
+
+    with pytest.raises(ExportError, match="holds a study already"):
+        import_record(record, study, lost)
+    (tmp_path / "demo.yaml").write_text(ABLATION.replace("seeds: [0, 1]", "seeds: [0, 1, 2]"))
+    with pytest.raises(ExportError, match="is not the study file the record was made with"):
+        import_record(record, load_study(tmp_path / "demo.yaml"), str(tmp_path / "other" / "demo"))
+    (tmp_path / "demo.yaml").write_text(ABLATION)
+    (record / "reports" / "t0.json").write_text("{}")
+    with pytest.raises(ExportError, match="is not intact"):
+        import_record(record, study, str(tmp_path / "third" / "demo"))
+    with pytest.raises(ExportError, match="goes on with an ablation"):
+        import_record(record, load_study("quickstart"), str(tmp_path / "fourth" / "demo"))
+    assert not (tmp_path / "other").exists() and not (tmp_path / "third").exists()

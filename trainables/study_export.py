@@ -194,3 +194,74 @@ def describe(manifest: dict[str, Any]) -> str:
     return (f"study {manifest['study']} ({manifest.get('outcome')}, {manifest.get('sessions')} session(s), "
             f"{wall / 3600:.2f} h of wall time): {manifest['evaluated']} evaluated trial(s) of "
             f"{sum((manifest.get('trials') or {}).values())}, {len(manifest['files'])} files, {size / 1e3:.0f} kB")
+
+
+# --------------------------------------------------------------------------- going on from a record
+
+IMPORTED = "imported.json"  # in the study folder's study_state/: the rows a record brought in
+#: statuses a record brings in as done: the rest (interrupted, error, stopped) run again
+DONE = ("finished", "diverged")
+
+
+def _point_key(params: dict[str, Any]) -> str:
+    return json.dumps(params, sort_keys=True, default=str)
+
+
+def import_record(record_dir: Path, study: Any, study_dir: str) -> dict[str, Any]:
+    """Start ``study``'s folder ``study_dir`` (which must hold no session) from its export in
+    ``record_dir`` after the folder it was exported from was lost: its evaluated (and diverged)
+    trials' rows and reports, and its sessions, are brought in; the study then runs only the
+    (configuration, seed) pairs the record does not hold. Only an ablation (a fixed grid), only an
+    intact record, and only of the same study file, word for word: the design is not changed on the
+    way. Returns what was imported (``rows``, ``record``)."""
+    record_dir = Path(record_dir)
+    if study.kind != "ablation":
+        raise ExportError("--from-record goes on with an ablation (its grid is fixed); a sweep's search is not "
+                          "in its record")
+    problems = check(record_dir)
+    if problems:
+        raise ExportError(f"{record_dir} is not intact ({'; '.join(problems[:3])}): `ancra-tune export --check "
+                          f"{record_dir}` lists every problem")
+    manifest = read_manifest(record_dir) or {}
+    if manifest.get("study") != study.name:
+        raise ExportError(f"{record_dir} is the record of study {manifest.get('study')!r}, not {study.name!r}")
+    mine = Path(study.path).read_bytes()
+    shipped = [n for n in manifest["files"] if n.endswith((".yaml", ".yml"))]
+    if not shipped or (record_dir / shipped[0]).read_bytes() != mine:
+        raise ExportError(f"{study.path} is not the study file the record was made with ({record_dir}/"
+                          f"{shipped[0] if shipped else '?'}): a study goes on from its record only unchanged")
+    if sessions.load(study_dir):
+        raise ExportError(f"{study_dir} holds a study already: --from-record starts a folder that was lost "
+                          "(--resume goes on with one that is there)")
+    summary = json.loads((record_dir / SUMMARY).read_text())
+    rows = [t for t in summary.get("trials", []) if t.get("status") in DONE]
+    for t in rows:
+        if t.get("report"):
+            storage_mod.write_text(storage_mod.join(study_dir, *t["report"].split("/")),
+                                   (record_dir / t["report"]).read_text())
+    history = sessions.parse(json.loads((record_dir / SESSIONS).read_text())) if (record_dir / SESSIONS).is_file() \
+        else []
+    sessions.save(study_dir, history)
+    imported = {"record": str(record_dir), "exported_at": manifest.get("exported_at"),
+                "code": manifest.get("code"), "sessions": len(history), "rows": rows}
+    storage_mod.write_json(storage_mod.state_path(study_dir, IMPORTED), imported)
+    return imported
+
+
+def imported_rows(study_dir: str) -> list[dict[str, Any]]:
+    """The trials' rows the study's folder was started with (:func:`import_record`); [] if none."""
+    raw = storage_mod.read_json(storage_mod.state_path(study_dir, IMPORTED))
+    return list(raw.get("rows", [])) if isinstance(raw, dict) else []
+
+
+def points_left(study: Any, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The study's (configuration, seed) pairs no imported row holds, in the order Tune starts a
+    grid (the seed slowest, the grid's first key fastest)."""
+    from .trial import SEED_KEY
+
+    done = {_point_key({k: t["params"].get(k) for k in (*study.ablation.grid, SEED_KEY)}) for t in rows}
+    grid = study.ablation.grid
+    points = [{**p, SEED_KEY: s} for p in study.grid_points() for s in study.seeds]
+    points.sort(key=lambda q: (list(study.seeds).index(q[SEED_KEY]),
+                               *(list(grid[k]).index(q[k]) for k in reversed(list(grid)))))
+    return [q for q in points if _point_key(q) not in done]

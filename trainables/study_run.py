@@ -38,6 +38,7 @@ from .search import build_scheduler, build_searcher, decided_by_scheduler, smoke
 from .stop_relay import Decisions, board_name
 from .storage import join
 from .study import Study
+from .study_export import import_record, imported_rows, points_left
 from .study_history import finished_before, study_params, summary_dir, with_other_experiments
 from .study_lock import study_lock
 from .summary import summarize, write_ablation_tables
@@ -179,7 +180,17 @@ def build_tuner(study: Study, *, storage: str, smoke_test: bool = False, resume:
                                 callbacks=callbacks)
     # A trial that trains in its own process leaves it warm (torch, the data's imports) for the next.
     reuse = study.resources.train_in_trial
-    if study.kind == "ablation":
+    left = points_left(study, imported_rows(study_dir)) if study.kind == "ablation" else []
+    if study.kind == "ablation" and len(left) < len(study.grid_points()) * len(study.seeds):
+        # Started from its record (--from-record): only the pairs the record does not hold, each once.
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        param_space = {**{k: tune.choice(list(v)) for k, v in study.ablation.grid.items()},
+                       SEED_KEY: tune.choice(list(study.seeds))}
+        tune_config = tune.TuneConfig(search_alg=BasicVariantGenerator(points_to_evaluate=left),
+                                      num_samples=len(left), max_concurrent_trials=max_concurrent,
+                                      reuse_actors=reuse)
+    elif study.kind == "ablation":
         param_space = {**{k: tune.grid_search(list(v)) for k, v in study.ablation.grid.items()},
                        SEED_KEY: tune.grid_search(list(study.seeds))}
         tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=max_concurrent, reuse_actors=reuse)
@@ -197,7 +208,8 @@ def build_tuner(study: Study, *, storage: str, smoke_test: bool = False, resume:
 def run_study(study: Study, *, address: str | None = None, storage: str | None = None, resume: bool = False,
               smoke_test: bool = False, num_cpus: int | None = None, wait_for_resources: bool = False,
               tracking_uri: str | None = None, track: bool = True,
-              resume_command: str | None = None, verbose: bool = False, more: int | None = None) -> dict[str, Any]:
+              resume_command: str | None = None, verbose: bool = False, more: int | None = None,
+              from_record: Path | None = None) -> dict[str, Any]:
     """Run a sweep or an ablation to the end, or until Ctrl+C / SIGTERM; return its summary (also
     written as JSON). An interrupted study says so (summary, MLflow) and is continued by ``--resume``;
     ``--resume`` of a study that finished trains nothing, delivers what an MLflow outage held back and
@@ -207,6 +219,8 @@ def run_study(study: Study, *, address: str | None = None, storage: str | None =
     the working directory); ``track=False`` logs nothing to MLflow. ``more``: add that many trials to
     a finished sweep (an extension experiment in its folder, the sampler seeing every earlier trial
     through the study's Optuna journal, under the same MLflow study run); the summary covers all.
+    ``from_record``: an ablation's export (``ancra-tune export``) to go on from where its folder was
+    lost: its evaluated trials are brought in, and only the pairs it does not hold run.
     """
     from ray import tune
 
@@ -230,6 +244,9 @@ def run_study(study: Study, *, address: str | None = None, storage: str | None =
             raise ValueError(f"--more {more}: adds N >= 1 trials to a sweep (an ablation's grid is fixed)")
         if not tune.Tuner.can_restore(study_path):
             raise FileNotFoundError(f"no study to add trials to at {study_path}; run it first")
+    if from_record is not None and (resume or more is not None):
+        raise ValueError("--from-record starts a lost study's folder from its record; --resume and --more go on "
+                         "with a folder that is there: pass one of them")
     uri = None
     store: concurrent.futures.Future | None = None
     if track:  # before Ray starts: an unreachable tracking server fails in seconds
@@ -246,6 +263,11 @@ def run_study(study: Study, *, address: str | None = None, storage: str | None =
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     interruption = Interruption()
     with study_lock(study_path):
+        if from_record is not None:
+            imported = import_record(from_record, study, study_path)
+            print(f"study {study.name}: {len(imported['rows'])} trial(s) and {imported['sessions']} session(s) "
+                  f"from its record {from_record} (exported {imported['exported_at']}); "
+                  f"{len(points_left(study, imported['rows']))} to run", file=sys.stderr, flush=True)
         finished = resume and finished_before(study_path, storage, study.name)
         if more is not None and not finished_before(study_path, storage, study.name):
             raise ValueError(f"study {study.name}'s last session did not finish: finish it with --resume, then add "
@@ -307,7 +329,8 @@ def _run_locked(study: Study, interruption: Interruption, *, address: str | None
             from .study_status import last_activity
 
             sessions.close_killed(study_path, history, last_activity(study_path, since=history[-1].started))
-        history = sessions.begin(study_path, resume=resume, command=shlex.join(sys.argv), slots=max_concurrent,
+        history = sessions.begin(study_path, resume=resume or bool(imported_rows(study_path)),
+                                 command=shlex.join(sys.argv), slots=max_concurrent,
                                  experiment=extension, added=added)
     slots = max([s.slots for s in history] or [max_concurrent])  # trials at once, in any session
     t0 = time.perf_counter()

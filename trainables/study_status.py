@@ -29,6 +29,7 @@ from . import trial_rows as R
 from .progress import EVALUATING, TRAINING, ProgressFile, describe
 from .scheduler import read_state
 from .study import Study
+from .study_export import imported_rows, points_left
 from .study_lock import HOLDER_NAME
 from .trial import SEED_KEY
 
@@ -195,6 +196,20 @@ def trial_status(fs: Any, folder: str, epochs: int, stopped: set[str], rows: lis
     return t
 
 
+def imported_status(row: dict[str, Any]) -> TrialStatus:
+    """A trial its record brought into the study (``--from-record``): evaluated or diverged before the
+    folder was lost, with the time its training and evaluation took."""
+    evaluated = row.get("status") == "finished"
+    n = int(row.get("eval_n_examples") or 0)
+    return TrialStatus(trial_id=str(row["trial_id"]), params=dict(row.get("params", {})),
+                       state=EVALUATED if evaluated else DIVERGED, epochs=int(row.get("epochs_run") or 0),
+                       train_time_s=float(row.get("train_time_s") or 0.0),
+                       now=("evaluated" if evaluated else f"diverged at epoch {row.get('diverged_epoch')}")
+                       + " (from the study's record)",
+                       eval_s=float(row.get("eval_time_s") or 0.0) if evaluated else 0.0,
+                       eval_examples=n if evaluated else 0, eval_timed=n if evaluated else 0)
+
+
 def _kept_batches(fs: Any, folder: str) -> tuple[str, int]:
     """What a trained trial's evaluation has kept (``eval_batches/``; what a version without
     progress files leaves too), and how many examples that is."""
@@ -263,14 +278,12 @@ def study_status(study: Study, storage_root: str) -> StudyStatus:
     wall = sessions.wall_time_s(history, reported, now=now)
     if study.kind == "ablation":
         planned = len(study.grid_points()) * len(study.seeds)
+        brought = [imported_status(r) for r in imported_rows(study_dir)]  # --from-record: before this folder
+        trials = brought + trials
         started = {_key(t.params) for t in trials}
-        grid = study.ablation.grid
         # In the order Tune starts them: the seed varies slowest, the grid's first key fastest.
-        points = sorted(({**point, SEED_KEY: seed} for point in study.grid_points() for seed in study.seeds),
-                        key=lambda q: (list(study.seeds).index(q[SEED_KEY]),
-                                       *(list(grid[k]).index(q[k]) for k in reversed(list(grid)))))
         trials += [TrialStatus(trial_id=None, params=q, state=WAITING, now="waiting")
-                   for q in points if _key(q) not in started]
+                   for q in points_left(study, []) if _key(q) not in started]
     else:
         planned = study.search.num_samples + sum(sessions.extensions(history).values())
     st = StudyStatus(study=study.name, kind=study.kind, study_dir=study_dir, epochs=epochs, driver=driver,

@@ -202,6 +202,12 @@ def summarize(study: Study, results: Any, *, wall_s: float, storage: str,
     reported = [t for r in rows for t in r.pop(REPORTED_TIMES)]
     reports = {str(r["trial_id"]): r.get(REPORT_OBJ) for r in rows}
     keep_reports(storage_mod.join(storage, study.name), rows)
+    from .study_export import imported_rows  # a study started from its record (--from-record): its rows first
+
+    here = {str(r["trial_id"]) for r in rows}
+    brought = [dict(r, imported=True) for r in imported_rows(storage_mod.join(storage, study.name))
+               if str(r["trial_id"]) not in here]
+    rows = brought + rows
     metric, mode = study.objective.metric, study.objective.mode
     scored = [r for r in rows if r["status"] == S.FINISHED and r.get(metric) is not None]
     best: list[dict[str, Any]] = []

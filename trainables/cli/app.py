@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="add N trials to a finished sweep: placed by the sampler with every earlier trial "
                                 "in view (the study's optuna.journal), under the same MLflow study run; the summary "
                                 "and report cover all of them")
+        if kind == "ablation":
+            p.add_argument("--from-record", type=Path, metavar="FOLDER",
+                           help="the study's folder was lost: start it again from its record (ancra-tune export), "
+                                "bringing in its evaluated trials and sessions; only the pairs it lacks run")
         p.add_argument("--smoke-test", action="store_true", help="one epoch on a few batches, at most two trials")
         p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
         p.add_argument("--wait-for-resources", action="store_true",

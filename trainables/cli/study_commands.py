@@ -47,7 +47,7 @@ def _study(args: argparse.Namespace, kind: str) -> int:
                                 smoke_test=args.smoke_test, num_cpus=args.num_cpus,
                                 wait_for_resources=args.wait_for_resources, tracking_uri=args.tracking_uri,
                                 track=not args.no_mlflow, resume_command=resume_command, verbose=args.verbose,
-                                more=getattr(args, "more", None))
+                                more=getattr(args, "more", None), from_record=getattr(args, "from_record", None))
     except (InfeasibleResourcesError, TrackingError, StorageError, StudyLockedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -60,14 +60,15 @@ def _study(args: argparse.Namespace, kind: str) -> int:
     return study_exit_code(summary)
 
 def _without_more(argv: list[str]) -> list[str]:
-    """The command line without ``--more N`` (an interrupted extension resumes with ``--resume`` alone)."""
+    """The command line without ``--more N`` or ``--from-record FOLDER`` (an interrupted extension, or a
+    study started from its record, resumes with ``--resume`` alone)."""
     out, skip = [], False
     for a in argv:
         if skip:
             skip = False
-        elif a == "--more":
+        elif a in ("--more", "--from-record"):
             skip = True
-        elif not a.startswith("--more="):
+        elif not a.startswith(("--more=", "--from-record=")):
             out.append(a)
     return out
 
