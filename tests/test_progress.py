@@ -186,6 +186,12 @@ def test_status_of_an_ablation_from_its_folder(tmp_path: Path) -> None:
     assert st.left_s == pytest.approx(48 * 3.75 + 160 + 200 + 300) and st.slots == 1
     assert st.not_counted == ["the evaluation of anc=False ra=True", "the evaluation of anc=True ra=True"]
     assert "left at the rates its trials measured: at least 14 min of wall time" in format_status(st)
+    # Before any trial has measured anything, the time left is not known: no "at least 0 min".
+    from dataclasses import replace
+
+    fresh = replace(st, left_s=0.0)
+    assert "left: not known yet (no trial has finished an epoch" in format_status(fresh)
+    assert "at least 0 min" not in format_status(fresh)
     # The rates by configuration, beside which the plan's prediction is read.
     r = st.rates["anc=False ra=False"]
     assert (r.epochs, r.per_epoch, r.examples, r.per_example) == (4, 100.0, 48, 2.0)

@@ -393,7 +393,9 @@ def format_status(st: StudyStatus, resume_command: str | None = None) -> str:
         lines.append("not started")
     lines.append(f"wall time {_hours(st.wall_time_s)} over {st.sessions} session(s); {st.planned} trials: "
                  + ", ".join(f"{n} {k}" for k, n in c.items() if n))
-    if st.left_s is not None and (c[RUNNING] + c[WAITING]):
+    if st.left_s is not None and (c[RUNNING] + c[WAITING]) and not st.left_s and st.not_counted:
+        lines.append("left: not known yet (no trial has finished an epoch or timed an evaluation batch)")
+    elif st.left_s is not None and (c[RUNNING] + c[WAITING]):
         text = (f"left at the rates its trials measured: {'at least ' if st.not_counted else 'about '}"
                 f"{_hours(st.left_s / max(1, st.slots))} of wall time ({_hours(st.left_s)} of trial time, "
                 f"{st.slots} at a time)")
