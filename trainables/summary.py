@@ -22,6 +22,7 @@ from . import trial_rows as R
 from .ranking import row_rank_key
 from .selection import sweep_margin
 from .study import Study
+from .study_export import imported_rows
 from .trial import SEED_KEY
 from .worker import REPORT_NAME
 
@@ -202,8 +203,7 @@ def summarize(study: Study, results: Any, *, wall_s: float, storage: str,
     reported = [t for r in rows for t in r.pop(REPORTED_TIMES)]
     reports = {str(r["trial_id"]): r.get(REPORT_OBJ) for r in rows}
     keep_reports(storage_mod.join(storage, study.name), rows)
-    from .study_export import imported_rows  # a study started from its record (--from-record): its rows first
-
+    # A study started from its record (--from-record): the rows it brought in come first.
     here = {str(r["trial_id"]) for r in rows}
     brought = [dict(r, imported=True) for r in imported_rows(storage_mod.join(storage, study.name))
                if str(r["trial_id"]) not in here]
