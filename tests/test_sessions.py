@@ -106,6 +106,12 @@ def test_each_session_records_the_code_it_ran_and_the_page_says_which(tmp_path: 
     else:  # an installed copy outside Git
         assert h[0].code["commit"] is None and h[0].code["version"]
     assert h[0].machine["host"] == socket.gethostname() and h[0].machine["cpus"] == os.cpu_count()
+    import torch
+
+    assert h[0].machine["torch"] == torch.__version__
+    if Path("/proc/cpuinfo").is_file() and "model name" in Path("/proc/cpuinfo").read_text():
+        model = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+        assert h[0].machine["cpu_model"] == model.split(":", 1)[1].strip()
     assert S.load(study)[0].code == h[0].code  # kept in sessions.json
 
     # Two sessions of a version that recorded nothing, two at one commit, one at another with changes.
@@ -114,11 +120,15 @@ def test_each_session_records_the_code_it_ran_and_the_page_says_which(tmp_path: 
     S.save(study, [S.Session(started=0.0, ended=1.0), S.Session(started=2.0, ended=3.0),
                    S.Session(started=4.0, ended=5.0, code={"commit": a, "dirty": False}, machine=here),
                    S.Session(started=6.0, ended=7.0, code={"commit": a, "dirty": False}, machine=here),
-                   S.Session(started=8.0, code={"commit": b, "dirty": True}, machine={**here, "gpu": "NVIDIA H100"})])
+                   S.Session(started=8.0, code={"commit": b, "dirty": True}, machine={**here, "gpu": "NVIDIA H100"}),
+                   # the same name and size, another CPU: it computes differently, and the page says so
+                   S.Session(started=9.0, ended=9.5, code={"commit": b, "dirty": True},
+                             machine={**here, "cpu_model": "AMD EPYC", "torch": "2.14.1"})])
     lines = provenance({"study": "s", "study_file": str(tmp_path / "s.yaml"), "study_dir": study})
     text = "\n".join(lines)
-    assert ("- code each of its 5 session(s) ran: sessions 1-2: not recorded; sessions 3-4: `aaaaaaa`; "
-            "session 5: `bbbbbbb` with uncommitted changes") in text
+    assert ("- code each of its 6 session(s) ran: sessions 1-2: not recorded; sessions 3-4: `aaaaaaa`; "
+            "sessions 5-6: `bbbbbbb` with uncommitted changes") in text
     assert ("- machine (each session's driver): sessions 1-2: not recorded; sessions 3-4: vm (x86_64, 2 CPUs, "
-            "GPU none); session 5: vm (x86_64, 2 CPUs, GPU NVIDIA H100)") in text
+            "GPU none); session 5: vm (x86_64, 2 CPUs, GPU NVIDIA H100); session 6: vm (x86_64, 2 CPUs AMD EPYC, "
+            "GPU none, torch 2.14.1)") in text
     assert "- page built by code at " in text

@@ -44,8 +44,22 @@ def running_code() -> dict[str, Any]:
     return {"commit": commit[0] if commit else None, "dirty": commit[1] if commit else None, "version": version}
 
 
+def _cpu_model() -> str | None:
+    """The CPU's model name (Linux: /proc/cpuinfo; elsewhere what the platform says), or None."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "hardware", "cpu model")) and ":" in line:
+                return line.split(":", 1)[1].strip() or None
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def this_machine() -> dict[str, Any]:
-    """Where this process runs: host, architecture, CPUs and the first GPU (None: none)."""
+    """Where this process runs: host, architecture, CPUs (their model: two machines of one name and
+    size may compute differently, float for float), the first GPU (None: none) and torch's version."""
     import os
     import platform
     import socket
@@ -53,13 +67,24 @@ def this_machine() -> dict[str, Any]:
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"host": socket.gethostname(), "arch": platform.machine(), "cpus": os.cpu_count(), "gpu": gpu}
+    return {"host": socket.gethostname(), "arch": platform.machine(), "cpus": os.cpu_count(),
+            "cpu_model": _cpu_model(), "gpu": gpu, "torch": torch.__version__}
 
 
 def describe_machine(m: dict[str, Any] | None) -> str:
     if not m:
         return "not recorded"
-    return f"{m.get('host')} ({m.get('arch')}, {m.get('cpus')} CPUs, GPU {m.get('gpu') or 'none'})"
+    cpus = f"{m.get('cpus')} CPUs" + (f" {m['cpu_model']}" if m.get("cpu_model") else "")
+    torch = f", torch {m['torch']}" if m.get("torch") else ""
+    return f"{m.get('host')} ({m.get('arch')}, {cpus}, GPU {m.get('gpu') or 'none'}{torch})"
+
+
+def tag(code: dict[str, Any] | None) -> str:
+    """The code in a word, for a tag or a list: ``abc1234``, ``abc1234+dirty``, ``ancra-tune 0.1.0``."""
+    code = code or {}
+    if code.get("commit"):
+        return code["commit"][:7] + ("+dirty" if code.get("dirty") else "")
+    return f"{PACKAGE} {code.get('version') or 'unknown'}"
 
 
 def describe(code: dict[str, Any] | None) -> str:

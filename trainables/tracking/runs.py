@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import statuses as S
-from ..code_version import running_code
+from ..code_version import running_code, tag
 from .store import (
     PARENT,
     ROLE,
@@ -87,10 +87,7 @@ CODE_COMMITS = "ancra.code_commits"
 
 
 def _code_tag(code: Mapping[str, Any] | None = None) -> str:
-    code = running_code() if code is None else code
-    if code.get("commit"):
-        return code["commit"][:7] + ("+dirty" if code.get("dirty") else "")
-    return f"ancra-tune {code.get('version') or 'unknown'}"
+    return tag(dict(running_code() if code is None else code))
 
 
 LOST = S.LOST  # ancra.status of a run whose trial Tune never saved (its driver was killed first)
