@@ -487,6 +487,15 @@ def _check_study_page(summary: dict, parent_run_id: str, mc) -> None:
     assert "<details><summary>study file</summary>" in page
     sessions_line = next(line for line in page_here.splitlines() if "session(s) ran" in line)
     assert sessions_line in page  # which code each session ran: from the exported sessions.json
+    # A published table beside the rows (--beside): its row by the configuration it names.
+    ref = shipped.parent / "ref.yaml"
+    ref.write_text("title: a published table\nsetting: elsewhere\ncolumns: {Nat: clean accuracy}\n"
+                   "measured_here: {Nat: [clean]}\n"
+                   "rows: [{name: Theirs, when: {optim.lr: 0.05}, values: {Nat: 81.7}}]\n")
+    assert main(["report", str(shipped), "--no-mlflow", "--beside", str(ref)]) == 0
+    page = (shipped / "report" / "report.md").read_text()
+    assert "## Beside: a published table" in page and "| optim.lr=0.05 | Theirs | 81.70 | " in page
+    assert json.loads((shipped / "report" / "table.json").read_text()) == table  # the answer is unchanged
 
 
 def _two_trial_cli(tmp_path: Path, name: str, *, epochs: int, storage: Path, tracking_uri: str,

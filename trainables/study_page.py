@@ -255,9 +255,18 @@ def provenance(summary: StudySummary, summary_path: Path | None = None) -> list[
     return lines
 
 
-def build_page(summary_path: Path, out: Path | None = None) -> Path:
-    """Write report.md (and its PNGs) for the study of ``summary_path``; return the page's path."""
+def build_page(summary_path: Path, out: Path | None = None, beside: Path | None = None) -> Path:
+    """Write report.md (and its PNGs) for the study of ``summary_path``; return the page's path.
+    ``beside``: a published table to set beside an ablation's (:mod:`trainables.reference_table`)."""
     summary = json.loads(summary_path.read_text())
+    ref = None
+    if beside is not None:
+        from . import reference_table
+
+        if summary["kind"] != "ablation":
+            raise reference_table.ReferenceError("--beside sets a published table beside an ablation's rows; "
+                                                 f"{summary['study']} is a {summary['kind']}")
+        ref = reference_table.load(beside)
     out = out or summary_path.parent / "report"
     out.mkdir(parents=True, exist_ok=True)
     reports = load_reports(summary, beside=summary_path.parent)
@@ -280,6 +289,10 @@ def build_page(summary_path: Path, out: Path | None = None) -> Path:
         table = ablation_table.build(summary["trials"], reports, keys, points=points, baseline=baseline, seeds=seeds)
         lines += ["## Accuracy by configuration", ""] + runs_line(summary, points, seeds) + \
             ablation_table.markdown(table)
+        if ref is not None:
+            from . import reference_table
+
+            lines += [""] + reference_table.markdown(table, ref)
         (out / "table.json").write_text(json.dumps(table, indent=1, default=str))
     else:
         from .study import load_study

@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("study", help="the study's name (under --storage), its folder, or its summary.json")
     r.add_argument("--storage", help="default: $ANCRA_STORAGE, else runs/studies")
     r.add_argument("--out", type=Path, help="folder for the page (default: the study folder's report/)")
+    r.add_argument("--beside", type=Path, metavar="FILE",
+                   help="an ablation: a published table (YAML: its rows, columns and what each measured) set "
+                        "beside the page's rows, e.g. docs/paper/table8.yaml")
     r.add_argument("--no-mlflow", action="store_true", help="do not log the page to the study's MLflow run")
     r.set_defaults(func=_report)
 

@@ -30,7 +30,7 @@ def _report(args: argparse.Namespace) -> int:
     from ..study_page import build_page, find_summary, log_page
 
     summary = find_summary(args.study, args.storage)
-    page = build_page(summary, args.out)
+    page = build_page(summary, args.out, beside=args.beside)
     print(f"report: {page}")
     if not args.no_mlflow:
         run = log_page(summary, page)
