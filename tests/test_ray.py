@@ -638,6 +638,7 @@ def test_a_lost_study_goes_on_from_its_record(ray_local, tmp_path: Path, mlflow_
                                text=True, timeout=600)
         assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
         assert "1 trial(s) and 1 session(s) from its record" in again.stderr and "; 1 to run" in again.stderr
+        assert "finished*" in again.stdout and "* brought in from the study's record" in again.stdout
         trial_dirs = list(study_dir.glob("run_trial_*"))
         assert len(trial_dirs) == 1 and json.loads((trial_dirs[0] / "params.json").read_text())["optim.lr"] == 0.02
         final = json.loads((study_dir / "summary.json").read_text())

@@ -172,6 +172,8 @@ def test_a_record_starts_a_lost_folder_with_what_finished(tmp_path: Path) -> Non
     imported = import_record(record, study, lost)
     assert [t["trial_id"] for t in imported["rows"]] == ["t0", "t1"] and imported["sessions"] == 1
     assert [t["trial_id"] for t in imported_rows(lost)] == ["t0", "t1"]
+    # Their checkpoints went with the lost folder: none is named as if it were there.
+    assert all(t["checkpoint"] is None for t in imported_rows(lost))
     assert (Path(lost) / "reports" / "t0.json").read_text() == (folder / "reports" / "t0.json").read_text()
     assert len(sessions.load(lost)) == 1
     # What is left runs, in the grid's order (the seed slowest): t2's pair again, and the fourth.
@@ -190,3 +192,12 @@ def test_a_record_starts_a_lost_folder_with_what_finished(tmp_path: Path) -> Non
     with pytest.raises(ExportError, match="goes on with an ablation"):
         import_record(record, load_study("quickstart"), str(tmp_path / "fourth" / "demo"))
     assert not (tmp_path / "other").exists() and not (tmp_path / "third").exists()
+
+
+def test_trial_ids_are_shortened_only_where_that_stays_unambiguous() -> None:
+    from trainables.trial_rows import short_ids
+
+    assert short_ids(["9f600_00000", "9f600_00001"]) == {"9f600_00000": "00000", "9f600_00001": "00001"}
+    # A study that went on from its record runs a second experiment: its numbers start again at 00000.
+    assert short_ids(["b2e8a_00000", "e2956_00000", "e2956_00001"]) == {
+        "b2e8a_00000": "b2e8a_00000", "e2956_00000": "e2956_00000", "e2956_00001": "00001"}

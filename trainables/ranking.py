@@ -26,7 +26,7 @@ def creation_order(row: dict[str, Any]) -> int:
     """A summary row's creation order: Tune names trial folders run_trial_<id>_<counter>_..."""
     try:
         return int(Path(row["trial_dir"]).name.split("_")[3])
-    except (KeyError, IndexError, ValueError):
+    except (KeyError, IndexError, ValueError, TypeError):
         return 0
 
 

@@ -234,7 +234,9 @@ def import_record(record_dir: Path, study: Any, study_dir: str) -> dict[str, Any
         raise ExportError(f"{study_dir} holds a study already: --from-record starts a folder that was lost "
                           "(--resume goes on with one that is there)")
     summary = json.loads((record_dir / SUMMARY).read_text())
-    rows = [t for t in summary.get("trials", []) if t.get("status") in DONE]
+    # Their checkpoints went with the lost folder: named as lost, never as if there.
+    rows = [{**t, "checkpoint": None, "lost_checkpoint": t.get("checkpoint")}
+            for t in summary.get("trials", []) if t.get("status") in DONE]
     for t in rows:
         if t.get("report"):
             storage_mod.write_text(storage_mod.join(study_dir, *t["report"].split("/")),

@@ -187,9 +187,9 @@ def build_tuner(study: Study, *, storage: str, smoke_test: bool = False, resume:
 
         param_space = {**{k: tune.choice(list(v)) for k, v in study.ablation.grid.items()},
                        SEED_KEY: tune.choice(list(study.seeds))}
-        tune_config = tune.TuneConfig(search_alg=BasicVariantGenerator(points_to_evaluate=left),
-                                      num_samples=len(left), max_concurrent_trials=max_concurrent,
-                                      reuse_actors=reuse)
+        tune_config = tune.TuneConfig(search_alg=BasicVariantGenerator(points_to_evaluate=left,
+                                                                       max_concurrent=max_concurrent),
+                                      num_samples=len(left), reuse_actors=reuse)
     elif study.kind == "ablation":
         param_space = {**{k: tune.grid_search(list(v)) for k, v in study.ablation.grid.items()},
                        SEED_KEY: tune.grid_search(list(study.seeds))}

@@ -410,11 +410,13 @@ def format_status(st: StudyStatus, resume_command: str | None = None) -> str:
             example = f"{r.per_example:.2f} s per evaluated example ({r.examples:,} examples timed)" \
                 if r.per_example is not None else "no evaluation timed yet"
             lines.append(f"  {name:<28} {epoch}; {example}")
-    lines.append(f"  {'trial':<7} {'epochs':>6} {'training':>9}  {'params':<28} now")
+    short = R.short_ids(t.trial_id for t in st.trials if t.trial_id)
+    w = max([7, *map(len, short.values())])
+    lines.append(f"  {'trial':<{w}} {'epochs':>6} {'training':>9}  {'params':<28} now")
     for t in st.trials:
-        tid = t.trial_id.rsplit("_", 1)[-1] if t.trial_id else "-"
+        tid = short[t.trial_id] if t.trial_id else "-"
         shown = params_text(t.params, sep=" ") + f" seed={t.params.get(SEED_KEY, '-')}"
         epochs = f"{t.epochs}/{st.epochs}" if t.trial_id else "-"
         train = _hours(t.train_time_s) if t.train_time_s else "-"
-        lines.append(f"  {tid:<7} {epochs:>6} {train:>9}  {shown:<28} {t.now}")
+        lines.append(f"  {tid:<{w}} {epochs:>6} {train:>9}  {shown:<28} {t.now}")
     return "\n".join(lines)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ancra_tune.robustness import EvalReport
@@ -77,3 +77,12 @@ def metrics_of(row: Mapping[str, Any]) -> dict[str, Any]:
     """A row without its bookkeeping keys."""
     return {k: v for k, v in row.items()
             if k not in BOOKKEEPING and not k.startswith((OBJECTIVE_PREFIX, TIMING_PREFIX))}
+
+
+def short_ids(ids: Iterable[str]) -> dict[str, str]:
+    """Each trial id as people read it: its number within its experiment (``00003`` of
+    ``9f600_00003``), unless another trial of the study has that number too (a study that went on from
+    its record runs a second experiment): then the whole id."""
+    ids = [str(i) for i in ids]
+    tails = [i.rsplit("_", 1)[-1] for i in ids]
+    return {i: t if tails.count(t) == 1 else i for i, t in zip(ids, tails, strict=True)}

@@ -12,6 +12,7 @@ from ancra_tune.config import (
 )
 
 from .. import statuses as S
+from .. import trial_rows as R
 from ..ranking import row_rank_key
 
 if TYPE_CHECKING:
@@ -160,15 +161,21 @@ def format_summary(summary: StudySummary) -> str:
     # per-epoch number.
     rows = sorted(summary["trials"], key=lambda t: (*row_rank_key(t, metric, mode), t.get("val_robust_acc") or 0.0),
                   reverse=True)
-    header = f"  {'trial':<10} {'status':<12} {'clean':>7} {metric:>17} {'autoattack':>10} {'val_robust':>10}  params"
+    short = R.short_ids(t["trial_id"] for t in summary["trials"])
+    w = max([10, *map(len, short.values())])
+    header = f"  {'trial':<{w}} {'status':<12} {'clean':>7} {metric:>17} {'autoattack':>10} {'val_robust':>10}  params"
     lines.append(header)
     for t in rows:
         params = params_text(t["params"], inactive=t.get("inactive", ()))
         flag = " !" if t.get("flags", {}).get(metric) else "  "
-        tid = str(t["trial_id"]).rsplit("_", 1)[-1]
-        lines.append(f"  {tid:<10} {status(t):<12} {num(t.get('clean_acc')):>7} {num(t.get(metric)):>15}{flag} "
+        tid = short[str(t["trial_id"])]
+        state = status(t) + ("*" if t.get("imported") else "")
+        lines.append(f"  {tid:<{w}} {state:<12} {num(t.get('clean_acc')):>7} {num(t.get(metric)):>15}{flag} "
                      f"{num(t.get('autoattack_acc')):>10} {num(t.get('val_robust_acc')):>10}  {params}")
-    flagged = {str(k).rsplit("_", 1)[-1]: v for k, v in summary.get("flagged_trials", {}).items()}
+    if any(t.get("imported") for t in rows):
+        lines.append("  * brought in from the study's record (--from-record): evaluated before the study's folder "
+                     "was lost; its checkpoint went with the folder")
+    flagged = {short.get(str(k), str(k)): v for k, v in summary.get("flagged_trials", {}).items()}
     if flagged:
         lines.append("  ! flagged by the gradient-masking checks (ranked last; see docs/masking_checks.md):")
         for tid, reasons in flagged.items():
@@ -176,8 +183,9 @@ def format_summary(summary: StudySummary) -> str:
     lines.append("  stopped trials show the last validation numbers they reached (val_robust, the scheduler's "
                  "per-epoch worst case)")
     for b in summary["best"]:
-        lines.append(f"best: trial {str(b['trial_id']).rsplit('_', 1)[-1]} ({metric} = {num(b.get(metric))}, "
-                     f"clean {num(b.get('clean_acc'))})\n  checkpoint: {b['checkpoint']}")
+        where = b.get("checkpoint") or "none here (it came from the study's record; its folder was lost)"
+        lines.append(f"best: trial {short.get(str(b['trial_id']), b['trial_id'])} ({metric} = {num(b.get(metric))}, "
+                     f"clean {num(b.get('clean_acc'))})\n  checkpoint: {where}")
         if b.get("flags"):
             lines.append(f"  warning: every finished trial is flagged; this one's {metric} is not credible: "
                          f"{'; '.join(b['flags'].get(metric, []))}")
@@ -185,7 +193,7 @@ def format_summary(summary: StudySummary) -> str:
         lines.append("  margin: " + summary["selection"]["text"])
     if not summary["best"]:
         lines.append("no trial finished: nothing to choose from")
-    errored = [str(t["trial_id"]).rsplit("_", 1)[-1] for t in summary["trials"] if t["status"] == S.ERROR]
+    errored = [short[str(t["trial_id"])] for t in summary["trials"] if t["status"] == S.ERROR]
     if errored and not summary.get("interrupted"):
         lines.append(f"{len(errored)} trial(s) failed with an error ({', '.join(errored[:8])}"
                      f"{', ...' if len(errored) > 8 else ''}): their logs are in their trial folders; --resume "
@@ -199,7 +207,7 @@ def format_summary(summary: StudySummary) -> str:
         else:
             lines.append(f"interrupted ({summary.get('interrupted_by') or 'stopped'}): finish the unfinished trials "
                          f"with\n  {cmd}")
-    elif summary["best"]:
+    elif summary["best"] and summary["best"][0].get("checkpoint"):
         b = summary["best"][0]
         lines.append("next:\n"
                      f"  ancra-tune eval {b['checkpoint']}   # the full evaluation (AutoAttack standard) of the best\n"
