@@ -119,6 +119,13 @@ def test_export_refuses_what_would_be_an_untrue_record(tmp_path: Path, capsys) -
     (folder2 / "reports" / "t1.json").unlink()
     with pytest.raises(ExportError, match=r"1 report\(s\) the summary names are not in"):
         record(str(folder2))
+    # A summary whose report path leads out of the folder is not followed.
+    folder4 = _study(tmp_path / "d")
+    summary = json.loads((folder4 / "summary.json").read_text())
+    summary["trials"][0]["report"] = "../../../etc/passwd"
+    (folder4 / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(ExportError, match="is not a report's path"):
+        record(str(folder4))
     # Another study's export, or a folder that is not an export, is not overwritten.
     other = tmp_path / "other"
     other.mkdir()

@@ -61,6 +61,15 @@ def _read(study_dir: str, rel: str) -> bytes | None:
     return None if text is None else text.encode()
 
 
+def _report_path(rel: str) -> str:
+    """A report's path inside a study folder or a record (``reports/<trial>.json``); anything else (a
+    path out of the folder) is refused."""
+    parts = str(rel).split("/")
+    if len(parts) != 2 or parts[0] != "reports" or parts[1] in ("", ".", "..") or not parts[1].endswith(".json"):
+        raise ExportError(f"{rel!r} is not a report's path (reports/<trial>.json)")
+    return str(rel)
+
+
 def read_manifest(folder: Path) -> dict[str, Any] | None:
     p = Path(folder) / MANIFEST
     if not p.is_file():
@@ -98,7 +107,7 @@ def record(study_dir: str, study_file: Path | None = None) -> tuple[dict[str, An
         rel = t.get("report")
         if not rel:
             continue
-        data = _read(study_dir, rel)
+        data = _read(study_dir, _report_path(rel))
         if data is None:
             missing.append(rel)
         else:
@@ -237,10 +246,9 @@ def import_record(record_dir: Path, study: Any, study_dir: str) -> dict[str, Any
     # Their checkpoints went with the lost folder: named as lost, never as if there.
     rows = [{**t, "checkpoint": None, "lost_checkpoint": t.get("checkpoint")}
             for t in summary.get("trials", []) if t.get("status") in DONE]
-    for t in rows:
-        if t.get("report"):
-            storage_mod.write_text(storage_mod.join(study_dir, *t["report"].split("/")),
-                                   (record_dir / t["report"]).read_text())
+    reports = [_report_path(t["report"]) for t in rows if t.get("report")]  # every one checked before a write
+    for rel in reports:
+        storage_mod.write_text(storage_mod.join(study_dir, *rel.split("/")), (record_dir / rel).read_text())
     history = sessions.parse(json.loads((record_dir / SESSIONS).read_text())) if (record_dir / SESSIONS).is_file() \
         else []
     sessions.save(study_dir, history)
