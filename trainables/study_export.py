@@ -212,8 +212,21 @@ IMPORTED = "imported.json"  # in the study folder's study_state/: the rows a rec
 DONE = ("finished", "diverged")
 
 
-def _point_key(params: dict[str, Any]) -> str:
+def point_key(params: dict[str, Any]) -> str:
+    """A (configuration, seed) pair as one comparable string."""
     return json.dumps(params, sort_keys=True, default=str)
+
+
+def trial_points(study: Any) -> list[dict[str, Any]]:
+    """Every (configuration, seed) pair of an ablation, in the order Tune starts a grid (the seed
+    slowest, the grid's first key fastest)."""
+    from .trial import SEED_KEY
+
+    grid = study.ablation.grid
+    points = [{**p, SEED_KEY: s} for p in study.grid_points() for s in study.seeds]
+    points.sort(key=lambda q: (list(study.seeds).index(q[SEED_KEY]),
+                               *(list(grid[k]).index(q[k]) for k in reversed(list(grid)))))
+    return points
 
 
 def import_record(record_dir: Path, study: Any, study_dir: str) -> dict[str, Any]:
@@ -265,13 +278,8 @@ def imported_rows(study_dir: str) -> list[dict[str, Any]]:
 
 
 def points_left(study: Any, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The study's (configuration, seed) pairs no imported row holds, in the order Tune starts a
-    grid (the seed slowest, the grid's first key fastest)."""
+    """The study's (configuration, seed) pairs no imported row holds, in :func:`trial_points`' order."""
     from .trial import SEED_KEY
 
-    done = {_point_key({k: t["params"].get(k) for k in (*study.ablation.grid, SEED_KEY)}) for t in rows}
-    grid = study.ablation.grid
-    points = [{**p, SEED_KEY: s} for p in study.grid_points() for s in study.seeds]
-    points.sort(key=lambda q: (list(study.seeds).index(q[SEED_KEY]),
-                               *(list(grid[k]).index(q[k]) for k in reversed(list(grid)))))
-    return [q for q in points if _point_key(q) not in done]
+    done = {point_key({k: t["params"].get(k) for k in (*study.ablation.grid, SEED_KEY)}) for t in rows}
+    return [q for q in trial_points(study) if point_key(q) not in done]

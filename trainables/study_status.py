@@ -29,7 +29,7 @@ from . import trial_rows as R
 from .progress import EVALUATING, TRAINING, ProgressFile, describe
 from .scheduler import read_state
 from .study import Study
-from .study_export import imported_rows, points_left
+from .study_export import imported_rows, point_key, trial_points
 from .study_lock import HOLDER_NAME
 from .trial import SEED_KEY
 
@@ -280,10 +280,9 @@ def study_status(study: Study, storage_root: str) -> StudyStatus:
         planned = len(study.grid_points()) * len(study.seeds)
         brought = [imported_status(r) for r in imported_rows(study_dir)]  # --from-record: before this folder
         trials = brought + trials
-        started = {_key(t.params) for t in trials}
-        # In the order Tune starts them: the seed varies slowest, the grid's first key fastest.
+        started = {point_key(t.params) for t in trials}
         trials += [TrialStatus(trial_id=None, params=q, state=WAITING, now="waiting")
-                   for q in points_left(study, []) if _key(q) not in started]
+                   for q in trial_points(study) if point_key(q) not in started]  # in the order Tune starts them
     else:
         planned = study.search.num_samples + sum(sessions.extensions(history).values())
     st = StudyStatus(study=study.name, kind=study.kind, study_dir=study_dir, epochs=epochs, driver=driver,
@@ -368,10 +367,6 @@ def time_left(trials: list[TrialStatus], rates: dict[str, RowRates], epochs: int
             else:
                 missing.add(f"the evaluation of {r}")
     return left, sorted(missing)
-
-
-def _key(params: dict[str, Any]) -> str:
-    return json.dumps({k: params[k] for k in sorted(params)}, default=str)
 
 
 def _hours(seconds: float) -> str:
