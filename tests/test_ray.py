@@ -601,8 +601,10 @@ def test_interrupted_study_resumes_each_trial_once(ray_local, tmp_path: Path, ml
 @pytest.mark.ci
 def test_a_lost_study_goes_on_from_its_record(ray_local, tmp_path: Path, mlflow_server: str, capsys) -> None:
     """The study's folder is lost with its machine after a session in which one of its two trials was
-    evaluated: started again from its export (`--from-record`), it brings that trial and the session
-    in, runs only the other, and ends with both in its summary, its status and its page."""
+    evaluated and the other stopped between its training and its evaluation: started again from its
+    export (`--from-record`) and the state carried beside it (`--carry`), it brings the first trial and
+    the session in, goes on with the other from its carried checkpoint (evaluated, never trained
+    again), and ends with both in its summary, its status and its page."""
     import ray
 
     from trainables.cli import main
@@ -619,12 +621,19 @@ def test_a_lost_study_goes_on_from_its_record(ray_local, tmp_path: Path, mlflow_
         kept = next(t for t in summary["trials"] if t["params"]["optim.lr"] == 0.05)
         cut = next(t for t in summary["trials"] if t["params"]["optim.lr"] == 0.02)
         assert kept["status"] == cut["status"] == "finished"
-        # As a session stopped while lr 0.02 was being evaluated leaves it: that trial interrupted, unreported.
+        # As a session stopped while lr 0.02 was being evaluated leaves it: that trial interrupted, unreported,
+        # its last checkpoint the one of its last epoch.
+        from trainables.trial_rows import FINAL_NAME
+
         (study_dir / cut["report"]).unlink()
-        cut.update(status="interrupted", report=None)
+        trained = [c for c in sorted(Path(cut["trial_dir"]).glob("checkpoint_*")) if not (c / FINAL_NAME).exists()]
+        assert trained, list(Path(cut["trial_dir"]).iterdir())
+        cut_worst = cut["robust_acc_worst"]
+        cut.update(status="interrupted", report=None, checkpoint=str(trained[-1]))
         (study_dir / "summary.json").write_text(json.dumps(summary))
-        record = tmp_path / "record"
-        assert main(["export", str(study_dir), "--to", str(record)]) == 0
+        record, carry = tmp_path / "record", tmp_path / "carry"
+        assert main(["export", str(study_dir), "--to", str(record), "--carry", str(carry)]) == 0
+        assert "1 unfinished trial(s) carried" in capsys.readouterr().out
         shutil.rmtree(study_dir)  # the machine is lost
 
         changed = tmp_path / "changed.yaml"
@@ -634,10 +643,11 @@ def test_a_lost_study_goes_on_from_its_record(ray_local, tmp_path: Path, mlflow_
         assert refused.returncode == 2 and "is not the study file the record was made with" in refused.stderr
         assert not list(study_dir.glob("run_trial_*"))
 
-        again = subprocess.run(cmd + ["--from-record", str(record)], cwd=ROOT, env=env, capture_output=True,
-                               text=True, timeout=600)
+        again = subprocess.run(cmd + ["--from-record", str(record), "--carry", str(carry)], cwd=ROOT, env=env,
+                               capture_output=True, text=True, timeout=600)
         assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-        assert "1 trial(s) and 1 session(s) from its record" in again.stderr and "; 1 to run" in again.stderr
+        assert "1 trial(s) and 1 session(s) from its record" in again.stderr and "; 1 to run, 1 of them going on " \
+            "from the state carried" in again.stderr
         assert "finished*" in again.stdout and "* brought in from the study's record" in again.stdout
         trial_dirs = list(study_dir.glob("run_trial_*"))
         assert len(trial_dirs) == 1 and json.loads((trial_dirs[0] / "params.json").read_text())["optim.lr"] == 0.02
@@ -647,6 +657,11 @@ def test_a_lost_study_goes_on_from_its_record(ray_local, tmp_path: Path, mlflow_
         assert rows[0.05]["imported"] and rows[0.05]["trial_id"] == kept["trial_id"]
         assert rows[0.05]["robust_acc_worst"] == kept["robust_acc_worst"]
         assert not rows[0.02].get("imported") and rows[0.02]["trial_id"] != cut["trial_id"]
+        # It went on from its carried checkpoint: no epoch trained again, the same weights evaluated alike.
+        assert rows[0.02]["carried_from"]["trial_id"] == cut["trial_id"]
+        assert [r for r in _results(trial_dirs[0]) if "epoch" in r and "final" not in r] == []
+        assert rows[0.02]["robust_acc_worst"] == cut_worst
+        assert rows[0.02]["train_time_s"] >= cut["train_time_s"] > 0
         assert (study_dir / rows[0.05]["report"]).read_text() == (record / kept["report"]).read_text()
         assert (study_dir / rows[0.02]["report"]).is_file()
         assert final["wall_time_s"] > summary["wall_time_s"]  # the record's session counts

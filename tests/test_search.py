@@ -128,3 +128,5 @@ def test_more_adds_trials_to_a_finished_sweep_with_every_earlier_one_in_view(ray
     with pytest.raises(ValueError, match="one of them"):
         run_study(study, storage=storage, tracking_uri=uri, more=1, resume=True)
     assert _without_more(["sweep", "f.yaml", "--more", "2", "--json"]) == ["sweep", "f.yaml", "--json"]
+    assert _without_more(["ablate", "f.yaml", "--from-record", "r", "--carry=c", "--num-cpus", "1"]) == \
+        ["ablate", "f.yaml", "--num-cpus", "1"]

@@ -12,7 +12,8 @@ published answer ships so that anyone reruns its tests.
 A study folder lives on its machine's disk (or a bucket); a machine that is lost takes it along,
 checkpoints, kept evaluation batches and results together. An export holds no checkpoint (2 MB and
 more each, the trials in progress need them to go on): it is the record of what finished, small
-enough to keep beside the code (a few tens of kB a trial), not a way to resume a trial.
+enough to keep beside the code (a few tens of kB a trial). The trials in progress go on from what
+``--carry DIR`` writes beside it (:mod:`trainables.study_carry`), never into it.
 ``ancra-tune report DIR`` rebuilds the study's page from it alone, and ``ancra-tune export --check
 DIR`` says whether every file is still the one exported.
 
@@ -121,16 +122,38 @@ def record(study_dir: str, study_file: Path | None = None) -> tuple[dict[str, An
     return summary, files
 
 
-def export(study_dir: str, out: Path, *, command: str, study_file: Path | None = None) -> dict[str, Any]:
+def export(study_dir: str, out: Path, *, command: str, study_file: Path | None = None,
+           carry: Path | None = None) -> dict[str, Any]:
     """Write ``study_dir``'s record into ``out`` (see the module); return the manifest written. The
-    study's lock is held meanwhile: a running driver makes it refuse (StudyLockedError)."""
-    from .code_version import running_code, this_machine
-
+    study's lock is held meanwhile: a running driver makes it refuse (StudyLockedError). ``carry``: a
+    folder (not inside ``out``) to write the unfinished trials' state into as well
+    (:mod:`trainables.study_carry`); the manifest's ``_carry`` is the carry's."""
     out = Path(out)
     if not storage_mod.is_uri(study_dir) and not Path(study_dir).is_dir():
         raise ExportError(f"no study folder {study_dir}")
+    if carry is not None and (Path(carry).resolve() == out.resolve() or out.resolve() in Path(carry).resolve().parents
+                              or Path(carry).resolve() in out.resolve().parents):
+        raise ExportError(f"--carry {carry}: a folder of its own, beside the record {out} (not in it): the "
+                          "record is published, the carried checkpoints are not")
     with study_lock(study_dir):
         summary, files = record(study_dir, study_file)
+        if carry is not None:  # before anything is written
+            from .study_carry import check_target
+
+            check_target(Path(carry), summary.get("study"))
+        manifest = _write_record(study_dir, out, summary, files, command)
+        if carry is not None:
+            from .study_carry import export_carry
+
+            manifest["_carry"] = export_carry(study_dir, summary, Path(carry), command=command,
+                                              record_manifest=manifest)
+    return manifest
+
+
+def _write_record(study_dir: str, out: Path, summary: dict[str, Any], files: dict[str, bytes],
+                  command: str) -> dict[str, Any]:
+    from .code_version import running_code, this_machine
+
     old = read_manifest(out) if out.exists() else None
     if old is not None and old.get("study") != summary.get("study"):
         raise ExportError(f"{out} holds the export of study {old.get('study')!r}, not {summary.get('study')!r}: "
@@ -229,13 +252,15 @@ def trial_points(study: Any) -> list[dict[str, Any]]:
     return points
 
 
-def import_record(record_dir: Path, study: Any, study_dir: str) -> dict[str, Any]:
+def import_record(record_dir: Path, study: Any, study_dir: str, carry: Path | None = None) -> dict[str, Any]:
     """Start ``study``'s folder ``study_dir`` (which must hold no session) from its export in
     ``record_dir`` after the folder it was exported from was lost: its evaluated (and diverged)
     trials' rows and reports, and its sessions, are brought in; the study then runs only the
     (configuration, seed) pairs the record does not hold. Only an ablation (a fixed grid), only an
     intact record, and only of the same study file, word for word: the design is not changed on the
-    way. Returns what was imported (``rows``, ``record``)."""
+    way. ``carry``: the unfinished trials' state exported with the record (``export --carry``): their
+    pairs go on from it (:mod:`trainables.study_carry`). Returns what was imported (``rows``,
+    ``record``, ``carried``)."""
     record_dir = Path(record_dir)
     if study.kind != "ablation":
         raise ExportError("--from-record goes on with an ablation (its grid is fixed); a sweep's search is not "
@@ -256,6 +281,12 @@ def import_record(record_dir: Path, study: Any, study_dir: str) -> dict[str, Any
         raise ExportError(f"{study_dir} holds a study already: --from-record starts a folder that was lost "
                           "(--resume goes on with one that is there)")
     summary = json.loads((record_dir / SUMMARY).read_text())
+    done_keys = {point_key(t["params"]) for t in summary.get("trials", []) if t.get("status") in DONE}
+    carried: dict[str, Any] = {}
+    if carry is not None:  # checked (and laid out) before anything of the record is written
+        from .study_carry import import_carry
+
+        carried = import_carry(Path(carry), study, study_dir, manifest, done_keys)
     # Their checkpoints went with the lost folder: named as lost, never as if there.
     rows = [{**t, "checkpoint": None, "lost_checkpoint": t.get("checkpoint")}
             for t in summary.get("trials", []) if t.get("status") in DONE]
@@ -268,7 +299,7 @@ def import_record(record_dir: Path, study: Any, study_dir: str) -> dict[str, Any
     imported = {"record": str(record_dir), "exported_at": manifest.get("exported_at"),
                 "code": manifest.get("code"), "sessions": len(history), "rows": rows}
     storage_mod.write_json(storage_mod.state_path(study_dir, IMPORTED), imported)
-    return imported
+    return {**imported, "carried": carried}
 
 
 def imported_rows(study_dir: str) -> list[dict[str, Any]]:
@@ -277,9 +308,12 @@ def imported_rows(study_dir: str) -> list[dict[str, Any]]:
     return list(raw.get("rows", [])) if isinstance(raw, dict) else []
 
 
-def points_left(study: Any, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The study's (configuration, seed) pairs no imported row holds, in :func:`trial_points`' order."""
+def points_left(study: Any, rows: list[dict[str, Any]], first: set[str] | frozenset[str] = frozenset()
+                ) -> list[dict[str, Any]]:
+    """The study's (configuration, seed) pairs no imported row holds, in :func:`trial_points`' order,
+    the pairs keyed in ``first`` (carried: trials half done) before the rest."""
     from .trial import SEED_KEY
 
     done = {point_key({k: t["params"].get(k) for k in (*study.ablation.grid, SEED_KEY)}) for t in rows}
-    return [q for q in trial_points(study) if point_key(q) not in done]
+    left = [q for q in trial_points(study) if point_key(q) not in done]
+    return sorted(left, key=lambda q: point_key(q) not in first)

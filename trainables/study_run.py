@@ -38,6 +38,7 @@ from .search import build_scheduler, build_searcher, decided_by_scheduler, smoke
 from .stop_relay import Decisions, board_name
 from .storage import join
 from .study import Study
+from .study_carry import carried
 from .study_export import import_record, imported_rows, points_left
 from .study_history import finished_before, study_params, summary_dir, with_other_experiments
 from .study_lock import study_lock
@@ -180,9 +181,11 @@ def build_tuner(study: Study, *, storage: str, smoke_test: bool = False, resume:
                                 callbacks=callbacks)
     # A trial that trains in its own process leaves it warm (torch, the data's imports) for the next.
     reuse = study.resources.train_in_trial
-    left = points_left(study, imported_rows(study_dir)) if study.kind == "ablation" else []
-    if study.kind == "ablation" and len(left) < len(study.grid_points()) * len(study.seeds):
-        # Started from its record (--from-record): only the pairs the record does not hold, each once.
+    half_done = set(carried(study_dir)) if study.kind == "ablation" else set()
+    left = points_left(study, imported_rows(study_dir), first=half_done) if study.kind == "ablation" else []
+    if study.kind == "ablation" and (half_done or len(left) < len(study.grid_points()) * len(study.seeds)):
+        # Started from its record (--from-record): only the pairs the record does not hold, each once,
+        # those whose state was carried (--carry) first.
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
         param_space = {**{k: tune.choice(list(v)) for k, v in study.ablation.grid.items()},
@@ -209,7 +212,7 @@ def run_study(study: Study, *, address: str | None = None, storage: str | None =
               smoke_test: bool = False, num_cpus: int | None = None, wait_for_resources: bool = False,
               tracking_uri: str | None = None, track: bool = True,
               resume_command: str | None = None, verbose: bool = False, more: int | None = None,
-              from_record: Path | None = None) -> dict[str, Any]:
+              from_record: Path | None = None, carry: Path | None = None) -> dict[str, Any]:
     """Run a sweep or an ablation to the end, or until Ctrl+C / SIGTERM; return its summary (also
     written as JSON). An interrupted study says so (summary, MLflow) and is continued by ``--resume``;
     ``--resume`` of a study that finished trains nothing, delivers what an MLflow outage held back and
@@ -220,7 +223,8 @@ def run_study(study: Study, *, address: str | None = None, storage: str | None =
     a finished sweep (an extension experiment in its folder, the sampler seeing every earlier trial
     through the study's Optuna journal, under the same MLflow study run); the summary covers all.
     ``from_record``: an ablation's export (``ancra-tune export``) to go on from where its folder was
-    lost: its evaluated trials are brought in, and only the pairs it does not hold run.
+    lost: its evaluated trials are brought in, and only the pairs it does not hold run. ``carry``: the
+    unfinished trials' state exported beside that record (``export --carry``): they go on from it.
     """
     from ray import tune
 
@@ -244,6 +248,9 @@ def run_study(study: Study, *, address: str | None = None, storage: str | None =
             raise ValueError(f"--more {more}: adds N >= 1 trials to a sweep (an ablation's grid is fixed)")
         if not tune.Tuner.can_restore(study_path):
             raise FileNotFoundError(f"no study to add trials to at {study_path}; run it first")
+    if carry is not None and from_record is None:
+        raise ValueError("--carry brings the unfinished trials' state in with --from-record RECORD (a folder that is "
+                         "there goes on with --resume)")
     if from_record is not None and (resume or more is not None):
         raise ValueError("--from-record starts a lost study's folder from its record; --resume and --more go on "
                          "with a folder that is there: pass one of them")
@@ -264,10 +271,12 @@ def run_study(study: Study, *, address: str | None = None, storage: str | None =
     interruption = Interruption()
     with study_lock(study_path):
         if from_record is not None:
-            imported = import_record(from_record, study, study_path)
+            imported = import_record(from_record, study, study_path, carry=carry)
+            half = (f", {len(imported['carried'])} of them going on from the state carried in {carry}"
+                    if carry is not None else "")
             print(f"study {study.name}: {len(imported['rows'])} trial(s) and {imported['sessions']} session(s) "
                   f"from its record {from_record} (exported {imported['exported_at']}); "
-                  f"{len(points_left(study, imported['rows']))} to run", file=sys.stderr, flush=True)
+                  f"{len(points_left(study, imported['rows']))} to run{half}", file=sys.stderr, flush=True)
         finished = resume and finished_before(study_path, storage, study.name)
         if more is not None and not finished_before(study_path, storage, study.name):
             raise ValueError(f"study {study.name}'s last session did not finish: finish it with --resume, then add "

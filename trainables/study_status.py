@@ -29,6 +29,7 @@ from . import trial_rows as R
 from .progress import EVALUATING, TRAINING, ProgressFile, describe
 from .scheduler import read_state
 from .study import Study
+from .study_carry import TRIAL_MARK, carried
 from .study_export import imported_rows, point_key, trial_points
 from .study_lock import HOLDER_NAME
 from .trial import SEED_KEY
@@ -153,8 +154,12 @@ def trial_status(fs: Any, folder: str, epochs: int, stopped: set[str], rows: lis
     named = TRIAL_FOLDER.match(folder.rstrip("/").rsplit("/", 1)[-1])
     trial_id = next((str(r["trial_id"]) for r in rows if r.get("trial_id")), named.group(1) if named else folder)
     done = [r for r in rows if R.is_epoch(r)]
-    t = TrialStatus(trial_id=trial_id, params=params, state=RUNNING, epochs=len(done),
-                    train_time_s=float(sum(r["epoch_time_s"] for r in done)))
+    # Going on from state carried off a lost machine: the epochs it trained there count too.
+    mark = json.loads(storage.fs_read(fs, f"{folder}/{TRIAL_MARK}") or b"{}")
+    t = TrialStatus(trial_id=trial_id, params=params, state=RUNNING,
+                    epochs=max([int(mark.get("epochs_run") or 0) + len(done)]
+                               + [int(r[R.EPOCH]) for r in done if isinstance(r.get(R.EPOCH), (int, float))]),
+                    train_time_s=float(mark.get("train_time_s") or 0.0) + float(sum(r["epoch_time_s"] for r in done)))
     final = next((r for r in rows if R.is_final(r)), None)
     if final is not None:
         t.state, t.now = EVALUATED, "evaluated"
@@ -194,6 +199,20 @@ def trial_status(fs: Any, folder: str, epochs: int, stopped: set[str], rows: lis
         t.state = FAILED  # unless a driver runs it again (study_status)
         t.now += "; it failed (error.txt in its folder)"
     return t
+
+
+def _waiting(params: dict[str, Any], carried_point: dict[str, Any] | None) -> TrialStatus:
+    """A pair no trial has started yet; ``carried_point``: the state carried for it, if any."""
+    if carried_point is None:
+        return TrialStatus(trial_id=None, params=params, state=WAITING, now="waiting")
+    n = int(carried_point.get("epochs_run") or 0)
+    where = f"{n} epoch(s) done" + (" + part of the next" if carried_point.get("mid_epoch") else "")
+    if carried_point.get("eval_batches"):
+        where += f", {carried_point['eval_batches']} evaluation batch(es) kept"
+    return TrialStatus(trial_id=None, params=params, state=WAITING, epochs=n,
+                       train_time_s=float(carried_point.get("train_time_s") or 0.0),
+                       now=f"waiting; goes on from the state carried from trial {carried_point.get('trial_id')} "
+                           f"({where})")
 
 
 def imported_status(row: dict[str, Any]) -> TrialStatus:
@@ -281,8 +300,10 @@ def study_status(study: Study, storage_root: str) -> StudyStatus:
         brought = [imported_status(r) for r in imported_rows(study_dir)]  # --from-record: before this folder
         trials = brought + trials
         started = {point_key(t.params) for t in trials}
-        trials += [TrialStatus(trial_id=None, params=q, state=WAITING, now="waiting")
-                   for q in trial_points(study) if point_key(q) not in started]  # in the order Tune starts them
+        half_done = carried(study_dir)  # --carry: these start first, from where they were
+        trials += sorted((_waiting(q, half_done.get(point_key(q))) for q in trial_points(study)
+                          if point_key(q) not in started),  # in the order Tune starts them
+                         key=lambda t: point_key(t.params) not in half_done)
     else:
         planned = study.search.num_samples + sum(sessions.extensions(history).values())
     st = StudyStatus(study=study.name, kind=study.kind, study_dir=study_dir, epochs=epochs, driver=driver,

@@ -143,6 +143,10 @@ def _trial_rows(results: Any, study: Study, stopped_by_scheduler: set[str],
             row["inactive"] = sorted(k for k in point if k in unused)
         except Exception:  # noqa: BLE001 (a row is still worth showing)
             row["inactive"] = []
+        mark = carried_mark(res)
+        if mark is not None:  # went on from state carried off a lost machine: its epochs there count too
+            row["carried_from"] = mark
+            row["train_time_s"] += float(mark.get("train_time_s") or 0.0)
         if status == S.DIVERGED:
             row["diverged_epoch"] = metrics.get(R.DIVERGED_EPOCH)
         if last_final is not None:
@@ -164,6 +168,21 @@ def _trial_rows(results: Any, study: Study, stopped_by_scheduler: set[str],
                 row[k] = last_epoch[k]
         rows.append(row)
     return rows
+
+
+def carried_mark(res: Any) -> dict[str, Any] | None:
+    """What a trial went on from when its state was carried off a lost machine
+    (:mod:`trainables.study_carry`): the earlier trial, its epochs and training time; None if not."""
+    from . import storage as storage_mod
+    from .study_carry import TRIAL_MARK, filesystem
+
+    try:
+        fs = getattr(res, "filesystem", None)
+        fs, path = (fs, res.path) if fs is not None else filesystem(res.path)
+        raw = storage_mod.fs_read(fs, f"{path}/{TRIAL_MARK}")
+        return json.loads(raw) if raw else None
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def _tune_checkpoint(res: Any) -> str | None:

@@ -17,6 +17,7 @@ from .search import decided_by_scheduler
 from .stop_relay import board_name
 from .storage import join
 from .study import Study
+from .study_carry import lay_out
 from .tracking import (
     StudyTracking,
     TrialSpec,
@@ -40,6 +41,7 @@ def run_trial(params: dict[str, Any], *, study: Study, storage: str,
 
     trial_start = time.time()
     params = dict(params)
+    point = dict(params)  # the (configuration, seed) pair, as a record or a carry names it
     seed = int(params.pop(SEED_KEY, study.seeds[0]))
     cfg = study.train_config(params, seed)
     r = study.resources
@@ -49,10 +51,14 @@ def run_trial(params: dict[str, Any], *, study: Study, storage: str,
         # Nothing here waits for MLflow: rank 0 finds or creates the run (the driver at the study's
         # end if it never could), so an outage cannot fail the trial.
         mlflow_run = trial_spec(tracking, trial_id, params, seed, cfg)
+    folder = trial_folder()
+    # State carried off a lost machine for this pair (--from-record --carry): laid into the trial's
+    # folder as it first starts; its last epoch's checkpoint is the one to go on from until Tune has one.
+    carried = lay_out(join(storage, study.name), point, folder) if study.kind == "ablation" else None
     plan = TrialPlan(train=cfg, suite=study.suite, objective=study.objective.metrics, modes=study.objective.modes,
                      cpus_per_worker=r.cpus_per_worker, sync_batchnorm=r.sync_batchnorm, mlflow=mlflow_run,
                      # rank 0 tags the trial's run with where each process ran (it alone talks to MLflow)
-                     trial_node=ray.get_runtime_context().get_node_id(), folder=trial_folder())
+                     trial_node=ray.get_runtime_context().get_node_id(), folder=folder, carried=carried)
     if r.train_in_trial:  # one worker: this process trains, Tune restarts it from its checkpoints
         started = time.time()
         final = run_worker(plan, TuneSession(use_gpu=r.gpus_per_worker > 0))

@@ -237,6 +237,9 @@ class TrialPlan:
     # (pyarrow filesystem, path) of the trial's folder in the study's storage: its mid-epoch checkpoint
     # and its evaluation's finished batches are kept there (None: nothing kept between starts)
     folder: tuple[Any, str] | None = None
+    # (pyarrow filesystem, folder) of the last epoch's checkpoint carried off a lost machine
+    # (:mod:`trainables.study_carry`): resumed from while the session has no checkpoint of its own
+    carried: tuple[Any, str] | None = None
 
     KEY = "plan"
 
@@ -298,6 +301,13 @@ def run_worker(plan: TrialPlan, session: Session) -> dict[str, Any]:
     timing[R.TIMING_PREFIX + "setup_s"] = time.time() - timing[R.TIMING_PREFIX + "worker_start"]
     try:
         checkpoint = session.checkpoint()
+        from_carry = checkpoint is None and plan.carried is not None
+        if from_carry:
+            import ray.train
+
+            fs, path = plan.carried
+            checkpoint = ray.train.Checkpoint(path, filesystem=fs)
+            log.info("%s: going on from the checkpoint carried off another machine (%s)", session.name, path)
         if checkpoint is not None:
             with checkpoint.as_directory() as d:
                 if (Path(d) / FINAL_NAME).is_file():
@@ -308,7 +318,11 @@ def run_worker(plan: TrialPlan, session: Session) -> dict[str, Any]:
                     if rank == 0 and recorder is not None:
                         track_final(recorder, Path(d), epochs=cfg.optim.epochs)
                     final = {**final, R.DIVERGED: 0, R.FINAL: 1, R.REPORTED_AT: time.time()}
-                    session.report(final)
+                    if from_carry:  # Tune has no checkpoint of it: the carried one goes with the row
+                        final.pop(R.CHECKPOINT_PATH, None)
+                        session.report(final, checkpoint=Path(d) if rank == 0 else None)
+                    else:
+                        session.report(final)
                     return final
                 trainer.resume(Path(d) / CHECKPOINT_NAME)
                 # The last epoch's state is the run's checkpoint until another epoch ends (also when

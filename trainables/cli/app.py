@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--from-record", type=Path, metavar="FOLDER",
                            help="the study's folder was lost: start it again from its record (ancra-tune export), "
                                 "bringing in its evaluated trials and sessions; only the pairs it lacks run")
+            p.add_argument("--carry", type=Path, metavar="FOLDER",
+                           help="with --from-record: the unfinished trials' state exported beside the record "
+                                "(export --carry): they go on from their last checkpoint and kept batches")
         p.add_argument("--smoke-test", action="store_true", help="one epoch on a few batches, at most two trials")
         p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
         p.add_argument("--wait-for-resources", action="store_true",
@@ -157,8 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("study", nargs="?", help="the study file (its folder under --storage), or the study folder")
     x.add_argument("--to", type=Path, help="the folder to write (new, or an earlier export of the same study)")
     x.add_argument("--storage", help="default: $ANCRA_STORAGE, else runs/studies")
+    x.add_argument("--carry", type=Path, metavar="FOLDER",
+                   help="also write the unfinished trials' state (last checkpoint, mid-epoch checkpoint, kept "
+                        "evaluation batches: MBs) into FOLDER, beside the record: a study whose machine is lost "
+                        "between sessions goes on from it (ablate --from-record RECORD --carry FOLDER)")
     x.add_argument("--check", type=Path, metavar="FOLDER",
-                   help="verify an export instead: every file the one exported (exit 1 if not)")
+                   help="verify an export (or a carry) instead: every file the one exported (exit 1 if not)")
     x.set_defaults(func=_export)
 
     st = sub.add_parser("store", help="snapshot the local (sqlite) MLflow store to the study storage, or restore it "

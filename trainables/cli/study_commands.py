@@ -48,7 +48,8 @@ def _study(args: argparse.Namespace, kind: str) -> int:
                                 smoke_test=args.smoke_test, num_cpus=args.num_cpus,
                                 wait_for_resources=args.wait_for_resources, tracking_uri=args.tracking_uri,
                                 track=not args.no_mlflow, resume_command=resume_command, verbose=args.verbose,
-                                more=getattr(args, "more", None), from_record=getattr(args, "from_record", None))
+                                more=getattr(args, "more", None), from_record=getattr(args, "from_record", None),
+                                carry=getattr(args, "carry", None))
     except (InfeasibleResourcesError, TrackingError, StorageError, StudyLockedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -61,15 +62,15 @@ def _study(args: argparse.Namespace, kind: str) -> int:
     return study_exit_code(summary)
 
 def _without_more(argv: list[str]) -> list[str]:
-    """The command line without ``--more N`` or ``--from-record FOLDER`` (an interrupted extension, or a
-    study started from its record, resumes with ``--resume`` alone)."""
+    """The command line without ``--more N``, ``--from-record FOLDER`` or ``--carry FOLDER`` (an
+    interrupted extension, or a study started from its record, resumes with ``--resume`` alone)."""
     out, skip = [], False
     for a in argv:
         if skip:
             skip = False
-        elif a in ("--more", "--from-record"):
+        elif a in ("--more", "--from-record", "--carry"):
             skip = True
-        elif not a.startswith(("--more=", "--from-record=")):
+        elif not a.startswith(("--more=", "--from-record=", "--carry=")):
             out.append(a)
     return out
 
@@ -227,12 +228,13 @@ def _export(args: argparse.Namespace) -> int:
 
     from ..storage import join, root
     from ..study import load_study
+    from ..study_carry import CARRY_MANIFEST, check_carry, describe_carry
     from ..study_export import ExportError, check, describe, export
     from ..study_lock import StudyLockedError
 
     try:
         if args.check:
-            problems = check(args.check)
+            problems = (check_carry if (Path(args.check) / CARRY_MANIFEST).is_file() else check)(args.check)
             for p in problems:
                 print(f"  {p}", file=sys.stderr)
             print(f"{args.check}: {'intact' if not problems else f'{len(problems)} problem(s)'}",
@@ -249,10 +251,12 @@ def _export(args: argparse.Namespace) -> int:
             study = load_study(args.study)
             study_file, study_dir = study.path, join(root(args.storage), study.name)
         manifest = export(study_dir, args.to, command=shlex.join(["ancra-tune", "export", *sys.argv[2:]]),
-                          study_file=study_file)
+                          study_file=study_file, carry=args.carry)
     except (ExportError, StudyLockedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     print(f"{args.to}: {describe(manifest)}; {manifest['_written']} file(s) written "
           f"({manifest['_changed']} replaced), {len(manifest['_removed'])} removed")
+    if "_carry" in manifest:
+        print(f"{args.carry}: {describe_carry(manifest['_carry'])}")
     return EXIT_DONE
