@@ -193,3 +193,21 @@ def test_status_counts_the_carried_epochs_of_a_waiting_or_running_trial(tmp_path
     # What is left counts only the epochs not trained anywhere: 2 here, 3 for the waiting one.
     left, missing = time_left([t, waiting], {"": RowRates(epochs=4, train_s=400.0)}, 5, None)
     assert not missing and left == (2 + 3) * 100.0
+
+
+def test_a_record_of_no_finished_trial_still_brings_its_sessions_in(tmp_path: Path, capsys) -> None:
+    """Found on table8_mnist: a record whose trials were all in progress brought its session in, and the
+    next session's start forgot it (its wall time lost from the study's)."""
+    from trainables.study_export import was_imported
+
+    folder, study_file = _study(tmp_path)
+    summary = json.loads((folder / "summary.json").read_text())
+    summary["trials"] = summary["trials"][1:]
+    (folder / "summary.json").write_text(json.dumps(summary))
+    record, carry = _export(folder, tmp_path, capsys)
+    new = str(tmp_path / "new" / "demo")
+    assert not was_imported(new)
+    imported = import_record(record, _demo(study_file), new, carry=carry)
+    assert imported["rows"] == [] and imported["sessions"] == 1 and was_imported(new)
+    history = sessions.begin(new, resume=was_imported(new))  # what the study's next session does
+    assert len(history) == 2 and history[0].started == 1000.0 and history[0].ended == 1500.0

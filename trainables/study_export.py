@@ -302,6 +302,12 @@ def import_record(record_dir: Path, study: Any, study_dir: str, carry: Path | No
     return {**imported, "carried": carried}
 
 
+def was_imported(study_dir: str) -> bool:
+    """Whether the study's folder was started from a record (its sessions then go on from the
+    record's, even when no trial of it had finished)."""
+    return isinstance(storage_mod.read_json(storage_mod.state_path(study_dir, IMPORTED)), dict)
+
+
 def imported_rows(study_dir: str) -> list[dict[str, Any]]:
     """The trials' rows the study's folder was started with (:func:`import_record`); [] if none."""
     raw = storage_mod.read_json(storage_mod.state_path(study_dir, IMPORTED))

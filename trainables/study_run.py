@@ -39,7 +39,7 @@ from .stop_relay import Decisions, board_name
 from .storage import join
 from .study import Study
 from .study_carry import carried
-from .study_export import import_record, imported_rows, points_left
+from .study_export import import_record, imported_rows, points_left, was_imported
 from .study_history import finished_before, study_params, summary_dir, with_other_experiments
 from .study_lock import study_lock
 from .summary import summarize, write_ablation_tables
@@ -338,7 +338,9 @@ def _run_locked(study: Study, interruption: Interruption, *, address: str | None
             from .study_status import last_activity
 
             sessions.close_killed(study_path, history, last_activity(study_path, since=history[-1].started))
-        history = sessions.begin(study_path, resume=resume or bool(imported_rows(study_path)),
+        # A folder started from its record goes on with the record's sessions (their wall time counts),
+        # also when none of its trials had finished.
+        history = sessions.begin(study_path, resume=resume or was_imported(study_path),
                                  command=shlex.join(sys.argv), slots=max_concurrent,
                                  experiment=extension, added=added)
     slots = max([s.slots for s in history] or [max_concurrent])  # trials at once, in any session
