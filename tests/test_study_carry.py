@@ -211,3 +211,4 @@ def test_a_record_of_no_finished_trial_still_brings_its_sessions_in(tmp_path: Pa
     assert imported["rows"] == [] and imported["sessions"] == 1 and was_imported(new)
     history = sessions.begin(new, resume=was_imported(new))  # what the study's next session does
     assert len(history) == 2 and history[0].started == 1000.0 and history[0].ended == 1500.0
+

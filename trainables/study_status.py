@@ -184,6 +184,8 @@ def trial_status(fs: Any, folder: str, epochs: int, stopped: set[str], rows: lis
     if p is not None and (p["phase"] == EVALUATING or (p["phase"] == TRAINING and int(p["epoch"]) > t.epochs)):
         t.progress, t.now = p, describe(p)
         if p["phase"] == EVALUATING:
+            # Its training has ended, though Tune may not have written the last epoch's row yet.
+            t.epochs = max(t.epochs, epochs)
             t.eval_s, t.eval_examples = float(p["seconds"]), int(p["examples"])
             t.eval_timed = int(p.get("timed", t.eval_examples))
     elif t.epochs >= epochs:
