@@ -131,6 +131,17 @@ def read_json(path: str) -> Any:
 # Files in a trial's folder of the study's storage, through the pyarrow filesystem Tune gives the
 # trial (a local or shared path, or a bucket): what a stopped trial goes on from.
 
+def filesystem(path: str) -> tuple[Any, str]:
+    """(pyarrow filesystem, path in it) of a local path or a URI."""
+    import os
+
+    import pyarrow.fs
+
+    if is_uri(path):
+        return pyarrow.fs.FileSystem.from_uri(path)
+    return pyarrow.fs.LocalFileSystem(), os.path.abspath(path)
+
+
 def fs_write(fs: Any, path: str, data: bytes) -> None:
     """Replace ``path`` whole (written beside, then moved): a reader never sees a torn file."""
     tmp = path + ".tmp"

@@ -18,16 +18,14 @@ the study has finished.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from . import storage as storage_mod
-from .study_export import DONE, ExportError, point_key
+from .study_export import DONE, ExportError, _sha256, file_problems, point_key, read_json_manifest
 
 CARRY_MANIFEST = "CARRY.json"
 FORMAT = 1
@@ -35,19 +33,6 @@ CARRIED_DIR = "carried"  # under study_state/: the carried files, one folder per
 CARRIED_INDEX = "carried.json"  # under study_state/: point key -> what was carried
 TRIAL_MARK = "carried_from.json"  # in a trial's folder: its carried state was laid there (once)
 CHECKPOINT_DIR, EVAL_DIR = "checkpoint", "eval_batches"
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def filesystem(path: str) -> tuple[Any, str]:
-    """(pyarrow filesystem, path in it) of a local path or a URI."""
-    import pyarrow.fs
-
-    if storage_mod.is_uri(path):
-        return pyarrow.fs.FileSystem.from_uri(path)
-    return pyarrow.fs.LocalFileSystem(), os.path.abspath(path)
 
 
 def _files_under(fs: Any, folder: str) -> dict[str, bytes]:
@@ -75,7 +60,7 @@ def _own_name(path: str | None) -> str | None:
 
 
 def slug(index: int, params: dict[str, Any]) -> str:
-    """A carried pair's folder: its place in the grid and its values, readable."""
+    """A carried pair's folder: its row's place in the summary and its values, readable."""
     parts = [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in sorted(params.items())]
     return f"p{index:02d}_" + "_".join(parts).replace("/", "-").replace(" ", "")
 
@@ -91,7 +76,7 @@ def trial_state(study_dir: str, row: dict[str, Any]) -> dict[str, bytes]:
     trial = _own_name(row.get("trial_dir"))
     if trial is None:
         return {}
-    fs, base = filesystem(storage_mod.join(study_dir, trial))
+    fs, base = storage_mod.filesystem(storage_mod.join(study_dir, trial))
     files: dict[str, bytes] = {}
     checkpoint = _own_name(row.get("checkpoint"))
     if checkpoint is not None:
@@ -104,7 +89,7 @@ def trial_state(study_dir: str, row: dict[str, Any]) -> dict[str, bytes]:
         mark = storage_mod.fs_read(fs, f"{base}/{TRIAL_MARK}")
         got = {}
         if mark is not None:
-            cfs, cbase = filesystem(storage_mod.join(study_dir, storage_mod.STATE_DIR, CARRIED_DIR,
+            cfs, cbase = storage_mod.filesystem(storage_mod.join(study_dir, storage_mod.STATE_DIR, CARRIED_DIR,
                                                      _own_name(json.loads(mark)["folder"]) or ""))
             got = _files_under(cfs, f"{cbase}/{CHECKPOINT_DIR}")
     files.update({f"{CHECKPOINT_DIR}/{k}": v for k, v in got.items()})
@@ -179,15 +164,9 @@ def check_target(out: Path, study: str | None) -> None:
 
 
 def read_carry(folder: Path) -> dict[str, Any] | None:
-    p = Path(folder) / CARRY_MANIFEST
-    if not p.is_file():
-        return None
-    try:
-        data = json.loads(p.read_text())
-    except ValueError as e:
-        raise ExportError(f"{p} is not a carry's manifest ({e})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("points"), dict):
-        raise ExportError(f"{p} is not a carry's manifest (no points)")
+    data = read_json_manifest(Path(folder) / CARRY_MANIFEST, "a carry", "points")
+    if data is not None and not isinstance(data["points"], dict):
+        raise ExportError(f"{Path(folder) / CARRY_MANIFEST} is not a carry's manifest (no points)")
     return data
 
 
@@ -203,14 +182,11 @@ def check_carry(folder: Path) -> list[str]:
         if _own_name(name) != name:
             problems.append(f"{name}: not a carried pair's folder")
             continue
-        for rel, want in point.get("files", {}).items():
-            p = folder / name / rel
-            if ".." in Path(rel).parts or Path(rel).is_absolute():
-                problems.append(f"{name}/{rel}: a path out of the carry")
-            elif not p.is_file():
-                problems.append(f"{name}/{rel}: missing")
-            elif _sha256(p.read_bytes()) != want["sha256"]:
-                problems.append(f"{name}/{rel}: changed since it was carried")
+        files = point.get("files", {})
+        outside = [rel for rel in files if ".." in Path(rel).parts or Path(rel).is_absolute()]
+        problems += [f"{name}/{rel}: a path out of the carry" for rel in outside]
+        problems += file_problems(folder / name, {k: v for k, v in files.items() if k not in outside},
+                                  "carried", prefix=f"{name}/")
     return problems
 
 
@@ -256,7 +232,7 @@ def import_carry(carry_dir: Path, study: Any, study_dir: str, record_manifest: d
         if key in done:
             continue
         dest = storage_mod.join(study_dir, storage_mod.STATE_DIR, CARRIED_DIR, name)
-        fs, base = filesystem(dest)
+        fs, base = storage_mod.filesystem(dest)
         for rel in point["files"]:
             fs.create_dir(f"{base}/{rel}".rsplit("/", 1)[0], recursive=True)
             storage_mod.fs_write(fs, f"{base}/{rel}", (carry_dir / name / rel).read_bytes())
@@ -286,7 +262,7 @@ def lay_out(study_dir: str, params: dict[str, Any], trial: tuple[Any, str] | Non
 
     from .trial_eval import EVAL_BATCHES
 
-    fs, base = filesystem(storage_mod.join(study_dir, storage_mod.STATE_DIR, CARRIED_DIR, point["folder"]))
+    fs, base = storage_mod.filesystem(storage_mod.join(study_dir, storage_mod.STATE_DIR, CARRIED_DIR, point["folder"]))
     if trial is not None:
         tfs, folder = trial
         if not storage_mod.fs_exists(tfs, f"{folder}/{TRIAL_MARK}"):

@@ -71,17 +71,36 @@ def _report_path(rel: str) -> str:
     return str(rel)
 
 
-def read_manifest(folder: Path) -> dict[str, Any] | None:
-    p = Path(folder) / MANIFEST
+def read_json_manifest(p: Path, what: str, key: str) -> dict[str, Any] | None:
+    """The manifest at ``p`` (None if there is none); one that is not JSON, or lacks ``key``, is
+    refused as not ``what``'s."""
     if not p.is_file():
         return None
     try:
         data = json.loads(p.read_text())
     except ValueError as e:
-        raise ExportError(f"{p} is not an export's manifest ({e})") from None
-    if not isinstance(data, dict) or "files" not in data:
-        raise ExportError(f"{p} is not an export's manifest (no file list)")
+        raise ExportError(f"{p} is not {what}'s manifest ({e})") from None
+    if not isinstance(data, dict) or key not in data:
+        raise ExportError(f"{p} is not {what}'s manifest (no {key})")
     return data
+
+
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    return read_json_manifest(Path(folder) / MANIFEST, "an export", "files")
+
+
+def file_problems(folder: Path, files: dict[str, Any], verb: str, prefix: str = "") -> list[str]:
+    """Each file of ``files`` (path under ``folder`` -> its ``bytes`` and ``sha256``) that is missing
+    or differs, named with ``prefix``; ``verb``: how it was written (exported, carried)."""
+    problems = []
+    for rel, want in files.items():
+        p = folder / rel
+        if not p.is_file():
+            problems.append(f"{prefix}{rel}: missing")
+        elif _sha256(p.read_bytes()) != want["sha256"]:
+            problems.append(f"{prefix}{rel}: changed since it was {verb} ({p.stat().st_size} bytes, "
+                            f"{want['bytes']} {verb})")
+    return problems
 
 
 def record(study_dir: str, study_file: Path | None = None) -> tuple[dict[str, Any], dict[str, bytes]]:
@@ -200,14 +219,7 @@ def check(folder: Path) -> list[str]:
     manifest = read_manifest(folder)
     if manifest is None:
         raise ExportError(f"{folder} holds no {MANIFEST}: not an export (ancra-tune export STUDY --to {folder})")
-    problems = []
-    for rel, want in manifest["files"].items():
-        p = folder / rel
-        if not p.is_file():
-            problems.append(f"{rel}: missing")
-        elif _sha256(p.read_bytes()) != want["sha256"]:
-            problems.append(f"{rel}: changed since it was exported ({p.stat().st_size} bytes, "
-                            f"{want['bytes']} exported)")
+    problems = file_problems(folder, manifest["files"], "exported")
     try:
         summary = json.loads((folder / SUMMARY).read_text()) if (folder / SUMMARY).is_file() else {}
     except ValueError:

@@ -83,14 +83,6 @@ class StudyStatus:
         return {**asdict(self), "counts": self.counts()}
 
 
-def _filesystem(path: str) -> tuple[Any, str]:
-    import pyarrow.fs
-
-    if storage.is_uri(path):
-        return pyarrow.fs.FileSystem.from_uri(path)
-    return pyarrow.fs.LocalFileSystem(), os.path.abspath(path)
-
-
 def _trial_folders(fs: Any, study_dir: str) -> list[str]:
     """The study's trial folders, its extensions' (``more-<k>/``) included, in creation order."""
     import pyarrow.fs
@@ -261,7 +253,7 @@ def last_activity(study_dir: str, since: float) -> float | None:
 
     from .trial_eval import EVAL_BATCHES
 
-    fs, path = _filesystem(study_dir)
+    fs, path = storage.filesystem(study_dir)
     seen: list[float] = []
     for folder in _trial_folders(fs, path):
         seen += [float(r[R.REPORTED_AT]) for r in _json_lines(fs, f"{folder}/result.json")
@@ -279,7 +271,7 @@ def last_activity(study_dir: str, since: float) -> float | None:
 def study_status(study: Study, storage_root: str) -> StudyStatus:
     """Where ``study`` (in ``storage_root``) stands now, from its folder."""
     study_dir = storage.join(storage_root, study.name)
-    fs, path = _filesystem(study_dir)
+    fs, path = storage.filesystem(study_dir)
     history = sessions.load(study_dir)
     state = read_state(study_dir) or {}
     stopped = set(state.get("stopped", ()))
