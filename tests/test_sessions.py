@@ -54,7 +54,8 @@ def test_a_killed_session_ends_at_its_trials_last_trace_not_their_last_result(tm
     import os
 
     from trainables.progress import ProgressFile
-    from trainables.study_status import _filesystem, last_activity
+    from trainables.storage import filesystem
+    from trainables.study_status import last_activity
 
     t0 = 1_700_000_000.0
     study = tmp_path / "s"
@@ -67,7 +68,7 @@ def test_a_killed_session_ends_at_its_trials_last_trace_not_their_last_result(tm
     (b / "eval_batches").mkdir()
     (b / "eval_batches" / "batch_00000.pt").write_bytes(b"x")
     os.utime(b / "eval_batches" / "batch_00000.pt", (t0 + 300, t0 + 300))
-    ProgressFile(*_filesystem(str(a))).write(phase="training", epoch=1, epochs=2, step=3, steps=9)
+    ProgressFile(*filesystem(str(a))).write(phase="training", epoch=1, epochs=2, step=3, steps=9)
     os.utime(a / "trial_progress.json", (t0 + 150, t0 + 150))  # the note's own time is inside it
     assert last_activity(str(study), since=t0) > t0 + 300  # the progress note was written just now
     (a / "trial_progress.json").unlink()
