@@ -59,6 +59,23 @@ def _own_name(path: str | None) -> str | None:
     return name
 
 
+def read_mark(fs: Any, folder: str) -> dict[str, Any] | None:
+    """The mark a trial's folder holds when carried state was laid into it (:func:`lay_out`): the
+    carried folder, the earlier trial's epochs, training time, ...; None when there is none. A mark
+    that is not such a dict raises ExportError naming the file (it is written whole, so only a hand
+    edit or a damaged disk makes one)."""
+    raw = storage_mod.fs_read(fs, f"{folder}/{TRIAL_MARK}")
+    if raw is None:
+        return None
+    try:
+        mark = json.loads(raw)
+    except ValueError as e:
+        raise ExportError(f"{folder}/{TRIAL_MARK} is not JSON ({e})") from None
+    if not isinstance(mark, dict):
+        raise ExportError(f"{folder}/{TRIAL_MARK} is not a carried-state mark")
+    return mark
+
+
 def slug(index: int, params: dict[str, Any]) -> str:
     """A carried pair's folder: its row's place in the summary and its values, readable."""
     parts = [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in sorted(params.items())]
@@ -86,11 +103,13 @@ def trial_state(study_dir: str, row: dict[str, Any]) -> dict[str, bytes]:
     else:
         # A trial that went on from carried state and stopped before an epoch of its own ended: its
         # last epoch's checkpoint is still the carried one.
-        mark = storage_mod.fs_read(fs, f"{base}/{TRIAL_MARK}")
+        mark = read_mark(fs, base)
         got = {}
         if mark is not None:
+            if not isinstance(mark.get("folder"), str):
+                raise ExportError(f"{base}/{TRIAL_MARK} names no carried folder")
             cfs, cbase = storage_mod.filesystem(storage_mod.join(study_dir, storage_mod.STATE_DIR, CARRIED_DIR,
-                                                     _own_name(json.loads(mark)["folder"]) or ""))
+                                                     _own_name(mark["folder"]) or ""))
             got = _files_under(cfs, f"{cbase}/{CHECKPOINT_DIR}")
     files.update({f"{CHECKPOINT_DIR}/{k}": v for k, v in got.items()})
     partial = storage_mod.fs_read(fs, f"{base}/{PARTIAL_NAME}")
@@ -284,4 +303,4 @@ def lay_out(study_dir: str, params: dict[str, Any], trial: tuple[Any, str] | Non
 
 
 __all__ = ["CARRY_MANIFEST", "carried", "check_carry", "describe_carry", "export_carry", "import_carry",
-           "lay_out", "read_carry"]
+           "lay_out", "read_carry", "read_mark"]

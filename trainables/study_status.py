@@ -29,7 +29,7 @@ from . import trial_rows as R
 from .progress import EVALUATING, TRAINING, ProgressFile, describe
 from .scheduler import read_state
 from .study import Study
-from .study_carry import TRIAL_MARK, carried
+from .study_carry import carried, read_mark
 from .study_export import imported_rows, point_key, trial_points
 from .study_lock import HOLDER_NAME
 from .trial import SEED_KEY
@@ -147,7 +147,18 @@ def trial_status(fs: Any, folder: str, epochs: int, stopped: set[str], rows: lis
     trial_id = next((str(r["trial_id"]) for r in rows if r.get("trial_id")), named.group(1) if named else folder)
     done = [r for r in rows if R.is_epoch(r)]
     # Going on from state carried off a lost machine: the epochs it trained there count too.
-    mark = json.loads(storage.fs_read(fs, f"{folder}/{TRIAL_MARK}") or b"{}")
+    try:
+        mark = read_mark(fs, folder) or {}
+    except ValueError as e:  # status still answers; the trial says what it could not read
+        t = _trial_status(fs, folder, epochs, stopped, rows, batch_size, trial_id, params, done, {})
+        t.now += f"; its epochs before a carry are not counted: {e}"
+        return t
+    return _trial_status(fs, folder, epochs, stopped, rows, batch_size, trial_id, params, done, mark)
+
+
+def _trial_status(fs: Any, folder: str, epochs: int, stopped: set[str], rows: list[dict[str, Any]],
+                  batch_size: int | None, trial_id: str, params: dict[str, Any], done: list[dict[str, Any]],
+                  mark: dict[str, Any]) -> TrialStatus:
     t = TrialStatus(trial_id=trial_id, params=params, state=RUNNING,
                     epochs=max([int(mark.get("epochs_run") or 0) + len(done)]
                                + [int(r[R.EPOCH]) for r in done if isinstance(r.get(R.EPOCH), (int, float))]),

@@ -174,13 +174,12 @@ def carried_mark(res: Any) -> dict[str, Any] | None:
     """What a trial went on from when its state was carried off a lost machine
     (:mod:`trainables.study_carry`): the earlier trial, its epochs and training time; None if not."""
     from . import storage as storage_mod
-    from .study_carry import TRIAL_MARK
+    from .study_carry import read_mark
 
     try:
         fs = getattr(res, "filesystem", None)
         fs, path = (fs, res.path) if fs is not None else storage_mod.filesystem(res.path)
-        raw = storage_mod.fs_read(fs, f"{path}/{TRIAL_MARK}")
-        return json.loads(raw) if raw else None
+        return read_mark(fs, path)
     except (OSError, ValueError, TypeError):
         return None
 
