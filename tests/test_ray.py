@@ -513,8 +513,9 @@ def _two_trial_cli(tmp_path: Path, name: str, *, epochs: int, storage: Path, tra
                "--num-cpus", "1", "--tracking-uri", tracking_uri]  # one trial at a time
 
 
+# CI runs test_study_end's Ctrl+C-then-resume study instead (the same path: test_guard checks that
+# SIGTERM and SIGINT take it alike); ANCRA_RUN_SLOW=1 runs this one too.
 @pytest.mark.slow
-@pytest.mark.ci
 def test_interrupted_study_resumes_each_trial_once(ray_local, tmp_path: Path, mlflow_server: str) -> None:
     """Interrupt a study with SIGTERM (what `ray job stop` and schedulers send; Ctrl+C takes the same
     path) after its first trial ends: it is reported as interrupted (summary, parent run, the resume
@@ -831,6 +832,7 @@ def test_a_full_disk_stops_the_study_and_resume_finishes_it(ray_local, tmp_path:
         init_ray(None, num_cpus=2)
 
 
+@pytest.mark.slow  # the mid-epoch crash test below restarts such a trial too, and runs everywhere
 def test_crashed_in_process_trial_restarts_from_its_checkpoint(ray_local, tmp_path: Path) -> None:
     """Tune's FailureConfig restarts a trial that trains in its own process from its last epoch's
     checkpoint; the weights equal an uninterrupted run's, each epoch is reported once."""

@@ -72,14 +72,28 @@ def _epochs_reported(study_dir: Path) -> dict[str, int]:
     return out
 
 
-def _start_and_stop(cmd: list[str], study_dir: Path, how: signal.Signals) -> subprocess.CompletedProcess:
-    """Run the study until its second trial has reported an epoch, then send ``how`` to the driver."""
+def _evaluated(study_dir: Path) -> int:
+    """Trials whose evaluation has been reported (their result's ``final`` row)."""
+    n = 0
+    for p in study_dir.glob("run_trial_*/result.json"):
+        for line in p.read_text().splitlines():
+            try:
+                n += json.loads(line).get("final") == 1
+            except ValueError:  # empty, or a line Tune is writing now
+                pass
+    return n
+
+
+def _start_and_stop(cmd: list[str], study_dir: Path, how: signal.Signals,
+                    evaluated: int = 0) -> subprocess.CompletedProcess:
+    """Run the study until its second trial has reported an epoch and ``evaluated`` trials have been
+    evaluated, then send ``how`` to the driver."""
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             preexec_fn=_default_sigint)
     deadline = time.time() + 300
     while time.time() < deadline:
         time.sleep(0.3)
-        if sum(n > 0 for n in _epochs_reported(study_dir).values()) >= 2:
+        if sum(n > 0 for n in _epochs_reported(study_dir).values()) >= 2 and _evaluated(study_dir) >= evaluated:
             break
         assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
     else:
@@ -144,11 +158,15 @@ def _assert_ended_as_uninterrupted(study_dir: Path, uri: str, name: str, summary
 def test_ctrl_c_then_resume_ends_as_an_uninterrupted_study(tmp_path: Path, mlflow_server: str) -> None:
     name = "ctrl_c"
     study_dir, cmd = _sweep(tmp_path, name, mlflow_server)
-    first = _start_and_stop(cmd, study_dir, signal.SIGINT)
+    first = _start_and_stop(cmd, study_dir, signal.SIGINT, evaluated=1)
     assert first.returncode == 130, first.stdout[-3000:]
     assert "interrupted (SIGINT)" in first.stdout and "--resume" in first.stdout
     stopped = json.loads((study_dir / "summary.json").read_text())
     assert stopped["outcome"] == "interrupted"
+    # What had ended before the stop (finished, or stopped by ASHA) is not run again by --resume.
+    ended = {t["trial_dir"]: Path(t["trial_dir"], "result.json").read_text() for t in stopped["trials"]
+             if t["status"] in ("finished", "stopped")}
+    assert ended, stopped["status_counts"]
     # Between the sessions `ancra-tune status` tells the same story from the folder alone.
     status = _status(tmp_path)
     assert status["driver"] is None and status["sessions"] == 1 and status["planned"] == 6
@@ -174,6 +192,7 @@ def test_ctrl_c_then_resume_ends_as_an_uninterrupted_study(tmp_path: Path, mlflo
     assert summary == json.loads((study_dir / "summary.json").read_text())
     assert "epoch" in again.stderr and summary["sessions"] == 2
     _assert_ended_as_uninterrupted(study_dir, mlflow_server, name, summary)
+    assert {d: Path(d, "result.json").read_text() for d in ended} == ended
     status = _status(tmp_path)
     assert status["counts"]["waiting"] == status["counts"]["unfinished"] == 0 and status["sessions"] == 2
     assert status["counts"]["evaluated"] == summary["status_counts"]["finished"]
