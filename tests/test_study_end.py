@@ -63,25 +63,26 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def _epochs_reported(study_dir: Path) -> dict[str, int]:
-    out = {}
-    for td in study_dir.glob("run_trial_*"):
-        p = td / "result.json"
-        rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
-        out[td.name] = sum("epoch_time_s" in r for r in rows)
+def _rows(trial_dir: Path) -> list[dict]:
+    """A trial's results (its ``result.json``), read while Tune may be writing it: an empty file or
+    a line being written is left out."""
+    p = trial_dir / "result.json"
+    out = []
+    for line in (p.read_text().splitlines() if p.exists() else []):
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            pass
     return out
+
+
+def _epochs_reported(study_dir: Path) -> dict[str, int]:
+    return {td.name: sum("epoch_time_s" in r for r in _rows(td)) for td in study_dir.glob("run_trial_*")}
 
 
 def _evaluated(study_dir: Path) -> int:
     """Trials whose evaluation has been reported (their result's ``final`` row)."""
-    n = 0
-    for p in study_dir.glob("run_trial_*/result.json"):
-        for line in p.read_text().splitlines():
-            try:
-                n += json.loads(line).get("final") == 1
-            except ValueError:  # empty, or a line Tune is writing now
-                pass
-    return n
+    return sum(any(r.get("final") == 1 for r in _rows(td)) for td in study_dir.glob("run_trial_*"))
 
 
 def _start_and_stop(cmd: list[str], study_dir: Path, how: signal.Signals,

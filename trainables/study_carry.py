@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from . import storage as storage_mod
-from .study_export import DONE, ExportError, _sha256, file_problems, point_key, read_json_manifest
+from .study_export import DONE, ExportError, file_problems, point_key, read_json_manifest, sha256_of
 
 CARRY_MANIFEST = "CARRY.json"
 FORMAT = 1
@@ -146,7 +146,7 @@ def export_carry(study_dir: str, summary: dict[str, Any], out: Path, *, command:
             "checkpoint": any(k.startswith(CHECKPOINT_DIR + "/") for k in state),
             "mid_epoch": PARTIAL_NAME in state,
             "eval_batches": sum(1 for k in state if k.startswith(EVAL_DIR + "/batch_")),
-            "files": {k: {"bytes": len(v), "sha256": _sha256(v)} for k, v in sorted(state.items())},
+            "files": {k: {"bytes": len(v), "sha256": sha256_of(v)} for k, v in sorted(state.items())},
         }
     shutil.rmtree(out, ignore_errors=True)  # only an earlier carry of this study (checked above)
     out.mkdir(parents=True)
@@ -239,7 +239,7 @@ def import_carry(carry_dir: Path, study: Any, study_dir: str, record_manifest: d
     if manifest.get("study") != study.name:
         raise ExportError(f"{carry_dir} carries study {manifest.get('study')!r}, not {study.name!r}")
     rec = manifest.get("record") or {}
-    if rec.get("study_file_sha256") != _sha256(Path(study.path).read_bytes()):
+    if rec.get("study_file_sha256") != sha256_of(Path(study.path).read_bytes()):
         raise ExportError(f"{carry_dir} was carried from a study made with another study file than {study.path}")
     if rec.get("summary_sha256") != (record_manifest.get("files", {}).get("summary.json") or {}).get("sha256"):
         raise ExportError(f"{carry_dir} was carried beside another export of the record (exported "

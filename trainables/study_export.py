@@ -46,7 +46,7 @@ class ExportError(ValueError):
     """The study cannot be exported (yet), or the folder is not its export; the message says why."""
 
 
-def _sha256(data: bytes) -> str:
+def sha256_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
@@ -97,7 +97,7 @@ def file_problems(folder: Path, files: dict[str, Any], verb: str, prefix: str = 
         p = folder / rel
         if not p.is_file():
             problems.append(f"{prefix}{rel}: missing")
-        elif _sha256(p.read_bytes()) != want["sha256"]:
+        elif sha256_of(p.read_bytes()) != want["sha256"]:
             problems.append(f"{prefix}{rel}: changed since it was {verb} ({p.stat().st_size} bytes, "
                             f"{want['bytes']} {verb})")
     return problems
@@ -205,7 +205,7 @@ def _write_record(study_dir: str, out: Path, summary: dict[str, Any], files: dic
         "outcome": summary.get("outcome"), "sessions": summary.get("sessions"),
         "wall_time_s": summary.get("wall_time_s"), "trials": counts,
         "evaluated": sum(1 for t in summary.get("trials", []) if t.get("report")),
-        "files": {rel: {"bytes": len(data), "sha256": _sha256(data)} for rel, data in sorted(files.items())},
+        "files": {rel: {"bytes": len(data), "sha256": sha256_of(data)} for rel, data in sorted(files.items())},
     }
     _write(out / MANIFEST, (json.dumps(manifest, indent=1, default=str) + "\n").encode())
     manifest["_written"], manifest["_changed"], manifest["_removed"] = written, changed, removed

@@ -141,24 +141,24 @@ def trial_status(fs: Any, folder: str, epochs: int, stopped: set[str], rows: lis
                  batch_size: int | None = None) -> TrialStatus:
     """One started trial, from its folder and its results (``rows``, its ``result.json``);
     ``batch_size``: its evaluation's batches (the study's suite)."""
+    # Going on from state carried off a lost machine: the epochs it trained there count too.
+    try:
+        mark, unread = read_mark(fs, folder) or {}, None
+    except ValueError as e:  # status still answers; the trial says what it could not read
+        mark, unread = {}, e
+    t = _trial_status(fs, folder, epochs, stopped, rows, batch_size, mark)
+    if unread is not None:
+        t.now += f"; its epochs before a carry are not counted: {unread}"
+    return t
+
+
+def _trial_status(fs: Any, folder: str, epochs: int, stopped: set[str], rows: list[dict[str, Any]],
+                  batch_size: int | None, mark: dict[str, Any]) -> TrialStatus:
     raw = storage.fs_read(fs, f"{folder}/params.json")
     params = json.loads(raw) if raw else {}
     named = TRIAL_FOLDER.match(folder.rstrip("/").rsplit("/", 1)[-1])
     trial_id = next((str(r["trial_id"]) for r in rows if r.get("trial_id")), named.group(1) if named else folder)
     done = [r for r in rows if R.is_epoch(r)]
-    # Going on from state carried off a lost machine: the epochs it trained there count too.
-    try:
-        mark = read_mark(fs, folder) or {}
-    except ValueError as e:  # status still answers; the trial says what it could not read
-        t = _trial_status(fs, folder, epochs, stopped, rows, batch_size, trial_id, params, done, {})
-        t.now += f"; its epochs before a carry are not counted: {e}"
-        return t
-    return _trial_status(fs, folder, epochs, stopped, rows, batch_size, trial_id, params, done, mark)
-
-
-def _trial_status(fs: Any, folder: str, epochs: int, stopped: set[str], rows: list[dict[str, Any]],
-                  batch_size: int | None, trial_id: str, params: dict[str, Any], done: list[dict[str, Any]],
-                  mark: dict[str, Any]) -> TrialStatus:
     t = TrialStatus(trial_id=trial_id, params=params, state=RUNNING,
                     epochs=max([int(mark.get("epochs_run") or 0) + len(done)]
                                + [int(r[R.EPOCH]) for r in done if isinstance(r.get(R.EPOCH), (int, float))]),
