@@ -8,6 +8,7 @@ generator seeded from (seed, epoch) so that a resumed run sees the same batches.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -49,6 +50,14 @@ class ArrayData:
 
     def subset(self, idx: Tensor) -> ArrayData:
         return ArrayData(self.images[idx], self.labels[idx])
+
+    def digest(self) -> str:
+        """SHA-256 of the images (with their shape) and labels, in order: the same examples give the
+        same digest wherever they were read from."""
+        h = hashlib.sha256(repr((tuple(self.images.shape), tuple(self.labels.shape))).encode())
+        h.update(self.images.contiguous().numpy().tobytes())
+        h.update(self.labels.to(torch.int64).contiguous().numpy().tobytes())
+        return h.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ shards batches by rank; metrics and checkpoints leave through :class:`Callback`.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -122,11 +123,20 @@ class PartialFile(PartialStore):
         self.path.unlink(missing_ok=True)
 
 
-def _training_part(cfg: TrainConfig) -> dict[str, Any]:
-    """What decides the weights an epoch trains (a mid-epoch checkpoint resumes only under it)."""
+# Where the data was read from, not what it is: a checkpoint that records its training data's digest
+# resumes wherever the same data lives (another machine, another folder).
+_DATA_LOCATION = ("root", "train_file", "test_file")
+
+
+def _training_part(cfg: TrainConfig, located: bool = True) -> dict[str, Any]:
+    """What decides the weights an epoch trains (a mid-epoch checkpoint resumes only under it);
+    ``located=False``: without the data's location (its digest stands for it)."""
     d = cfg.to_dict()
-    return {"method": resolved_method(cfg.method), **{k: d[k] for k in ("data", "model", "attack", "optim",
+    part = {"method": resolved_method(cfg.method), **{k: d[k] for k in ("data", "model", "attack", "optim",
                                                                           "seed", "precision")}}
+    if not located:
+        part["data"] = {k: v for k, v in part["data"].items() if k not in _DATA_LOCATION}
+    return part
 
 
 def resolve_device(name: str) -> torch.device:
@@ -181,13 +191,35 @@ class Trainer:
         # The mid-epoch checkpoint (config.checkpoint_every_s): rank 0 writes it, every rank reads it.
         self.partial = partial if partial is not None else PartialFile(self.out_dir / PARTIAL_NAME)
         self._partial_state: dict[str, Any] | None = None  # what resume_partial loaded, for start_epoch
+        self._data_digest: str | None = None
 
     # ----------------------------------------------------------------- state
 
+    @property
+    def data_digest(self) -> str:
+        """The training split's digest (:meth:`ArrayData.digest`), computed once."""
+        if self._data_digest is None:
+            self._data_digest = self.splits.train.digest()
+        return self._data_digest
+
+    def _data_differs(self, state: dict[str, Any]) -> str | None:
+        """Why the data of a checkpoint's ``state`` is not this run's, or None. With its digest (written
+        since checkpoints record one) the data may have moved; without, it must be where it was."""
+        saved = TrainConfig.from_dict(state["config"]).data
+        if "data_digest" not in state:
+            return None if saved == self.cfg.data else "its data settings differ"
+        where = {k: getattr(saved, k) for k in _DATA_LOCATION}
+        if dataclasses.replace(saved, **{k: getattr(self.cfg.data, k) for k in _DATA_LOCATION}) != self.cfg.data:
+            return "its data settings differ"
+        if state["data_digest"] != self.data_digest:
+            return (f"its training data differs from this run's (read then from {where}, now from "
+                    f"{ {k: getattr(self.cfg.data, k) for k in _DATA_LOCATION} })")
+        return None
+
     def state_dict(self, epoch: int) -> dict[str, Any]:
         return {"epoch": epoch, "config": self.cfg.to_dict(), "data_info": data_info_to_dict(self.splits.info),
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "history": self.history}
+                "data_digest": self.data_digest, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "history": self.history}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -202,9 +234,11 @@ class Trainer:
             return False
         state = load_checkpoint(p, map_location=self.device)
         saved = TrainConfig.from_dict(state["config"])
-        if saved.model != self.cfg.model or saved.data != self.cfg.data or \
-                resolved_method(saved.method) != resolved_method(self.cfg.method):
+        if saved.model != self.cfg.model or resolved_method(saved.method) != resolved_method(self.cfg.method):
             raise ValueError(f"{p} was written by a different configuration; refusing to resume from it")
+        why = self._data_differs(state)
+        if why is not None:
+            raise ValueError(f"{p} was written by a different configuration ({why}); refusing to resume from it")
         self.load_state_dict(state)
         log.info("resumed from %s at epoch %d", p, self.start_epoch)
         return True
@@ -223,8 +257,11 @@ class Trainer:
             why = f"it is of epoch {int(state.get('epoch', -1)) + 1}, the run resumes at epoch {self.start_epoch + 1}"
         elif int(state.get("world_size", 0)) != self.world_size:
             why = f"it was written by {state.get('world_size')} worker(s), this run has {self.world_size}"
-        elif _training_part(TrainConfig.from_dict(state["config"])) != _training_part(self.cfg):
+        elif (_training_part(TrainConfig.from_dict(state["config"]), located="data_digest" not in state)
+              != _training_part(self.cfg, located="data_digest" not in state)):
             why = "it was written by a different configuration"
+        elif self._data_differs(state) is not None:
+            why = f"it was written by a different configuration ({self._data_differs(state)})"
         if why is not None:
             log.warning("mid-epoch checkpoint %s ignored: %s", self.partial, why)
             return False
@@ -249,7 +286,8 @@ class Trainer:
         if self.rank != 0:
             return
         self.partial.save({"epoch": epoch, "step": step, "world_size": self.world_size,
-                           "config": self.cfg.to_dict(), "model": self.model.state_dict(),
+                           "config": self.cfg.to_dict(), "data_digest": self.data_digest,
+                           "model": self.model.state_dict(),
                            "optimizer": self.optimizer.state_dict(), "history": self.history,
                            "ranks": ranks, "steps": steps, "images": images, "elapsed": elapsed})
 

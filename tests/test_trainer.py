@@ -364,6 +364,70 @@ def test_resume_refuses_a_different_configuration(tmp_path: Path) -> None:
         other.resume()
 
 
+def _npz(path: Path, splits, *, flip_label: bool = False) -> Path:
+    """The digits' training examples as an npz file (what a study reads with ``data.train_file``)."""
+    import numpy as np
+
+    images = splits.train.images.permute(0, 2, 3, 1).numpy()
+    labels = splits.train.labels.numpy().copy()
+    if flip_label:
+        labels[7] = (labels[7] + 1) % 10
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, images=images, labels=labels)
+    return path
+
+
+@pytest.mark.parametrize("mid_epoch", [False, True])
+def test_a_checkpoint_resumes_where_its_data_moved_but_not_on_other_data(tmp_path: Path, mid_epoch: bool) -> None:
+    """A checkpoint records its training data's digest: the same examples read from another folder
+    (a study carried to another machine) resume; a file there that differs by one label does not.
+    A checkpoint without a digest (written before) still needs the data where it was."""
+    splits = load_dataset(_cfg(tmp_path).data)
+    here, there = _npz(tmp_path / "a" / "train.npz", splits), _npz(tmp_path / "b" / "train.npz", splits)
+    other = _npz(tmp_path / "c" / "train.npz", splits, flip_label=True)
+    kw = {"data.dataset": "npz", "data.val_size": 0, "data.train_limit": 256, "optim.epochs": 2}
+    if mid_epoch:
+        kw["checkpoint_every_s"] = 1e-9
+    run = tmp_path / "run"
+    first = Trainer(_cfg(run, **kw, **{"data.train_file": str(here)}),
+                    partial=_KilledAfter(run / PARTIAL_NAME, 1) if mid_epoch else None,
+                    callbacks=[] if mid_epoch else [_KillAfterEpoch(0)])
+    with pytest.raises(KeyboardInterrupt):
+        first.fit()
+    name = PARTIAL_NAME if mid_epoch else "checkpoint.pt"
+    state = torch.load(run / name, weights_only=True)
+    assert state["data_digest"] == first.splits.train.digest()
+
+    def resumes(train_file: Path) -> bool:
+        t = Trainer(_cfg(run, **kw, **{"data.train_file": str(train_file)}))
+        return t.resume_partial() if mid_epoch else t.resume()
+
+    assert resumes(there)
+    if mid_epoch:  # a mid-epoch checkpoint of other data is set aside with a warning, not used
+        assert not resumes(other)
+    else:
+        with pytest.raises(ValueError, match="training data differs"):
+            resumes(other)
+    # Written before checkpoints recorded a digest: the data's location must be the same.
+    state.pop("data_digest")
+    torch.save(state, run / name)
+    assert resumes(here)
+    if mid_epoch:
+        assert not resumes(there)
+    else:
+        with pytest.raises(ValueError, match="data settings differ"):
+            resumes(there)
+
+
+class _KillAfterEpoch(Callback):
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_epoch_end(self, trainer, epoch, metrics, checkpoint):
+        if epoch == self.epoch and checkpoint is not None and checkpoint.is_file():
+            raise KeyboardInterrupt
+
+
 def test_divergence_is_reported_with_its_epoch(tmp_path: Path) -> None:
     trainer = Trainer(_cfg(tmp_path, **{"optim.lr": 1e12, "optim.epochs": 2}))
     with pytest.raises(DivergedError) as e:
