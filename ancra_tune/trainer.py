@@ -128,15 +128,12 @@ class PartialFile(PartialStore):
 _DATA_LOCATION = ("root", "train_file", "test_file")
 
 
-def _training_part(cfg: TrainConfig, located: bool = True) -> dict[str, Any]:
-    """What decides the weights an epoch trains (a mid-epoch checkpoint resumes only under it);
-    ``located=False``: without the data's location (its digest stands for it)."""
+def _training_part(cfg: TrainConfig) -> dict[str, Any]:
+    """What decides the weights an epoch trains, besides its data (:meth:`Trainer._data_differs`): a
+    mid-epoch checkpoint resumes only under it."""
     d = cfg.to_dict()
-    part = {"method": resolved_method(cfg.method), **{k: d[k] for k in ("data", "model", "attack", "optim",
-                                                                          "seed", "precision")}}
-    if not located:
-        part["data"] = {k: v for k, v in part["data"].items() if k not in _DATA_LOCATION}
-    return part
+    return {"method": resolved_method(cfg.method), **{k: d[k] for k in ("model", "attack", "optim", "seed",
+                                                                          "precision")}}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -208,12 +205,12 @@ class Trainer:
         saved = TrainConfig.from_dict(state["config"]).data
         if "data_digest" not in state:
             return None if saved == self.cfg.data else "its data settings differ"
-        where = {k: getattr(saved, k) for k in _DATA_LOCATION}
-        if dataclasses.replace(saved, **{k: getattr(self.cfg.data, k) for k in _DATA_LOCATION}) != self.cfg.data:
+        here = {k: getattr(self.cfg.data, k) for k in _DATA_LOCATION}
+        if dataclasses.replace(saved, **here) != self.cfg.data:
             return "its data settings differ"
         if state["data_digest"] != self.data_digest:
-            return (f"its training data differs from this run's (read then from {where}, now from "
-                    f"{ {k: getattr(self.cfg.data, k) for k in _DATA_LOCATION} })")
+            return (f"its training data differs from this run's (read then from "
+                    f"{ {k: getattr(saved, k) for k in _DATA_LOCATION} }, now from {here})")
         return None
 
     def state_dict(self, epoch: int) -> dict[str, Any]:
@@ -257,11 +254,10 @@ class Trainer:
             why = f"it is of epoch {int(state.get('epoch', -1)) + 1}, the run resumes at epoch {self.start_epoch + 1}"
         elif int(state.get("world_size", 0)) != self.world_size:
             why = f"it was written by {state.get('world_size')} worker(s), this run has {self.world_size}"
-        elif (_training_part(TrainConfig.from_dict(state["config"]), located="data_digest" not in state)
-              != _training_part(self.cfg, located="data_digest" not in state)):
+        elif _training_part(TrainConfig.from_dict(state["config"])) != _training_part(self.cfg):
             why = "it was written by a different configuration"
-        elif self._data_differs(state) is not None:
-            why = f"it was written by a different configuration ({self._data_differs(state)})"
+        elif (data := self._data_differs(state)) is not None:
+            why = f"it was written by a different configuration ({data})"
         if why is not None:
             log.warning("mid-epoch checkpoint %s ignored: %s", self.partial, why)
             return False

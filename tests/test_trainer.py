@@ -184,17 +184,23 @@ def test_real_training_lowers_loss_and_raises_robust_accuracy(shared_data: Path,
     assert [json.loads(ln)["epoch"] for ln in lines] == [0.0, 1.0]
 
 
+class _KillAfterEpoch(Callback):
+    """Kills the run right after epoch ``epoch``'s checkpoint is written."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_epoch_end(self, trainer, epoch, metrics, checkpoint):
+        if epoch == self.epoch and checkpoint is not None and checkpoint.is_file():
+            raise KeyboardInterrupt
+
+
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path: Path) -> None:
     splits = load_dataset(_cfg(tmp_path).data)
     straight = Trainer(_cfg(tmp_path / "a", **{"optim.epochs": 3}), splits=splits)
     straight.fit()
     # Killed after its second epoch's checkpoint, then a new trainer resumes for the last one.
-    class Kill(Callback):
-        def on_epoch_end(self, trainer, epoch, metrics, checkpoint):
-            if epoch == 1 and checkpoint is not None and checkpoint.is_file():
-                raise KeyboardInterrupt
-
-    first = Trainer(_cfg(tmp_path / "b", **{"optim.epochs": 3}), splits=splits, callbacks=[Kill()])
+    first = Trainer(_cfg(tmp_path / "b", **{"optim.epochs": 3}), splits=splits, callbacks=[_KillAfterEpoch(1)])
     with pytest.raises(KeyboardInterrupt):
         first.fit()
     resumed = Trainer(_cfg(tmp_path / "b", **{"optim.epochs": 3}), splits=splits)
@@ -417,15 +423,6 @@ def test_a_checkpoint_resumes_where_its_data_moved_but_not_on_other_data(tmp_pat
     else:
         with pytest.raises(ValueError, match="data settings differ"):
             resumes(there)
-
-
-class _KillAfterEpoch(Callback):
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_epoch_end(self, trainer, epoch, metrics, checkpoint):
-        if epoch == self.epoch and checkpoint is not None and checkpoint.is_file():
-            raise KeyboardInterrupt
 
 
 def test_divergence_is_reported_with_its_epoch(tmp_path: Path) -> None:
