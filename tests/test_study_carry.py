@@ -77,20 +77,20 @@ def test_carry_holds_each_unfinished_trials_state_and_the_record_none(tmp_path: 
     record, carry = _export(folder, tmp_path, capsys)
     assert not [p for p in record.rglob("*.pt")]  # the published record stays free of checkpoints
     files = sorted(str(p.relative_to(carry)) for p in carry.rglob("*") if p.is_file())
-    assert files == ["CARRY.json", "p01_seed=1/checkpoint/checkpoint.pt", "p01_seed=1/eval_batches/batch_00000.pt",
-                     "p01_seed=1/eval_batches/meta.json", "p01_seed=1/partial_epoch.pt"]
-    assert (carry / "p01_seed=1/checkpoint/checkpoint.pt").read_bytes() == CKPT
-    assert (carry / "p01_seed=1/partial_epoch.pt").read_bytes() == PARTIAL
+    assert files == ["CARRY.json", "seed=1/checkpoint/checkpoint.pt", "seed=1/eval_batches/batch_00000.pt",
+                     "seed=1/eval_batches/meta.json", "seed=1/partial_epoch.pt"]
+    assert (carry / "seed=1/checkpoint/checkpoint.pt").read_bytes() == CKPT
+    assert (carry / "seed=1/partial_epoch.pt").read_bytes() == PARTIAL
     manifest = read_carry(carry)
-    point = manifest["points"]["p01_seed=1"]
+    point = manifest["points"]["seed=1"]
     assert point["params"] == {"seed": 1} and point["epochs_run"] == 2 and point["mid_epoch"] and \
         point["eval_batches"] == 1
     record_manifest = json.loads((record / "MANIFEST.json").read_text())
     assert manifest["record"]["summary_sha256"] == record_manifest["files"]["summary.json"]["sha256"]
     assert main(["export", "--check", str(carry)]) == 0
-    (carry / "p01_seed=1/partial_epoch.pt").write_bytes(PARTIAL[:-1] + b"!")
+    (carry / "seed=1/partial_epoch.pt").write_bytes(PARTIAL[:-1] + b"!")
     assert main(["export", "--check", str(carry)]) == 1
-    assert "p01_seed=1/partial_epoch.pt: changed since it was carried" in capsys.readouterr().err
+    assert "seed=1/partial_epoch.pt: changed since it was carried" in capsys.readouterr().err
     # Never inside the record (it is published), and never over a folder that is not a carry.
     assert main(["export", str(folder), "--to", str(record), "--carry", str(record / "carry")]) == 2
     assert "beside the record" in capsys.readouterr().err
@@ -104,7 +104,7 @@ def test_carry_holds_each_unfinished_trials_state_and_the_record_none(tmp_path: 
     summary["trials"][1].update(status="finished", report="reports/t0.json")
     (folder / "summary.json").write_text(json.dumps(summary))
     assert main(["export", str(folder), "--to", str(record), "--carry", str(carry)]) == 0
-    assert read_carry(carry)["points"] == {} and not (carry / "p01_seed=1").exists()
+    assert read_carry(carry)["points"] == {} and not (carry / "seed=1").exists()
 
 
 def test_a_lost_folder_goes_on_from_the_carried_state_laid_into_its_trial_once(tmp_path: Path, capsys) -> None:
@@ -145,8 +145,10 @@ def test_a_lost_folder_goes_on_from_the_carried_state_laid_into_its_trial_once(t
     (new / "summary.json").write_text(json.dumps(summary))
     record2, carry2 = tmp_path / "record2", tmp_path / "carry2"
     assert main(["export", str(new), "--to", str(record2), "--carry", str(carry2)]) == 0
-    assert (carry2 / "p00_seed=1/checkpoint/checkpoint.pt").read_bytes() == CKPT
-    assert (carry2 / "p00_seed=1/partial_epoch.pt").read_bytes() == b"step 80"
+    # The pair is the first row of this summary and was the second of the first: its folder is the
+    # same (named by its point, not its place), so git does not store its files again.
+    assert (carry2 / "seed=1/checkpoint/checkpoint.pt").read_bytes() == CKPT
+    assert (carry2 / "seed=1/partial_epoch.pt").read_bytes() == b"step 80"
     assert check_carry(carry2) == []
 
 
@@ -170,7 +172,7 @@ def test_a_carry_that_does_not_match_its_record_or_study_is_refused(tmp_path: Pa
         from trainables.study_carry import import_carry
 
         import_carry(carry, _demo(other_file), str(tmp_path / "b" / "demo"), {}, set())
-    (old_carry / "p01_seed=1" / "checkpoint" / "checkpoint.pt").write_bytes(b"swapped")
+    (old_carry / "seed=1" / "checkpoint" / "checkpoint.pt").write_bytes(b"swapped")
     with pytest.raises(ExportError, match="not intact"):
         import_record(record, demo, str(tmp_path / "c" / "demo"), carry=old_carry)
 
@@ -212,3 +214,28 @@ def test_a_record_of_no_finished_trial_still_brings_its_sessions_in(tmp_path: Pa
     history = sessions.begin(new, resume=was_imported(new))  # what the study's next session does
     assert len(history) == 2 and history[0].started == 1000.0 and history[0].ended == 1500.0
 
+
+
+def test_a_carry_named_by_position_still_imports_and_alike_names_do_not_collide(tmp_path: Path, capsys) -> None:
+    from trainables.study_carry import slug
+
+    folder, study_file = _study(tmp_path)
+    record, carry = _export(folder, tmp_path, capsys)
+    # A carry written before folders were named by point (p01_seed=1): its manifest names the folder.
+    (carry / "seed=1").rename(carry / "p01_seed=1")
+    manifest = json.loads((carry / "CARRY.json").read_text())
+    manifest["points"] = {"p01_seed=1": manifest["points"]["seed=1"]}
+    (carry / "CARRY.json").write_text(json.dumps(manifest))
+    assert check_carry(carry) == []
+    new = tmp_path / "new" / "demo"
+    imported = import_record(record, _demo(study_file), str(new), carry=carry)
+    assert list(imported["carried"]) == ['{"seed": 1}']
+    trial = new / "run_trial_new1"
+    trial.mkdir(parents=True)
+    got = lay_out(str(new), {"seed": 1}, (pyarrow.fs.LocalFileSystem(), str(trial)))
+    assert got is not None and Path(got[1], "checkpoint.pt").read_bytes() == CKPT
+    assert json.loads((trial / TRIAL_MARK).read_text())["folder"] == "p01_seed=1"
+    # Two points whose values read alike get two folders.
+    a = slug({"data.name": "a b"})
+    assert a == "name=ab" and slug({"data.name": "ab"}, {a}) == "name=ab~2"
+    assert slug({"method.anc": True, "seed": 0}) == "anc=True_seed=0"

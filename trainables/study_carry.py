@@ -76,10 +76,19 @@ def read_mark(fs: Any, folder: str) -> dict[str, Any] | None:
     return mark
 
 
-def slug(index: int, params: dict[str, Any]) -> str:
-    """A carried pair's folder: its row's place in the summary and its values, readable."""
+def slug(params: dict[str, Any], taken: set[str] = frozenset()) -> str:
+    """A carried pair's folder: its values, readable (``anc=True_ra=False_seed=0``), so that a pair
+    keeps its folder from one export to the next whatever order the summary lists it in (a carry
+    named by position moved each pair's files whenever the order changed, and git stored them again);
+    a name already in ``taken`` (two values that read alike) gets ``~2``, ``~3``... A carry written
+    before (``p00_...``) is read by its manifest's names, so it still imports."""
     parts = [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in sorted(params.items())]
-    return f"p{index:02d}_" + "_".join(parts).replace("/", "-").replace(" ", "")
+    name = "_".join(parts).replace("/", "-").replace(" ", "") or "point"
+    n, out = 1, name
+    while out in taken:
+        n += 1
+        out = f"{name}~{n}"
+    return out
 
 
 def trial_state(study_dir: str, row: dict[str, Any]) -> dict[str, bytes]:
@@ -131,14 +140,13 @@ def export_carry(study_dir: str, summary: dict[str, Any], out: Path, *, command:
     out = Path(out)
     check_target(out, summary.get("study"))
     rows = [t for t in summary.get("trials", []) if t.get("status") not in DONE and t.get("params")]
-    order = {point_key(t["params"]): i for i, t in enumerate(summary.get("trials", []))}
     points: dict[str, Any] = {}
     files: dict[str, bytes] = {}
     for t in rows:
         state = trial_state(study_dir, t)
         if not state:
             continue
-        name = slug(order[point_key(t["params"])], t["params"])
+        name = slug(t["params"], set(points))
         files.update({f"{name}/{k}": v for k, v in state.items()})
         points[name] = {
             "params": t["params"], "trial_id": t.get("trial_id"), "status": t.get("status"),
