@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Container
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,7 @@ def read_mark(fs: Any, folder: str) -> dict[str, Any] | None:
     return mark
 
 
-def slug(params: dict[str, Any], taken: set[str] = frozenset()) -> str:
+def slug(params: dict[str, Any], taken: Container[str] = ()) -> str:
     """A carried pair's folder: its values, readable (``anc=True_ra=False_seed=0``), so that a pair
     keeps its folder from one export to the next whatever order the summary lists it in (a carry
     named by position moved each pair's files whenever the order changed, and git stored them again);
@@ -146,7 +147,7 @@ def export_carry(study_dir: str, summary: dict[str, Any], out: Path, *, command:
         state = trial_state(study_dir, t)
         if not state:
             continue
-        name = slug(t["params"], set(points))
+        name = slug(t["params"], points)
         files.update({f"{name}/{k}": v for k, v in state.items()})
         points[name] = {
             "params": t["params"], "trial_id": t.get("trial_id"), "status": t.get("status"),
