@@ -97,6 +97,23 @@ def test_progress_file_is_replaced_whole_and_a_torn_one_reads_as_none(tmp_path: 
     assert not (tmp_path / "trial_progress.json").exists()
 
 
+def test_an_evaluation_s_time_left_counts_the_batch_running_since_the_last_kept_one(tmp_path: Path) -> None:
+    """Seen on table8_mnist: status said "about 34 min left (at 14:13)" until the next batch was
+    kept, 40 min later. While a driver runs it, the time its next batch has run comes off; once that
+    is more than its rate left, status says so rather than a negative time."""
+    p = ProgressFile(_fs(), str(tmp_path))
+    p.evaluating(batches=6, n_batches=7, examples=1500, n_examples=1667, seconds=18000.0)
+    got = p.read()
+    at = float(got["at"])  # 12 s an example: 167 examples left are 2,004 s (33 min)
+    assert ", about 33 min left (at " in describe(got)
+    assert describe(got, running_since=at, now=at + 30) == describe(got)  # under a minute: as it was
+    mid = describe(got, running_since=at, now=at + 1200)
+    assert ", about 13 min left (33 min at " in mid and "less the 20 min it has run since " in mid, mid
+    late = describe(got, running_since=at + 600, now=at + 600 + 2400)  # the driver started 10 min later
+    assert ", longer than its rate says: 33 min left at " in late and "it has run 40 min since " in late, late
+    assert "left (" not in late
+
+
 ABLATION = """
 name: st
 kind: ablation
@@ -216,6 +233,11 @@ def test_status_of_an_ablation_from_its_folder(tmp_path: Path) -> None:
     assert st.driver == holder and st.trials[5].state == "unfinished"
     assert st.left_s == pytest.approx(840 + 3 * 100 + 64 * 3.75)  # the failed trial, run again
     assert st.wall_time_s == pytest.approx(1000 + time.time() - (t0 + 2000), abs=60)
+    # Its evaluation's file was written when its last batch was kept: 20 min ago, 3 min left then.
+    kept = json.loads((f1 / "trial_progress.json").read_text())
+    (f1 / "trial_progress.json").write_text(json.dumps({**kept, "at": time.time() - 1200}))
+    now1 = study_status(study, str(storage)).trials[1].now
+    assert ", longer than its rate says: 3 min left at " in now1 and "it has run 20 min since " in now1, now1
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (sd / HOLDER_NAME).write_text(json.dumps({**holder, "pid": int(gone.stdout)}))  # a killed driver's note
     assert study_status(study, str(storage)).driver is None

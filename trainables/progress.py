@@ -85,9 +85,14 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def describe(p: dict[str, Any]) -> str:
+def describe(p: dict[str, Any], running_since: float | None = None, now: float | None = None) -> str:
     """One line for people: ``epoch 4/5: step 120 of 453 (26%)`` or ``evaluation: 3 of 7 batches
-    (750 of 1,667 examples) in 62 min, about 83 min left``."""
+    (750 of 1,667 examples) in 62 min, about 83 min left``.
+
+    An evaluation's file is written only when a batch is kept, so between two its "left" is the one
+    of the last kept batch. ``running_since`` (when its next batch began: that batch's time, or the
+    driver's start if later; given only while a driver runs it) says how long that batch has run by
+    ``now`` and takes it off, or says the batch has run longer than its rate predicts."""
     when = time.strftime("%H:%M", time.localtime(float(p.get("at", 0))))
     if p["phase"] == TRAINING:
         step, steps = int(p["step"]), max(1, int(p["steps"]))
@@ -104,5 +109,14 @@ def describe(p: dict[str, Any]) -> str:
     elif timed:
         text += f", {_minutes(seconds)} for the {timed:,} timed"
     if 0 < examples < n and timed and seconds > 0:
-        text += f", about {_minutes(seconds / timed * (n - examples))} left"
+        left = seconds / timed * (n - examples)
+        ran = max(0.0, (time.time() if now is None else now) - running_since) if running_since is not None else 0.0
+        if ran < 60:
+            return text + f", about {_minutes(left)} left (at {when})"
+        since = time.strftime("%H:%M", time.localtime(running_since))
+        if ran < left:
+            return (text + f", about {_minutes(left - ran)} left ({_minutes(left)} at {when}, less the "
+                    f"{_minutes(ran)} it has run since {since})")
+        return (text + f", longer than its rate says: {_minutes(left)} left at {when}, and it has run "
+                f"{_minutes(ran)} since {since}")
     return text + f" (at {when})"

@@ -300,6 +300,10 @@ def study_status(study: Study, storage_root: str) -> StudyStatus:
     last_start = history[-1].started if history else 0.0
     now = time.time() if driver else max([last_start] + [t for t in reported if t >= last_start])
     wall = sessions.wall_time_s(history, reported, now=now)
+    if driver:  # an evaluation's progress file is written when a batch is kept: count the one running
+        for t in trials:
+            if t.state == RUNNING and t.progress and t.progress["phase"] == EVALUATING:
+                t.now = describe(t.progress, running_since=max(float(t.progress.get("at", 0)), last_start), now=now)
     if study.kind == "ablation":
         planned = len(study.grid_points()) * len(study.seeds)
         brought = [imported_status(r) for r in imported_rows(study_dir)]  # --from-record: before this folder
